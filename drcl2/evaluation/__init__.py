@@ -1,0 +1,3 @@
+from .lvis_compat import LVISEvaluator
+
+__all__ = ["LVISEvaluator"]

@@ -1,0 +1,1 @@
+"""drcl2's command lines, run as ``python -m drcl2.tools.<name>``."""
