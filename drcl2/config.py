@@ -18,3 +18,114 @@ def add_drcl2_config(cfg):
     cfg.DATALOADER.DRCL2.END = 1.0
     # Shape of the rise of lambda between START and END: "linear" or "cosine".
     cfg.DATALOADER.DRCL2.MODE = "linear"
+
+    # ---------------------------------------------------------------------------------------------
+    # 2DRCL pre-training model (METHOD.md), MODEL.META_ARCHITECTURE == "DRCL2". The box pooler and
+    # box head follow MODEL.ROI_HEADS / MODEL.ROI_BOX_HEAD, the RPN MODEL.RPN, as in fine-tuning.
+    # ---------------------------------------------------------------------------------------------
+    cfg.MODEL.DRCL2 = CN()
+    # Base momentum m0 of the EMA target network; m rises to 1 by a cosine over SOLVER.MAX_ITER.
+    cfg.MODEL.DRCL2.BASE_MOMENTUM = 0.99
+    # Also train the swapped pair (online x2 vs target x1) for HCL and LCL (doubles online cost).
+    cfg.MODEL.DRCL2.SYMMETRIC = False
+    # Hidden width of every projector / predictor MLP (Linear-BN-ReLU-Linear).
+    cfg.MODEL.DRCL2.MLP_HIDDEN_DIM = 256
+    # Output width of every projector / predictor MLP.
+    cfg.MODEL.DRCL2.MLP_OUT_DIM = 256
+    # Norm in the MLPs and SR predictors (detectron2 get_norm name); naiveSyncBN_N syncs over ranks.
+    cfg.MODEL.DRCL2.HEAD_NORM = "naiveSyncBN_N"
+    cfg.MODEL.DRCL2.HCL = CN()
+    # Holistic contrastive learning (image level) on/off.
+    cfg.MODEL.DRCL2.HCL.ENABLED = True
+    # HCL loss: "byol" (2 - 2 cos) or "infonce" (over the all-gathered batch).
+    cfg.MODEL.DRCL2.HCL.LOSS = "byol"
+    # Temperature of the InfoNCE option.
+    cfg.MODEL.DRCL2.HCL.TEMPERATURE = 0.2
+    # FPN levels averaged (after padding-aware global average pooling) into the image vector h.
+    cfg.MODEL.DRCL2.HCL.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # Weight w_hcl of L_HCL in the total loss.
+    cfg.MODEL.DRCL2.HCL.WEIGHT = 1.0
+    cfg.MODEL.DRCL2.LCL = CN()
+    # Local (RoIAlign-based, object-level) contrastive learning on/off.
+    cfg.MODEL.DRCL2.LCL.ENABLED = True
+    # K: instances drawn per image for LCL (and box-guided masking).
+    cfg.MODEL.DRCL2.LCL.NUM_INSTANCES = 8
+    # Temperature tau_l of the balanced supervised-contrastive term.
+    cfg.MODEL.DRCL2.LCL.TEMPERATURE = 0.2
+    # Supervised (class) term L_sup on/off; off leaves only the instance term.
+    cfg.MODEL.DRCL2.LCL.SUPERVISED = True
+    # beta: weight of L_sup relative to the instance term.
+    cfg.MODEL.DRCL2.LCL.SUP_WEIGHT = 0.5
+    # Weight w_lcl of L_LCL (both terms) in the total loss.
+    cfg.MODEL.DRCL2.LCL.WEIGHT = 1.0
+    cfg.MODEL.DRCL2.DRB = CN()
+    # Dynamic rebalancing of instance selection / class weights w_c(lambda) (off: uniform weights).
+    cfg.MODEL.DRCL2.DRB.ENABLED = True
+    cfg.MODEL.DRCL2.MASK = CN()
+    # Side of the square patches masked in x1 (pixels); used when AR or SR is on.
+    cfg.MODEL.DRCL2.MASK.PATCH_SIZE = 32
+    # rho: fraction of patches masked, in [0, 1).
+    cfg.MODEL.DRCL2.MASK.RATIO = 0.5
+    # Fraction of the masked patches drawn inside the sampled instance boxes, in [0, 1].
+    cfg.MODEL.DRCL2.MASK.BOX_GUIDED = 0.5
+    cfg.MODEL.DRCL2.AR = CN()
+    # Appearance reconstruction (pixels of x1 from the masked view) on/off.
+    cfg.MODEL.DRCL2.AR.ENABLED = True
+    # Feature level the AR decoder reads (its stride is the pixel-shuffle factor).
+    cfg.MODEL.DRCL2.AR.IN_FEATURE = "p2"
+    # Channels of the AR decoder's 3x3 conv.
+    cfg.MODEL.DRCL2.AR.HIDDEN_DIM = 256
+    # Weight of the L1 on visible pixels relative to masked ones.
+    cfg.MODEL.DRCL2.AR.VISIBLE_WEIGHT = 0.1
+    # Weight w_ar of L_AR in the total loss.
+    cfg.MODEL.DRCL2.AR.WEIGHT = 1.0
+    cfg.MODEL.DRCL2.SR = CN()
+    # Semantic reconstruction (target features of x1 from the masked view) on/off.
+    cfg.MODEL.DRCL2.SR.ENABLED = True
+    # FPN levels with an SR predictor.
+    cfg.MODEL.DRCL2.SR.IN_FEATURES = ["p3", "p4", "p5"]
+    # Channels of the SR predictors' hidden 1x1 conv.
+    cfg.MODEL.DRCL2.SR.HIDDEN_DIM = 256
+    # Weight of visible locations relative to masked ones.
+    cfg.MODEL.DRCL2.SR.VISIBLE_WEIGHT = 0.1
+    # Weight w_sr of L_SR in the total loss.
+    cfg.MODEL.DRCL2.SR.WEIGHT = 1.0
+    cfg.MODEL.DRCL2.RPN = CN()
+    # Class-agnostic RPN loss on the boxes of v1 (pre-trains the RPN) on/off.
+    cfg.MODEL.DRCL2.RPN.ENABLED = True
+    # Weight w_rpn of both RPN losses in the total loss.
+    cfg.MODEL.DRCL2.RPN.WEIGHT = 1.0
+
+    # ---------------------------------------------------------------------------------------------
+    # The two views of 2DRCL pre-training (drcl2.data.TwoViewDatasetMapper). Pairs are (v1, v2).
+    # Resize and flip follow INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN / RANDOM_FLIP.
+    # ---------------------------------------------------------------------------------------------
+    cfg.INPUT.DRCL2 = CN()
+    # Random resized crop: range of the fraction of the image area kept.
+    cfg.INPUT.DRCL2.CROP_SCALE = (0.3, 1.0)
+    # Random resized crop: range of the aspect ratio (w / h), sampled log-uniformly.
+    cfg.INPUT.DRCL2.CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+    # Probability of colour jitter.
+    cfg.INPUT.DRCL2.COLOR_JITTER_PROB = 0.8
+    # Colour jitter brightness strength.
+    cfg.INPUT.DRCL2.BRIGHTNESS = 0.4
+    # Colour jitter contrast strength.
+    cfg.INPUT.DRCL2.CONTRAST = 0.4
+    # Colour jitter saturation strength.
+    cfg.INPUT.DRCL2.SATURATION = 0.2
+    # Colour jitter hue strength.
+    cfg.INPUT.DRCL2.HUE = 0.1
+    # Probability of turning a view grey.
+    cfg.INPUT.DRCL2.GRAYSCALE_PROB = 0.2
+    # Probability of Gaussian blur, (v1, v2).
+    cfg.INPUT.DRCL2.BLUR_PROB = (1.0, 0.1)
+    # Gaussian blur kernel size (odd, pixels).
+    cfg.INPUT.DRCL2.BLUR_KERNEL_SIZE = 23
+    # Range of the Gaussian blur sigma.
+    cfg.INPUT.DRCL2.BLUR_SIGMA = (0.1, 2.0)
+    # Probability of solarization, (v1, v2).
+    cfg.INPUT.DRCL2.SOLARIZE_PROB = (0.0, 0.2)
+    # An instance is kept if at least this fraction of its area survives the crop of both views.
+    cfg.INPUT.DRCL2.MIN_VISIBLE = 0.3
+    # ... and each side of its box is at least this many pixels in both views.
+    cfg.INPUT.DRCL2.MIN_SIDE = 4.0
