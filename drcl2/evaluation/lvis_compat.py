@@ -9,9 +9,8 @@ numpy that still has ``float`` (the builtin, which is what ``np.float`` always w
 import types
 
 import numpy as np
-from detectron2.evaluation import LVISEvaluator as _D2LVISEvaluator
 
-__all__ = ["patch_lvis_numpy", "LVISEvaluator"]
+__all__ = ["patch_lvis_numpy"]
 
 
 class _NumpyWithFloatAlias(types.ModuleType):
@@ -30,10 +29,3 @@ def patch_lvis_numpy():
     if not hasattr(lvis.eval.np, "float"):
         lvis.eval.np = _NumpyWithFloatAlias("numpy")
 
-
-class LVISEvaluator(_D2LVISEvaluator):
-    """detectron2's :class:`~detectron2.evaluation.LVISEvaluator`, made to work on current numpy."""
-
-    def __init__(self, *args, **kwargs):
-        patch_lvis_numpy()
-        super().__init__(*args, **kwargs)

@@ -1,0 +1,376 @@
+"""
+LVIS evaluation on faster-coco-eval's C++ core, with the reference ``lvis`` API as an alternative.
+
+:class:`LVISEvaluator` is a drop-in replacement of detectron2's: same constructor arguments, same
+``bbox`` / ``segm`` result dicts (AP, AP50, AP75, APs, APm, APl, APr, APc, APf, in percent), plus a
+``backend`` argument (config key ``TEST.DRCL2.LVIS_BACKEND``) and a per-class report
+(``per_class_ap.csv`` and ``per_class_ap.png`` in ``output_dir``).
+
+The "faster" backend gives the lvis API's numbers (to 1e-4 or better, tested) because it feeds
+``COCOeval_faster(..., lvis_style=True)`` exactly what ``lvis.LVISResults`` / ``lvis.LVISEval`` see:
+
+* **max detections**: LVIS keeps the top ``max_dets_per_image`` detections of each *image*, over
+  all categories, before federated filtering (``LVISResults.limit_dets_per_image``, a stable sort by
+  score); COCOeval limits per (image, category). We apply LVIS's per-image limit ourselves, with the
+  same stable sort, and give COCOeval ``maxDets = [max_dets_per_image]``, which can then never cut.
+* **detection area and box**: as ``LVISResults``: box area ``w * h`` for "bbox", mask area and
+  ``toBbox(mask)`` for "segm" (detectron2 removes the predicted box before mask evaluation).
+* **crowd / ignore**: the lvis API computes IoU with ``iscrowd = 0`` for every ground truth, so we
+  pass ground truth with ``iscrowd = 0``. It honours a per-annotation ``ignore`` flag, which COCOeval
+  cannot express without crowd IoU: such annotations are rejected with an error (LVIS has none).
+* **federated rules**: detections of categories neither annotated in an image nor listed in its
+  ``neg_category_ids`` are dropped; unmatched detections of ``not_exhaustive_category_ids`` are
+  ignored; area ranges (all, small < 32², medium < 96², large) are the same in both.
+* **order and ties**: detections keep their input order within an image, and both implementations
+  sort by score with stable sorts, per (image, category) and per category over images in id order.
+* **summary**: AP, AP50, AP75, APs/m/l and APr/c/f are means of the precision array over the entries
+  > -1 with the categories' ``frequency`` field as groups, exactly as ``LVISEval._summarize``; an
+  empty group gives -1 (so -100 in percent, as detectron2 reports it).
+
+The only numeric difference left is the C++ precision ``tp / (tp + fp)`` against Python's
+``tp / (tp + fp + eps)`` (eps = 2.2e-16), far below 1e-4.
+"""
+import copy
+import itertools
+import json
+import logging
+import os
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+from detectron2.evaluation import LVISEvaluator as _D2LVISEvaluator
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
+
+from .lvis_compat import patch_lvis_numpy
+from .per_class import lvis_per_class_rows, write_per_class_report
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LVISEvaluator",
+    "LVIS_METRICS",
+    "LVIS_BACKENDS",
+    "evaluate_lvis",
+    "faster_lvis_ground_truth",
+    "limit_dets_per_image",
+    "summarize_lvis_precision",
+]
+
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+LVIS_BACKENDS = ("faster", "lvis")
+_FREQUENCY_GROUPS = ("r", "c", "f")
+_AREA_LABELS = ("all", "small", "medium", "large")
+
+
+def limit_dets_per_image(results, max_dets):
+    """
+    Keep the ``max_dets`` highest-scoring detections of each image, exactly as
+    ``lvis.LVISResults.limit_dets_per_image`` does (same grouping, same stable sort, same order).
+
+    Args:
+        results (list[dict]): detections with "image_id" and "score".
+        max_dets (int): per-image limit; negative means no limit.
+
+    Returns:
+        list[dict]: the kept detections, grouped by image in order of first appearance.
+    """
+    if max_dets < 0:
+        return list(results)
+    by_image = defaultdict(list)
+    for ann in results:
+        by_image[ann["image_id"]].append(ann)
+    for image_id, anns in by_image.items():
+        if len(anns) > max_dets:
+            by_image[image_id] = sorted(anns, key=lambda ann: ann["score"], reverse=True)[:max_dets]
+    return [ann for anns in by_image.values() for ann in anns]
+
+
+def faster_lvis_ground_truth(lvis_dataset, source="the LVIS json"):
+    """
+    A faster-coco-eval ``COCO`` index of an LVIS json, set up as the lvis API evaluates it.
+
+    Args:
+        lvis_dataset (dict): the loaded LVIS json (``images``, ``annotations``, ``categories``); it is
+            not modified (annotations are shallow-copied with ``iscrowd = 0``).
+        source (str): where the json came from, for error messages.
+
+    Returns:
+        faster_coco_eval.COCO
+    """
+    from faster_coco_eval import COCO
+
+    no_frequency = [c["id"] for c in lvis_dataset["categories"] if c.get("frequency") not in _FREQUENCY_GROUPS]
+    if no_frequency:
+        raise ValueError(
+            f"{source}: categories {no_frequency[:10]} have no 'frequency' in {_FREQUENCY_GROUPS}; "
+            "LVIS evaluation groups APr/APc/APf by it. Add it to the json's categories."
+        )
+    annotations = []
+    for ann in lvis_dataset["annotations"]:
+        if ann.get("ignore", 0):
+            raise ValueError(
+                f"{source}: annotation {ann['id']} has 'ignore' set. The lvis API ignores such "
+                "ground truth in a way COCOeval cannot reproduce; evaluate with "
+                "TEST.DRCL2.LVIS_BACKEND 'lvis' (or remove the flag)."
+            )
+        ann = dict(ann)
+        ann["iscrowd"] = 0  # LVISEval computes every IoU as non-crowd
+        annotations.append(ann)
+    dataset = {
+        "images": lvis_dataset["images"],
+        "categories": lvis_dataset["categories"],
+        "annotations": annotations,
+    }
+    return COCO(dataset)
+
+
+def _faster_results(gt, results, iou_type):
+    """The detections as a faster-coco-eval ``COCO``, with LVISResults' areas, boxes and ids."""
+    from faster_coco_eval import COCO
+    import faster_coco_eval.core.mask as mask_util
+
+    anns = [dict(ann) for ann in results]
+    if iou_type == "bbox":
+        for ann in anns:
+            ann["area"] = ann["bbox"][2] * ann["bbox"][3]
+    else:
+        rles = [ann["segmentation"] for ann in anns]
+        areas = mask_util.area(rles)
+        boxes = mask_util.toBbox(rles)
+        for ann, area, box in zip(anns, areas, boxes):
+            ann["area"] = float(area)
+            ann["bbox"] = box.tolist()
+    for i, ann in enumerate(anns):
+        ann["id"] = i + 1
+        ann["iscrowd"] = 0
+    dt = COCO()
+    dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": anns}
+    dt.createIndex()
+    return dt
+
+
+def summarize_lvis_precision(precision, iou_thrs, category_frequencies):
+    """
+    LVIS summary metrics from an accumulated precision array, as ``LVISEval.summarize``.
+
+    Args:
+        precision (ndarray[T, R, K, A]): precision at T IoU thresholds, R recall thresholds, K
+            categories (sorted by id), A area ranges (all, small, medium, large); -1 where a category
+            has no ground truth.
+        iou_thrs (ndarray[T]): the IoU thresholds (0.5:0.05:0.95).
+        category_frequencies (list[str]): "r" / "c" / "f" of each of the K categories.
+
+    Returns:
+        dict[str, float]: the keys of :data:`LVIS_METRICS`, in [0, 1], or -1 where nothing counts.
+    """
+
+    def mean_valid(s):
+        s = s[s > -1]
+        return float(np.mean(s)) if s.size else -1.0
+
+    def at_iou(thr):
+        return precision[np.where(np.isclose(iou_thrs, thr))[0]]
+
+    groups = {g: [k for k, f in enumerate(category_frequencies) if f == g] for g in _FREQUENCY_GROUPS}
+    return {
+        "AP": mean_valid(precision[..., 0]),
+        "AP50": mean_valid(at_iou(0.5)[..., 0]),
+        "AP75": mean_valid(at_iou(0.75)[..., 0]),
+        "APs": mean_valid(precision[..., 1]),
+        "APm": mean_valid(precision[..., 2]),
+        "APl": mean_valid(precision[..., 3]),
+        "APr": mean_valid(precision[:, :, groups["r"], 0]),
+        "APc": mean_valid(precision[:, :, groups["c"], 0]),
+        "APf": mean_valid(precision[:, :, groups["f"], 0]),
+    }
+
+
+def per_category_ap(precision):
+    """
+    Args:
+        precision (ndarray[T, R, K, A]): as in :func:`summarize_lvis_precision`.
+
+    Returns:
+        ndarray[K]: AP (IoU 0.5:0.95, all areas) of each category, in [0, 1]; NaN without ground truth.
+    """
+    s = precision[..., 0]
+    valid = s > -1
+    count = valid.sum(axis=(0, 1))
+    total = np.where(valid, s, 0.0).sum(axis=(0, 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _evaluate_faster(gt, results, iou_type, max_dets_per_image):
+    from faster_coco_eval import COCOeval_faster
+
+    results = limit_dets_per_image(results, max_dets_per_image)
+    if max_dets_per_image < 0:
+        per_image = defaultdict(int)
+        for ann in results:
+            per_image[ann["image_id"]] += 1
+        max_dets_per_image = max(per_image.values())
+    dt = _faster_results(gt, results, iou_type)
+    coco_eval = COCOeval_faster(gt, dt, iou_type, lvis_style=True, print_function=logger.debug)
+    coco_eval.params.maxDets = [max_dets_per_image]
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    precision = np.asarray(coco_eval.eval["precision"])[..., -1]  # [T, R, K, A], the only maxDets
+    cat_ids = coco_eval.params.catIds
+    frequencies = [gt.cats[c]["frequency"] for c in cat_ids]
+    metrics = summarize_lvis_precision(precision, coco_eval.params.iouThrs, frequencies)
+    return metrics, dict(zip(cat_ids, per_category_ap(precision)))
+
+
+def _evaluate_lvis_api(lvis_gt, results, iou_type, max_dets_per_image):
+    patch_lvis_numpy()
+    from lvis import LVISEval, LVISResults
+
+    lvis_results = LVISResults(lvis_gt, results, max_dets=max_dets_per_image)
+    lvis_eval = LVISEval(lvis_gt, lvis_results, iou_type)
+    lvis_eval.run()
+    lvis_eval.print_results()
+    metrics = {k: float(lvis_eval.get_results()[k]) for k in LVIS_METRICS}
+    ap = per_category_ap(lvis_eval.eval["precision"])
+    return metrics, dict(zip(lvis_eval.params.cat_ids, ap))
+
+
+def evaluate_lvis(lvis_gt, results, iou_type, *, max_dets_per_image=300, backend="faster", faster_gt=None):
+    """
+    LVIS metrics of detections, with either backend.
+
+    Args:
+        lvis_gt (lvis.LVIS): the ground truth (for the "lvis" backend, and for the "faster" one
+            when ``faster_gt`` is not given).
+        results (list[dict]): detections in LVIS result format (dataset category ids); not modified.
+        iou_type (str): "bbox" or "segm".
+        max_dets_per_image (int): per-image limit over all categories (LVIS: 300); negative: none.
+        backend (str): "faster" (faster-coco-eval, C++) or "lvis" (the reference Python API).
+        faster_gt (faster_coco_eval.COCO or None): a cached :func:`faster_lvis_ground_truth`.
+
+    Returns:
+        tuple[dict, dict]: metrics (keys :data:`LVIS_METRICS`, in percent; -100 for an empty group
+        and NaN for all when ``results`` is empty, as detectron2's evaluator), and
+        {dataset category id: AP in percent, NaN for categories without ground truth}.
+    """
+    if backend not in LVIS_BACKENDS:
+        raise ValueError(f"Unknown LVIS evaluation backend {backend!r}; expected one of {LVIS_BACKENDS}.")
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}.")
+    if len(results) == 0:
+        logger.warning("No predictions from the model!")
+        return {k: float("nan") for k in LVIS_METRICS}, {}
+    results = copy.deepcopy(results)
+    if iou_type == "segm":
+        # As detectron2: mask AP uses mask area, not the predicted box's area.
+        for r in results:
+            r.pop("bbox", None)
+    unknown = {r["image_id"] for r in results} - set(lvis_gt.imgs)
+    if unknown:
+        raise ValueError(f"Detections refer to image ids {sorted(unknown)[:10]} that are not in the ground truth.")
+    if backend == "faster":
+        if faster_gt is None:
+            faster_gt = faster_lvis_ground_truth(lvis_gt.dataset)
+        metrics, ap = _evaluate_faster(faster_gt, results, iou_type, max_dets_per_image)
+    else:
+        metrics, ap = _evaluate_lvis_api(lvis_gt, results, iou_type, max_dets_per_image)
+    metrics = {k: float(metrics[k] * 100) for k in LVIS_METRICS}
+    return metrics, {int(c): float(v * 100) for c, v in ap.items()}
+
+
+class LVISEvaluator(_D2LVISEvaluator):
+    """
+    detectron2's :class:`~detectron2.evaluation.LVISEvaluator` with a choice of scoring backend and a
+    per-class report. See the module docstring for why the two backends agree.
+
+    Outputs, as detectron2's: ``{"bbox": {...}, "segm": {...}}`` with :data:`LVIS_METRICS` in
+    percent. With ``output_dir``, also ``lvis_instances_results.json``, ``per_class_ap.csv`` and
+    ``per_class_ap.png`` (per-class AP against training image count).
+    """
+
+    def __init__(
+        self,
+        dataset_name,
+        tasks=None,
+        distributed=True,
+        output_dir=None,
+        *,
+        max_dets_per_image=None,
+        backend="faster",
+    ):
+        """
+        Args:
+            dataset_name, tasks, distributed, output_dir, max_dets_per_image: as detectron2's
+                LVISEvaluator (``max_dets_per_image`` None means LVIS's 300).
+            backend (str): "faster" (faster-coco-eval's C++ LVIS mode) or "lvis" (the reference
+                ``lvis`` API); config key ``TEST.DRCL2.LVIS_BACKEND``.
+        """
+        if backend not in LVIS_BACKENDS:
+            raise ValueError(
+                f"TEST.DRCL2.LVIS_BACKEND / backend must be one of {LVIS_BACKENDS}, got {backend!r}."
+            )
+        patch_lvis_numpy()
+        super().__init__(
+            dataset_name, tasks, distributed, output_dir, max_dets_per_image=max_dets_per_image
+        )
+        self._backend = backend
+        self._faster_gt = None
+        self._dataset_name = dataset_name
+
+    def _eval_predictions(self, predictions):
+        """Fill ``self._results`` with the metrics of each task and write the per-class report."""
+        self._logger.info("Preparing results in the LVIS format ...")
+        lvis_results = list(itertools.chain(*[x["instances"] for x in predictions]))
+        tasks = self._tasks or self._tasks_from_predictions(lvis_results)
+
+        if hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
+            reverse_id_mapping = {v: k for k, v in self._metadata.thing_dataset_id_to_contiguous_id.items()}
+            for result in lvis_results:
+                result["category_id"] = reverse_id_mapping[result["category_id"]]
+        else:
+            # unmap the category ids for LVIS (from 0-indexed to 1-indexed)
+            for result in lvis_results:
+                result["category_id"] += 1
+
+        if self._output_dir:
+            file_path = os.path.join(self._output_dir, "lvis_instances_results.json")
+            self._logger.info("Saving results to {}".format(file_path))
+            with PathManager.open(file_path, "w") as f:
+                f.write(json.dumps(lvis_results))
+                f.flush()
+
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return
+
+        max_dets = 300 if self._max_dets_per_image is None else self._max_dets_per_image
+        if self._backend == "faster" and self._faster_gt is None:
+            self._faster_gt = faster_lvis_ground_truth(self._lvis_api.dataset, source=self._metadata.json_file)
+        self._logger.info(
+            f"Evaluating predictions with the '{self._backend}' backend, "
+            f"max detections per image = {max_dets} ..."
+        )
+        per_class = {}
+        for task in sorted(tasks):
+            metrics, per_class[task] = evaluate_lvis(
+                self._lvis_api,
+                lvis_results,
+                task,
+                max_dets_per_image=max_dets,
+                backend=self._backend,
+                faster_gt=self._faster_gt,
+            )
+            self._logger.info(f"Evaluation results for {task}: \n" + create_small_table(metrics))
+            self._results[task] = metrics
+        self._per_class_ap = per_class
+
+        if self._output_dir:
+            rows = lvis_per_class_rows(self._metadata, self._lvis_api.dataset["categories"], per_class)
+            write_per_class_report(
+                rows,
+                self._output_dir,
+                x_key="train_image_count",
+                x_label="training images per class",
+                title=f"{self._dataset_name}: per-class AP",
+            )

@@ -1,0 +1,217 @@
+"""
+Generated LVIS-style ground truth and detections, for evaluator tests and benchmarks.
+
+The ground truth is a federated LVIS v1 json (``images`` with ``neg_category_ids`` and
+``not_exhaustive_category_ids``, polygon ``segmentation``, ``area`` = mask area, categories with
+``frequency``); the detections are what detectron2's ``instances_to_coco_json`` produces (XYWH boxes,
+RLE masks with ``str`` counts, dataset category ids). Nothing here is a model: detections are jittered
+copies of ground-truth boxes plus confusions and background boxes, with scores rounded to two
+decimals so that ties (and therefore the evaluators' tie-breaking) are exercised.
+"""
+import math
+
+import numpy as np
+import pycocotools.mask as mask_util
+
+__all__ = ["lvis_v1_categories", "synthetic_lvis_gt", "synthetic_lvis_detections"]
+
+
+def lvis_v1_categories():
+    """
+    The 1,203 LVIS v1 categories (id, name, frequency, image_count), from detectron2's copies of the
+    LVIS v1 category list and training image counts.
+
+    Returns:
+        list[dict]: sorted by id; ``image_count`` is the LVIS v1 *train* image count.
+    """
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+    from detectron2.data.datasets.lvis_v1_category_image_count import (
+        LVIS_CATEGORY_IMAGE_COUNT,
+    )
+
+    counts = {c["id"]: c["image_count"] for c in LVIS_CATEGORY_IMAGE_COUNT}
+    return [
+        {
+            "id": c["id"],
+            "name": c["name"],
+            "synonyms": c["synonyms"],
+            "frequency": c["frequency"],
+            "image_count": counts[c["id"]],
+        }
+        for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])
+    ]
+
+
+def _polygon_in_box(rng, x, y, w, h, num_vertices=10):
+    """A star-ish convex-or-not polygon inscribed in box XYWH, as COCO's flat [x0, y0, x1, ...]."""
+    angles = np.sort(rng.uniform(0, 2 * math.pi, num_vertices))
+    radii = rng.uniform(0.6, 1.0, num_vertices)
+    cx, cy = x + w / 2, y + h / 2
+    xs = cx + radii * np.cos(angles) * w / 2
+    ys = cy + radii * np.sin(angles) * h / 2
+    return np.stack([xs, ys], axis=1).reshape(-1).round(2).tolist()
+
+
+def _random_box(rng, width, height, min_size=4.0):
+    """A random XYWH box inside a ``width`` x ``height`` image, with log-uniform size."""
+    w = float(np.exp(rng.uniform(math.log(min_size), math.log(width * 0.9))))
+    h = float(np.clip(w * np.exp(rng.uniform(-0.7, 0.7)), min_size, height * 0.95))
+    x = float(rng.uniform(0, width - w))
+    y = float(rng.uniform(0, height - h))
+    return [round(x, 2), round(y, 2), round(w, 2), round(h, 2)]
+
+
+def synthetic_lvis_gt(
+    num_images,
+    categories,
+    *,
+    seed=0,
+    image_size=(96, 160),
+    max_categories_per_image=6,
+    max_instances_per_category=3,
+    num_negative_categories=4,
+    not_exhaustive_prob=0.2,
+    empty_image_prob=0.05,
+):
+    """
+    Args:
+        num_images (int): number of images.
+        categories (list[dict]): LVIS categories with ``id``, ``name`` and ``frequency``; an
+            ``image_count`` (if present) weights how often a category is annotated.
+        seed (int): seed of the generator; the output is a pure function of the arguments.
+        image_size (tuple[int, int]): images get width and height uniform in this range.
+        max_categories_per_image, max_instances_per_category (int): size of the positive set.
+        num_negative_categories (int): up to this many ``neg_category_ids`` per image.
+        not_exhaustive_prob (float): probability that a positive category of an image is listed in
+            its ``not_exhaustive_category_ids``.
+        empty_image_prob (float): probability that an image has no positive category at all.
+
+    Returns:
+        dict: an LVIS v1 json (``images``, ``annotations``, ``categories``), annotation ids from 1.
+    """
+    rng = np.random.default_rng(seed)
+    cat_ids = np.array([c["id"] for c in categories])
+    weights = np.array([float(c.get("image_count", 1)) + 1.0 for c in categories])
+    weights = weights / weights.sum()
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
+        num_pos = 0 if rng.random() < empty_image_prob else int(rng.integers(1, max_categories_per_image + 1))
+        num_pos = min(num_pos, len(cat_ids))
+        pos = rng.choice(cat_ids, size=num_pos, replace=False, p=weights) if num_pos else []
+        remaining = np.setdiff1d(cat_ids, pos)
+        num_neg = min(int(rng.integers(0, num_negative_categories + 1)), len(remaining))
+        neg = rng.choice(remaining, size=num_neg, replace=False) if num_neg else []
+        not_exhaustive = [int(c) for c in pos if rng.random() < not_exhaustive_prob]
+        for cat_id in pos:
+            for _ in range(int(rng.integers(1, max_instances_per_category + 1))):
+                box = _random_box(rng, width, height)
+                polygon = _polygon_in_box(rng, *box)
+                rle = mask_util.frPyObjects([polygon], height, width)
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": int(cat_id),
+                        "bbox": box,
+                        "area": float(mask_util.area(mask_util.merge(rle))),
+                        "segmentation": [polygon],
+                    }
+                )
+        images.append(
+            {
+                "id": image_id,
+                "width": width,
+                "height": height,
+                "file_name": f"{image_id:012d}.jpg",
+                "neg_category_ids": sorted(int(c) for c in neg),
+                "not_exhaustive_category_ids": sorted(not_exhaustive),
+            }
+        )
+    cats = [
+        {k: c[k] for k in ("id", "name", "frequency", "image_count", "synonyms") if k in c}
+        for c in categories
+    ]
+    return {"images": images, "annotations": annotations, "categories": cats}
+
+
+def synthetic_lvis_detections(
+    gt,
+    *,
+    dets_per_image=50,
+    seed=0,
+    with_masks=True,
+    empty_image_prob=0.05,
+    score_decimals=2,
+):
+    """
+    Detections for the images of ``gt``, in detectron2's ``instances_to_coco_json`` format (with
+    dataset category ids, as :class:`LVISEvaluator` hands them to the LVIS API).
+
+    Per image: a slightly shifted and scaled copy (box and polygon mask) of each ground-truth
+    instance, 15% of them with a confused category; detections of the image's negative categories;
+    and background boxes of random categories (mostly dropped by federated evaluation), truncated
+    to ``dets_per_image`` (instances beyond that number are missed). A fraction ``empty_image_prob``
+    of images gets no detection. Scores are rounded to ``score_decimals``, so ties are common.
+
+    Returns:
+        list[dict]: keys image_id, category_id, bbox (XYWH), score, and segmentation (RLE with str
+        counts) when ``with_masks``.
+    """
+    rng = np.random.default_rng(seed)
+    cat_ids = np.array([c["id"] for c in gt["categories"]])
+    anns_by_image = {}
+    for ann in gt["annotations"]:
+        anns_by_image.setdefault(ann["image_id"], []).append(ann)
+    results = []
+    for img in gt["images"]:
+        if rng.random() < empty_image_prob:
+            continue
+        width, height = img["width"], img["height"]
+        boxes, classes, polygons, scores = [], [], [], []
+        for ann in anns_by_image.get(img["id"], []):
+            # A localisation error of a few percent of the object size, shared by box and mask.
+            x, y, w, h = ann["bbox"]
+            dx, dy = rng.normal(0, 0.08, 2) * [w, h]
+            scale = float(np.exp(rng.normal(0, 0.08)))
+            nw, nh = w * scale, h * scale
+            nx = float(np.clip(x + dx + (w - nw) / 2, 0, width - 1))
+            ny = float(np.clip(y + dy + (h - nh) / 2, 0, height - 1))
+            boxes.append([nx, ny, float(min(nw, width - nx)), float(min(nh, height - ny))])
+            poly = np.asarray(ann["segmentation"][0]).reshape(-1, 2)
+            center = np.array([x + w / 2, y + h / 2])
+            poly = (poly - center) * scale + center + [dx, dy]
+            polygons.append(poly.reshape(-1).tolist())
+            confused = rng.random() < 0.15
+            classes.append(int(rng.choice(cat_ids)) if confused else ann["category_id"])
+            scores.append(rng.uniform(0.3, 1.0))
+        for cat_id in img["neg_category_ids"]:
+            for _ in range(int(rng.integers(0, 3))):
+                boxes.append(_random_box(rng, width, height))
+                polygons.append(_polygon_in_box(rng, *boxes[-1]))
+                classes.append(int(cat_id))
+                scores.append(rng.uniform(0.05, 0.8))
+        while len(boxes) < dets_per_image:
+            boxes.append(_random_box(rng, width, height))
+            polygons.append(_polygon_in_box(rng, *boxes[-1]))
+            classes.append(int(rng.choice(cat_ids)))
+            scores.append(rng.uniform(0.05, 0.8))
+        boxes, classes = boxes[:dets_per_image], classes[:dets_per_image]
+        scores = np.round(scores[:dets_per_image], score_decimals)
+        if with_masks:
+            rles = mask_util.frPyObjects(polygons[:dets_per_image], height, width)
+        for k, (box, cat_id) in enumerate(zip(boxes, classes)):
+            result = {
+                "image_id": img["id"],
+                "category_id": cat_id,
+                "bbox": [float(v) for v in box],
+                "score": float(scores[k]),
+            }
+            if with_masks:
+                rle = rles[k]
+                result["segmentation"] = {
+                    "size": [int(s) for s in rle["size"]],
+                    "counts": rle["counts"].decode("utf-8"),
+                }
+            results.append(result)
+    return results
