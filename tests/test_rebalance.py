@@ -1,4 +1,5 @@
 """Dynamic rebalancing maths (drcl2.data.rebalance): statistics, factors, weights, schedule."""
+
 import itertools
 import math
 from collections import Counter

@@ -18,6 +18,7 @@ Everything here is a pure function of the dataset dicts and works without a mode
 dicts are read once into flat arrays (one class id per instance); all per-class and per-image
 quantities are then vectorised (bincount / segment max), which keeps LVIS-scale set-up fast.
 """
+
 import math
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -35,7 +36,7 @@ __all__ = [
 
 
 class ClassStatistics(NamedTuple):
-    """Per-class statistics of a training set; unpacks as ``f_img, f_ins = class_statistics(...)``."""
+    """Per-class statistics of a training set: ``f_img, f_ins = class_statistics(...)``."""
 
     image_fraction: torch.Tensor
     """Tensor[C] float64: f_c^img, the fraction of images that contain class c."""
@@ -64,7 +65,9 @@ def _check_lam(lam) -> float:
     return lam
 
 
-def _flatten(dataset_dicts, num_classes: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, int]:
+def _flatten(
+    dataset_dicts, num_classes: Optional[int] = None
+) -> Tuple[np.ndarray, np.ndarray, int]:
     """
     Read the class ids of a list of detectron2 dataset dicts into flat arrays.
 
@@ -165,8 +168,10 @@ def image_repeat_factor_sets(dataset_dicts, repeat_thresh: float = 0.001):
     return both[:, 0], both[:, 1]
 
 
-def mix_repeat_factors(image_level: np.ndarray, instance_level: np.ndarray, lam: float) -> torch.Tensor:
-    """r_I(λ) = (1 - λ) image_level + λ instance_level as a float32 Tensor[N] (detectron2's dtype)."""
+def mix_repeat_factors(
+    image_level: np.ndarray, instance_level: np.ndarray, lam: float
+) -> torch.Tensor:
+    """r_I(λ) = (1 - λ) image_level + λ instance_level as a float32 Tensor[N]."""
     if lam == 0.0:  # exact at λ = 0 (also when instance_level holds values 0 * x would not zero)
         mixed = image_level
     elif lam == 1.0:
@@ -176,7 +181,9 @@ def mix_repeat_factors(image_level: np.ndarray, instance_level: np.ndarray, lam:
     return torch.from_numpy(mixed.astype(np.float32))
 
 
-def class_statistics(dataset_dicts: List[dict], num_classes: Optional[int] = None) -> ClassStatistics:
+def class_statistics(
+    dataset_dicts: List[dict], num_classes: Optional[int] = None
+) -> ClassStatistics:
     """
     Per-class image and instance fractions of a training set.
 
@@ -194,7 +201,9 @@ def class_statistics(dataset_dicts: List[dict], num_classes: Optional[int] = Non
     return ClassStatistics(torch.from_numpy(f_img), torch.from_numpy(f_ins))
 
 
-def repeat_factors(dataset_dicts: List[dict], repeat_thresh: float = 0.001, lam: float = 0.0) -> torch.Tensor:
+def repeat_factors(
+    dataset_dicts: List[dict], repeat_thresh: float = 0.001, lam: float = 0.0
+) -> torch.Tensor:
     """
     Per-image repeat factors r_I(λ) = (1 - λ) max_{c in I} r_c^img + λ max_{c in I} r_c^ins.
 
@@ -298,7 +307,9 @@ class RebalanceSchedule:
         if start > end:
             raise ValueError(f"RebalanceSchedule: start ({start}) must not exceed end ({end}).")
         if mode not in self.MODES:
-            raise ValueError(f"RebalanceSchedule: unknown mode {mode!r}; expected one of {self.MODES}.")
+            raise ValueError(
+                f"RebalanceSchedule: unknown mode {mode!r}; expected one of {self.MODES}."
+            )
         self.start, self.end, self.mode = start, end, mode
 
     def lam(self, progress: float) -> float:

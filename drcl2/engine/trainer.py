@@ -31,8 +31,35 @@ class Trainer(DefaultTrainer):
     Use it as detectron2's: ``Trainer(cfg)``, ``resume_or_load()``, ``train()``, ``Trainer.test()``.
     """
 
+    def resume_or_load(self, resume=True):
+        """
+        detectron2's resume_or_load; in addition, a run resumed at iteration k > 0 with the dynamic
+        rebalancing sampler rebuilds its data loader (built in ``__init__``, before the checkpoint
+        iteration was known) with the sampler started at k, so the stream and the λ schedule go on
+        where the interrupted run stopped.
+        """
+        super().resume_or_load(resume=resume)
+        dynamic = self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
+        if dynamic and self.start_iter > 0:
+            self._trainer.reset_data_loader(
+                lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter)
+            )
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
+            from .hooks import RebalanceLambdaHook
+
+            ret.insert(0, RebalanceLambdaHook.from_config(self.cfg))  # logs drb/lambda each step
+        return ret
+
     @classmethod
-    def build_train_loader(cls, cfg):
+    def build_train_loader(cls, cfg, start_iter=0):
+        """
+        Args:
+            start_iter (int): iteration the training stream starts at (a resumed run's start), for
+                samplers that keep a schedule (drcl2's dynamic rebalancing sampler).
+        """
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -45,7 +72,7 @@ class Trainer(DefaultTrainer):
             cfg,
             dataset=dataset,
             mapper=cls.build_train_mapper(cfg),
-            sampler=cls.build_train_sampler(cfg, dataset),
+            sampler=cls.build_train_sampler(cfg, dataset, start_iter=start_iter),
         )
 
     @classmethod
@@ -54,7 +81,7 @@ class Trainer(DefaultTrainer):
         return DatasetMapper(cfg, is_train=True)
 
     @classmethod
-    def build_train_sampler(cls, cfg, dataset_dicts):
+    def build_train_sampler(cls, cfg, dataset_dicts, start_iter=0):
         """
         The training sampler for drcl2's own ``DATALOADER.SAMPLER_TRAIN`` values; ``None`` lets
         detectron2 build its built-in ones (TrainingSampler, RepeatFactorTrainingSampler, ...).
@@ -62,7 +89,9 @@ class Trainer(DefaultTrainer):
         if cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
             from ..data.samplers import DynamicRepeatFactorTrainingSampler
 
-            return DynamicRepeatFactorTrainingSampler.from_config(cfg, dataset_dicts)
+            return DynamicRepeatFactorTrainingSampler.from_config(
+                cfg, dataset_dicts, start_iter=start_iter
+            )
         return None
 
     @classmethod

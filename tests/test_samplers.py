@@ -1,0 +1,350 @@
+"""DynamicRepeatFactorTrainingSampler: parity with detectron2's RFS, statistics, shards, resume."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data.common import ToIterableDataset
+from detectron2.data.samplers import RepeatFactorTrainingSampler
+from detectron2.utils import comm
+
+from drcl2.config import add_drcl2_config
+from drcl2.data.rebalance import RebalanceSchedule, repeat_factors
+from drcl2.data.samplers import DynamicRepeatFactorTrainingSampler
+
+
+def long_tailed_dicts(num_images=600, num_classes=80, seed=0):
+    """Generated long-tailed set: class c ~ c^-2 frequent; every 13th image has no annotations."""
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, num_classes + 1, dtype=np.float64) ** -2.0
+    p /= p.sum()
+    dicts = []
+    for i in range(num_images):
+        n = 0 if i % 13 == 0 else int(rng.integers(1, 10))
+        dicts.append(
+            {
+                "image_id": i,
+                "annotations": [{"category_id": int(c)} for c in rng.choice(num_classes, n, p=p)],
+            }
+        )
+    return dicts
+
+
+T = 0.02  # a threshold at which this small set has plenty of repeats at both levels
+
+
+@pytest.fixture(scope="module")
+def dicts():
+    return long_tailed_dicts()
+
+
+def take(sampler, n):
+    return list(itertools.islice(iter(sampler), n))
+
+
+def make(dicts, **kwargs):
+    args = dict(
+        repeat_thresh=T, schedule=RebalanceSchedule(0.0, 1.0), max_iter=100, ims_per_batch=8, seed=3
+    )
+    args.update(kwargs)
+    return DynamicRepeatFactorTrainingSampler(dicts, **args)
+
+
+def split_passes(stream):
+    """Passes of an unshuffled stream: each pass lists indices in increasing order."""
+    passes, current = [], []
+    for i in stream:
+        if current and i < current[-1]:
+            passes.append(current)
+            current = []
+        current.append(i)
+    return passes  # the last, possibly incomplete, pass is dropped
+
+
+def test_lambda0_stream_equals_detectron2_rfs(dicts):
+    rf = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, T)
+    theirs = take(RepeatFactorTrainingSampler(rf, seed=11), 5000)
+    ours = take(make(dicts, schedule=0.0, seed=11), 5000)
+    assert ours == theirs  # several passes, index for index
+    # also with a schedule that stays at λ = 0 for the stretch compared
+    ours = take(make(dicts, schedule=RebalanceSchedule(0.99, 1.0), max_iter=10_000, seed=11), 5000)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_mean_appearances_match_repeat_factors(dicts, lam):
+    num_passes = 300
+    expected = repeat_factors(dicts, repeat_thresh=T, lam=lam).double()
+    sampler = make(dicts, schedule=lam, shuffle=False, seed=5)
+    stream = take(sampler, int(expected.sum().item() * (num_passes + 2)))
+    passes = split_passes(stream)[:num_passes]
+    assert len(passes) == num_passes
+    counts = torch.zeros(len(dicts), dtype=torch.float64)
+    for p in passes:
+        counts += torch.bincount(torch.tensor(p), minlength=len(dicts)).double()
+    mean = counts / num_passes
+    # Per pass an image appears floor(r) or floor(r) + 1 times (Bernoulli with p = frac(r)), so the
+    # mean of n passes has standard deviation sqrt(p (1 - p) / n); allow 5 of them (+ float slack).
+    frac = expected - expected.floor()
+    tol = 5 * torch.sqrt(frac * (1 - frac) / num_passes) + 1e-6
+    assert bool(((mean - expected).abs() <= tol).all()), (mean - expected).abs().max()
+    # per pass, counts are always the floor or the ceiling
+    one = torch.bincount(torch.tensor(passes[0]), minlength=len(dicts)).double()
+    assert bool(((one == expected.floor()) | (one == expected.ceil())).all())
+    # and the total over all passes is within 5 standard deviations of the expectation
+    total_sd = math.sqrt(float((frac * (1 - frac)).sum()) * num_passes)
+    assert abs(counts.sum().item() - expected.sum().item() * num_passes) <= 5 * total_sd + 1
+
+
+def test_each_pass_uses_lambda_at_its_start(dicts):
+    # λ jumps from 0 to 1 at 40% of a 100-iteration schedule of 8 images per iteration
+    sampler = make(dicts, schedule=RebalanceSchedule(0.4, 0.4), shuffle=False)
+    r = {lam: repeat_factors(dicts, T, lam).double() for lam in (0.0, 1.0)}
+    passes = split_passes(take(sampler, 6000))
+    position, seen = 0, set()
+    for p in passes:
+        lam = sampler.lam_at(position // 8)
+        counts = torch.bincount(torch.tensor(p), minlength=len(dicts)).double()
+        assert bool(((counts == r[lam].floor()) | (counts == r[lam].ceil())).all())
+        other = r[1.0 - lam]
+        assert not bool(((counts == other.floor()) | (counts == other.ceil())).all())
+        seen.add(lam)
+        position += len(p)
+    assert seen == {0.0, 1.0}
+
+
+def test_lam_at(dicts):
+    s = make(dicts, schedule=RebalanceSchedule(0.2, 0.6, "linear"), max_iter=1000)
+    assert s.lam_at(0) == 0.0 and s.lam_at(200) == 0.0
+    assert s.lam_at(400) == pytest.approx(0.5)
+    assert s.lam_at(600) == 1.0 and s.lam_at(5000) == 1.0
+    c = make(dicts, schedule=RebalanceSchedule(0.0, 1.0, "cosine"), max_iter=1000)
+    assert c.lam_at(500) == pytest.approx(0.5) and c.lam_at(250) < 0.25
+
+
+@pytest.fixture
+def world(monkeypatch):
+    """Pretend to be rank `rank` of `size` (the sampler reads both at construction)."""
+
+    def set_world(rank, size):
+        monkeypatch.setattr(comm, "get_rank", lambda: rank)
+        monkeypatch.setattr(comm, "get_world_size", lambda: size)
+
+    return set_world
+
+
+def test_shards_partition_the_global_stream(dicts, world):
+    schedule = RebalanceSchedule(0.1, 0.5, "cosine")  # λ changes between passes in this stretch
+    world(0, 1)
+    full = take(make(dicts, schedule=schedule, max_iter=300), 8000)
+    shards = []
+    for rank in range(4):
+        world(rank, 4)
+        shards.append(take(make(dicts, schedule=schedule, max_iter=300), 2000))
+    # position k of the global stream goes to rank k % 4: disjoint, and together the whole stream
+    for rank in range(4):
+        assert shards[rank] == full[rank::4]
+    assert [i for group in zip(*shards) for i in group] == full
+
+
+def test_same_seed_same_stream(dicts):
+    a = take(make(dicts, seed=7), 3000)
+    assert a == take(make(dicts, seed=7), 3000)
+    assert a != take(make(dicts, seed=8), 3000)
+
+
+@pytest.mark.parametrize("world_size,start_iter", [(1, 37), (4, 37), (4, 0), (1, 1000)])
+def test_resume_reproduces_the_tail(dicts, world, world_size, start_iter):
+    schedule = RebalanceSchedule(0.0, 0.8, "linear")
+    world(0, 1)
+    full = take(make(dicts, schedule=schedule, max_iter=400), 8 * start_iter + 4000)
+    tail = full[8 * start_iter :]
+    for rank in range(world_size):
+        world(rank, world_size)
+        resumed = take(
+            make(dicts, schedule=schedule, max_iter=400, start_iter=start_iter), 1000 // world_size
+        )
+        assert resumed == tail[rank::world_size][: len(resumed)]
+
+
+def test_workers_of_a_dataloader_agree(dicts):
+    """detectron2 runs the sampler in each DataLoader worker; together they emit the stream once."""
+    sampler = make(dicts, seed=21)
+    expected = take(sampler, 400)
+    loader = torch.utils.data.DataLoader(
+        ToIterableDataset(list(range(len(dicts))), sampler), batch_size=None, num_workers=2
+    )
+    got = list(itertools.islice(iter(loader), 400))
+    # worker w keeps positions w, w + 2, ...; the loader alternates workers
+    assert got == expected
+
+
+def test_from_config(dicts):
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.DATALOADER.SAMPLER_TRAIN = "DynamicRepeatFactorTrainingSampler"
+    cfg.DATALOADER.DRCL2.REPEAT_THRESHOLD = T
+    cfg.DATALOADER.DRCL2.START, cfg.DATALOADER.DRCL2.END = 0.25, 0.75
+    cfg.DATALOADER.DRCL2.MODE = "cosine"
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH, cfg.SEED = 2000, 16, 4
+    s = DynamicRepeatFactorTrainingSampler.from_config(cfg, dicts)
+    assert isinstance(s.schedule, RebalanceSchedule)
+    assert (s.schedule.start, s.schedule.end, s.schedule.mode) == (0.25, 0.75, "cosine")
+    assert s.lam_at(1000) == pytest.approx(0.5) and s.lam_at(400) == 0.0
+    manual = make(
+        dicts,
+        schedule=RebalanceSchedule(0.25, 0.75, "cosine"),
+        max_iter=2000,
+        ims_per_batch=16,
+        seed=4,
+    )
+    assert take(s, 2000) == take(manual, 2000)
+    resumed = DynamicRepeatFactorTrainingSampler.from_config(cfg, dicts, start_iter=100)
+    assert take(resumed, 500) == take(manual, 2100)[1600:]
+    # default SEED (-1) is used as is, like detectron2's RepeatFactorTrainingSampler does
+    cfg.SEED = -1
+    cfg.DATALOADER.DRCL2.START = cfg.DATALOADER.DRCL2.END = 1.0  # λ = 0 throughout
+    rf = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, T)
+    assert take(DynamicRepeatFactorTrainingSampler.from_config(cfg, dicts), 2000) == take(
+        RepeatFactorTrainingSampler(rf, seed=cfg.SEED), 2000
+    )
+
+
+def test_bad_input(dicts):
+    for t in (0.0, -0.5):
+        with pytest.raises(ValueError, match="repeat_thresh"):
+            make(dicts, repeat_thresh=t)
+    with pytest.raises(ValueError, match="empty"):
+        make([])
+    with pytest.raises(ValueError, match="max_iter"):
+        make(dicts, max_iter=0)
+    with pytest.raises(ValueError, match="ims_per_batch"):
+        make(dicts, ims_per_batch=0)
+    with pytest.raises(ValueError, match="start_iter"):
+        make(dicts, start_iter=-1)
+    with pytest.raises(ValueError, match="constant"):
+        make(dicts, schedule=2.0)
+    with pytest.raises(TypeError, match="schedule"):
+        make(dicts, schedule="linear")
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.DATALOADER.DRCL2.START, cfg.DATALOADER.DRCL2.END = 0.9, 0.1
+    with pytest.raises(ValueError, match="start"):
+        DynamicRepeatFactorTrainingSampler.from_config(cfg, dicts)
+    cfg.DATALOADER.DRCL2.START, cfg.DATALOADER.DRCL2.END = 0.0, 1.0
+    cfg.DATALOADER.DRCL2.MODE = "step"
+    with pytest.raises(ValueError, match="mode"):
+        DynamicRepeatFactorTrainingSampler.from_config(cfg, dicts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer integration: drcl2.engine.Trainer with DATALOADER.SAMPLER_TRAIN = the dynamic sampler
+# --------------------------------------------------------------------------------------------------
+class _DRBRecordingModel(torch.nn.Module):
+    """A one-parameter 'detector' that records the image ids of every batch it trains on."""
+
+    seen = []
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, batched_inputs):
+        type(self).seen.append([d["image_id"] for d in batched_inputs])
+        return {"loss_dummy": (self.w**2).sum() + 1.0}
+
+
+def _drb_trainer_cfg(output_dir, dataset_name):
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "_DRBRecordingModel"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.DATASETS.TRAIN = (dataset_name,)
+    cfg.DATASETS.TEST = ()
+    cfg.DATALOADER.SAMPLER_TRAIN = "DynamicRepeatFactorTrainingSampler"
+    cfg.DATALOADER.DRCL2.REPEAT_THRESHOLD = T
+    cfg.DATALOADER.DRCL2.START, cfg.DATALOADER.DRCL2.END = 0.2, 0.6
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.DATALOADER.ASPECT_RATIO_GROUPING = False
+    cfg.SOLVER.IMS_PER_BATCH = 4
+    cfg.SOLVER.MAX_ITER = 150  # > 1 pass (~700 images at λ = 0 here) at 4 images per iteration
+    cfg.SOLVER.STEPS = ()
+    cfg.SOLVER.CHECKPOINT_PERIOD = 100
+    cfg.SEED = 13
+    cfg.OUTPUT_DIR = str(output_dir)
+    return cfg
+
+
+def test_trainer_uses_sampler_logs_lambda_and_resumes(dicts, tmp_path):
+    import os
+    import shutil
+
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from drcl2.engine import Trainer
+    from drcl2.engine.hooks import RebalanceLambdaHook
+
+    if "_DRBRecordingModel" not in META_ARCH_REGISTRY:
+        META_ARCH_REGISTRY.register(_DRBRecordingModel)
+    records = [dict(d, file_name=f"img{d['image_id']}.jpg", width=64, height=48) for d in dicts]
+    name = "drb_test_trainer_train"
+    if name not in DatasetCatalog:
+        DatasetCatalog.register(name, lambda: records)
+
+    class RecordingTrainer(Trainer):
+        @classmethod
+        def build_train_mapper(cls, cfg):
+            return lambda d: {"image_id": d["image_id"]}
+
+    # uninterrupted run
+    cfg = _drb_trainer_cfg(tmp_path / "full", name)
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False  # the sampler sees the same list as below
+    _DRBRecordingModel.seen = []
+    trainer = RecordingTrainer(cfg)
+    assert any(isinstance(h, RebalanceLambdaHook) for h in trainer._hooks)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    full = _DRBRecordingModel.seen
+    assert len(full) == 150
+    stream = take(DynamicRepeatFactorTrainingSampler.from_config(cfg, records), 150 * 4)
+    assert [i for batch in full for i in batch] == stream
+    lam = dict((it, v) for v, it in trainer.storage.history("drb/lambda").values())
+    assert sorted(lam) == list(range(150))
+    assert lam[0] == 0.0 and lam[30] == 0.0 and lam[60] == pytest.approx(0.5) and lam[149] == 1.0
+
+    # resume from the checkpoint of iteration 99: iterations 100..149 see the same images
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(os.path.join(cfg.OUTPUT_DIR, "model_0000099.pth"), resumed_dir)
+    (resumed_dir / "last_checkpoint").write_text("model_0000099.pth")
+    cfg2 = cfg.clone()
+    cfg2.OUTPUT_DIR = str(resumed_dir)
+    _DRBRecordingModel.seen = []
+    trainer2 = RecordingTrainer(cfg2)
+    trainer2.resume_or_load(resume=True)
+    assert trainer2.start_iter == 100
+    trainer2.train()
+    assert _DRBRecordingModel.seen == full[100:]
+
+
+def test_trainer_without_dynamic_sampler_has_no_lambda_hook(dicts, tmp_path):
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from drcl2.engine import Trainer
+    from drcl2.engine.hooks import RebalanceLambdaHook
+
+    if "_DRBRecordingModel" not in META_ARCH_REGISTRY:
+        META_ARCH_REGISTRY.register(_DRBRecordingModel)
+    name = "drb_test_trainer_train_plain"
+    if name not in DatasetCatalog:
+        records = [dict(d, file_name="x.jpg", width=64, height=48) for d in dicts]
+        DatasetCatalog.register(name, lambda: records)
+    cfg = _drb_trainer_cfg(tmp_path, name)
+    cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
+    trainer = Trainer(cfg)
+    assert not any(isinstance(h, RebalanceLambdaHook) for h in trainer._hooks)
