@@ -8,6 +8,7 @@ Where things live:
     drcl2.tools        command lines: python -m drcl2.tools.<name>
 """
 from . import data  # registers the toy LVIS datasets
+from . import modeling  # registers the DRCL2 meta-architecture
 from .config import add_drcl2_config
 from .data import register_lvis_format
 from .engine import Trainer

@@ -77,6 +77,8 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.AR.HIDDEN_DIM = 256
     # Weight of the L1 on visible pixels relative to masked ones.
     cfg.MODEL.DRCL2.AR.VISIBLE_WEIGHT = 0.1
+    # Per-channel std of the AR target (image - PIXEL_MEAN) / PIXEL_STD here (ImageNet std, BGR).
+    cfg.MODEL.DRCL2.AR.PIXEL_STD = [57.375, 57.120, 58.395]
     # Weight w_ar of L_AR in the total loss.
     cfg.MODEL.DRCL2.AR.WEIGHT = 1.0
     cfg.MODEL.DRCL2.SR = CN()

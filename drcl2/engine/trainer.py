@@ -51,6 +51,32 @@ class Trainer(DefaultTrainer):
             from .hooks import RebalanceLambdaHook
 
             ret.insert(0, RebalanceLambdaHook.from_config(self.cfg))  # logs drb/lambda each step
+        if self.cfg.MODEL.META_ARCHITECTURE == "DRCL2":
+            ret = self._add_drcl2_hooks(ret)
+        return ret
+
+    def _add_drcl2_hooks(self, ret):
+        """
+        2DRCL pre-training: class statistics to the model before training, the EMA target step
+        after each optimizer step (before the checkpointer saves), and the export of
+        ``OUTPUT_DIR/model_final_finetune.pth`` after the last iteration.
+        """
+        from detectron2.engine import hooks as d2_hooks
+
+        from .pretrain_hooks import ClassStatisticsHook, ExportFinetuneWeightsHook, TargetNetworkUpdateHook
+
+        cfg = self.cfg
+        load_train_dicts = lambda: get_detection_dataset_dicts(  # noqa: E731
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        after_lr = 1 + next(i for i, h in enumerate(ret) if isinstance(h, d2_hooks.LRScheduler))
+        ret.insert(after_lr, TargetNetworkUpdateHook())
+        ret.insert(0, ClassStatisticsHook(load_train_dicts))
+        ret.append(
+            ExportFinetuneWeightsHook(
+                os.path.join(cfg.OUTPUT_DIR, "model_final_finetune.pth"), cfg.SOLVER.MAX_ITER
+            )
+        )
         return ret
 
     @classmethod
@@ -77,7 +103,14 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_mapper(cls, cfg):
-        """The per-image training mapper: detectron2's :class:`DatasetMapper`."""
+        """
+        The per-image training mapper: detectron2's :class:`DatasetMapper`, or drcl2's
+        :class:`TwoViewDatasetMapper` for 2DRCL pre-training (``MODEL.META_ARCHITECTURE: "DRCL2"``).
+        """
+        if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
+            from ..data.two_view_mapper import TwoViewDatasetMapper
+
+            return TwoViewDatasetMapper(cfg, is_train=True)
         return DatasetMapper(cfg, is_train=True)
 
     @classmethod

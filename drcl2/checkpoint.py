@@ -1,0 +1,90 @@
+"""
+Transfer of 2DRCL pre-training to fine-tuning: keep the online backbone, RPN and box head of a
+DRCL2 checkpoint as a detectron2 checkpoint that a stock ``GeneralizedRCNN`` loads with no renaming.
+"""
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, Mapping
+
+import torch
+
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["FINETUNE_PREFIXES", "finetune_state_dict", "export_finetune_weights"]
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.box_head.")
+"""The online modules kept for fine-tuning; the target network, projectors, predictors and
+decoders are dropped (METHOD.md, Transfer)."""
+
+_DRCL2_MARKERS = ("target_network.", "class_repeat_factors")
+
+
+def finetune_state_dict(model_state: Mapping[str, torch.Tensor], source: str = "state dict") -> Dict:
+    """
+    Args:
+        model_state: the state dict of a :class:`drcl2.modeling.DRCL2` model.
+        source: name of where it came from, for error messages.
+
+    Returns:
+        OrderedDict: the ``backbone.*``, ``proposal_generator.*`` and ``roi_heads.box_head.*``
+        entries, names unchanged, tensors on the CPU.
+    """
+    keys = list(model_state.keys())
+    if not any(k.startswith(_DRCL2_MARKERS) for k in keys) or not any(k.startswith("backbone.") for k in keys):
+        sample = ", ".join(keys[:5]) or "(no keys)"
+        raise ValueError(
+            f"{source} is not a DRCL2 pre-training checkpoint: it has no 'target_network.*' / "
+            f"'class_repeat_factors' entries next to 'backbone.*' (first keys: {sample}). Export the "
+            "model_*.pth written by a MODEL.META_ARCHITECTURE 'DRCL2' run (e.g. "
+            "configs/pretrain_2drcl.yaml); a detector checkpoint needs no export."
+        )
+    return OrderedDict(
+        (k, v.detach().cpu() if torch.is_tensor(v) else v)
+        for k, v in model_state.items()
+        if k.startswith(FINETUNE_PREFIXES)
+    )
+
+
+def export_finetune_weights(src: str, dst: str) -> Dict:
+    """
+    Read a DRCL2 checkpoint written by detectron2's checkpointer (``{"model": state_dict, ...}``)
+    and write the fine-tuning weights to ``dst`` as ``{"model": state_dict}`` (``.pth``), loadable
+    with ``MODEL.WEIGHTS dst`` by any fine-tuning config of the same backbone.
+
+    Args:
+        src: path of the DRCL2 checkpoint (``OUTPUT_DIR/model_final.pth``).
+        dst: path of the file to write (its folder is created).
+
+    Returns:
+        the exported state dict.
+    """
+    with PathManager.open(src, "rb") as f:
+        try:
+            checkpoint = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # pickle / zip errors: not a torch checkpoint at all
+            raise ValueError(f"{src} is not a DRCL2 pre-training checkpoint (torch.load failed: {e}).") from e
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
+        raise ValueError(
+            f"{src} is not a DRCL2 pre-training checkpoint: expected a detectron2 checkpoint dict "
+            f"with a 'model' state dict, got {type(checkpoint).__name__}"
+            + (f" with keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, Mapping) else "")
+            + "."
+        )
+    state = finetune_state_dict(checkpoint["model"], source=src)
+    save_finetune_weights(state, dst, source=src, iteration=checkpoint.get("iteration"))
+    return state
+
+
+def save_finetune_weights(state: Mapping, dst: str, source: str = "", iteration=None) -> None:
+    """Write ``state`` (from :func:`finetune_state_dict`) to ``dst`` as a detectron2 checkpoint."""
+    dirname = os.path.dirname(dst)
+    if dirname:
+        PathManager.mkdirs(dirname)
+    payload = {"model": state, "__author__": "drcl2", "drcl2_source": source, "drcl2_iteration": iteration}
+    with PathManager.open(dst, "wb") as f:
+        torch.save(payload, f)
+    groups = {p: sum(k.startswith(p) for k in state) for p in FINETUNE_PREFIXES}
+    logger.info(f"Wrote fine-tuning weights to {dst} ({groups}) from {source or 'memory'}.")

@@ -1,0 +1,257 @@
+"""
+The two-view mapper of 2DRCL pre-training (METHOD.md, "Data flow of one pre-training step").
+"""
+import copy
+import logging
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torchvision.transforms import v2 as TV
+
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode, Instances
+
+__all__ = ["RandomResizedCropAugmentation", "TwoViewDatasetMapper", "build_view_photometric"]
+
+logger = logging.getLogger(__name__)
+
+
+class RandomResizedCropAugmentation(T.Augmentation):
+    """
+    The crop of torchvision's ``RandomResizedCrop`` as a detectron2 augmentation: a window covering a
+    random fraction ``scale`` of the image area with aspect ratio (w / h) log-uniform in ``ratio``;
+    the resize is left to a following :class:`ResizeShortestEdge`. After 10 failed draws it falls
+    back to the largest centred window with an aspect ratio inside ``ratio``.
+    """
+
+    def __init__(self, scale: Tuple[float, float] = (0.3, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3)):
+        super().__init__()
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"RandomResizedCropAugmentation: scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"RandomResizedCropAugmentation: ratio must satisfy 0 < lo <= hi, got {ratio}")
+        self._init(locals())
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        area = h * w
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * np.random.uniform(*self.scale)
+            aspect = math.exp(np.random.uniform(*log_ratio))
+            cw = int(round(math.sqrt(target_area * aspect)))
+            ch = int(round(math.sqrt(target_area / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0 = np.random.randint(0, w - cw + 1)
+                y0 = np.random.randint(0, h - ch + 1)
+                return T.CropTransform(x0, y0, cw, ch, orig_w=w, orig_h=h)
+        in_ratio = w / h
+        if in_ratio < self.ratio[0]:
+            cw, ch = w, int(round(w / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            ch, cw = h, int(round(h * self.ratio[1]))
+        else:
+            cw, ch = w, h
+        return T.CropTransform((w - cw) // 2, (h - ch) // 2, cw, ch, orig_w=w, orig_h=h)
+
+
+def build_view_photometric(
+    *,
+    color_jitter_prob: float,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    grayscale_prob: float,
+    blur_prob: float,
+    blur_kernel_size: int,
+    blur_sigma: Tuple[float, float],
+    solarize_prob: float,
+    solarize_threshold: int = 128,
+):
+    """
+    MoCo/BYOL photometric augmentation of one view, from torchvision's v2 transforms, applied to a
+    uint8 RGB ``Tensor[3, H, W]``: colour jitter (prob), grey (prob), Gaussian blur (prob),
+    solarization (prob).
+    """
+    ops = []
+    if color_jitter_prob > 0:
+        ops.append(TV.RandomApply([TV.ColorJitter(brightness, contrast, saturation, hue)], p=color_jitter_prob))
+    if grayscale_prob > 0:
+        ops.append(TV.RandomGrayscale(p=grayscale_prob))
+    if blur_prob > 0:
+        ops.append(TV.RandomApply([TV.GaussianBlur(blur_kernel_size, sigma=blur_sigma)], p=blur_prob))
+    if solarize_prob > 0:
+        ops.append(TV.RandomSolarize(threshold=solarize_threshold, p=solarize_prob))
+    return TV.Compose(ops) if ops else None
+
+
+class TwoViewDatasetMapper:
+    """
+    Maps one detectron2 dataset dict to the two augmented views of 2DRCL pre-training.
+
+    The image is decoded once. Each view takes its own geometric augmentations (by default a random
+    resized crop, detectron2's ResizeShortestEdge and flip) and its own photometric ones (colour
+    jitter, grey, blur, solarization). Every non-crowd instance box is carried into both views; an
+    instance is kept when at least ``min_visible`` of its area survives the crop of *both* views and
+    each side of its box is at least ``min_side`` pixels in both views. Kept instances keep their
+    order, so row i of both views' ``instances`` is the same object (``gt_ids`` = its index in the
+    dict's ``annotations``). An image with no kept instance yields empty ``instances``.
+
+    Output dict: the input's ``file_name``, ``image_id``, ``height``, ``width`` and
+    ``"view1"`` / ``"view2"``: ``{"image": Tensor[3, H_v, W_v] uint8 in ``image_format``,
+    "instances": Instances(gt_boxes, gt_classes, gt_ids)}``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        geometric1: List[T.Augmentation],
+        geometric2: List[T.Augmentation],
+        photometric1=None,
+        photometric2=None,
+        image_format: str = "BGR",
+        min_visible: float = 0.3,
+        min_side: float = 4.0,
+    ):
+        """
+        Args:
+            is_train: must be True (two views are a training-time construct).
+            geometric1, geometric2: detectron2 augmentations of each view; at most one
+                :class:`CropTransform` per view is expected to drop pixels (used for ``min_visible``).
+            photometric1, photometric2: callables on a uint8 RGB Tensor[3, H, W] (e.g. from
+                :func:`build_view_photometric`), or None.
+            image_format: detectron2 image format of the output images (``INPUT.FORMAT``).
+            min_visible: the fraction of a box's area that must survive each view's crop.
+            min_side: the smallest side (pixels, in the view) of a kept box.
+        """
+        if not is_train:
+            raise ValueError("TwoViewDatasetMapper is for training only (is_train=True).")
+        if not 0.0 <= min_visible <= 1.0:
+            raise ValueError(f"INPUT.DRCL2.MIN_VISIBLE must lie in [0, 1]; got {min_visible}.")
+        self.geometric = (T.AugmentationList(geometric1), T.AugmentationList(geometric2))
+        self.photometric = (photometric1, photometric2)
+        self.image_format = image_format
+        self.min_visible = min_visible
+        self.min_side = min_side
+        logger.info(f"[TwoViewDatasetMapper] view 1: {geometric1} {photometric1}")
+        logger.info(f"[TwoViewDatasetMapper] view 2: {geometric2} {photometric2}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        d = cfg.INPUT.DRCL2
+        crop = lambda: RandomResizedCropAugmentation(tuple(d.CROP_SCALE), tuple(d.CROP_RATIO))  # noqa
+        common = dict(
+            color_jitter_prob=d.COLOR_JITTER_PROB,
+            brightness=d.BRIGHTNESS,
+            contrast=d.CONTRAST,
+            saturation=d.SATURATION,
+            hue=d.HUE,
+            grayscale_prob=d.GRAYSCALE_PROB,
+            blur_kernel_size=d.BLUR_KERNEL_SIZE,
+            blur_sigma=tuple(d.BLUR_SIGMA),
+        )
+        return {
+            "is_train": is_train,
+            "geometric1": [crop()] + utils.build_augmentation(cfg, True),
+            "geometric2": [crop()] + utils.build_augmentation(cfg, True),
+            "photometric1": build_view_photometric(
+                blur_prob=d.BLUR_PROB[0], solarize_prob=d.SOLARIZE_PROB[0], **common
+            ),
+            "photometric2": build_view_photometric(
+                blur_prob=d.BLUR_PROB[1], solarize_prob=d.SOLARIZE_PROB[1], **common
+            ),
+            "image_format": cfg.INPUT.FORMAT,
+            "min_visible": d.MIN_VISIBLE,
+            "min_side": d.MIN_SIDE,
+        }
+
+    def make_view(self, image: np.ndarray, boxes: np.ndarray, view: int):
+        """
+        Geometric augmentation of one view.
+
+        Args:
+            image: ndarray[H, W, 3] uint8 in ``image_format``.
+            boxes: ndarray[R, 4] XYXY_ABS in the original image.
+            view: 0 or 1.
+
+        Returns:
+            image (ndarray[H_v, W_v, 3]), boxes (ndarray[R, 4] in the view, clipped to it),
+            visible (ndarray[R], fraction of each box's area inside the crop),
+            transforms (TransformList: original image -> view; ``.inverse()`` undoes it).
+        """
+        aug_input = T.AugInput(image)
+        transforms = self.geometric[view](aug_input)
+        visible = np.ones(len(boxes), dtype=np.float64)
+        clipped = boxes.astype(np.float64).copy()
+        for t in transforms.transforms:
+            if isinstance(t, T.CropTransform):
+                window = np.array([t.x0, t.y0, t.x0 + t.w, t.y0 + t.h], dtype=np.float64)
+                before = _area(clipped)
+                clipped[:, :2] = np.maximum(clipped[:, :2], window[:2])
+                clipped[:, 2:] = np.minimum(clipped[:, 2:], window[2:])
+                clipped[:, 2:] = np.maximum(clipped[:, 2:], clipped[:, :2])
+                visible = visible * np.where(before > 0, _area(clipped) / np.maximum(before, 1e-12), 0.0)
+            clipped = t.apply_box(clipped) if len(clipped) else clipped
+        view_boxes = clipped.reshape(-1, 4)
+        h, w = aug_input.image.shape[:2]
+        view_boxes[:, [0, 2]] = view_boxes[:, [0, 2]].clip(0, w)
+        view_boxes[:, [1, 3]] = view_boxes[:, [1, 3]].clip(0, h)
+        return aug_input.image, view_boxes, visible, transforms
+
+    def _photometric(self, image: np.ndarray, view: int) -> np.ndarray:
+        op = self.photometric[view]
+        if op is None:
+            return image
+        rgb = utils.convert_image_to_rgb(image, self.image_format) if self.image_format != "RGB" else image
+        rgb = torch.from_numpy(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)))
+        rgb = op(rgb).permute(1, 2, 0).numpy()
+        if self.image_format == "BGR":
+            return rgb[:, :, ::-1]
+        if self.image_format != "RGB":
+            raise ValueError(
+                f"TwoViewDatasetMapper: photometric augmentation supports INPUT.FORMAT 'BGR' or "
+                f"'RGB'; got {self.image_format!r}."
+            )
+        return rgb
+
+    def __call__(self, dataset_dict):
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+
+        annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
+        ids = np.array([i for i, _ in enumerate(annos)], dtype=np.int64)
+        boxes = np.array(
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], dtype=np.float64
+        ).reshape(-1, 4)
+        classes = np.array([a["category_id"] for a in annos], dtype=np.int64)
+
+        views = [self.make_view(image, boxes, v) for v in (0, 1)]
+        keep = np.ones(len(boxes), dtype=bool)
+        for _, view_boxes, visible, _ in views:
+            sides = np.minimum(view_boxes[:, 2] - view_boxes[:, 0], view_boxes[:, 3] - view_boxes[:, 1])
+            keep &= (visible >= self.min_visible) & (sides >= self.min_side)
+
+        out = {k: dataset_dict[k] for k in ("file_name", "image_id", "height", "width") if k in dataset_dict}
+        for v, (view_image, view_boxes, _, _) in enumerate(views):
+            view_image = self._photometric(view_image, v)
+            instances = Instances(view_image.shape[:2])
+            instances.gt_boxes = Boxes(torch.as_tensor(view_boxes[keep], dtype=torch.float32))
+            instances.gt_classes = torch.as_tensor(classes[keep], dtype=torch.int64)
+            instances.gt_ids = torch.as_tensor(ids[keep], dtype=torch.int64)
+            out[f"view{v + 1}"] = {
+                "image": torch.as_tensor(np.ascontiguousarray(view_image.transpose(2, 0, 1))),
+                "instances": instances,
+            }
+        return out
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]).clip(min=0) * (boxes[:, 3] - boxes[:, 1]).clip(min=0)

@@ -1,0 +1,79 @@
+"""
+Hooks that run 2DRCL pre-training (``MODEL.META_ARCHITECTURE: "DRCL2"``) inside detectron2's
+trainer: hand the class statistics to the model, move the EMA target network after every optimizer
+step, and export the fine-tuning weights at the end.
+"""
+import logging
+import os
+from typing import Callable, List
+
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+from ..checkpoint import finetune_state_dict, save_finetune_weights
+
+__all__ = ["ClassStatisticsHook", "TargetNetworkUpdateHook", "ExportFinetuneWeightsHook", "unwrap_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model):
+    """The module inside a (Distributed)DataParallel wrapper, or ``model`` itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class ClassStatisticsHook(HookBase):
+    """
+    Before training, hand the training set's class statistics to a DRCL2 model
+    (:meth:`DRCL2.set_class_statistics`) unless it already holds them (a resumed run, whose
+    checkpoint saved them). Runs on every rank: each holds its own model replica.
+    """
+
+    def __init__(self, load_dataset_dicts: Callable[[], List[dict]]):
+        """
+        Args:
+            load_dataset_dicts: returns the training dataset dicts (called at most once).
+        """
+        self._load = load_dataset_dicts
+
+    def before_train(self):
+        model = unwrap_model(self.trainer.model)
+        if bool(model.class_statistics_set):
+            logger.info("DRCL2 class statistics come from the checkpoint.")
+            return
+        model.set_class_statistics(self._load())
+        logger.info(f"DRCL2 class repeat factors r_c^ins set from the training set: "
+                    f"min {float(model.class_repeat_factors.min()):.3f}, "
+                    f"max {float(model.class_repeat_factors.max()):.3f}.")
+
+
+class TargetNetworkUpdateHook(HookBase):
+    """
+    After each optimizer step, the EMA step of a DRCL2 model's target network
+    (:meth:`DRCL2.update_target` with the step's iteration); logs ``drcl2/momentum``. Place it
+    before the checkpointer so a checkpoint of iteration k holds the target after step k.
+    """
+
+    def after_step(self):
+        momentum = unwrap_model(self.trainer.model).update_target(self.trainer.iter)
+        self.trainer.storage.put_scalar("drcl2/momentum", momentum, smoothing_hint=False)
+
+
+class ExportFinetuneWeightsHook(HookBase):
+    """
+    When training reaches its last iteration, write the fine-tuning weights (online
+    ``backbone.*``, ``proposal_generator.*``, ``roi_heads.box_head.*``) of the model to
+    ``output_path`` on the main process (see :func:`drcl2.checkpoint.export_finetune_weights`).
+    """
+
+    def __init__(self, output_path: str, max_iter: int):
+        self._output_path = output_path
+        self._max_iter = max_iter
+
+    def after_train(self):
+        if not comm.is_main_process() or self.trainer.iter + 1 < self._max_iter:
+            return  # interrupted runs export nothing
+        state = finetune_state_dict(unwrap_model(self.trainer.model).state_dict(), source="the trained model")
+        save_finetune_weights(state, self._output_path, source="trained model", iteration=self.trainer.iter)

@@ -1,0 +1,160 @@
+"""
+The small heads of 2DRCL (METHOD.md): projector / predictor MLPs, the appearance-reconstruction
+decoder and the semantic-reconstruction predictors. Each is @configurable-free plain nn.Module with
+typed arguments; the meta-architecture builds them from the config.
+"""
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.layers import Conv2d, get_norm
+
+__all__ = ["MLPHead", "AppearanceDecoder", "SemanticPredictors", "BoxFeatureHead"]
+
+
+class MLPHead(nn.Module):
+    """
+    Linear - BN - ReLU - Linear (BYOL / SoCo projector and predictor).
+
+    The BN is built with detectron2's :func:`get_norm` on a ``[N, C, 1, 1]`` view, so every norm it
+    knows works: "BN", "SyncBN", "naiveSyncBN", "naiveSyncBN_N" (synchronised across ranks, works
+    with zero-size inputs on some ranks), "" (none). It always runs in float32 (AMP-safe).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm: str = "naiveSyncBN_N"):
+        """
+        Args:
+            in_dim, hidden_dim, out_dim: sizes of the input, hidden and output vectors.
+            norm: the norm after the first Linear (see class doc).
+        """
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim, bias=not norm)
+        self.norm = get_norm(norm, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: Tensor[N, in_dim].
+
+        Returns:
+            Tensor[N, out_dim].
+        """
+        x = self.fc1(x)
+        if self.norm is not None:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x = self.norm(x.float()[:, :, None, None]).flatten(1)
+        return self.fc2(F.relu(x))
+
+
+class BoxFeatureHead(nn.Module):
+    """
+    RoIAlign + box head: the ``box_pooler`` / ``box_head`` pair of detectron2's
+    :class:`StandardROIHeads`, under the same attribute names, so that a DRCL2 model's
+    ``roi_heads.box_head.*`` weights load into a fine-tuning ``GeneralizedRCNN`` unchanged.
+    """
+
+    def __init__(self, *, box_in_features: List[str], box_pooler: nn.Module, box_head: nn.Module):
+        """
+        Args:
+            box_in_features: feature levels the pooler reads (``MODEL.ROI_HEADS.IN_FEATURES``).
+            box_pooler: a detectron2 :class:`ROIPooler`.
+            box_head: a detectron2 box head (e.g. ``FastRCNNConvFCHead``).
+        """
+        super().__init__()
+        self.box_in_features = list(box_in_features)
+        self.box_pooler = box_pooler
+        self.box_head = box_head
+
+    def forward(self, features: Dict[str, torch.Tensor], boxes, box_head: nn.Module = None):
+        """
+        Args:
+            features: level name -> Tensor[N, C, H_l, W_l].
+            boxes: list of N :class:`Boxes` (image coordinates), one per image.
+            box_head: run this box head instead of ``self.box_head`` (the target network's copy).
+
+        Returns:
+            Tensor[R, D]: the box-head feature of every box, images in order.
+        """
+        pooled = self.box_pooler([features[f] for f in self.box_in_features], boxes)
+        return (box_head or self.box_head)(pooled)
+
+
+class AppearanceDecoder(nn.Module):
+    """
+    The AR decoder on P2: conv3x3 - ReLU - conv1x1 to ``3 * s * s`` channels, pixel-shuffle x s,
+    where s is the stride of its input feature (4 for P2), predicting the normalised image.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, stride: int, out_channels: int = 3):
+        """
+        Args:
+            in_channels: channels of the input feature (256 for FPN).
+            hidden_channels: channels after the 3x3 conv.
+            stride: stride of the input feature w.r.t. the image (the pixel-shuffle factor).
+            out_channels: image channels.
+        """
+        super().__init__()
+        self.stride = stride
+        self.conv = Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1, activation=F.relu)
+        self.predictor = Conv2d(hidden_channels, out_channels * stride * stride, kernel_size=1)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            feature: Tensor[N, C, H / s, W / s].
+
+        Returns:
+            Tensor[N, 3, H, W].
+        """
+        return F.pixel_shuffle(self.predictor(self.conv(feature)), self.stride)
+
+
+class SemanticPredictors(nn.Module):
+    """
+    One SR predictor per feature level: conv1x1 - BN - ReLU - conv1x1 (channels kept), mapping the
+    online features of the masked view onto the target features of the unmasked view.
+    """
+
+    def __init__(self, in_features: List[str], channels: int, hidden_channels: int, norm: str):
+        """
+        Args:
+            in_features: names of the feature levels (e.g. ["p3", "p4", "p5"]).
+            channels: channels of those features.
+            hidden_channels: channels after the first conv.
+            norm: the norm after the first conv (any :func:`get_norm` name, "" for none).
+        """
+        super().__init__()
+        self.in_features = list(in_features)
+        self.predictors = nn.ModuleDict()
+        for name in self.in_features:
+            self.predictors[name] = nn.Sequential(
+                Conv2d(channels, hidden_channels, kernel_size=1, bias=not norm),
+                _Float32(get_norm(norm, hidden_channels)) if norm else nn.Identity(),
+                nn.ReLU(),
+                Conv2d(hidden_channels, channels, kernel_size=1),
+            )
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            features: level name -> Tensor[N, C, H_l, W_l].
+
+        Returns:
+            level name -> Tensor[N, C, H_l, W_l] for each of ``in_features``.
+        """
+        return {name: self.predictors[name](features[name]) for name in self.in_features}
+
+
+class _Float32(nn.Module):
+    """Runs the wrapped normalisation in float32 with autocast off (AMP-safe statistics)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.module(x.float())

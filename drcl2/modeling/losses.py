@@ -1,0 +1,166 @@
+"""
+The 2DRCL loss terms (METHOD.md), as pure functions of tensors so each can be unit-tested without a
+model. Every function computes in float32 whatever its input dtype (safe under AMP).
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "byol_loss",
+    "info_nce_loss",
+    "balanced_supervised_contrastive_loss",
+    "appearance_reconstruction_loss",
+    "semantic_reconstruction_loss",
+]
+
+
+def byol_loss(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """
+    BYOL regression loss ``mean_i (2 - 2 cos(online_i, sg(target_i)))``.
+
+    Args:
+        online: Tensor[N, D], predictions of the online network.
+        target: Tensor[N, D], projections of the target network (no gradient flows into them).
+
+    Returns:
+        scalar Tensor; 0 for N == 0 (still connected to ``online`` so every rank builds a graph).
+    """
+    if online.shape != target.shape:
+        raise ValueError(f"byol_loss: shapes differ, {tuple(online.shape)} vs {tuple(target.shape)}")
+    online = F.normalize(online.float(), dim=1)
+    target = F.normalize(target.detach().float(), dim=1)
+    if online.shape[0] == 0:
+        return online.sum() * 0.0
+    return (2.0 - 2.0 * (online * target).sum(dim=1)).mean()
+
+
+def info_nce_loss(
+    query: torch.Tensor, keys: torch.Tensor, positive_index: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """
+    InfoNCE ``-mean_i log( exp(q_i.k_{p(i)}/tau) / sum_j exp(q_i.k_j/tau) )`` with cosine similarity.
+
+    Args:
+        query: Tensor[N, D], online embeddings of this rank's images.
+        keys: Tensor[M, D], target embeddings of the global batch (all ranks, no gradient).
+        positive_index: LongTensor[N], index in ``keys`` of each query's positive.
+        temperature: tau > 0.
+
+    Returns:
+        scalar Tensor.
+    """
+    q = F.normalize(query.float(), dim=1)
+    k = F.normalize(keys.detach().float(), dim=1)
+    if q.shape[0] == 0:
+        return q.sum() * 0.0
+    logits = q @ k.t() / temperature
+    return F.cross_entropy(logits, positive_index.to(logits.device))
+
+
+def balanced_supervised_contrastive_loss(
+    online: torch.Tensor,
+    online_classes: torch.Tensor,
+    online_weights: torch.Tensor,
+    target: torch.Tensor,
+    target_classes: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """
+    The class-balanced supervised-contrastive term L_sup of METHOD.md (LCL):
+
+    ``D_i = sum_c (1/|A_c|) sum_{j in A_c} exp(u_i.v_j/tau)``,
+    ``l_i = -(1/|P(i)|) sum_{p in P(i)} log(exp(u_i.v_p/tau) / D_i)`` with ``P(i) = A_{y_i}``,
+    ``L = sum_i w_i l_i / sum_i w_i``.
+
+    Args:
+        online: Tensor[N, D], online embeddings u_i of this rank's instances (normalised here).
+        online_classes: LongTensor[N], their classes y_i.
+        online_weights: Tensor[N], their weights w_{y_i} (>= 0).
+        target: Tensor[M, D], target embeddings v_j of the global batch (normalised here; no
+            gradient). Every class of ``online_classes`` must occur in ``target_classes`` (each
+            instance's own target embedding is among them).
+        target_classes: LongTensor[M], their classes.
+        temperature: tau > 0.
+
+    Returns:
+        scalar Tensor; 0 (connected to ``online``) when N == 0.
+    """
+    u = F.normalize(online.float(), dim=1)
+    if u.shape[0] == 0:
+        return u.sum() * 0.0
+    v = F.normalize(target.detach().float(), dim=1)
+    logits = u @ v.t() / temperature  # [N, M]
+    classes, target_cls_idx = torch.unique(target_classes, return_inverse=True)  # C', [M]
+    one_hot = F.one_hot(target_cls_idx, num_classes=classes.numel()).to(logits.dtype)  # [M, C']
+    class_sizes = one_hot.sum(dim=0)  # |A_c|, [C']
+    # log D_i = logsumexp_j (logit_ij - log |A_{y_j}|): the class-averaged denominator, stably.
+    log_denominator = torch.logsumexp(logits - class_sizes.log()[target_cls_idx][None, :], dim=1)
+    positives = (online_classes[:, None].to(target_classes.device) == target_classes[None, :]).to(
+        logits.dtype
+    )  # [N, M]
+    num_positives = positives.sum(dim=1)
+    if bool((num_positives == 0).any()):
+        raise ValueError(
+            "balanced_supervised_contrastive_loss: an online instance's class has no target "
+            "embedding; the target set must contain every online instance's own embedding."
+        )
+    per_instance = log_denominator - (positives * logits).sum(dim=1) / num_positives  # [N]
+    weights = online_weights.float().to(per_instance.device)
+    return (weights * per_instance).sum() / weights.sum().clamp(min=1e-12)
+
+
+def appearance_reconstruction_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    masked: torch.Tensor,
+    valid: torch.Tensor,
+    visible_weight: float,
+) -> torch.Tensor:
+    """
+    AR loss: mean L1 over masked pixels + ``visible_weight`` x mean L1 over visible pixels; padding
+    is ignored.
+
+    Args:
+        prediction: Tensor[N, 3, H, W], the decoder's output.
+        target: Tensor[N, 3, H, W], the normalised unmasked image (no gradient).
+        masked: BoolTensor[N, H, W], pixels set to zero in the online input.
+        valid: BoolTensor[N, H, W], pixels inside the image (False on padding).
+        visible_weight: weight of the visible-pixel term.
+
+    Returns:
+        scalar Tensor.
+    """
+    l1 = (prediction.float() - target.detach().float()).abs().mean(dim=1)  # [N, H, W]
+    masked = masked & valid
+    visible = (~masked) & valid
+    loss = (l1 * masked).sum() / masked.sum().clamp(min=1)
+    if visible_weight > 0:
+        loss = loss + visible_weight * (l1 * visible).sum() / visible.sum().clamp(min=1)
+    return loss
+
+
+def semantic_reconstruction_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    masked: torch.Tensor,
+    valid: torch.Tensor,
+    visible_weight: float,
+) -> torch.Tensor:
+    """
+    SR loss on one feature level: weighted mean over locations of ``1 - cos`` (cosine over channels),
+    weight 1 at masked locations, ``visible_weight`` at visible ones, 0 on padding:
+    ``sum_l w_l (1 - cos_l) / sum_l w_l``.
+
+    Args:
+        prediction: Tensor[N, C, H, W], the SR predictor's output on the masked view.
+        target: Tensor[N, C, H, W], target-network features of the unmasked view (no gradient).
+        masked: BoolTensor[N, H, W], locations whose stride cell holds a masked pixel.
+        valid: BoolTensor[N, H, W], locations inside the image.
+        visible_weight: weight of visible locations.
+
+    Returns:
+        scalar Tensor.
+    """
+    cos = F.cosine_similarity(prediction.float(), target.detach().float(), dim=1)  # [N, H, W]
+    weight = (masked & valid).float() + visible_weight * ((~masked) & valid).float()
+    return ((1.0 - cos) * weight).sum() / weight.sum().clamp(min=1e-12)

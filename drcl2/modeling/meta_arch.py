@@ -1,0 +1,717 @@
+"""
+The 2DRCL pre-training meta-architecture (METHOD.md): ``MODEL.META_ARCHITECTURE: "DRCL2"``.
+"""
+import logging
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_proposal_generator
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.structures import ImageList, Instances
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+
+from ..data.rebalance import RebalanceSchedule, class_weights, sample_instances
+from .ema import cosine_momentum, make_target, momentum_update
+from .heads import AppearanceDecoder, BoxFeatureHead, MLPHead, SemanticPredictors
+from .losses import (
+    appearance_reconstruction_loss,
+    balanced_supervised_contrastive_loss,
+    byol_loss,
+    info_nce_loss,
+    semantic_reconstruction_loss,
+)
+from .masking import box_guided_patch_mask, mask_at_stride, patch_mask_to_pixels
+
+__all__ = ["DRCL2", "check_drcl2_config"]
+
+logger = logging.getLogger(__name__)
+
+HCL_LOSSES = ("byol", "infonce")
+
+
+@META_ARCH_REGISTRY.register()
+class DRCL2(nn.Module):
+    """
+    2DRCL pre-training: holistic (HCL) and local (LCL) contrastive learning against an EMA target
+    network, dual reconstruction (AR, SR) from a box-guided masked view, the RPN loss, and dynamic
+    rebalancing (DRB) of instance selection. Each part is optional (``None`` / disabled).
+
+    Online modules carry the names of detectron2's ``GeneralizedRCNN`` (``backbone``,
+    ``proposal_generator``, ``roi_heads.box_pooler``, ``roi_heads.box_head``) so their weights
+    fine-tune in a stock detectron2 detector (see :func:`drcl2.checkpoint.export_finetune_weights`).
+    The target network lives under ``target_network.*``.
+
+    Input: a list of dicts from :class:`drcl2.data.TwoViewDatasetMapper`, each with ``"view1"`` and
+    ``"view2"`` = ``{"image": Tensor[3, H, W], "instances": Instances(gt_boxes, gt_classes, ...)}``,
+    instances row-aligned across the views. Output (training only): a dict of losses with one key per
+    enabled term: ``loss_hcl``, ``loss_lcl_inst``, ``loss_lcl_sup``, ``loss_ar``, ``loss_sr``,
+    ``loss_rpn_cls``, ``loss_rpn_loc``.
+
+    The training-set class statistics (instance-level repeat factors r_c^ins) are handed over with
+    :meth:`set_class_statistics` when training starts; they are buffers, saved with checkpoints.
+    After each optimizer step, :meth:`update_target` moves the target network (drcl2's Trainer does
+    both with hooks).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        num_classes: int,
+        max_iter: int,
+        base_momentum: float = 0.99,
+        symmetric: bool = False,
+        proposal_generator: Optional[nn.Module] = None,
+        rpn_weight: float = 1.0,
+        hcl_projector: Optional[nn.Module] = None,
+        hcl_predictor: Optional[nn.Module] = None,
+        hcl_in_features: Sequence[str] = ("p2", "p3", "p4", "p5", "p6"),
+        hcl_loss: str = "byol",
+        hcl_temperature: float = 0.2,
+        hcl_weight: float = 1.0,
+        roi_heads: Optional[BoxFeatureHead] = None,
+        lcl_projector: Optional[nn.Module] = None,
+        lcl_predictor: Optional[nn.Module] = None,
+        lcl_num_instances: int = 8,
+        lcl_temperature: float = 0.2,
+        lcl_supervised: bool = True,
+        lcl_sup_weight: float = 0.5,
+        lcl_weight: float = 1.0,
+        rebalance_schedule: Optional[RebalanceSchedule] = None,
+        repeat_thresh: float = 0.001,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.5,
+        mask_box_guided: float = 0.5,
+        ar_decoder: Optional[AppearanceDecoder] = None,
+        ar_in_feature: str = "p2",
+        ar_visible_weight: float = 0.1,
+        ar_weight: float = 1.0,
+        ar_pixel_std: Sequence[float] = (57.375, 57.120, 58.395),
+        sr_predictors: Optional[SemanticPredictors] = None,
+        sr_visible_weight: float = 0.1,
+        sr_weight: float = 1.0,
+    ):
+        """
+        Args:
+            backbone: a detectron2 backbone (ResNet-FPN), the online encoder.
+            pixel_mean, pixel_std: per-channel normalisation of the input images.
+            num_classes: C, the number of classes of the training set.
+            max_iter: K, the length of the schedule (momentum and DRB progress).
+            base_momentum: m0 of the cosine momentum schedule.
+            symmetric: also train the swapped pair (online x2 vs target x1) in HCL and LCL.
+            proposal_generator: detectron2's RPN (RPN loss on v1's boxes), or None.
+            rpn_weight: w_rpn.
+            hcl_projector, hcl_predictor: HCL MLPs (both or neither); None disables HCL.
+            hcl_in_features: levels averaged into the image vector.
+            hcl_loss: "byol" or "infonce".
+            hcl_temperature: InfoNCE temperature.
+            hcl_weight: w_hcl.
+            roi_heads: RoIAlign + box head (:class:`BoxFeatureHead`); None disables LCL.
+            lcl_projector, lcl_predictor: LCL MLPs (with ``roi_heads``).
+            lcl_num_instances: K instances per image.
+            lcl_temperature: tau_l.
+            lcl_supervised: compute the balanced supervised-contrastive term.
+            lcl_sup_weight: beta.
+            lcl_weight: w_lcl.
+            rebalance_schedule: lambda(progress) of DRB; None disables DRB (uniform class weights).
+            repeat_thresh: t of the class repeat factors (``DATALOADER.DRCL2.REPEAT_THRESHOLD``).
+            mask_patch_size, mask_ratio, mask_box_guided: patch masking of x1 (used with AR or SR).
+            ar_decoder: the AR decoder, or None.
+            ar_in_feature: the level the AR decoder reads.
+            ar_visible_weight: weight of visible pixels in L_AR.
+            ar_weight: w_ar.
+            ar_pixel_std: per-channel scale of the AR target, ``(image - pixel_mean) / ar_pixel_std``
+                (ImageNet std by default, whatever ``pixel_std`` the backbone uses).
+            sr_predictors: the SR predictors, or None.
+            sr_visible_weight: weight of visible locations in L_SR.
+            sr_weight: w_sr.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.roi_heads = roi_heads
+        self.hcl_projector = hcl_projector
+        self.hcl_predictor = hcl_predictor
+        self.lcl_projector = lcl_projector
+        self.lcl_predictor = lcl_predictor
+        self.ar_decoder = ar_decoder
+        self.sr_predictors = sr_predictors
+        if (hcl_projector is None) != (hcl_predictor is None):
+            raise ValueError("DRCL2: give both HCL MLPs (hcl_projector, hcl_predictor) or neither.")
+        if (roi_heads is None) != (lcl_projector is None) or (roi_heads is None) != (lcl_predictor is None):
+            raise ValueError("DRCL2: give roi_heads, lcl_projector and lcl_predictor together or none.")
+        if hcl_loss not in HCL_LOSSES:
+            raise ValueError(f"DRCL2: hcl_loss must be one of {HCL_LOSSES}; got {hcl_loss!r}.")
+
+        self.num_classes = num_classes
+        self.max_iter = max_iter
+        self.base_momentum = base_momentum
+        self.symmetric = symmetric
+        self.rpn_weight = rpn_weight
+        self.hcl_in_features = list(hcl_in_features)
+        self.hcl_loss = hcl_loss
+        self.hcl_temperature = hcl_temperature
+        self.hcl_weight = hcl_weight
+        self.lcl_num_instances = lcl_num_instances
+        self.lcl_temperature = lcl_temperature
+        self.lcl_supervised = lcl_supervised
+        self.lcl_sup_weight = lcl_sup_weight
+        self.lcl_weight = lcl_weight
+        self.rebalance_schedule = rebalance_schedule
+        self.repeat_thresh = repeat_thresh
+        self.mask_patch_size = mask_patch_size
+        self.mask_ratio = mask_ratio
+        self.mask_box_guided = mask_box_guided
+        self.ar_in_feature = ar_in_feature
+        self.ar_visible_weight = ar_visible_weight
+        self.ar_weight = ar_weight
+        self.sr_visible_weight = sr_visible_weight
+        self.sr_weight = sr_weight
+
+        # Target network: EMA copies of the online modules that have a target counterpart.
+        target = {}
+        if self.hcl_enabled or self.lcl_enabled or self.sr_enabled:
+            target["backbone"] = make_target(backbone)
+        if self.hcl_enabled:
+            target["hcl_projector"] = make_target(hcl_projector)
+        if self.lcl_enabled:
+            target["box_head"] = make_target(roi_heads.box_head)
+            target["lcl_projector"] = make_target(lcl_projector)
+        self.target_network = nn.ModuleDict(target)
+
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_buffer("ar_pixel_std", torch.tensor(ar_pixel_std).view(-1, 1, 1), False)
+        # r_c^ins of the training set (w_c(lambda) = r_c^ins ** lambda); 1 until handed over.
+        self.register_buffer("class_repeat_factors", torch.ones(num_classes))
+        self.register_buffer("class_statistics_set", torch.tensor(False))
+        # False until the target network was copied from the (possibly freshly loaded) online one.
+        self.register_buffer("target_initialized", torch.tensor(False))
+
+        # FPN levels the enabled parts read; the others join the graph with a zero weight so that
+        # DDP (find_unused_parameters=False) sees a gradient for every backbone parameter.
+        used = set()
+        if self.hcl_enabled:
+            used |= set(self.hcl_in_features)
+        if self.lcl_enabled:
+            used |= set(roi_heads.box_in_features)
+        if self.ar_enabled:
+            used.add(ar_in_feature)
+        if self.sr_enabled:
+            used |= set(sr_predictors.in_features)
+        if proposal_generator is not None:
+            used |= set(proposal_generator.in_features)
+        self._unused_levels = [f for f in backbone.output_shape() if f not in used]
+        self._warned_no_statistics = False
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg):
+        check_drcl2_config(cfg)
+        d = cfg.MODEL.DRCL2
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        check_feature_levels(cfg, shapes)
+        channels = {shapes[f].channels for f in shapes}
+        if len(channels) != 1:
+            raise ValueError(f"DRCL2 needs one channel count on all backbone outputs; got {channels}.")
+        channels = channels.pop()
+        mlp = lambda in_dim: MLPHead(in_dim, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM)  # noqa
+
+        ret = {
+            "backbone": backbone,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            "max_iter": cfg.SOLVER.MAX_ITER,
+            "base_momentum": d.BASE_MOMENTUM,
+            "symmetric": d.SYMMETRIC,
+            "repeat_thresh": cfg.DATALOADER.DRCL2.REPEAT_THRESHOLD,
+            "mask_patch_size": d.MASK.PATCH_SIZE,
+            "mask_ratio": d.MASK.RATIO,
+            "mask_box_guided": d.MASK.BOX_GUIDED,
+        }
+        if d.RPN.ENABLED:
+            ret["proposal_generator"] = build_proposal_generator(cfg, shapes)
+            ret["rpn_weight"] = d.RPN.WEIGHT
+        if d.HCL.ENABLED:
+            ret.update(
+                hcl_projector=mlp(channels),
+                hcl_predictor=mlp(d.MLP_OUT_DIM),
+                hcl_in_features=d.HCL.IN_FEATURES,
+                hcl_loss=d.HCL.LOSS,
+                hcl_temperature=d.HCL.TEMPERATURE,
+                hcl_weight=d.HCL.WEIGHT,
+            )
+        if d.LCL.ENABLED:
+            box = StandardROIHeads._init_box_head(cfg, shapes)
+            roi_heads = BoxFeatureHead(
+                box_in_features=box["box_in_features"],
+                box_pooler=box["box_pooler"],
+                box_head=box["box_head"],
+            )
+            ret.update(
+                roi_heads=roi_heads,
+                lcl_projector=mlp(roi_heads.box_head.output_shape.channels),
+                lcl_predictor=mlp(d.MLP_OUT_DIM),
+                lcl_num_instances=d.LCL.NUM_INSTANCES,
+                lcl_temperature=d.LCL.TEMPERATURE,
+                lcl_supervised=d.LCL.SUPERVISED,
+                lcl_sup_weight=d.LCL.SUP_WEIGHT,
+                lcl_weight=d.LCL.WEIGHT,
+            )
+        if d.DRB.ENABLED:
+            s = cfg.DATALOADER.DRCL2
+            ret["rebalance_schedule"] = RebalanceSchedule(s.START, s.END, s.MODE)
+        if d.AR.ENABLED:
+            ret.update(
+                ar_decoder=AppearanceDecoder(channels, d.AR.HIDDEN_DIM, shapes[d.AR.IN_FEATURE].stride),
+                ar_in_feature=d.AR.IN_FEATURE,
+                ar_visible_weight=d.AR.VISIBLE_WEIGHT,
+                ar_pixel_std=d.AR.PIXEL_STD,
+                ar_weight=d.AR.WEIGHT,
+            )
+        if d.SR.ENABLED:
+            ret.update(
+                sr_predictors=SemanticPredictors(d.SR.IN_FEATURES, channels, d.SR.HIDDEN_DIM, d.HEAD_NORM),
+                sr_visible_weight=d.SR.VISIBLE_WEIGHT,
+                sr_weight=d.SR.WEIGHT,
+            )
+        return ret
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    @property
+    def hcl_enabled(self) -> bool:
+        return self.hcl_projector is not None
+
+    @property
+    def lcl_enabled(self) -> bool:
+        return self.roi_heads is not None
+
+    @property
+    def ar_enabled(self) -> bool:
+        return self.ar_decoder is not None
+
+    @property
+    def sr_enabled(self) -> bool:
+        return self.sr_predictors is not None
+
+    @property
+    def masking_enabled(self) -> bool:
+        """Dual reconstruction (AR or SR) makes the online network see the masked view."""
+        return (self.ar_enabled or self.sr_enabled) and self.mask_ratio > 0
+
+    def online_target_pairs(self) -> Dict[str, nn.Module]:
+        """Name in ``target_network`` -> the online module it follows."""
+        online = {
+            "backbone": self.backbone,
+            "hcl_projector": self.hcl_projector,
+            "box_head": self.roi_heads.box_head if self.roi_heads is not None else None,
+            "lcl_projector": self.lcl_projector,
+        }
+        return {name: online[name] for name in self.target_network}
+
+    @torch.no_grad()
+    def reset_target(self) -> None:
+        """Copy the online weights into the target network (start of training)."""
+        for name, online in self.online_target_pairs().items():
+            momentum_update(online, self.target_network[name], 0.0)
+        self.target_initialized.fill_(True)
+
+    @torch.no_grad()
+    def update_target(self, iteration: int) -> float:
+        """
+        EMA step of the target network after the optimizer step of ``iteration``:
+        ``xi <- m xi + (1 - m) theta`` with ``m = cosine_momentum(m0, iteration, max_iter)``.
+
+        Returns:
+            the momentum m used.
+        """
+        m = cosine_momentum(self.base_momentum, iteration, self.max_iter)
+        for name, online in self.online_target_pairs().items():
+            momentum_update(online, self.target_network[name], m)
+        return m
+
+    @torch.no_grad()
+    def set_class_statistics(self, dataset_dicts: List[dict]) -> None:
+        """
+        Hand the training set to the model: stores r_c^ins (``class_weights(..., lam=1)``), from
+        which the class weights ``w_c(lambda) = (r_c^ins) ** lambda`` follow at every step.
+
+        Args:
+            dataset_dicts: detectron2 dataset dicts of the training set (contiguous category ids
+                in ``[0, MODEL.ROI_HEADS.NUM_CLASSES)``).
+        """
+        factors = class_weights(dataset_dicts, self.repeat_thresh, 1.0, self.num_classes)
+        self.class_repeat_factors.copy_(factors.to(self.class_repeat_factors))
+        self.class_statistics_set.fill_(True)
+
+    def class_weights_at(self, lam: float) -> torch.Tensor:
+        """w_c(lambda) = (r_c^ins) ** lambda, Tensor[C]."""
+        return self.class_repeat_factors.float() ** lam
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: a list of N dicts from :class:`TwoViewDatasetMapper`.
+
+        Returns:
+            dict[str, Tensor]: the weighted losses, one key per enabled term.
+        """
+        if not self.training:
+            raise RuntimeError(
+                "DRCL2 is a pre-training model and has no inference; export its weights with "
+                "`python -m drcl2.tools.export_weights` and fine-tune / evaluate a GeneralizedRCNN."
+            )
+        try:
+            storage = get_event_storage()
+            iteration = storage.iter
+        except AssertionError:  # used outside a trainer
+            storage, iteration = None, 0
+        if not bool(self.target_initialized):
+            self.reset_target()
+
+        lam = 0.0
+        if self.rebalance_schedule is not None:
+            if not bool(self.class_statistics_set) and not self._warned_no_statistics:
+                logger.warning(
+                    "DRCL2: no class statistics handed over (set_class_statistics); DRB uses "
+                    "uniform class weights. drcl2.engine.Trainer does this when training starts."
+                )
+                self._warned_no_statistics = True
+            lam = self.rebalance_schedule.lam(iteration / max(self.max_iter, 1))
+        weights = self.class_weights_at(lam)  # [C]
+        if storage is not None:
+            storage.put_scalar("drcl2/lambda", lam, smoothing_hint=False)
+
+        images, instances1, instances2 = self.preprocess(batched_inputs)
+        N = len(batched_inputs)
+        image_sizes = images.image_sizes
+        x1, x2 = images.tensor[:N], images.tensor[N:]
+
+        need_sampled = self.lcl_enabled or (self.masking_enabled and self.mask_box_guided > 0)
+        sampled = [
+            sample_instances(inst.gt_classes, weights, self.lcl_num_instances) if need_sampled else None
+            for inst in instances1
+        ]
+
+        pixel_mask = None
+        online_input = x1
+        if self.masking_enabled:
+            with record_function("drcl2.masking"):
+                pixel_mask = self._patch_masks(instances1, sampled, weights, image_sizes[:N], x1.shape[-2:])
+                online_input = x1 * (~pixel_mask)[:, None].to(x1.dtype)
+
+        with record_function("drcl2.online_forward"):
+            if self.symmetric:
+                feats = self.backbone(torch.cat([online_input, x2]))
+                online1 = {k: v[:N] for k, v in feats.items()}
+                online2 = {k: v[N:] for k, v in feats.items()}
+            else:
+                online1, online2 = self.backbone(online_input), None
+
+        # One batched no-grad target forward over the views the enabled terms need.
+        target1 = target2 = None
+        need_t1 = self.sr_enabled or (self.symmetric and (self.hcl_enabled or self.lcl_enabled))
+        need_t2 = self.hcl_enabled or self.lcl_enabled
+        if need_t1 or need_t2:
+            with record_function("drcl2.target_forward"), torch.no_grad():
+                parts = ([x1] if need_t1 else []) + ([x2] if need_t2 else [])
+                feats = self.target_network["backbone"](torch.cat(parts))
+                target1 = {k: v[:N] for k, v in feats.items()} if need_t1 else None
+                target2 = {k: v[-N:] for k, v in feats.items()} if need_t2 else None
+
+        losses = {}
+        if self.hcl_enabled:
+            with record_function("drcl2.hcl"):
+                losses["loss_hcl"] = self.hcl_weight * self._hcl_loss(
+                    online1, online2, target1, target2, image_sizes[:N], image_sizes[N:], x1.shape[-2:]
+                )
+        if self.lcl_enabled:
+            with record_function("drcl2.lcl"):
+                inst, sup = self._lcl_losses(
+                    online1, online2, target1, target2, instances1, instances2, sampled, weights
+                )
+                losses["loss_lcl_inst"] = self.lcl_weight * inst
+                if sup is not None:
+                    losses["loss_lcl_sup"] = self.lcl_weight * self.lcl_sup_weight * sup
+        if self.ar_enabled or self.sr_enabled:
+            valid = self._valid_pixels(image_sizes[:N], x1.shape[-2:])
+            masked = pixel_mask if pixel_mask is not None else torch.zeros_like(valid)
+        if self.ar_enabled:
+            with record_function("drcl2.ar"):
+                prediction = self.ar_decoder(online1[self.ar_in_feature])
+                target = x1 * (self.pixel_std / self.ar_pixel_std)  # padding stays 0 (ignored)
+                losses["loss_ar"] = self.ar_weight * appearance_reconstruction_loss(
+                    prediction, target, masked, valid, self.ar_visible_weight
+                )
+        if self.sr_enabled:
+            with record_function("drcl2.sr"):
+                predictions = self.sr_predictors(online1)
+                level_losses = []
+                for name, prediction in predictions.items():
+                    size = prediction.shape[-2:]
+                    stride = x1.shape[-1] // size[-1]
+                    level_losses.append(
+                        semantic_reconstruction_loss(
+                            prediction,
+                            target1[name],
+                            mask_at_stride(masked, stride, size),
+                            mask_at_stride(valid, stride, size),
+                            self.sr_visible_weight,
+                        )
+                    )
+                losses["loss_sr"] = self.sr_weight * torch.stack(level_losses).mean()
+        if self.proposal_generator is not None:
+            with record_function("drcl2.rpn"):
+                _, rpn_losses = self.proposal_generator(
+                    ImageList(online_input, image_sizes[:N]), online1, instances1
+                )
+                losses.update({k: self.rpn_weight * v for k, v in rpn_losses.items()})
+        if self._unused_levels:
+            first = next(iter(losses))
+            losses[first] = losses[first] + sum(online1[f].sum() * 0.0 for f in self._unused_levels)
+        return losses
+
+    # ------------------------------------------------------------------------------------------
+    def preprocess(self, batched_inputs: List[Dict]):
+        """
+        Normalise and pad both views of every image into one :class:`ImageList` of 2N images
+        (v1 of all images, then v2), so the views share one padded size.
+
+        Returns:
+            ImageList[2N], list[Instances] of v1, list[Instances] of v2 (on the model's device).
+        """
+        for i, x in enumerate(batched_inputs):
+            if "view1" not in x or "view2" not in x:
+                raise ValueError(
+                    f"DRCL2 expects inputs from TwoViewDatasetMapper (keys 'view1', 'view2'); input "
+                    f"{i} has keys {sorted(x)}. Use drcl2.engine.Trainer or pass "
+                    "mapper=TwoViewDatasetMapper(cfg) to build_detection_train_loader."
+                )
+        views = [x["view1"] for x in batched_inputs] + [x["view2"] for x in batched_inputs]
+        images = [(v["image"].to(self.device) - self.pixel_mean) / self.pixel_std for v in views]
+        images = ImageList.from_tensors(
+            images,
+            self.backbone.size_divisibility,
+            padding_constraints=self.backbone.padding_constraints,
+        )
+        N = len(batched_inputs)
+        instances = [v["instances"].to(self.device) for v in views]
+        for a, b in zip(instances[:N], instances[N:]):
+            if len(a) != len(b):
+                raise ValueError("DRCL2: the two views of an image must hold the same instances.")
+        return images, instances[:N], instances[N:]
+
+    def _valid_pixels(self, image_sizes, padded_size) -> torch.Tensor:
+        """BoolTensor[N, H, W]: True inside each image, False on padding."""
+        valid = torch.zeros((len(image_sizes), *padded_size), dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(image_sizes):
+            valid[i, :h, :w] = True
+        return valid
+
+    def _patch_masks(self, instances, sampled, weights, image_sizes, padded_size) -> torch.Tensor:
+        """BoolTensor[N, H, W]: the masked pixels of x1 (box-guided patch masking)."""
+        masks = []
+        for inst, idx, size in zip(instances, sampled, image_sizes):
+            if idx is not None and len(idx):
+                boxes, box_weights = inst.gt_boxes.tensor[idx], weights[inst.gt_classes[idx]]
+            else:
+                boxes, box_weights = torch.zeros(0, 4), torch.zeros(0)
+            patches = box_guided_patch_mask(
+                tuple(size), self.mask_patch_size, self.mask_ratio, boxes, box_weights, self.mask_box_guided
+            )
+            masks.append(patch_mask_to_pixels(patches, self.mask_patch_size, tuple(padded_size)))
+        return torch.stack(masks).to(self.device)
+
+    def _image_vector(self, features: Dict[str, torch.Tensor], image_sizes, padded_size) -> torch.Tensor:
+        """
+        h: the mean over ``hcl_in_features`` of global average pooling over the image (padding
+        excluded: a location counts when its cell starts inside the image).
+
+        Args:
+            features: level -> Tensor[N, C, H_l, W_l].
+            image_sizes: N (h, w) of the unpadded images.
+            padded_size: (H, W) of the padded input.
+
+        Returns:
+            Tensor[N, C] float32.
+        """
+        pooled = []
+        for name in self.hcl_in_features:
+            f = features[name].float()
+            n, _, fh, fw = f.shape
+            valid = torch.zeros((n, 1, fh, fw), dtype=f.dtype, device=f.device)
+            for i, (h, w) in enumerate(image_sizes):
+                vh = max(1, math.ceil(h * fh / padded_size[0]))
+                vw = max(1, math.ceil(w * fw / padded_size[1]))
+                valid[i, :, :vh, :vw] = 1
+            pooled.append((f * valid).sum(dim=(2, 3)) / valid.sum(dim=(2, 3)))
+        return torch.stack(pooled).mean(dim=0)
+
+    def _hcl_loss(self, online1, online2, target1, target2, sizes1, sizes2, padded) -> torch.Tensor:
+        """L_HCL (unweighted) from the online / target features of the views."""
+        z1 = self.hcl_predictor(self.hcl_projector(self._image_vector(online1, sizes1, padded)))
+        target_projector = self.target_network["hcl_projector"]
+        with torch.no_grad():
+            if self.symmetric:  # one batched call over both views (BN statistics over 2N)
+                t = target_projector(
+                    torch.cat(
+                        [
+                            self._image_vector(target1, sizes1, padded),
+                            self._image_vector(target2, sizes2, padded),
+                        ]
+                    )
+                )
+                t1, t2 = t[: len(z1)], t[len(z1):]
+            else:
+                t2 = target_projector(self._image_vector(target2, sizes2, padded))
+        loss = self._hcl_pair_loss(z1, t2)
+        if self.symmetric:
+            z2 = self.hcl_predictor(self.hcl_projector(self._image_vector(online2, sizes2, padded)))
+            loss = 0.5 * (loss + self._hcl_pair_loss(z2, t1))
+        return loss
+
+    def _hcl_pair_loss(self, online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.hcl_loss == "byol":
+            return byol_loss(online, target)
+        keys = _gather_no_grad(target)
+        offset = sum(_gather_sizes(len(target))[: comm.get_rank()])
+        positives = torch.arange(len(online), device=online.device) + offset
+        return info_nce_loss(online, keys, positives, self.hcl_temperature)
+
+    def _lcl_losses(self, online1, online2, target1, target2, instances1, instances2, sampled, weights):
+        """
+        Returns:
+            (L_inst, L_sup or None): scalar Tensors, unweighted.
+        """
+        boxes1 = [inst.gt_boxes[idx] for inst, idx in zip(instances1, sampled)]
+        boxes2 = [inst.gt_boxes[idx] for inst, idx in zip(instances2, sampled)]
+        classes = torch.cat([inst.gt_classes[idx] for inst, idx in zip(instances1, sampled)])
+        total = sum(_gather_sizes(len(classes)))
+        online_params = [
+            p for m in (self.roi_heads, self.lcl_projector, self.lcl_predictor) for p in m.parameters()
+        ]
+        if total < 2:
+            # Too few instances in the global batch for the MLPs' batch norm: zero loss that still
+            # reaches every LCL parameter (DDP needs a gradient for each), same branch on all ranks.
+            zero = sum(p.sum() for p in online_params if p.requires_grad) * 0.0
+            return zero, (zero if self.lcl_supervised else None)
+
+        def online_embed(features, boxes):
+            return self.lcl_predictor(self.lcl_projector(self.roi_heads(features, boxes)))
+
+        target_head = self.target_network["box_head"]
+        target_projector = self.target_network["lcl_projector"]
+        with torch.no_grad():
+            if self.symmetric:  # one batched call over both views
+                both = {k: torch.cat([target1[k], target2[k]]) for k in target2}
+                t = target_projector(self.roi_heads(both, boxes1 + boxes2, box_head=target_head))
+                t1, t2 = t[: len(classes)], t[len(classes):]
+            else:
+                t2 = target_projector(self.roi_heads(target2, boxes2, box_head=target_head))
+        e1 = online_embed(online1, boxes1)
+        inst = byol_loss(e1, t2)
+        if self.symmetric:
+            e2 = online_embed(online2, boxes2)
+            inst = 0.5 * (inst + byol_loss(e2, t1))
+        if not self.lcl_supervised:
+            return inst, None
+
+        all_classes = _gather_no_grad(classes)
+        instance_weights = weights[classes]
+        sup = balanced_supervised_contrastive_loss(
+            e1, classes, instance_weights, _gather_no_grad(t2), all_classes, self.lcl_temperature
+        )
+        if self.symmetric:
+            sup = 0.5 * (
+                sup
+                + balanced_supervised_contrastive_loss(
+                    e2, classes, instance_weights, _gather_no_grad(t1), all_classes, self.lcl_temperature
+                )
+            )
+        return inst, sup
+
+
+def _gather_sizes(n: int) -> List[int]:
+    """The number ``n`` of every rank, in rank order."""
+    if comm.get_world_size() == 1:
+        return [n]
+    return [int(x) for x in comm.all_gather(int(n))]
+
+
+def _gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (no gradient) of every rank, in rank order; ranks may differ in length."""
+    x = x.detach()
+    if comm.get_world_size() == 1:
+        return x
+    return torch.cat([t.to(x.device) for t in comm.all_gather(x)])
+
+
+def check_drcl2_config(cfg) -> None:
+    """
+    Validate ``MODEL.DRCL2`` (and the keys DRCL2 reads elsewhere); raise ValueError naming the key.
+    """
+    d = cfg.MODEL.DRCL2
+
+    def fail(key, value, why):
+        raise ValueError(f"{key} = {value!r}: {why}")
+
+    parts = {k: d[k].ENABLED for k in ("HCL", "LCL", "AR", "SR", "RPN")}
+    if not any(parts.values()):
+        fail("MODEL.DRCL2.{HCL,LCL,AR,SR,RPN}.ENABLED", parts, "every part is off; enable at least one.")
+    for key in ("HCL.WEIGHT", "LCL.WEIGHT", "LCL.SUP_WEIGHT", "AR.WEIGHT", "SR.WEIGHT", "RPN.WEIGHT",
+                "AR.VISIBLE_WEIGHT", "SR.VISIBLE_WEIGHT"):
+        group, name = key.split(".")
+        value = d[group][name]
+        if not (value >= 0 and math.isfinite(value)):
+            fail(f"MODEL.DRCL2.{key}", value, "must be a finite number >= 0.")
+    if not 0.0 <= d.BASE_MOMENTUM <= 1.0:
+        fail("MODEL.DRCL2.BASE_MOMENTUM", d.BASE_MOMENTUM, "must lie in [0, 1].")
+    if d.HCL.LOSS not in HCL_LOSSES:
+        fail("MODEL.DRCL2.HCL.LOSS", d.HCL.LOSS, f"must be one of {HCL_LOSSES}.")
+    for key in ("HCL.TEMPERATURE", "LCL.TEMPERATURE"):
+        group, name = key.split(".")
+        if not d[group][name] > 0:
+            fail(f"MODEL.DRCL2.{key}", d[group][name], "must be > 0.")
+    if int(d.LCL.NUM_INSTANCES) != d.LCL.NUM_INSTANCES or d.LCL.NUM_INSTANCES < 1:
+        fail("MODEL.DRCL2.LCL.NUM_INSTANCES", d.LCL.NUM_INSTANCES, "K must be an integer >= 1.")
+    if not 0.0 <= d.MASK.RATIO < 1.0:
+        fail("MODEL.DRCL2.MASK.RATIO", d.MASK.RATIO, "the masked fraction must lie in [0, 1).")
+    if not 0.0 <= d.MASK.BOX_GUIDED <= 1.0:
+        fail("MODEL.DRCL2.MASK.BOX_GUIDED", d.MASK.BOX_GUIDED, "must lie in [0, 1].")
+    if int(d.MASK.PATCH_SIZE) != d.MASK.PATCH_SIZE or d.MASK.PATCH_SIZE < 1:
+        fail("MODEL.DRCL2.MASK.PATCH_SIZE", d.MASK.PATCH_SIZE, "must be an integer >= 1 (pixels).")
+    for key in ("MLP_HIDDEN_DIM", "MLP_OUT_DIM"):
+        if d[key] < 1:
+            fail(f"MODEL.DRCL2.{key}", d[key], "must be >= 1.")
+    if cfg.SOLVER.MAX_ITER < 1:
+        fail("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, "DRCL2's momentum and DRB schedules need >= 1.")
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
+        fail("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "must be >= 1.")
+
+
+def check_feature_levels(cfg, levels) -> None:
+    """Raise ValueError when an enabled part reads a level the backbone does not produce."""
+    d = cfg.MODEL.DRCL2
+    for key, names in (("HCL.IN_FEATURES", d.HCL.IN_FEATURES), ("SR.IN_FEATURES", d.SR.IN_FEATURES),
+                       ("AR.IN_FEATURE", [d.AR.IN_FEATURE])):
+        group = key.split(".")[0]
+        if d[group].ENABLED and (not names or not set(names) <= set(levels)):
+            raise ValueError(
+                f"MODEL.DRCL2.{key} = {names!r}: must name backbone outputs among {sorted(levels)}."
+            )
