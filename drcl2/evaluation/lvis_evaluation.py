@@ -19,7 +19,7 @@ The "faster" backend gives the lvis API's numbers (to 1e-4 or better, tested) be
   pass ground truth with ``iscrowd = 0``. It honours a per-annotation ``ignore`` flag, which COCOeval
   cannot express without crowd IoU: such annotations are rejected with an error (LVIS has none).
 * **federated rules**: detections of categories neither annotated in an image nor listed in its
-  ``neg_category_ids`` are dropped; unmatched detections of ``not_exhaustive_category_ids`` are
+  ``neg_category_ids`` are dropped (by us, after the per-image limit, as LVIS does); unmatched detections of ``not_exhaustive_category_ids`` are
   ignored; area ranges (all, small < 32², medium < 96², large) are the same in both.
 * **order and ties**: detections keep their input order within an image, and both implementations
   sort by score with stable sorts, per (image, category) and per category over images in id order.
@@ -53,6 +53,7 @@ __all__ = [
     "LVIS_BACKENDS",
     "evaluate_lvis",
     "faster_lvis_ground_truth",
+    "federated_filter",
     "limit_dets_per_image",
     "summarize_lvis_precision",
 ]
@@ -123,6 +124,26 @@ def faster_lvis_ground_truth(lvis_dataset, source="the LVIS json"):
         "annotations": annotations,
     }
     return COCO(dataset)
+
+
+def federated_filter(gt, results):
+    """
+    Drop the detections that LVIS does not judge: those of a category neither annotated in their
+    image nor listed in its ``neg_category_ids`` (``LVISEval._prepare``).
+
+    Args:
+        gt (faster_coco_eval.COCO): the ground truth.
+        results (list[dict]): detections; must already be limited per image (LVIS limits first).
+
+    Returns:
+        list[dict]: the judged detections, in input order.
+    """
+    judged = defaultdict(set)
+    for image_id, img in gt.imgs.items():
+        judged[image_id].update(img.get("neg_category_ids", []))
+    for ann in gt.dataset["annotations"]:
+        judged[ann["image_id"]].add(ann["category_id"])
+    return [r for r in results if r["category_id"] in judged[r["image_id"]]]
 
 
 def _faster_results(gt, results, iou_type):
@@ -211,7 +232,9 @@ def _evaluate_faster(gt, results, iou_type, max_dets_per_image):
         for ann in results:
             per_image[ann["image_id"]] += 1
         max_dets_per_image = max(per_image.values())
-    dt = _faster_results(gt, results, iou_type)
+    # COCOeval_faster's lvis_style would drop these itself, but it still rasterises their masks and
+    # fails (unordered_map::at) on an image with neither ground truth nor judged detections.
+    dt = _faster_results(gt, federated_filter(gt, results), iou_type)
     coco_eval = COCOeval_faster(gt, dt, iou_type, lvis_style=True, print_function=logger.debug)
     coco_eval.params.maxDets = [max_dets_per_image]
     coco_eval.evaluate()

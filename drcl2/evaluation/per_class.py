@@ -17,10 +17,11 @@ import os
 
 from detectron2.utils.file_io import PathManager
 
+from ..data.lvis_format import frequency_group
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "lvis_frequency_group",
     "lvis_per_class_rows",
     "write_per_class_report",
     "PER_CLASS_CSV",
@@ -30,15 +31,6 @@ __all__ = [
 PER_CLASS_CSV = "per_class_ap.csv"
 PER_CLASS_PNG = "per_class_ap.png"
 _TASK_COLUMNS = (("bbox", "ap_box"), ("segm", "ap_mask"))
-
-
-def lvis_frequency_group(image_count):
-    """LVIS's rule: "r" for 1-10 training images, "c" for 11-100, "f" above 100."""
-    if image_count <= 10:
-        return "r"
-    if image_count <= 100:
-        return "c"
-    return "f"
 
 
 def lvis_per_class_rows(metadata, categories, per_class_ap):
@@ -56,7 +48,7 @@ def lvis_per_class_rows(metadata, categories, per_class_ap):
 
     Returns:
         list[dict]: rows sorted by dataset category id. The frequency group is ``class_frequency``,
-        else the json's ``frequency``, else :func:`lvis_frequency_group` of the image count.
+        else the json's ``frequency``, else LVIS's rule on the image count (r <= 10 < c <= 100 < f).
     """
     id_map = metadata.get("thing_dataset_id_to_contiguous_id", None)
     thing_classes = metadata.get("thing_classes", None)
@@ -75,7 +67,7 @@ def lvis_per_class_rows(metadata, categories, per_class_ap):
         elif cat.get("frequency"):
             group = cat["frequency"]
         elif count is not None:
-            group = lvis_frequency_group(count)
+            group = frequency_group(count)
         else:
             group = ""
         row = {"class": name, "frequency_group": group, "train_image_count": count}
