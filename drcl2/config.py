@@ -131,3 +131,10 @@ def add_drcl2_config(cfg):
     cfg.INPUT.DRCL2.MIN_VISIBLE = 0.3
     # ... and each side of its box is at least this many pixels in both views.
     cfg.INPUT.DRCL2.MIN_SIDE = 4.0
+
+    # ---------------------------------------------------------------------------------------------
+    # Evaluation (drcl2.evaluation).
+    # ---------------------------------------------------------------------------------------------
+    cfg.TEST.DRCL2 = CN()
+    # LVIS scoring backend: "faster" (faster-coco-eval's C++ LVIS mode) or "lvis" (reference lvis API).
+    cfg.TEST.DRCL2.LVIS_BACKEND = "faster"
