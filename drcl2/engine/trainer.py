@@ -12,7 +12,7 @@ from detectron2.data import (
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 
-from ..evaluation import LVISEvaluator
+from ..evaluation import COCOLTEvaluator, LVISEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +23,9 @@ class Trainer(DefaultTrainer):
     """
     A :class:`DefaultTrainer` that
 
-    * evaluates LVIS-format datasets (``evaluator_type == "lvis"``) with an LVIS evaluator (AP, APr,
-      APc, APf) and COCO-format ones with :class:`COCOEvaluator`;
+    * evaluates LVIS-format datasets (``evaluator_type == "lvis"``) with drcl2's LVISEvaluator (AP,
+      APr, APc, APf; backend ``TEST.DRCL2.LVIS_BACKEND``), COCO-LT (``"coco_lt"``) with
+      COCOLTEvaluator (COCO metrics + AP1-AP4) and COCO-format ones with :class:`COCOEvaluator`;
     * accepts ``DATALOADER.SAMPLER_TRAIN: "DynamicRepeatFactorTrainingSampler"`` (drcl2's dynamic
       rebalancing sampler) besides detectron2's own samplers.
 
@@ -137,6 +138,13 @@ class Trainer(DefaultTrainer):
                 dataset_name,
                 output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+                backend=cfg.TEST.DRCL2.LVIS_BACKEND,
+            )
+        if evaluator_type == "coco_lt":
+            return COCOLTEvaluator(
+                dataset_name,
+                output_dir=output_folder,
+                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             )
         if evaluator_type == "coco":
             return COCOEvaluator(
@@ -146,6 +154,6 @@ class Trainer(DefaultTrainer):
             )
         raise NotImplementedError(
             f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type!r}); "
-            "drcl2's Trainer evaluates 'lvis' and 'coco' datasets. Override Trainer.build_evaluator "
+            "drcl2's Trainer evaluates 'lvis', 'coco' and 'coco_lt' datasets. Override Trainer.build_evaluator "
             "for other kinds."
         )

@@ -5,8 +5,9 @@ drcl2's evaluators:
                        TEST.DRCL2.LVIS_BACKEND), with per-class AP reports
     COCOLTEvaluator    COCO metrics plus AP1-AP4 (classes grouped by training instance count)
 """
+from .cocolt import COCOLTEvaluator
 from .lvis_compat import patch_lvis_numpy
 from .lvis_evaluation import LVIS_BACKENDS, LVISEvaluator, evaluate_lvis
 from .per_class import write_per_class_report
 
-__all__ = ["LVISEvaluator", "LVIS_BACKENDS", "evaluate_lvis", "patch_lvis_numpy", "write_per_class_report"]
+__all__ = ["LVISEvaluator", "COCOLTEvaluator", "LVIS_BACKENDS", "evaluate_lvis", "patch_lvis_numpy", "write_per_class_report"]
