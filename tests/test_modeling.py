@@ -1,0 +1,203 @@
+"""The DRCL2 meta-architecture on a tiny R-18 model and synthetic two-view batches (CPU)."""
+import math
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from drcl2.config import add_drcl2_config
+from drcl2.modeling import DRCL2
+from drcl2.modeling.ema import cosine_momentum
+
+LOSS_KEYS = {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar", "loss_sr", "loss_rpn_cls", "loss_rpn_loc"}
+
+
+def tiny_cfg(*opts):
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file("configs/toy/pretrain_2drcl.yaml")
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", 5,
+                         "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.DRCL2.MLP_HIDDEN_DIM", 32,
+                         "MODEL.DRCL2.MLP_OUT_DIM", 16, "MODEL.DRCL2.AR.HIDDEN_DIM", 16,
+                         "MODEL.DRCL2.SR.HIDDEN_DIM", 16, "SOLVER.MAX_ITER", 10, *opts])
+    return cfg
+
+
+def view(seed, size, boxes, classes):
+    g = torch.Generator().manual_seed(seed)
+    inst = Instances(size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    inst.gt_ids = torch.arange(len(classes))
+    return {"image": torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8), "instances": inst}
+
+
+def batch():
+    b1 = [[4, 4, 30, 30], [20, 10, 60, 40], [0, 30, 20, 60]]
+    b2 = [[10, 6, 40, 36], [30, 14, 64, 44], [2, 20, 18, 50]]
+    return [
+        {"view1": view(0, (64, 64), b1, [0, 1, 1]), "view2": view(1, (56, 64), b2, [0, 1, 1])},
+        {"view1": view(2, (48, 64), b1[:2], [2, 1]), "view2": view(3, (64, 60), b2[:2], [2, 1])},
+    ]
+
+
+def build(*opts):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*opts))
+    model.train()
+    return model
+
+
+def step(model, iteration=0):
+    with EventStorage(iteration) as storage:
+        losses = model(batch())
+    return losses, storage
+
+
+def test_one_step_losses_gradients_and_ema():
+    model = build()
+    assert isinstance(model, DRCL2)
+    losses, storage = step(model)
+    assert set(losses) == LOSS_KEYS
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    assert "drcl2/lambda" in storage.latest()
+    sum(losses.values()).backward()
+
+    groups = {
+        "backbone.bottom_up.": "ResNet",
+        "backbone.fpn_": "FPN",
+        "proposal_generator.": "RPN",
+        "roi_heads.box_head.": "box head",
+        "hcl_projector.": "HCL projector",
+        "hcl_predictor.": "HCL predictor",
+        "lcl_projector.": "LCL projector",
+        "lcl_predictor.": "LCL predictor",
+        "ar_decoder.": "AR decoder",
+        "sr_predictors.": "SR predictors",
+    }
+    params = dict(model.named_parameters())
+    for prefix, what in groups.items():
+        group = {n: p for n, p in params.items() if n.startswith(prefix)}
+        assert group, f"no parameters for {what}"
+        missing = [n for n, p in group.items() if p.requires_grad and p.grad is None]
+        assert not missing, f"{what}: no gradient for {missing}"
+        assert any(p.grad.abs().sum() > 0 for p in group.values() if p.grad is not None), what
+    target = {n: p for n, p in params.items() if n.startswith("target_network.")}
+    assert target and all(not p.requires_grad and p.grad is None for p in target.values())
+    assert set(model.target_network) == {"backbone", "hcl_projector", "box_head", "lcl_projector"}
+
+    # After an optimizer step the target changes only by the EMA rule.
+    name = "backbone.fpn_output3.weight"
+    before_target = params["target_network." + name].detach().clone()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    online_after = params[name].detach().clone()
+    assert not torch.equal(online_after, before_target)
+    m = model.update_target(3)
+    assert m == pytest.approx(cosine_momentum(0.99, 3, 10))
+    assert torch.allclose(params["target_network." + name], m * before_target + (1 - m) * online_after)
+
+
+@pytest.mark.parametrize(
+    "part,keys,prefixes",
+    [
+        ("HCL", {"loss_hcl"}, ["hcl_projector.", "hcl_predictor.", "target_network.hcl_projector."]),
+        ("LCL", {"loss_lcl_inst", "loss_lcl_sup"},
+         ["roi_heads.", "lcl_projector.", "lcl_predictor.", "target_network.box_head."]),
+        ("AR", {"loss_ar"}, ["ar_decoder."]),
+        ("SR", {"loss_sr"}, ["sr_predictors."]),
+        ("RPN", {"loss_rpn_cls", "loss_rpn_loc"}, ["proposal_generator."]),
+    ],
+)
+def test_switching_a_part_off_removes_its_loss_and_parameters(part, keys, prefixes):
+    model = build(f"MODEL.DRCL2.{part}.ENABLED", False)
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        assert not any(n.startswith(prefix) for n in names), prefix
+    losses, _ = step(model)
+    assert set(losses) == LOSS_KEYS - keys
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing  # what DDP without find_unused_parameters needs
+
+
+def test_lcl_supervised_term_switch_and_symmetric_infonce():
+    model = build("MODEL.DRCL2.LCL.SUPERVISED", False, "MODEL.DRCL2.SYMMETRIC", True,
+                  "MODEL.DRCL2.HCL.LOSS", "infonce", "MODEL.DRCL2.AR.ENABLED", False)
+    losses, _ = step(model)
+    assert set(losses) == LOSS_KEYS - {"loss_lcl_sup", "loss_ar"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_images_without_instances_still_train_hcl_and_drc():
+    model = build()
+    data = batch()
+    for x in data:
+        for v in ("view1", "view2"):
+            x[v]["instances"] = x[v]["instances"][:0]
+    with EventStorage(0):
+        losses = model(data)
+    assert set(losses) == LOSS_KEYS
+    assert losses["loss_lcl_inst"].item() == 0.0 and losses["loss_hcl"].item() > 0
+    sum(losses.values()).backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_class_statistics_are_buffers_and_drive_instance_weights():
+    model = build("SOLVER.MAX_ITER", 10)
+    dicts = [{"annotations": [{"category_id": 0}] * 5}] * 9 + [{"annotations": [{"category_id": 4}]}]
+    model.set_class_statistics(dicts)
+    sd = model.state_dict()
+    assert bool(sd["class_statistics_set"]) and sd["class_repeat_factors"].shape == (5,)
+    r = sd["class_repeat_factors"]
+    assert r[4] > r[0] >= 1.0  # the rare class is up-weighted
+    assert torch.allclose(model.class_weights_at(0.0), torch.ones(5))
+    assert torch.allclose(model.class_weights_at(0.5), r ** 0.5)
+
+
+@pytest.mark.parametrize(
+    "opt,value,key",
+    [
+        ("MODEL.DRCL2.MASK.RATIO", 1.0, "MODEL.DRCL2.MASK.RATIO"),
+        ("MODEL.DRCL2.MASK.RATIO", -0.1, "MODEL.DRCL2.MASK.RATIO"),
+        ("MODEL.DRCL2.LCL.NUM_INSTANCES", 0, "MODEL.DRCL2.LCL.NUM_INSTANCES"),
+        ("MODEL.DRCL2.SR.WEIGHT", -1.0, "MODEL.DRCL2.SR.WEIGHT"),
+        ("MODEL.DRCL2.LCL.SUP_WEIGHT", -0.5, "MODEL.DRCL2.LCL.SUP_WEIGHT"),
+        ("MODEL.DRCL2.HCL.LOSS", "nce", "MODEL.DRCL2.HCL.LOSS"),
+        ("MODEL.DRCL2.BASE_MOMENTUM", 1.5, "MODEL.DRCL2.BASE_MOMENTUM"),
+        ("MODEL.DRCL2.MASK.BOX_GUIDED", 2.0, "MODEL.DRCL2.MASK.BOX_GUIDED"),
+        ("MODEL.DRCL2.SR.IN_FEATURES", ["p9"], "MODEL.DRCL2.SR.IN_FEATURES"),
+    ],
+)
+def test_invalid_config_fails_at_build_naming_the_key(opt, value, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_model(tiny_cfg(opt, value))
+
+
+def test_all_parts_off_fails():
+    opts = []
+    for part in ("HCL", "LCL", "AR", "SR", "RPN"):
+        opts += [f"MODEL.DRCL2.{part}.ENABLED", False]
+    with pytest.raises(ValueError, match="every part is off"):
+        build_model(tiny_cfg(*opts))
+
+
+def test_inference_is_refused_with_a_pointer_to_export():
+    model = build()
+    model.eval()
+    with pytest.raises(RuntimeError, match="export_weights"):
+        model(batch())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_step_on_gpu_with_amp():
+    model = build("MODEL.DEVICE", "cuda")
+    with EventStorage(0), torch.autocast("cuda", dtype=torch.float16):
+        losses = model(batch())
+    assert set(losses) == LOSS_KEYS
+    assert all(v.dtype == torch.float32 and math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]

@@ -1,0 +1,125 @@
+"""Pure maths of 2DRCL: losses, masking and the EMA rule, against small hand-computed cases."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from drcl2.modeling.ema import cosine_momentum, make_target, momentum_update
+from drcl2.modeling.losses import (
+    appearance_reconstruction_loss,
+    balanced_supervised_contrastive_loss,
+    byol_loss,
+    info_nce_loss,
+    semantic_reconstruction_loss,
+)
+from drcl2.modeling.masking import box_guided_patch_mask, mask_at_stride, patch_mask_to_pixels
+
+
+def test_byol_loss_hand_computed():
+    online = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    target = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    # cos = 1/sqrt(2) and -1: mean(2 - 2cos) = ((2 - sqrt(2)) + 4) / 2
+    loss = byol_loss(online, target)
+    assert loss.item() == pytest.approx((2 - math.sqrt(2) + 4) / 2, abs=1e-6)
+    loss.backward()
+    assert online.grad is not None and online.grad.abs().sum() > 0
+    assert byol_loss(torch.zeros(0, 4, requires_grad=True), torch.zeros(0, 4)).item() == 0.0
+
+
+def test_info_nce_hand_computed():
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    tau = 0.5
+    # logits = [2, 0, -2]; positive 0
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))
+    assert info_nce_loss(q, k, torch.tensor([0]), tau).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_balanced_supcon_hand_computed():
+    tau = 1.0
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    u_cls = torch.tensor([0, 1])
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    v_cls = torch.tensor([0, 1, 1])
+    w = torch.tensor([3.0, 1.0])
+    e = math.exp
+    # instance 0 (class 0): sims to v = [1, 0, 0.6]; D = 1/1 e^1 + 1/2 (e^0 + e^0.6)
+    d0 = e(1) + 0.5 * (1 + e(0.6))
+    l0 = -(1.0 / 1) * math.log(e(1) / d0)
+    # instance 1 (class 1): sims [0, 1, 0.8]; D = e^0 + 1/2 (e^1 + e^0.8); P = {1, 2}
+    d1 = 1 + 0.5 * (e(1) + e(0.8))
+    l1 = -0.5 * (math.log(e(1) / d1) + math.log(e(0.8) / d1))
+    expected = (3 * l0 + 1 * l1) / 4
+    got = balanced_supervised_contrastive_loss(u, u_cls, w, v, v_cls, tau)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # Class balance: duplicating a class's target embedding leaves the denominators unchanged.
+    v2, v2_cls = torch.cat([v, v[:1]]), torch.cat([v_cls, v_cls[:1]])
+    got2 = balanced_supervised_contrastive_loss(u[1:], u_cls[1:], w[1:], v2, v2_cls, tau)
+    assert got2.item() == pytest.approx(l1, rel=1e-6)
+    with pytest.raises(ValueError, match="no target"):
+        balanced_supervised_contrastive_loss(u, torch.tensor([0, 5]), w, v, v_cls, tau)
+
+
+def test_reconstruction_losses_ignore_padding_and_weight_visible():
+    pred = torch.zeros(1, 3, 2, 2)
+    target = torch.tensor([1.0, 2.0, 3.0, 100.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    masked = torch.tensor([[[True, False], [False, False]]])
+    valid = torch.tensor([[[True, True], [True, False]]])  # last pixel is padding
+    # masked mean = 1; visible mean over (2, 3) = 2.5
+    loss = appearance_reconstruction_loss(pred, target, masked, valid, 0.1)
+    assert loss.item() == pytest.approx(1 + 0.1 * 2.5)
+
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # two locations
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).T.reshape(1, 2, 1, 2)
+    m = torch.tensor([[[False, True]]])
+    v = torch.ones(1, 1, 2, dtype=torch.bool)
+    # location 0: cos 1 (visible, weight 0.1); location 1: cos 0 (masked, weight 1)
+    assert semantic_reconstruction_loss(p, t, m, v, 0.1).item() == pytest.approx(1.0 / 1.1)
+
+
+def test_box_guided_masking_counts_and_boxes():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0]])  # holds the 4 top-left 16 px patches
+    mask = box_guided_patch_mask((64, 64), 16, 0.5, boxes, torch.ones(1), 0.5, generator=g)
+    assert mask.shape == (4, 4) and int(mask.sum()) == 8
+    assert int(mask[:2, :2].sum()) >= 4  # 4 of 8 drawn inside the box (the rest anywhere)
+    # All masked patches inside the box when the fraction is 1 and the box is large enough.
+    mask = box_guided_patch_mask((64, 64), 16, 0.25, boxes, torch.ones(1), 1.0, generator=g)
+    assert int(mask.sum()) == 4 and bool(mask[:2, :2].all())
+    # Weighted: the heavier box gets its patch chosen first.
+    two = torch.tensor([[0.0, 0.0, 16.0, 16.0], [48.0, 48.0, 64.0, 64.0]])
+    hits = 0
+    for s in range(50):
+        m = box_guided_patch_mask((64, 64), 16, 1 / 16, two, torch.tensor([1.0, 9.0]), 1.0,
+                                  generator=torch.Generator().manual_seed(s))
+        hits += int(m[3, 3])
+    assert hits > 35
+    # No boxes: all drawn uniformly; ratio 0: nothing masked.
+    assert int(box_guided_patch_mask((50, 70), 16, 0.5, torch.zeros(0, 4), torch.zeros(0), 0.5).sum()) == 10
+    assert int(box_guided_patch_mask((64, 64), 16, 0.0, boxes, torch.ones(1), 0.5).sum()) == 0
+
+
+def test_pixel_and_stride_masks():
+    patches = torch.tensor([[True, False], [False, False]])
+    pixels = patch_mask_to_pixels(patches, 4, (8, 12))
+    assert pixels.shape == (8, 12) and int(pixels.sum()) == 16 and bool(pixels[:4, :4].all())
+    at8 = mask_at_stride(pixels[None], 8, (1, 2))
+    assert at8.tolist() == [[[True, False]]]
+
+
+def test_cosine_momentum_and_ema_rule():
+    assert cosine_momentum(0.99, 0, 100) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 50, 100) == pytest.approx(0.995)
+    assert cosine_momentum(0.99, 100, 100) == pytest.approx(1.0)
+    online = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    target = make_target(online)
+    assert all(not p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+        online[1].running_mean.fill_(2.0)
+    before = target[0].weight.clone()
+    momentum_update(online, target, 0.9)
+    assert torch.allclose(target[0].weight, 0.9 * before + 0.1 * online[0].weight)
+    assert torch.allclose(target[1].running_mean, torch.full((2,), 0.2))
