@@ -19,7 +19,9 @@ dicts are read once into flat arrays (one class id per instance); all per-class 
 quantities are then vectorised (bincount / segment max), which keeps LVIS-scale set-up fast.
 """
 
+import itertools
 import math
+from operator import itemgetter
 from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -82,11 +84,11 @@ def _flatten(
     counts = np.fromiter(map(len, anns), dtype=np.int64, count=len(anns))
     try:
         classes = np.fromiter(
-            (a["category_id"] for img_anns in anns for a in img_anns),
+            map(itemgetter("category_id"), itertools.chain.from_iterable(anns)),
             dtype=np.int64,
             count=int(counts.sum()),
         )
-    except (TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(
             "Rebalancing needs integer (contiguous) 'category_id's in the dataset dicts, as "
             f"detectron2's dataset loaders produce: {e}"
@@ -147,7 +149,8 @@ def _image_factors(counts, classes, class_factors):
         starts = np.cumsum(counts) - counts
         # reduceat over the starts of the non-empty images: each segment runs to the next
         # non-empty image's start, i.e. exactly over this image's instances.
-        out[nonempty] = np.maximum.reduceat(class_factors[classes], starts[nonempty], axis=0)
+        for k in range(class_factors.shape[1]):  # 1-D reduceat is ~2x faster than axis=0 on [M, K]
+            out[nonempty, k] = np.maximum.reduceat(class_factors[classes, k], starts[nonempty])
     return out
 
 
@@ -170,15 +173,19 @@ def image_repeat_factor_sets(dataset_dicts, repeat_thresh: float = 0.001):
 
 def mix_repeat_factors(
     image_level: np.ndarray, instance_level: np.ndarray, lam: float
-) -> torch.Tensor:
-    """r_I(λ) = (1 - λ) image_level + λ instance_level as a float32 Tensor[N]."""
-    if lam == 0.0:  # exact at λ = 0 (also when instance_level holds values 0 * x would not zero)
+) -> np.ndarray:
+    """
+    r_I(λ) = (1 - λ) image_level + λ instance_level, computed in float64 and returned as an
+    ndarray[N] float32 (detectron2's dtype for repeat factors). λ = 0 and 1 return the factor sets
+    exactly.
+    """
+    if lam == 0.0:
         mixed = image_level
     elif lam == 1.0:
         mixed = instance_level
     else:
         mixed = (1.0 - lam) * image_level + lam * instance_level
-    return torch.from_numpy(mixed.astype(np.float32))
+    return mixed.astype(np.float32)
 
 
 def class_statistics(
@@ -220,7 +227,7 @@ def repeat_factors(
     """
     lam = _check_lam(lam)
     image_level, instance_level = image_repeat_factor_sets(dataset_dicts, repeat_thresh)
-    return mix_repeat_factors(image_level, instance_level, lam)
+    return torch.from_numpy(mix_repeat_factors(image_level, instance_level, lam))
 
 
 def class_weights(

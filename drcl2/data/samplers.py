@@ -4,6 +4,7 @@ import logging
 import numbers
 from typing import Callable, List, Optional, Union
 
+import numpy as np
 import torch
 from torch.utils.data.sampler import Sampler
 
@@ -135,31 +136,35 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
 
     def repeat_factors_at(self, lam: float) -> torch.Tensor:
         """r_I(λ) for every image, Tensor[N] float32."""
-        return mix_repeat_factors(self._image_level, self._instance_level, float(lam))
+        return torch.from_numpy(
+            mix_repeat_factors(self._image_level, self._instance_level, float(lam))
+        )
 
     def _rounding_parts(self, lam):
         # λ is piecewise constant in practice (flat before START and after END): recompute the
         # factors only when it changes.
         if lam != self._cached_lam:
-            factors = self.repeat_factors_at(lam)
-            int_part = torch.trunc(factors)
-            self._frac_part = factors - int_part
-            self._int_part = int_part.long()
+            factors = mix_repeat_factors(self._image_level, self._instance_level, lam)
+            int_part = np.trunc(factors)
+            self._frac_part = factors - int_part  # float32, as detectron2 splits its factors
+            self._int_part = int_part.astype(np.int64)
             self._cached_lam = lam
         return self._int_part, self._frac_part
 
-    def _pass_indices(self, lam: float, generator: torch.Generator) -> torch.Tensor:
+    def _pass_indices(self, lam: float, generator: torch.Generator) -> np.ndarray:
         """
-        One pass over the data: Tensor[P] int64 of dataset indices, each image repeated by the
+        One pass over the data: ndarray[P] int64 of dataset indices, each image repeated by the
         stochastic rounding of r_I(λ), shuffled. Draws from ``generator`` exactly what detectron2's
         RepeatFactorTrainingSampler draws for one epoch (``rand(N)`` then ``randperm(P)``).
         """
         int_part, frac_part = self._rounding_parts(lam)
-        rands = torch.rand(len(frac_part), generator=generator)
-        repeats = int_part + (rands < frac_part)
-        indices = torch.repeat_interleave(torch.arange(len(repeats)), repeats)
+        # The random numbers come from the torch generator (same draws as detectron2); the rest is
+        # numpy, single-threaded — these small element-wise ops run in DataLoader workers, where
+        # torch's thread pool only adds overhead.
+        rands = torch.rand(len(frac_part), generator=generator).numpy()
+        indices = np.repeat(np.arange(len(frac_part)), int_part + (rands < frac_part))
         if self._shuffle:
-            indices = indices[torch.randperm(len(indices), generator=generator)]
+            indices = indices[torch.randperm(len(indices), generator=generator).numpy()]
         return indices
 
     def _infinite_indices(self):
