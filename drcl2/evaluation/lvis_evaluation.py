@@ -30,7 +30,8 @@ The "faster" backend gives the lvis API's numbers (to 1e-4 or better, tested) be
 The only numeric difference left is the C++ precision ``tp / (tp + fp)`` against Python's
 ``tp / (tp + fp + eps)`` (eps = 2.2e-16), far below 1e-4.
 """
-import copy
+import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -151,7 +152,7 @@ def _faster_results(gt, results, iou_type):
     from faster_coco_eval import COCO
     import faster_coco_eval.core.mask as mask_util
 
-    anns = [dict(ann) for ann in results]
+    anns = results  # already copies (evaluate_lvis)
     if iou_type == "bbox":
         for ann in anns:
             ann["area"] = ann["bbox"][2] * ann["bbox"][3]
@@ -259,6 +260,23 @@ def _evaluate_lvis_api(lvis_gt, results, iou_type, max_dets_per_image):
     return metrics, dict(zip(lvis_eval.params.cat_ids, ap))
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """
+    Pause Python's cyclic garbage collector. Evaluation allocates millions of small dicts and lists
+    (no reference cycles), which triggers repeated full collections over the whole heap: on 300
+    LVIS-style images x 300 detections they took half of the evaluation time. Reference counting
+    still frees everything; the collector is re-enabled (if it was) on exit.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def evaluate_lvis(lvis_gt, results, iou_type, *, max_dets_per_image=300, backend="faster", faster_gt=None):
     """
     LVIS metrics of detections, with either backend.
@@ -284,7 +302,9 @@ def evaluate_lvis(lvis_gt, results, iou_type, *, max_dets_per_image=300, backend
     if len(results) == 0:
         logger.warning("No predictions from the model!")
         return {k: float("nan") for k in LVIS_METRICS}, {}
-    results = copy.deepcopy(results)
+    # Both evaluators only add or replace top-level keys of the detections: shallow copies suffice
+    # (a deep copy of 600k detections costs more than the whole C++ evaluation).
+    results = [dict(r) for r in results]
     if iou_type == "segm":
         # As detectron2: mask AP uses mask area, not the predicted box's area.
         for r in results:
@@ -295,7 +315,8 @@ def evaluate_lvis(lvis_gt, results, iou_type, *, max_dets_per_image=300, backend
     if backend == "faster":
         if faster_gt is None:
             faster_gt = faster_lvis_ground_truth(lvis_gt.dataset)
-        metrics, ap = _evaluate_faster(faster_gt, results, iou_type, max_dets_per_image)
+        with _cyclic_gc_paused():
+            metrics, ap = _evaluate_faster(faster_gt, results, iou_type, max_dets_per_image)
     else:
         metrics, ap = _evaluate_lvis_api(lvis_gt, results, iou_type, max_dets_per_image)
     metrics = {k: float(metrics[k] * 100) for k in LVIS_METRICS}
