@@ -1,0 +1,74 @@
+"""Export of DRCL2 pre-training weights and their loading into the LVIS fine-tuning detector."""
+import logging
+
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from drcl2.checkpoint import FINETUNE_PREFIXES, export_finetune_weights
+from drcl2.config import add_drcl2_config
+from drcl2.modeling import DRCL2
+from drcl2.tools import export_weights
+
+
+def cfg_from(path, *opts):
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A DRCL2 R-50 checkpoint (fresh weights; the online ones nudged so they differ from init)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    torch.manual_seed(0)
+    model = build_model(cfg_from("configs/pretrain_2drcl.yaml"))
+    assert isinstance(model, DRCL2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(FINETUNE_PREFIXES):
+                p.add_(0.01)
+    DetectionCheckpointer(model, str(out)).save("model_final", iteration=41)
+    return model, out / "model_final.pth"
+
+
+def test_export_loads_into_lvis_mask_rcnn_with_every_key(pretrained, tmp_path, caplog):
+    model, src = pretrained
+    dst = tmp_path / "finetune.pth"
+    exported = export_finetune_weights(str(src), str(dst))
+    online = model.state_dict()
+    expected = {k for k in online if k.startswith(FINETUNE_PREFIXES)}
+    assert set(exported) == expected
+    assert not any(k.startswith(("target_network.", "hcl_", "lcl_", "ar_", "sr_")) for k in exported)
+
+    detector = build_model(cfg_from("configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml"))
+    with caplog.at_level(logging.WARNING):
+        DetectionCheckpointer(detector).load(str(dst), checkpointables=[])
+    assert "shape" not in caplog.text.lower() and "unexpected" not in caplog.text.lower()
+    state = detector.state_dict()
+    assert expected <= set(state), sorted(expected - set(state))[:5]
+    for k in expected:
+        assert torch.equal(state[k], online[k]), k
+    fresh = {k for k in state if k not in expected}
+    assert all(k.startswith(("roi_heads.box_predictor.", "roi_heads.mask_head.")) for k in fresh), fresh
+
+
+def test_export_refuses_other_files(pretrained, tmp_path):
+    detector = build_model(cfg_from("configs/toy/mask_rcnn_finetune.yaml"))
+    DetectionCheckpointer(detector, str(tmp_path)).save("detector")
+    with pytest.raises(ValueError, match="not a DRCL2 pre-training checkpoint"):
+        export_finetune_weights(str(tmp_path / "detector.pth"), str(tmp_path / "x.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a DRCL2 pre-training checkpoint"):
+        export_finetune_weights(str(junk), str(tmp_path / "y.pth"))
+    assert export_weights.main([str(junk), str(tmp_path / "z.pth")]) == 1
+    assert not (tmp_path / "z.pth").exists()
+    _, src = pretrained
+    assert export_weights.main([str(src), str(tmp_path / "ok.pth")]) == 0
+    assert (tmp_path / "ok.pth").exists()

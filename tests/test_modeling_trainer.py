@@ -1,0 +1,59 @@
+"""2DRCL pre-training through drcl2's Trainer on the toy LVIS set: hooks, export, resume."""
+import os
+
+import torch
+
+from detectron2.config import get_cfg
+
+from drcl2.config import add_drcl2_config
+from drcl2.data.two_view_mapper import TwoViewDatasetMapper
+from drcl2.engine import Trainer
+
+
+def toy_cfg(output_dir, max_iter):
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file("configs/toy/pretrain_2drcl.yaml")
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(output_dir), "SOLVER.MAX_ITER", max_iter,
+        "SOLVER.IMS_PER_BATCH", 2, "SOLVER.CHECKPOINT_PERIOD", 2, "DATALOADER.NUM_WORKERS", 0,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 128, "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 96,
+    ])
+    return cfg
+
+
+def test_pretrain_export_and_resume(tmp_path):
+    assert isinstance(Trainer.build_train_mapper(toy_cfg(tmp_path, 2)), TwoViewDatasetMapper)
+    trainer = Trainer(toy_cfg(tmp_path, 2))
+    trainer.resume_or_load(resume=False)
+    model = trainer.model
+    assert not bool(model.class_statistics_set)
+    trainer.train()
+    assert bool(model.class_statistics_set) and float(model.class_repeat_factors.max()) > 1.0
+    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert saved["iteration"] == 1
+    # The target moved by the EMA rule: equal to neither its start nor the online weights.
+    name = "backbone.fpn_output2.weight"
+    assert not torch.equal(saved["model"]["target_network." + name], saved["model"][name])
+    assert os.path.exists(tmp_path / "model_final_finetune.pth")
+    metrics = trainer.storage.latest()
+    assert "drcl2/momentum" in metrics and "drcl2/lambda" in metrics
+
+    # --resume with a longer schedule: iteration, target network, optimizer and statistics go on.
+    resumed = Trainer(toy_cfg(tmp_path, 3))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    state = resumed.model.state_dict()
+    for k, v in saved["model"].items():
+        if k.startswith("target_network.") or k in ("class_repeat_factors", "target_initialized"):
+            assert torch.equal(state[k], v), k
+    opt = resumed.optimizer.state_dict()
+    assert opt["state"] and len(opt["state"]) == len(saved["trainer"]["_trainer"]["optimizer"]["state"])
+    first = next(iter(saved["trainer"]["_trainer"]["optimizer"]["state"]))
+    assert torch.equal(opt["state"][first]["momentum_buffer"], saved["trainer"]["_trainer"]["optimizer"]["state"][first]["momentum_buffer"])
+    before = state["target_network." + name].clone()
+    resumed.train()
+    assert resumed.iter == 3  # the loop ran iteration 2 only
+    assert not torch.equal(resumed.model.state_dict()["target_network." + name], before)
+    final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 2

@@ -1,0 +1,136 @@
+"""TwoViewDatasetMapper: box correspondence across views and the instance-drop rule."""
+import numpy as np
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+
+from drcl2.config import add_drcl2_config
+from drcl2.data.two_view_mapper import TwoViewDatasetMapper
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+BOXES = [(8, 8, 40, 40), (60, 10, 100, 50), (20, 70, 70, 110), (90, 80, 120, 120)]
+
+
+def write_image(tmp_path):
+    import cv2
+
+    image = np.full((128, 128, 3), 128, np.uint8)
+    for (x0, y0, x1, y1), c in zip(BOXES, COLOURS):
+        image[y0:y1, x0:x1] = c  # BGR as written by cv2
+    path = str(tmp_path / "img.png")
+    cv2.imwrite(path, image)
+    return path, image
+
+
+def record(path):
+    return {
+        "file_name": path, "image_id": 1, "height": 128, "width": 128,
+        "annotations": [
+            {"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": i, "iscrowd": 0}
+            for i, b in enumerate(BOXES)
+        ] + [{"bbox": [0, 0, 10, 10], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 7, "iscrowd": 1}],
+    }
+
+
+def toy_mapper(**opts):
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file("configs/toy/pretrain_2drcl.yaml")
+    cfg.merge_from_list(["INPUT.DRCL2.COLOR_JITTER_PROB", 0.0, "INPUT.DRCL2.GRAYSCALE_PROB", 0.0,
+                         "INPUT.DRCL2.BLUR_PROB", (0.0, 0.0), "INPUT.DRCL2.SOLARIZE_PROB", (0.0, 0.0)])
+    for k, v in opts.items():
+        cfg.merge_from_list([k, v])
+    return TwoViewDatasetMapper(cfg, is_train=True)
+
+
+def test_box_content_matches_across_views(tmp_path):
+    path, image = write_image(tmp_path)
+    mapper = toy_mapper()
+    np.random.seed(0)
+    torch.manual_seed(0)
+    seen = 0
+    for _ in range(8):
+        out = mapper(record(path))
+        i1, i2 = out["view1"]["instances"], out["view2"]["instances"]
+        assert torch.equal(i1.gt_ids, i2.gt_ids) and torch.equal(i1.gt_classes, i2.gt_classes)
+        assert 4 not in i1.gt_ids.tolist()  # the crowd annotation never enters
+        for v in ("view1", "view2"):
+            img = out[v]["image"].permute(1, 2, 0).numpy()
+            assert img.shape[:2] == out[v]["instances"].image_size
+            for box, cls in zip(out[v]["instances"].gt_boxes.tensor.tolist(), out[v]["instances"].gt_classes):
+                x0, y0, x1, y1 = [int(round(c)) for c in box]
+                inner = img[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].reshape(-1, 3).astype(float)
+                if len(inner):
+                    assert np.abs(inner.mean(0) - np.array(COLOURS[int(cls)])).max() < 20
+                    seen += 1
+    assert seen > 10
+
+
+def test_transforms_undo_to_the_original_box(tmp_path):
+    path, image = write_image(tmp_path)
+    mapper = toy_mapper()
+    np.random.seed(3)
+    boxes = np.array(BOXES, dtype=np.float64)
+    for v in (0, 1):
+        view_image, view_boxes, visible, transforms = mapper.make_view(image, boxes, v)
+        inverse = transforms.inverse()
+        for b, vis, orig in zip(view_boxes, visible, boxes):
+            if vis < 0.3:
+                continue
+            back = inverse.apply_box(b[None])[0]
+            # The undone view box is the part of the original box inside the crop.
+            assert back[0] >= orig[0] - 1.5 and back[1] >= orig[1] - 1.5
+            assert back[2] <= orig[2] + 1.5 and back[3] <= orig[3] + 1.5
+            area = (back[2] - back[0]) * (back[3] - back[1])
+            assert area / ((orig[2] - orig[0]) * (orig[3] - orig[1])) == pytest.approx(vis, abs=0.1)
+
+
+class FixedCrop(T.Augmentation):
+    def __init__(self, x0, y0, w, h):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        return T.CropTransform(self.x0, self.y0, self.w, self.h)
+
+
+def test_instances_not_surviving_both_crops_are_dropped(tmp_path):
+    path, _ = write_image(tmp_path)
+    # View 1 keeps x in [0, 64): box 0 fully, box 1 (60..100) 10% -> dropped, box 2 (20..70) 88%,
+    # box 3 not at all. View 2 keeps y in [0, 100): box 2 (70..110) 75%, box 3 (80..120) 50%.
+    mapper = TwoViewDatasetMapper(
+        geometric1=[FixedCrop(0, 0, 64, 128)],
+        geometric2=[FixedCrop(0, 0, 128, 100)],
+        image_format="BGR",
+        min_visible=0.3,
+        min_side=4,
+    )
+    out = mapper(record(path))
+    assert out["view1"]["instances"].gt_ids.tolist() == [0, 2]
+    assert out["view2"]["instances"].gt_ids.tolist() == [0, 2]
+    assert out["view1"]["instances"].gt_boxes.tensor[1].tolist() == [20, 70, 64, 110]
+    # Stricter rule: box 2 keeps 88% in view 1 and 75% in view 2 -> dropped at 0.8.
+    mapper.min_visible = 0.8
+    assert mapper(record(path))["view1"]["instances"].gt_ids.tolist() == [0]
+    # An image whose instances all fall outside still yields two views with empty instances.
+    empty = TwoViewDatasetMapper(geometric1=[FixedCrop(0, 0, 6, 6)], geometric2=[FixedCrop(0, 0, 6, 6)])
+    out = empty(record(path))
+    assert len(out["view1"]["instances"]) == 0 and out["view2"]["image"].shape == (3, 6, 6)
+
+
+def test_photometric_views_differ_and_keep_format(tmp_path):
+    path, _ = write_image(tmp_path)
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file("configs/toy/pretrain_2drcl.yaml")
+    mapper = TwoViewDatasetMapper(cfg, is_train=True)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    out = mapper(record(path))
+    for v in ("view1", "view2"):
+        assert out[v]["image"].dtype == torch.uint8 and out[v]["image"].shape[0] == 3
+    with pytest.raises(ValueError, match="MIN_VISIBLE"):
+        TwoViewDatasetMapper(geometric1=[], geometric2=[], min_visible=1.5)
