@@ -1,0 +1,26 @@
+from . import datasets  # registers lvis_v1_toy_train / lvis_v1_toy_val
+from . import coco_lt  # registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
+from .lvis_format import load_lvis_format_json, register_lvis_format
+from .rebalance import (
+    RebalanceSchedule,
+    class_statistics,
+    class_weights,
+    repeat_factors,
+    sample_instances,
+)
+from .samplers import DynamicRepeatFactorTrainingSampler
+from .toy_lvis import ToyLVISSpec, ensure_toy_lvis, generate_toy_lvis
+
+__all__ = [
+    "register_lvis_format",
+    "load_lvis_format_json",
+    "ToyLVISSpec",
+    "generate_toy_lvis",
+    "ensure_toy_lvis",
+    "class_statistics",
+    "repeat_factors",
+    "class_weights",
+    "sample_instances",
+    "RebalanceSchedule",
+    "DynamicRepeatFactorTrainingSampler",
+]
