@@ -1,0 +1,217 @@
+"""
+DRCL2 training step vs a supervised Mask R-CNN (GeneralizedRCNN) step, same device, batch and backbone.
+
+    python -m drcl2.tools.benchmark step --config-file configs/toy/pretrain_2drcl.yaml
+    python -m drcl2.tools.benchmark step --config-file configs/pretrain_2drcl.yaml \\
+        --baseline-config configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml --device cuda --amp \\
+        --batch-size 2 --dataset lvis_v1_toy_train
+
+One step = forward, backward, optimizer step (SGD) and, for DRCL2, the EMA target update. The
+images are mapped once (data loading is not timed); the same dataset images feed both models,
+through TwoViewDatasetMapper (DRCL2) and detectron2's DatasetMapper with masks (Mask R-CNN).
+
+Reported per model: median step time over ``--iters`` timed steps (after ``--warmup``), images/s,
+peak memory, and for DRCL2 the time split by part: each ``drcl2.*`` ``record_function`` scope of
+the model (online forward, target forward, masking, each head / loss) from torch.profiler over
+``--profile-iters`` extra steps, plus backward, optimizer step and EMA update timed directly.
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the peak
+resident set size (``ru_maxrss``) of a fresh process that runs only that model's measurement (so
+it includes the Python runtime and the model, and is comparable between the two rows).
+"""
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+from tabulate import tabulate
+
+DEFAULT_BASELINES = {
+    "configs/toy/pretrain_2drcl.yaml": "configs/toy/mask_rcnn_finetune.yaml",
+    "configs/pretrain_2drcl.yaml": "configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml",
+    "configs/pretrain_2drcl_R_101.yaml": "configs/LVISv1/mask_rcnn_R_101_FPN_1x.yaml",
+}
+
+
+def add_arguments(parser):
+    parser.add_argument("--config-file", default="configs/toy/pretrain_2drcl.yaml", help="DRCL2 config")
+    parser.add_argument("--baseline-config", default=None,
+                        help="supervised Mask R-CNN config (default: the matching fine-tuning config)")
+    parser.add_argument("--dataset", default=None, help="registered dataset for the batch "
+                        "(default: the DRCL2 config's first DATASETS.TRAIN)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per step")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--profile-iters", type=int, default=3, help="profiled steps for the split")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="autocast (fp16) forward, as SOLVER.AMP")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("opts", nargs="*", default=[], help="KEY VALUE overrides for both configs")
+
+
+def _cfg(path, args):
+    from detectron2.config import get_cfg
+
+    from drcl2.config import add_drcl2_config
+
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *args.opts])
+    return cfg
+
+
+def _batch(cfg, args, two_views: bool):
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from drcl2.data.two_view_mapper import TwoViewDatasetMapper
+
+    import numpy as np
+
+    name = args.dataset or cfg.DATASETS.TRAIN[0]
+    dicts = [d for d in DatasetCatalog.get(name) if d.get("annotations")][: args.batch_size]
+    mapper = TwoViewDatasetMapper(cfg, True) if two_views else DatasetMapper(cfg, True)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return [mapper(d) for d in dicts]
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(kind, args, queue):
+    """Runs in a fresh process: build, warm up, time, profile; puts a result dict on ``queue``."""
+    import drcl2  # noqa: F401  registers datasets and DRCL2
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    path = args.config_file if kind == "DRCL2" else args.baseline_config
+    cfg = _cfg(path, args)
+    model = build_model(cfg)
+    model.train()
+    is_drcl2 = kind == "DRCL2"
+    if is_drcl2:
+        from detectron2.data import DatasetCatalog
+
+        model.set_class_statistics(DatasetCatalog.get(args.dataset or cfg.DATASETS.TRAIN[0]))
+    data = _batch(cfg, args, two_views=is_drcl2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.float16, enabled=args.amp)
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.amp)
+    max_iter = max(cfg.SOLVER.MAX_ITER, 1)
+
+    def step(it, parts=None):
+        t0 = time.perf_counter()
+        with EventStorage(it % max_iter), autocast:
+            losses = model(data)
+        loss = sum(losses.values())
+        _sync(args.device)
+        t1 = time.perf_counter()
+        scaler.scale(loss).backward()
+        _sync(args.device)
+        t2 = time.perf_counter()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(args.device)
+        t3 = time.perf_counter()
+        if is_drcl2:
+            model.update_target(it % max_iter)
+            _sync(args.device)
+        t4 = time.perf_counter()
+        if parts is not None:
+            for name, dt in (("forward (all)", t1 - t0), ("backward", t2 - t1),
+                             ("optimizer step", t3 - t2), ("EMA target update", t4 - t3)):
+                parts.setdefault(name, []).append(dt)
+        return t4 - t0
+
+    for it in range(args.warmup):
+        step(it)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    parts = {}
+    times = [step(args.warmup + it, parts) for it in range(args.iters)]
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        memory_kind = "CUDA max allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        memory_kind = "peak RSS of the process"
+
+    split = {name: statistics.median(v) for name, v in parts.items()}
+    if is_drcl2 and args.profile_iters > 0:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            for it in range(args.profile_iters):
+                step(args.warmup + args.iters + it)
+        for event in prof.key_averages():
+            if event.key.startswith("drcl2."):
+                total = getattr(event, "device_time_total", 0) if args.device.startswith("cuda") else 0
+                total = total or event.cpu_time_total
+                split["  " + event.key] = total / 1e6 / args.profile_iters
+    queue.put(
+        {
+            "kind": kind,
+            "config": path,
+            "median_s": statistics.median(times),
+            "peak_mib": peak,
+            "memory_kind": memory_kind,
+            "split": split,
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in params),
+        }
+    )
+
+
+def run(args):
+    if args.baseline_config is None:
+        args.baseline_config = DEFAULT_BASELINES.get(os.path.normpath(args.config_file))
+        if args.baseline_config is None:
+            raise SystemExit(f"No default baseline for {args.config_file}; pass --baseline-config.")
+    ctx = mp.get_context("spawn")
+    results = {}
+    for kind in ("Mask R-CNN (supervised)", "DRCL2"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_measure, args=(kind, args, queue))
+        proc.start()
+        results[kind] = queue.get()
+        proc.join()
+        if proc.exitcode != 0:
+            raise SystemExit(f"the {kind} measurement failed (exit code {proc.exitcode})")
+
+    base, ours = results["Mask R-CNN (supervised)"], results["DRCL2"]
+    device = args.device
+    if device.startswith("cuda"):
+        device += f" ({torch.cuda.get_device_name(0)})"
+    else:
+        device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"device: {device}; batch {args.batch_size} images; AMP {'on' if args.amp else 'off'}; "
+          f"{args.warmup} warm-up + {args.iters} timed steps (median); memory: {ours['memory_kind']}")
+    rows = []
+    for r in (base, ours):
+        rows.append([r["kind"], r["config"], f"{r['params'] / 1e6:.1f}M ({r['trainable'] / 1e6:.1f}M)",
+                     f"{r['median_s'] * 1000:.0f}", f"{args.batch_size / r['median_s']:.2f}",
+                     f"{r['peak_mib']:.0f}"])
+    rows.append(["DRCL2 / Mask R-CNN", "", "", f"{ours['median_s'] / base['median_s']:.2f}x", "",
+                 f"{ours['peak_mib'] / base['peak_mib']:.2f}x"])
+    print(tabulate(rows, headers=["model", "config", "params (trainable)", "step ms", "images/s",
+                                  "peak MiB"], tablefmt="github"))
+    print()
+    split = [[name, f"{t * 1000:.0f}"] for name, t in ours["split"].items()]
+    base_split = [[name, f"{t * 1000:.0f}"] for name, t in base["split"].items()]
+    print("DRCL2 step split (ms; 'drcl2.*' rows: profiled scopes inside the forward, CPU time on CPU):")
+    print(tabulate(split, headers=["part", "ms"], tablefmt="github"))
+    print()
+    print("Mask R-CNN step split (ms):")
+    print(tabulate(base_split, headers=["part", "ms"], tablefmt="github"))
