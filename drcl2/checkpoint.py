@@ -9,9 +9,11 @@ from typing import Dict, Mapping
 
 import torch
 
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["FINETUNE_PREFIXES", "finetune_state_dict", "export_finetune_weights"]
+__all__ = ["FINETUNE_PREFIXES", "DRCL2Checkpointer", "finetune_state_dict", "export_finetune_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +90,30 @@ def save_finetune_weights(state: Mapping, dst: str, source: str = "", iteration=
         torch.save(payload, f)
     groups = {p: sum(k.startswith(p) for k in state) for p in FINETUNE_PREFIXES}
     logger.info(f"Wrote fine-tuning weights to {dst} ({groups}) from {source or 'memory'}.")
+
+
+class DRCL2Checkpointer(DetectionCheckpointer):
+    """
+    A :class:`DetectionCheckpointer` for DRCL2 models. Files loaded with detectron2's name-matching
+    heuristics (ImageNet ``.pkl`` from the model zoo, pycls ``.pyth``) are matched against the
+    *online* network only: with the target network's ``target_network.backbone.*`` copies in the
+    model, every ImageNet key would otherwise match two model keys and detectron2 refuses to load.
+    The target network then starts as a copy of the loaded online weights (``DRCL2`` copies it at
+    its first training step). Other checkpoints (DRCL2 ``model_*.pth``, resume) load unchanged.
+    """
+
+    def _load_model(self, checkpoint):
+        if checkpoint.get("matching_heuristics", False):
+            self._convert_ndarray_to_tensor(checkpoint["model"])
+            online = {k: v for k, v in self.model.state_dict().items() if not k.startswith("target_network.")}
+            checkpoint["model"] = align_and_update_state_dicts(
+                online, checkpoint["model"], c2_conversion=checkpoint.get("__author__", None) == "Caffe2"
+            )
+            checkpoint["matching_heuristics"] = False
+            incompatible = super()._load_model(checkpoint)
+            # The target network is expected to be absent; it is initialised from the online one.
+            incompatible.missing_keys[:] = [
+                k for k in incompatible.missing_keys if not k.startswith("target_network.")
+            ]
+            return incompatible
+        return super()._load_model(checkpoint)

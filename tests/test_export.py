@@ -72,3 +72,26 @@ def test_export_refuses_other_files(pretrained, tmp_path):
     _, src = pretrained
     assert export_weights.main([str(src), str(tmp_path / "ok.pth")]) == 0
     assert (tmp_path / "ok.pth").exists()
+
+
+def test_imagenet_style_weights_load_into_the_online_network(tmp_path):
+    """A model-zoo style .pkl (name-matching heuristics) loads into DRCL2 with no ambiguity."""
+    import pickle
+
+    from drcl2.checkpoint import DRCL2Checkpointer
+
+    torch.manual_seed(0)
+    cfg = cfg_from("configs/toy/pretrain_2drcl.yaml")
+    model = build_model(cfg)
+    bottom_up = {k[len("backbone.bottom_up."):]: v.numpy() + 1.0 for k, v in model.state_dict().items()
+                 if k.startswith("backbone.bottom_up.")}
+    path = tmp_path / "imagenet.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": bottom_up, "__author__": "test", "matching_heuristics": True}, f)
+    with pytest.raises(ValueError, match="multiple keys"):  # what detectron2's own checkpointer does
+        DetectionCheckpointer(model).load(str(path), checkpointables=[])
+    DRCL2Checkpointer(model).load(str(path), checkpointables=[])
+    state = model.state_dict()
+    for k, v in bottom_up.items():
+        assert torch.equal(state["backbone.bottom_up." + k], torch.as_tensor(v)), k
+    assert not bool(model.target_initialized)  # the first training step copies online -> target
