@@ -170,6 +170,8 @@ def test_class_statistics_are_buffers_and_drive_instance_weights():
         ("MODEL.DRCL2.BASE_MOMENTUM", 1.5, "MODEL.DRCL2.BASE_MOMENTUM"),
         ("MODEL.DRCL2.MASK.BOX_GUIDED", 2.0, "MODEL.DRCL2.MASK.BOX_GUIDED"),
         ("MODEL.DRCL2.SR.IN_FEATURES", ["p9"], "MODEL.DRCL2.SR.IN_FEATURES"),
+        ("MODEL.DRCL2.HEAD_NORM", "BatchNorm", "MODEL.DRCL2.HEAD_NORM"),
+        ("MODEL.DRCL2.HCL.TEMPERATURE", 0.0, "MODEL.DRCL2.HCL.TEMPERATURE"),
     ],
 )
 def test_invalid_config_fails_at_build_naming_the_key(opt, value, key):

@@ -696,6 +696,9 @@ def check_drcl2_config(cfg) -> None:
         fail("MODEL.DRCL2.MASK.BOX_GUIDED", d.MASK.BOX_GUIDED, "must lie in [0, 1].")
     if int(d.MASK.PATCH_SIZE) != d.MASK.PATCH_SIZE or d.MASK.PATCH_SIZE < 1:
         fail("MODEL.DRCL2.MASK.PATCH_SIZE", d.MASK.PATCH_SIZE, "must be an integer >= 1 (pixels).")
+    norms = ("", "BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN", "LN")
+    if d.HEAD_NORM not in norms:
+        fail("MODEL.DRCL2.HEAD_NORM", d.HEAD_NORM, f"must be one of {norms} (detectron2 get_norm names).")
     for key in ("MLP_HIDDEN_DIM", "MLP_OUT_DIM"):
         if d[key] < 1:
             fail(f"MODEL.DRCL2.{key}", d[key], "must be >= 1.")
