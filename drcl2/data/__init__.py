@@ -10,6 +10,7 @@ from .rebalance import (
 )
 from .samplers import DynamicRepeatFactorTrainingSampler
 from .toy_lvis import ToyLVISSpec, ensure_toy_lvis, generate_toy_lvis
+from .two_view_mapper import TwoViewDatasetMapper
 
 __all__ = [
     "register_lvis_format",
@@ -23,4 +24,5 @@ __all__ = [
     "sample_instances",
     "RebalanceSchedule",
     "DynamicRepeatFactorTrainingSampler",
+    "TwoViewDatasetMapper",
 ]
