@@ -2,6 +2,7 @@
 """drcl2's trainer: detectron2's DefaultTrainer with long-tail-aware data and evaluation choices."""
 import logging
 import os
+import weakref
 
 from detectron2.data import (
     DatasetMapper,
@@ -9,7 +10,10 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import COCOEvaluator
 
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
@@ -32,6 +36,38 @@ class Trainer(DefaultTrainer):
     Use it as detectron2's: ``Trainer(cfg)``, ``resume_or_load()``, ``train()``, ``Trainer.test()``.
     """
 
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, except that the DDP wrapper comes from build_ddp_model, which
+        # also works for several CPU processes (gloo).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.build_ddp_model(cfg, model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_ddp_model(cls, cfg, model):
+        """
+        Wrap ``model`` in DistributedDataParallel when there are several processes (detectron2's
+        ``create_ddp_model``). DDP takes ``device_ids`` only for a GPU module: a CPU model (gloo
+        backend) gets none.
+        """
+        device = next(model.parameters()).device
+        device_ids = [comm.get_local_rank()] if device.type == "cuda" else None
+        return create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
+
     def resume_or_load(self, resume=True):
         """
         detectron2's resume_or_load; in addition, a run resumed at iteration k > 0 with the dynamic
@@ -47,6 +83,14 @@ class Trainer(DefaultTrainer):
             )
 
     def build_hooks(self):
+        if self.cfg.MODEL.META_ARCHITECTURE == "DRCL2":
+            # Before detectron2's hooks take the checkpointer: one that loads ImageNet weights
+            # into the online network only (the target network holds copies of the same names).
+            from ..checkpoint import DRCL2Checkpointer
+
+            self.checkpointer = DRCL2Checkpointer(
+                self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            )
         ret = super().build_hooks()
         if self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
             from .hooks import RebalanceLambdaHook
