@@ -348,3 +348,16 @@ def test_trainer_without_dynamic_sampler_has_no_lambda_hook(dicts, tmp_path):
     cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
     trainer = Trainer(cfg)
     assert not any(isinstance(h, RebalanceLambdaHook) for h in trainer._hooks)
+
+
+def test_sampler_benchmark_runs_small(capsys):
+    """`python -m drcl2.tools.benchmark sampler` end to end, at a small size (not a timed test)."""
+    from drcl2.tools import benchmark
+
+    args = ["--images", "3000", "--instances", "30000", "--repeats", "1", "--min-time", "0.05"]
+    benchmark.main(["sampler", *args])
+    out = capsys.readouterr().out
+    assert "3,000 images, 30,000 instances" in out
+    for row in ("set-up (statistics + factors)", "one pass of indices", "through the iterator"):
+        assert row in out
+    assert "<= 1.5x" in out and "<= 1.0x" in out

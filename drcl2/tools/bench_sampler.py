@@ -5,9 +5,9 @@ Dynamic rebalancing sampler vs detectron2's RepeatFactorTrainingSampler, at LVIS
 
 By default builds LVIS-v1-scale metadata: 100,170 images, the 1,203 LVIS v1 classes each in as many
 images as in the real training set (detectron2's ``lvis_v1_category_image_count.py``) and 1,270,141
-instances (LVIS v1 train's count; the instances beyond one per (image, class) pair go to pairs with
-probability ∝ sqrt(class image count), frequent classes being the crowded ones). ``--dataset`` uses a
-registered dataset instead (e.g. ``lvis_v1_toy_train``).
+instances (LVIS v1 train's count; the instances beyond one per (image, class) pair go to pairs
+with probability ∝ sqrt(class image count), frequent classes being the crowded ones).
+``--dataset`` uses a registered dataset instead (e.g. ``lvis_v1_toy_train``).
 
 Measured, in one run, on the same dataset dicts and generator seed:
 
@@ -18,6 +18,7 @@ Measured, in one run, on the same dataset dicts and generator seed:
   ``_get_epoch_indices`` + shuffle. Target: ≤ 1.0× detectron2. Also measured end to end through
   each sampler's iterator.
 """
+
 import gc
 import itertools
 import platform
@@ -37,25 +38,43 @@ def add_arguments(parser):
     parser.add_argument("--images", type=int, default=LVIS_V1_TRAIN_IMAGES)
     parser.add_argument("--instances", type=int, default=LVIS_V1_TRAIN_INSTANCES)
     parser.add_argument("--repeat-thresh", type=float, default=0.001, help="t (default 0.001)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's; DataLoader workers use 1)")
-    parser.add_argument("--dataset", default=None,
-                        help="a registered detectron2 dataset to use instead of the generated one")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's; DataLoader workers use 1)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="a registered detectron2 dataset to use instead of the generated one",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=0.5,
+        help="repeat fast measurements until they total this many seconds",
+    )
 
 
-def lvis_v1_scale_dataset_dicts(num_images=LVIS_V1_TRAIN_IMAGES,
-                                num_instances=LVIS_V1_TRAIN_INSTANCES, seed=0):
+def lvis_v1_scale_dataset_dicts(
+    num_images=LVIS_V1_TRAIN_IMAGES, num_instances=LVIS_V1_TRAIN_INSTANCES, seed=0
+):
     """
     Generated detectron2 dataset dicts with LVIS v1 train's class statistics: class c (contiguous
-    id) is in exactly ``image_count`` images of detectron2's ``LVIS_CATEGORY_IMAGE_COUNT`` (capped
-    at ``num_images``), and there are ``num_instances`` instances in all.
+    id) is in exactly its ``image_count`` of detectron2's ``LVIS_CATEGORY_IMAGE_COUNT`` images
+    (scaled by num_images / 100,170 when that differs, at least 1), and there are
+    ``max(num_instances, number of (image, class) pairs)`` instances in all.
     """
     from detectron2.data.datasets.lvis_v1_category_image_count import LVIS_CATEGORY_IMAGE_COUNT
 
     rng = np.random.default_rng(seed)
-    counts = [min(c["image_count"], num_images) for c in
-              sorted(LVIS_CATEGORY_IMAGE_COUNT, key=lambda c: c["id"])]
+    scale = num_images / LVIS_V1_TRAIN_IMAGES
+    counts = [
+        min(max(1, round(c["image_count"] * scale)), num_images)
+        for c in sorted(LVIS_CATEGORY_IMAGE_COUNT, key=lambda c: c["id"])
+    ]
     pair_img = np.concatenate([rng.choice(num_images, n, replace=False) for n in counts])
     pair_cls = np.repeat(np.arange(len(counts)), counts)
     extra = max(num_instances - len(pair_img), 0)
@@ -75,20 +94,30 @@ def lvis_v1_scale_dataset_dicts(num_images=LVIS_V1_TRAIN_IMAGES,
             "image_id": i,
             "height": 480,
             "width": 640,
-            "annotations": [{"category_id": c} for c in cls_list[bounds[i]:bounds[i + 1]]],
+            "annotations": [{"category_id": c} for c in cls_list[bounds[i] : bounds[i + 1]]],
         }
         for i in range(num_images)
     ]
 
 
-def _time(fn, repeats):
-    """Median and min seconds of ``repeats`` calls of fn(k) (k = repeat index)."""
+def _time(fn, repeats, min_total_s=0.5, max_repeats=200):
+    """
+    Median and min seconds of calls of fn(k) (k = repeat index): ``repeats`` calls, more (up to
+    ``max_repeats``) while they total less than ``min_total_s`` — sub-millisecond timings on a
+    shared machine need many samples for a stable median.
+    """
     times = []
-    for k in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn(k)
-        times.append(time.perf_counter() - t0)
+    gc.collect()
+    gc.disable()  # as timeit does: no collection of the dataset dicts' objects inside a timing
+    try:
+        for k in itertools.count():
+            if k >= repeats and (sum(times) >= min_total_s or k >= max_repeats):
+                break
+            t0 = time.perf_counter()
+            fn(k)
+            times.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
     return statistics.median(times), min(times)
 
 
@@ -121,7 +150,11 @@ def run(args):
         source = f"dataset {args.dataset}"
     else:
         dicts = lvis_v1_scale_dataset_dicts(args.images, args.instances, seed=args.seed)
-        source = "generated LVIS v1 scale (real per-class image counts)"
+        source = (
+            "generated at LVIS v1 train scale (real per-class image counts)"
+            if args.images == LVIS_V1_TRAIN_IMAGES
+            else f"generated, LVIS v1 per-class image counts scaled to {args.images:,} images"
+        )
     gen_s = time.perf_counter() - t0
     if not dicts:
         raise SystemExit(f"{source} is empty: nothing to benchmark.")
@@ -131,7 +164,9 @@ def run(args):
 
     # ---- set-up -------------------------------------------------------------------------------
     d2_setup = _time(
-        lambda k: RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, t), reps
+        lambda k: RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, t),
+        reps,
+        args.min_time,
     )
 
     def build_ours(k):
@@ -139,7 +174,7 @@ def run(args):
             dicts, repeat_thresh=t, schedule=0.0, max_iter=1, ims_per_batch=1, seed=args.seed
         )
 
-    our_setup = _time(build_ours, reps)
+    our_setup = _time(build_ours, reps, args.min_time)
 
     rf = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, t)
     d2 = RepeatFactorTrainingSampler(rf, seed=args.seed)
@@ -149,20 +184,20 @@ def run(args):
     assert list(itertools.islice(iter(ours), 20_000)) == list(itertools.islice(iter(d2), 20_000))
 
     # ---- one pass of indices ------------------------------------------------------------------
-    g_d2, g_ours = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+    g_d2, g_ours = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(
+        args.seed
+    )
 
     def d2_pass(k):
         indices = d2._get_epoch_indices(g_d2)
         return indices[torch.randperm(len(indices), generator=g_d2)].tolist()
 
     # a new λ every pass, so r_I(λ) is recomputed each time (never the cached or λ = 0 path)
-    lams = [(k + 1) / (reps + 2) for k in range(reps)]
-
     def our_pass(k):
-        return ours._pass_indices(lams[k], g_ours).tolist()
+        return ours._pass_indices((k % 97 + 1) / 99, g_ours).tolist()
 
-    d2_pass_t = _time(d2_pass, reps)
-    our_pass_t = _time(our_pass, reps)
+    d2_pass_t = _time(d2_pass, reps, args.min_time)
+    our_pass_t = _time(our_pass, reps, args.min_time)
     pass_len = {lam: float(ours.repeat_factors_at(lam).double().sum()) for lam in (0.0, 0.5, 1.0)}
 
     # ---- end to end through the iterators (several passes) -----------------------------------
@@ -170,35 +205,64 @@ def run(args):
     n_items = int(pass_len[0.0] * n_passes)
     # a schedule that moves λ every pass in the stretch pulled: max_iter = the items pulled
     moving = DynamicRepeatFactorTrainingSampler(
-        dicts, repeat_thresh=t, schedule=lambda p: min(p, 1.0), max_iter=n_items,
-        ims_per_batch=1, seed=args.seed,
+        dicts,
+        repeat_thresh=t,
+        schedule=lambda p: min(p, 1.0),
+        max_iter=n_items,
+        ims_per_batch=1,
+        seed=args.seed,
     )
 
     def pull(sampler):
         return lambda k: sum(1 for _ in itertools.islice(iter(sampler), n_items))
 
-    d2_iter_t = [x / n_passes for x in _time(pull(d2), reps)]
-    our_iter_t = [x / n_passes for x in _time(pull(moving), reps)]
+    d2_iter_t = [x / n_passes for x in _time(pull(d2), reps, args.min_time)]
+    our_iter_t = [x / n_passes for x in _time(pull(moving), reps, args.min_time)]
 
     # ---- report -------------------------------------------------------------------------------
     print(f"\nDRB sampler benchmark — {_device()}")
-    print(f"data: {source}: {len(dicts):,} images, {num_inst:,} instances, {num_cls:,} classes "
-          f"(set built in {gen_s:.1f} s); t = {t}; {reps} repeats, median (min)")
-    print(f"images per pass: {pass_len[0.0]:,.0f} at λ=0 (= detectron2), {pass_len[0.5]:,.0f} at "
-          f"λ=0.5, {pass_len[1.0]:,.0f} at λ=1\n")
+    print(
+        f"data: {source}: {len(dicts):,} images, {num_inst:,} instances, {num_cls:,} classes "
+        f"(set built in {gen_s:.1f} s); t = {t}; >= {reps} repeats each (more for fast ones), median (min)"
+    )
+    print(
+        f"images per pass: {pass_len[0.0]:,.0f} at λ=0 (= detectron2), {pass_len[0.5]:,.0f} at "
+        f"λ=0.5, {pass_len[1.0]:,.0f} at λ=1\n"
+    )
 
     def ms(x):
         return f"{x[0] * 1e3:.1f} ({x[1] * 1e3:.1f})"
 
     rows = [
-        ["set-up (statistics + factors)", ms(d2_setup), ms(our_setup),
-         f"{our_setup[0] / d2_setup[0]:.2f}x", "<= 1.5x",
-         "ok" if our_setup[0] <= 1.5 * d2_setup[0] else "MISSED"],
-        ["one pass of indices (λ recomputed)", ms(d2_pass_t), ms(our_pass_t),
-         f"{our_pass_t[0] / d2_pass_t[0]:.2f}x", "<= 1.0x",
-         "ok" if our_pass_t[0] <= d2_pass_t[0] else "MISSED"],
-        [f"one pass through the iterator (mean of {n_passes})", ms(d2_iter_t), ms(our_iter_t),
-         f"{our_iter_t[0] / d2_iter_t[0]:.2f}x", "", ""],
+        [
+            "set-up (statistics + factors)",
+            ms(d2_setup),
+            ms(our_setup),
+            f"{our_setup[0] / d2_setup[0]:.2f}x",
+            "<= 1.5x",
+            "ok" if our_setup[0] <= 1.5 * d2_setup[0] else "MISSED",
+        ],
+        [
+            "one pass of indices (λ recomputed)",
+            ms(d2_pass_t),
+            ms(our_pass_t),
+            f"{our_pass_t[0] / d2_pass_t[0]:.2f}x",
+            "<= 1.0x",
+            "ok" if our_pass_t[0] <= d2_pass_t[0] else "MISSED",
+        ],
+        [
+            f"one pass through the iterator (mean of {n_passes})",
+            ms(d2_iter_t),
+            ms(our_iter_t),
+            f"{our_iter_t[0] / d2_iter_t[0]:.2f}x",
+            "",
+            "",
+        ],
     ]
-    print(tabulate(rows, headers=["ms", "detectron2 RFS", "DRB (ours)", "ratio", "target", ""],
-                   tablefmt="github"))
+    print(
+        tabulate(
+            rows,
+            headers=["ms", "detectron2 RFS", "DRB (ours)", "ratio", "target", ""],
+            tablefmt="github",
+        )
+    )
