@@ -140,7 +140,11 @@ def _plot(rows, path, *, x_key, x_label, title, group_order):
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            ax.scatter(xs, ys, s=14, alpha=0.75, color=colours(i % 10), label=f"{group or '?'} ({len(pts)})")
+            mean = sum(ys) / len(ys)
+            colour = colours(i % 10)
+            ax.scatter(xs, ys, s=14, alpha=0.75, color=colour, label=f"{group or '?'}: {len(pts)}, mean {mean:.1f}")
+            # The group's mean per-class AP, drawn across the group's span of training counts.
+            ax.hlines(mean, min(xs), max(xs), colors=[colour], linestyles="dashed", linewidth=1)
             plotted += len(pts)
         ax.set_xscale("log")
         ax.set_xlabel(x_label)
@@ -148,7 +152,7 @@ def _plot(rows, path, *, x_key, x_label, title, group_order):
         ax.set_ylim(-2, 102)
         ax.grid(True, which="both", alpha=0.3)
         if plotted:
-            ax.legend(title="group (classes)", fontsize=8)
+            ax.legend(title="group: classes, mean AP", fontsize=8)
         else:
             ax.text(0.5, 0.5, "no class has both an AP and a training count", ha="center",
                     va="center", transform=ax.transAxes)
