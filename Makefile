@@ -48,9 +48,16 @@ detectron2:
 	@$(PY) -m installer $(VENV)/wheels/$(D2_WHEEL)
 	@$(PIP) install -q $(D2_DEPS) 2>&1 | $(QUIET)
 
+# pre-train (2DRCL, toy) -> export -> fine-tune Mask R-CNN from the export -> LVIS evaluation.
+# --resume: a second run reuses the finished runs (it only evaluates again); an interrupted one
+# goes on from its last checkpoint.
 demo: install
 	@$(PY) datasets/prepare_toy_lvis.py
-	@$(PY) train_net.py --config-file configs/toy/mask_rcnn_finetune.yaml --num-gpus 1 \
+	@dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"); \
+	$(PY) train_net.py --config-file configs/toy/pretrain_2drcl.yaml --resume \
+		MODEL.DEVICE $$dev OUTPUT_DIR $(DEMO_OUT)/pretrain && \
+	$(PY) train_net.py --config-file configs/toy/mask_rcnn_finetune.yaml --resume \
+		MODEL.DEVICE $$dev MODEL.WEIGHTS $(DEMO_OUT)/pretrain/model_final_finetune.pth \
 		OUTPUT_DIR $(DEMO_OUT)/finetune
 	@$(PY) -m drcl2.tools.summarize $(DEMO_OUT)/finetune
 

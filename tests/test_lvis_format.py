@@ -96,3 +96,15 @@ def test_not_lvis_format_says_which_field(tmp_path, corrupt, message):
         register_lvis_format("test_lvis_format_bad", json_file, str(tmp_path))
     assert "ann.json" in str(e.value)
     assert "test_lvis_format_bad" not in DatasetCatalog.list()
+
+
+def test_trainer_names_missing_dataset_files(tmp_path):
+    from detectron2.config import get_cfg
+
+    from drcl2 import Trainer, add_drcl2_config
+
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.DATASETS.TRAIN = ("lvis_v1_train",)  # detectron2's registration; the files are not here
+    with pytest.raises(FileNotFoundError, match=r"lvis_v1_train.json.*section 'LVIS v1'"):
+        Trainer.build_train_loader(cfg)

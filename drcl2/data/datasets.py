@@ -1,12 +1,14 @@
-"""Datasets drcl2 registers on import: the generated toy LVIS v1 set."""
+"""Datasets drcl2 registers on import (the generated toy LVIS v1 set), and a check of dataset files."""
 import os
+from typing import Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.file_io import PathManager
 
 from .lvis_format import load_lvis_format_json, lvis_format_metadata
 from .toy_lvis import ToyLVISSpec, ensure_toy_lvis, toy_lvis_categories, toy_lvis_paths
 
-__all__ = ["register_toy_lvis", "TOY_LVIS_DATASETS"]
+__all__ = ["register_toy_lvis", "TOY_LVIS_DATASETS", "check_dataset_files"]
 
 TOY_LVIS_DATASETS = {"lvis_v1_toy_train": "train", "lvis_v1_toy_val": "val"}
 
@@ -32,6 +34,40 @@ def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
             evaluator_type="lvis",
             **metadata,
         )
+
+
+def _readme_section(name: str) -> str:
+    if name.startswith("lvis_v1_toy"):
+        return "The toy LVIS v1 set"
+    if name.startswith("lvis"):
+        return "LVIS v1"
+    if name.startswith("coco_lt"):
+        return "COCO-LT"
+    if name.startswith("coco"):
+        return "COCO"
+    return "Your own LVIS-format data"
+
+
+def check_dataset_files(dataset_names: Iterable[str]) -> None:
+    """
+    Fail early, and say what to do, when a registered dataset's annotation file or image folder is
+    not on disk (rather than deep inside a loader). The toy set is skipped: it is generated on use.
+
+    Raises:
+        FileNotFoundError: naming the dataset, the missing path and the datasets/README.md section.
+    """
+    for name in dataset_names:
+        if name in TOY_LVIS_DATASETS:
+            continue
+        meta = MetadataCatalog.get(name)
+        for what, path in (("annotation file", meta.get("json_file", None)),
+                           ("image folder", meta.get("image_root", None))):
+            if path and not PathManager.exists(path):
+                raise FileNotFoundError(
+                    f"Dataset '{name}': its {what} '{path}' does not exist. Datasets are found under "
+                    f"$DETECTRON2_DATASETS (now '{os.getenv('DETECTRON2_DATASETS', 'datasets')}'); "
+                    f"see datasets/README.md, section '{_readme_section(name)}'."
+                )
 
 
 # Like detectron2's builtin datasets: under $DETECTRON2_DATASETS, default ./datasets

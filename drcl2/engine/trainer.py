@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import COCOEvaluator
 
+from ..data.datasets import check_dataset_files
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Trainer(DefaultTrainer):
             start_iter (int): iteration the training stream starts at (a resumed run's start), for
                 samplers that keep a schedule (drcl2's dynamic rebalancing sampler).
         """
+        check_dataset_files(cfg.DATASETS.TRAIN)
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -145,6 +147,11 @@ class Trainer(DefaultTrainer):
             mapper=cls.build_train_mapper(cfg),
             sampler=cls.build_train_sampler(cfg, dataset, start_iter=start_iter),
         )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        check_dataset_files([dataset_name])
+        return super().build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_train_mapper(cls, cfg):
