@@ -1,5 +1,6 @@
 """Export of DRCL2 pre-training weights and their loading into the LVIS fine-tuning detector."""
 import logging
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
+from conftest import REPO_ROOT
 from drcl2.checkpoint import FINETUNE_PREFIXES, export_finetune_weights
 from drcl2.config import add_drcl2_config
 from drcl2.modeling import DRCL2
@@ -17,7 +19,7 @@ from drcl2.tools import export_weights
 def cfg_from(path, *opts):
     cfg = get_cfg()
     add_drcl2_config(cfg)
-    cfg.merge_from_file(path)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, path))
     cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
     return cfg
 

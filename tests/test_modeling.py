@@ -1,4 +1,5 @@
 """The DRCL2 meta-architecture on a tiny R-18 model and synthetic two-view batches (CPU)."""
+import os
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from conftest import REPO_ROOT
 from drcl2.config import add_drcl2_config
 from drcl2.modeling import DRCL2
 from drcl2.modeling.ema import cosine_momentum
@@ -19,7 +21,7 @@ LOSS_KEYS = {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar", "loss_sr", 
 def tiny_cfg(*opts):
     cfg = get_cfg()
     add_drcl2_config(cfg)
-    cfg.merge_from_file("configs/toy/pretrain_2drcl.yaml")
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", 5,
                          "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.DRCL2.MLP_HIDDEN_DIM", 32,
                          "MODEL.DRCL2.MLP_OUT_DIM", 16, "MODEL.DRCL2.AR.HIDDEN_DIM", 16,
@@ -177,6 +179,32 @@ def test_class_statistics_are_buffers_and_drive_instance_weights():
 def test_invalid_config_fails_at_build_naming_the_key(opt, value, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_model(tiny_cfg(opt, value))
+
+
+ABLATIONS = {
+    "pretrain_hcl": {"loss_hcl"},
+    "pretrain_hlcl": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup"},
+    "pretrain_hlcl_drb": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup"},
+    "pretrain_hlcl_drb_ar": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar"},
+    "pretrain_hlcl_drb_ar_sr": LOSS_KEYS - {"loss_rpn_cls", "loss_rpn_loc"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_ablation_rows_switch_the_parts(name):
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/ablations", name + ".yaml"))
+    # The row's switches on the tiny model (R-18) so that it builds fast.
+    tiny = tiny_cfg()
+    tiny.MODEL.DRCL2 = cfg.MODEL.DRCL2
+    torch.manual_seed(0)
+    model = build_model(tiny).train()
+    losses, _ = step(model)
+    assert set(losses) == ABLATIONS[name] | {"loss_rpn_cls", "loss_rpn_loc"}
+    assert (model.rebalance_schedule is not None) == ("drb" in name)
+    dynamic = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
+    assert dynamic == ("drb" in name)
 
 
 def test_all_parts_off_fails():

@@ -5,6 +5,8 @@ import torch
 
 from detectron2.config import get_cfg
 
+from conftest import REPO_ROOT
+from drcl2.checkpoint import DRCL2Checkpointer
 from drcl2.config import add_drcl2_config
 from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 from drcl2.engine import Trainer
@@ -13,7 +15,7 @@ from drcl2.engine import Trainer
 def toy_cfg(output_dir, max_iter):
     cfg = get_cfg()
     add_drcl2_config(cfg)
-    cfg.merge_from_file("configs/toy/pretrain_2drcl.yaml")
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
     cfg.merge_from_list([
         "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(output_dir), "SOLVER.MAX_ITER", max_iter,
         "SOLVER.IMS_PER_BATCH", 2, "SOLVER.CHECKPOINT_PERIOD", 2, "DATALOADER.NUM_WORKERS", 0,
@@ -22,9 +24,10 @@ def toy_cfg(output_dir, max_iter):
     return cfg
 
 
-def test_pretrain_export_and_resume(tmp_path):
+def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     assert isinstance(Trainer.build_train_mapper(toy_cfg(tmp_path, 2)), TwoViewDatasetMapper)
     trainer = Trainer(toy_cfg(tmp_path, 2))
+    assert isinstance(trainer.checkpointer, DRCL2Checkpointer)
     trainer.resume_or_load(resume=False)
     model = trainer.model
     assert not bool(model.class_statistics_set)

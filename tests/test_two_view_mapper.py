@@ -1,4 +1,5 @@
 """TwoViewDatasetMapper: box correspondence across views and the instance-drop rule."""
+import os
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
+from conftest import REPO_ROOT
 from drcl2.config import add_drcl2_config
 from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 
@@ -38,7 +40,7 @@ def record(path):
 def toy_mapper(**opts):
     cfg = get_cfg()
     add_drcl2_config(cfg)
-    cfg.merge_from_file("configs/toy/pretrain_2drcl.yaml")
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
     cfg.merge_from_list(["INPUT.DRCL2.COLOR_JITTER_PROB", 0.0, "INPUT.DRCL2.GRAYSCALE_PROB", 0.0,
                          "INPUT.DRCL2.BLUR_PROB", (0.0, 0.0), "INPUT.DRCL2.SOLARIZE_PROB", (0.0, 0.0)])
     for k, v in opts.items():
@@ -125,7 +127,7 @@ def test_photometric_views_differ_and_keep_format(tmp_path):
     path, _ = write_image(tmp_path)
     cfg = get_cfg()
     add_drcl2_config(cfg)
-    cfg.merge_from_file("configs/toy/pretrain_2drcl.yaml")
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
     mapper = TwoViewDatasetMapper(cfg, is_train=True)
     torch.manual_seed(0)
     np.random.seed(0)
