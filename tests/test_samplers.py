@@ -150,6 +150,15 @@ def test_shards_partition_the_global_stream(dicts, world):
     assert [i for group in zip(*shards) for i in group] == full
 
 
+def test_sampler_pickles(dicts):
+    """DataLoader workers started with 'spawn' receive the sampler pickled."""
+    import pickle
+
+    for schedule in (RebalanceSchedule(0.1, 0.9, "cosine"), 0.5):
+        s = make(dicts, schedule=schedule)
+        assert take(pickle.loads(pickle.dumps(s)), 500) == take(s, 500)
+
+
 def test_same_seed_same_stream(dicts):
     a = take(make(dicts, seed=7), 3000)
     assert a == take(make(dicts, seed=7), 3000)
@@ -229,6 +238,8 @@ def test_bad_input(dicts):
         make(dicts, schedule=2.0)
     with pytest.raises(TypeError, match="schedule"):
         make(dicts, schedule="linear")
+    with pytest.raises(ValueError, match="must lie in"):
+        take(make(dicts, schedule=lambda progress: 1.5), 1)
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.DATALOADER.DRCL2.START, cfg.DATALOADER.DRCL2.END = 0.9, 0.1

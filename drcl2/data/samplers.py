@@ -17,6 +17,18 @@ __all__ = ["DynamicRepeatFactorTrainingSampler"]
 logger = logging.getLogger(__name__)
 
 
+class _ConstantLambda:
+    """A schedule with the same λ all along (a class, not a lambda: workers may pickle it)."""
+
+    def __init__(self, lam):
+        self.lam_value = float(lam)
+        if not 0.0 <= self.lam_value <= 1.0:
+            raise ValueError(f"A constant schedule must lie in [0, 1]; got {self.lam_value}.")
+
+    def __call__(self, progress: float) -> float:
+        return self.lam_value
+
+
 class DynamicRepeatFactorTrainingSampler(Sampler):
     """
     detectron2's :class:`RepeatFactorTrainingSampler` with repeat factors that move from image level
@@ -79,10 +91,7 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
         )
         self._repeat_thresh = float(repeat_thresh)
         if isinstance(schedule, numbers.Real):
-            lam = float(schedule)
-            if not 0.0 <= lam <= 1.0:
-                raise ValueError(f"A constant schedule must lie in [0, 1]; got {lam}.")
-            self._lam_of_progress = lambda progress: lam
+            self._lam_of_progress = _ConstantLambda(schedule)
         elif hasattr(schedule, "lam"):
             self._lam_of_progress = schedule.lam
         elif callable(schedule):
@@ -132,7 +141,12 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
 
     def lam_at(self, iteration: int) -> float:
         """λ of the schedule at ``iteration`` (a pass starting there uses this λ)."""
-        return float(self._lam_of_progress(min(iteration / self._max_iter, 1.0)))
+        lam = float(self._lam_of_progress(min(iteration / self._max_iter, 1.0)))
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(
+                f"The schedule gave λ={lam} at iteration {iteration}; λ must lie in [0, 1]."
+            )
+        return lam
 
     def repeat_factors_at(self, lam: float) -> torch.Tensor:
         """r_I(λ) for every image, Tensor[N] float32."""
