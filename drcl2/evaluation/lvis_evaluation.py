@@ -260,6 +260,19 @@ def _evaluate_lvis_api(lvis_gt, results, iou_type, max_dets_per_image):
     return metrics, dict(zip(lvis_eval.params.cat_ids, ap))
 
 
+def _copy_results(results, iou_type):
+    """
+    Copies of the detections that the evaluators may modify. Both only add or replace top-level
+    keys, so shallow copies suffice (a deep copy of 600k detections costs more than the whole C++
+    evaluation). For "segm" the box is dropped, as detectron2 does, so that mask AP uses mask area.
+    """
+    results = [dict(r) for r in results]
+    if iou_type == "segm":
+        for r in results:
+            r.pop("bbox", None)
+    return results
+
+
 @contextlib.contextmanager
 def _cyclic_gc_paused():
     """
@@ -302,23 +315,16 @@ def evaluate_lvis(lvis_gt, results, iou_type, *, max_dets_per_image=300, backend
     if len(results) == 0:
         logger.warning("No predictions from the model!")
         return {k: float("nan") for k in LVIS_METRICS}, {}
-    # Both evaluators only add or replace top-level keys of the detections: shallow copies suffice
-    # (a deep copy of 600k detections costs more than the whole C++ evaluation).
-    results = [dict(r) for r in results]
-    if iou_type == "segm":
-        # As detectron2: mask AP uses mask area, not the predicted box's area.
-        for r in results:
-            r.pop("bbox", None)
     unknown = {r["image_id"] for r in results} - set(lvis_gt.imgs)
     if unknown:
         raise ValueError(f"Detections refer to image ids {sorted(unknown)[:10]} that are not in the ground truth.")
     if backend == "faster":
-        if faster_gt is None:
-            faster_gt = faster_lvis_ground_truth(lvis_gt.dataset)
         with _cyclic_gc_paused():
-            metrics, ap = _evaluate_faster(faster_gt, results, iou_type, max_dets_per_image)
+            if faster_gt is None:
+                faster_gt = faster_lvis_ground_truth(lvis_gt.dataset)
+            metrics, ap = _evaluate_faster(faster_gt, _copy_results(results, iou_type), iou_type, max_dets_per_image)
     else:
-        metrics, ap = _evaluate_lvis_api(lvis_gt, results, iou_type, max_dets_per_image)
+        metrics, ap = _evaluate_lvis_api(lvis_gt, _copy_results(results, iou_type), iou_type, max_dets_per_image)
     metrics = {k: float(metrics[k] * 100) for k in LVIS_METRICS}
     return metrics, {int(c): float(v * 100) for c, v in ap.items()}
 
