@@ -5,12 +5,14 @@ Where things live:
     drcl2.config       add_drcl2_config(cfg): every drcl2 config key, with its default
     drcl2.data         LVIS-format datasets (register_lvis_format), the generated toy LVIS set
     drcl2.engine       Trainer (DefaultTrainer with LVIS-aware evaluation)
+    drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report), COCOLTEvaluator (AP1-AP4)
     drcl2.tools        command lines: python -m drcl2.tools.<name>
 """
-from . import data  # registers the toy LVIS datasets
+from . import data  # registers the toy LVIS datasets and COCO-LT
 from . import modeling  # registers the DRCL2 meta-architecture
 from .config import add_drcl2_config
 from .data import register_lvis_format
 from .engine import Trainer
+from .evaluation import COCOLTEvaluator, LVISEvaluator
 
-__all__ = ["add_drcl2_config", "register_lvis_format", "Trainer"]
+__all__ = ["add_drcl2_config", "register_lvis_format", "Trainer", "LVISEvaluator", "COCOLTEvaluator"]
