@@ -231,3 +231,22 @@ def test_one_step_on_gpu_with_amp():
     assert all(v.dtype == torch.float32 and math.isfinite(v.item()) for v in losses.values())
     sum(losses.values()).backward()
     assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_rpn_losses_only_equals_detectron2_rpn_forward():
+    from detectron2.structures import ImageList
+
+    from drcl2.modeling.meta_arch import rpn_losses_only
+
+    model = build()
+    images, instances1, _ = model.preprocess(batch())
+    x = images.tensor[:2]
+    features = model.backbone(x)
+    with EventStorage(0):  # the RPN logs its anchor statistics
+        torch.manual_seed(1)
+        ours = rpn_losses_only(model.proposal_generator, features, instances1)
+        torch.manual_seed(1)
+        _, theirs = model.proposal_generator(ImageList(x, images.image_sizes[:2]), features, instances1)
+    assert set(ours) == set(theirs) == {"loss_rpn_cls", "loss_rpn_loc"}
+    for k in ours:
+        assert torch.allclose(ours[k], theirs[k]), k

@@ -478,9 +478,7 @@ class DRCL2(nn.Module):
                 losses["loss_sr"] = self.sr_weight * torch.stack(level_losses).mean()
         if self.proposal_generator is not None:
             with record_function("drcl2.rpn"):
-                _, rpn_losses = self.proposal_generator(
-                    ImageList(online_input, image_sizes[:N]), online1, instances1
-                )
+                rpn_losses = rpn_losses_only(self.proposal_generator, online1, instances1)
                 losses.update({k: self.rpn_weight * v for k, v in rpn_losses.items()})
         if self._unused_levels:
             first = next(iter(losses))
@@ -645,6 +643,30 @@ class DRCL2(nn.Module):
                 )
             )
         return inst, sup
+
+
+def rpn_losses_only(rpn, features: Dict[str, torch.Tensor], gt_instances: List[Instances]):
+    """
+    The training losses of detectron2's :class:`RPN` (``loss_rpn_cls``, ``loss_rpn_loc``) without
+    its proposals: ``RPN.forward`` minus ``predict_proposals`` (top-k + NMS per image), which
+    pre-training never uses. Same modules, anchors, matching, sampling and losses.
+
+    Args:
+        rpn: a detectron2 ``RPN``.
+        features: level -> Tensor[N, C, H_l, W_l].
+        gt_instances: N Instances with ``gt_boxes`` (their ``image_size`` is the view's size).
+    """
+    features = [features[f] for f in rpn.in_features]
+    anchors = rpn.anchor_generator(features)
+    pred_objectness_logits, pred_anchor_deltas = rpn.rpn_head(features)
+    pred_objectness_logits = [score.permute(0, 2, 3, 1).flatten(1) for score in pred_objectness_logits]
+    box_dim = rpn.anchor_generator.box_dim
+    pred_anchor_deltas = [
+        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+        for x in pred_anchor_deltas
+    ]
+    gt_labels, gt_boxes = rpn.label_and_sample_anchors(anchors, gt_instances)
+    return rpn.losses(anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes)
 
 
 def _gather_sizes(n: int) -> List[int]:
