@@ -49,6 +49,8 @@ def add_arguments(parser):
     parser.add_argument("--amp", action="store_true", help="autocast (fp16) forward, as SOLVER.AMP")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-r50", action="store_true", help="on CUDA, skip the extra R-50-FPN "
+                        "run (configs/pretrain_2drcl.yaml, batch 2, AMP, on the toy images)")
     parser.add_argument("opts", nargs="*", default=[], help="KEY VALUE overrides for both configs")
 
 
@@ -175,6 +177,20 @@ def _measure(kind, args, queue):
 
 
 def run(args):
+    _compare(args)
+    if args.device.startswith("cuda") and not args.no_r50:
+        import copy
+
+        r50 = copy.copy(args)
+        r50.config_file, r50.baseline_config = "configs/pretrain_2drcl.yaml", None
+        r50.batch_size, r50.amp = 2, True
+        r50.dataset = args.dataset or "lvis_v1_toy_train"  # LVIS v1 itself may not be on disk
+        print()
+        print("R-50-FPN, batch 2, AMP:")
+        _compare(r50)
+
+
+def _compare(args):
     if args.baseline_config is None:
         args.baseline_config = DEFAULT_BASELINES.get(os.path.normpath(args.config_file))
         if args.baseline_config is None:
