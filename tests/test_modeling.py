@@ -222,6 +222,17 @@ def test_inference_is_refused_with_a_pointer_to_export():
         model(batch())
 
 
+def test_losses_and_norms_stay_float32_under_cpu_autocast():
+    """The AMP code path on CPU (bfloat16 autocast): every loss comes out in float32."""
+    model = build()
+    with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch())
+    assert set(losses) == LOSS_KEYS
+    assert all(v.dtype == torch.float32 and math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_one_step_on_gpu_with_amp():
     model = build("MODEL.DEVICE", "cuda")

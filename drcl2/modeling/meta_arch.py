@@ -617,7 +617,7 @@ class DRCL2(nn.Module):
         target_projector = self.target_network["lcl_projector"]
         with torch.no_grad():
             if self.symmetric:  # one batched call over both views
-                both = {k: torch.cat([target1[k], target2[k]]) for k in target2}
+                both = {k: torch.cat([target1[k], target2[k]]) for k in self.roi_heads.box_in_features}
                 t = target_projector(self.roi_heads(both, boxes1 + boxes2, box_head=target_head))
                 t1, t2 = t[: len(classes)], t[len(classes):]
             else:
