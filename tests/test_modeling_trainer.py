@@ -3,7 +3,9 @@ import os
 
 import torch
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 
 from conftest import REPO_ROOT
 from drcl2.checkpoint import DRCL2Checkpointer
@@ -39,6 +41,16 @@ def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     name = "backbone.fpn_output2.weight"
     assert not torch.equal(saved["model"]["target_network." + name], saved["model"][name])
     assert os.path.exists(tmp_path / "model_final_finetune.pth")
+    # ... and it loads into the toy fine-tuning Mask R-CNN: every exported key, same values.
+    ft_cfg = get_cfg()
+    add_drcl2_config(ft_cfg)
+    ft_cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml"))
+    ft_cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_BOX_HEAD.FC_DIM", 128])
+    detector = build_model(ft_cfg)
+    DetectionCheckpointer(detector).load(str(tmp_path / "model_final_finetune.pth"), checkpointables=[])
+    exported = torch.load(tmp_path / "model_final_finetune.pth", weights_only=False)["model"]
+    detector_state = detector.state_dict()
+    assert exported and all(torch.equal(detector_state[k], v) for k, v in exported.items())
     metrics = trainer.storage.latest()
     assert "drcl2/momentum" in metrics and "drcl2/lambda" in metrics
 
