@@ -158,6 +158,8 @@ def test_class_statistics_are_buffers_and_drive_instance_weights():
     assert r[4] > r[0] >= 1.0  # the rare class is up-weighted
     assert torch.allclose(model.class_weights_at(0.0), torch.ones(5))
     assert torch.allclose(model.class_weights_at(0.5), r ** 0.5)
+    with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES"):
+        model.set_class_statistics([{"annotations": [{"category_id": 7}]}])
 
 
 @pytest.mark.parametrize(

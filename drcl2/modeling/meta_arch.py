@@ -355,7 +355,13 @@ class DRCL2(nn.Module):
             dataset_dicts: detectron2 dataset dicts of the training set (contiguous category ids
                 in ``[0, MODEL.ROI_HEADS.NUM_CLASSES)``).
         """
-        factors = class_weights(dataset_dicts, self.repeat_thresh, 1.0, self.num_classes)
+        try:
+            factors = class_weights(dataset_dicts, self.repeat_thresh, 1.0, self.num_classes)
+        except ValueError as e:
+            raise ValueError(
+                f"DRCL2 class statistics of the training set: {e} Check that "
+                f"MODEL.ROI_HEADS.NUM_CLASSES ({self.num_classes}) matches DATASETS.TRAIN."
+            ) from e
         self.class_repeat_factors.copy_(factors.to(self.class_repeat_factors))
         self.class_statistics_set.fill_(True)
 
