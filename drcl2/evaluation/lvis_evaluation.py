@@ -238,6 +238,8 @@ def _evaluate_faster(gt, results, iou_type, max_dets_per_image):
     dt = _faster_results(gt, federated_filter(gt, results), iou_type)
     coco_eval = COCOeval_faster(gt, dt, iou_type, lvis_style=True, print_function=logger.debug)
     coco_eval.params.maxDets = [max_dets_per_image]
+    # summarize_lvis_precision indexes area ranges by position, as LVISEval lays them out.
+    assert tuple(coco_eval.params.areaRngLbl) == _AREA_LABELS, coco_eval.params.areaRngLbl
     coco_eval.evaluate()
     coco_eval.accumulate()
     precision = np.asarray(coco_eval.eval["precision"])[..., -1]  # [T, R, K, A], the only maxDets
@@ -312,6 +314,8 @@ def evaluate_lvis(lvis_gt, results, iou_type, *, max_dets_per_image=300, backend
         raise ValueError(f"Unknown LVIS evaluation backend {backend!r}; expected one of {LVIS_BACKENDS}.")
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}.")
+    if max_dets_per_image == 0:
+        raise ValueError("max_dets_per_image (TEST.DETECTIONS_PER_IMAGE) must be positive, or negative for no limit.")
     if len(results) == 0:
         logger.warning("No predictions from the model!")
         return {k: float("nan") for k in LVIS_METRICS}, {}
