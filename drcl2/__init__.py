@@ -6,13 +6,25 @@ Where things live:
     drcl2.data         LVIS-format datasets (register_lvis_format), the generated toy LVIS set
     drcl2.engine       Trainer (DefaultTrainer with LVIS-aware evaluation)
     drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report), COCOLTEvaluator (AP1-AP4)
+    drcl2.modeling     the DRCL2 pre-training meta-architecture (HCL, LCL, AR, SR, RPN, EMA target)
+    drcl2.checkpoint   export_finetune_weights(src, dst): DRCL2 checkpoint -> fine-tuning weights
     drcl2.tools        command lines: python -m drcl2.tools.<name>
 """
 from . import data  # registers the toy LVIS datasets and COCO-LT
 from . import modeling  # registers the DRCL2 meta-architecture
+from .checkpoint import export_finetune_weights
 from .config import add_drcl2_config
 from .data import register_lvis_format
 from .engine import Trainer
+from .modeling import DRCL2
 from .evaluation import COCOLTEvaluator, LVISEvaluator
 
-__all__ = ["add_drcl2_config", "register_lvis_format", "Trainer", "LVISEvaluator", "COCOLTEvaluator"]
+__all__ = [
+    "add_drcl2_config",
+    "register_lvis_format",
+    "Trainer",
+    "LVISEvaluator",
+    "COCOLTEvaluator",
+    "DRCL2",
+    "export_finetune_weights",
+]
