@@ -321,3 +321,21 @@ def test_metrics_are_logged_not_printed_by_faster_backend(lvis_case, caplog):
     with contextlib.redirect_stdout(out), caplog.at_level(logging.INFO):
         evaluate_lvis(lvis_api, dets, "bbox", backend="faster")
     assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("backend", ["faster", "lvis"])
+def test_trainer_builds_lvis_evaluator_with_configured_backend(known_ap_dataset, tmp_path, backend):
+    from detectron2.config import get_cfg
+
+    from drcl2 import Trainer, add_drcl2_config
+
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    assert cfg.TEST.DRCL2.LVIS_BACKEND == "faster"  # the default
+    cfg.TEST.DRCL2.LVIS_BACKEND = backend
+    cfg.TEST.DETECTIONS_PER_IMAGE = 300
+    cfg.OUTPUT_DIR = str(tmp_path)
+    evaluator = Trainer.build_evaluator(cfg, known_ap_dataset)
+    assert isinstance(evaluator, LVISEvaluator)
+    assert evaluator._backend == backend and evaluator._max_dets_per_image == 300
+    assert evaluator._output_dir == os.path.join(str(tmp_path), "inference")
