@@ -3,7 +3,6 @@ import csv
 import importlib.util
 import json
 import os
-from collections import Counter, defaultdict
 
 import pytest
 import torch

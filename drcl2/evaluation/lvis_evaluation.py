@@ -36,7 +36,7 @@ import itertools
 import json
 import logging
 import os
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 
 import numpy as np
 from detectron2.evaluation import LVISEvaluator as _D2LVISEvaluator
