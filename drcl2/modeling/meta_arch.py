@@ -57,6 +57,12 @@ class DRCL2(nn.Module):
     :meth:`set_class_statistics` when training starts; they are buffers, saved with checkpoints.
     After each optimizer step, :meth:`update_target` moves the target network (drcl2's Trainer does
     both with hooks).
+
+    Multi-GPU: every trainable parameter receives a gradient at every step, whatever parts are on
+    and however few instances a rank holds (DDP runs with ``find_unused_parameters=False``); the
+    MLP / SR norms default to ``naiveSyncBN_N`` (synchronised, zero-size safe); target embeddings
+    are all-gathered without gradient (the losses need none through them). Mixed precision: image
+    pooling, norms and every loss are computed in float32.
     """
 
     @configurable
