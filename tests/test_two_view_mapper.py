@@ -136,3 +136,13 @@ def test_photometric_views_differ_and_keep_format(tmp_path):
         assert out[v]["image"].dtype == torch.uint8 and out[v]["image"].shape[0] == 3
     with pytest.raises(ValueError, match="MIN_VISIBLE"):
         TwoViewDatasetMapper(geometric1=[], geometric2=[], min_visible=1.5)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("INPUT.DRCL2.BLUR_KERNEL_SIZE", 8), ("INPUT.DRCL2.SOLARIZE_PROB", (0.0, 1.5)),
+     ("INPUT.DRCL2.CROP_SCALE", (0.5, 0.2)), ("INPUT.DRCL2.GRAYSCALE_PROB", -0.1)],
+)
+def test_invalid_view_config_names_the_key(key, value):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        toy_mapper(**{key: value})

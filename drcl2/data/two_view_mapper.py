@@ -146,6 +146,7 @@ class TwoViewDatasetMapper:
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         d = cfg.INPUT.DRCL2
+        _check_view_config(d)
         crop = lambda: RandomResizedCropAugmentation(tuple(d.CROP_SCALE), tuple(d.CROP_RATIO))  # noqa
         common = dict(
             color_jitter_prob=d.COLOR_JITTER_PROB,
@@ -251,6 +252,36 @@ class TwoViewDatasetMapper:
                 "instances": instances,
             }
         return out
+
+
+def _check_view_config(d) -> None:
+    """Raise ValueError naming the INPUT.DRCL2 key that holds an invalid value."""
+    def fail(key, why):
+        raise ValueError(f"INPUT.DRCL2.{key} = {d[key]!r}: {why}")
+
+    for key in ("COLOR_JITTER_PROB", "GRAYSCALE_PROB"):
+        if not 0.0 <= d[key] <= 1.0:
+            fail(key, "a probability must lie in [0, 1].")
+    for key in ("BLUR_PROB", "SOLARIZE_PROB"):
+        if len(d[key]) != 2 or not all(0.0 <= p <= 1.0 for p in d[key]):
+            fail(key, "expected two probabilities in [0, 1], for (view 1, view 2).")
+    for key in ("BRIGHTNESS", "CONTRAST", "SATURATION"):
+        if d[key] < 0:
+            fail(key, "must be >= 0.")
+    if not 0.0 <= d.HUE <= 0.5:
+        fail("HUE", "must lie in [0, 0.5].")
+    if d.BLUR_KERNEL_SIZE < 1 or d.BLUR_KERNEL_SIZE % 2 == 0:
+        fail("BLUR_KERNEL_SIZE", "must be an odd number of pixels >= 1.")
+    if len(d.BLUR_SIGMA) != 2 or not 0 < d.BLUR_SIGMA[0] <= d.BLUR_SIGMA[1]:
+        fail("BLUR_SIGMA", "expected (min, max) with 0 < min <= max.")
+    if len(d.CROP_SCALE) != 2 or not 0 < d.CROP_SCALE[0] <= d.CROP_SCALE[1] <= 1:
+        fail("CROP_SCALE", "expected (min, max) area fractions with 0 < min <= max <= 1.")
+    if len(d.CROP_RATIO) != 2 or not 0 < d.CROP_RATIO[0] <= d.CROP_RATIO[1]:
+        fail("CROP_RATIO", "expected (min, max) aspect ratios with 0 < min <= max.")
+    if not 0.0 <= d.MIN_VISIBLE <= 1.0:
+        fail("MIN_VISIBLE", "must lie in [0, 1].")
+    if d.MIN_SIDE < 0:
+        fail("MIN_SIDE", "must be >= 0 pixels.")
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:
