@@ -254,7 +254,7 @@ def _compare(args):
     if device.startswith("cuda"):
         device += f" ({torch.cuda.get_device_name(0)})"
     else:
-        device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        device += f" ({platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} threads)"
     print(f"device: {device}; batch {args.batch_size} images; AMP {'on' if args.amp else 'off'}; "
           f"{args.warmup} warm-up + {args.iters} timed steps (median); memory: {ours['memory_kind']}")
     rows = []
