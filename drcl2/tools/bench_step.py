@@ -17,7 +17,10 @@ peak memory, and for DRCL2 the time split by part: each ``drcl2.*`` ``record_fun
 the model (online forward, target forward, masking, each head / loss) from torch.profiler over
 ``--profile-iters`` extra steps, plus backward, optimizer step and EMA update timed directly.
 On CPU, denormal floats are flushed to zero (``torch.set_flush_denormal``; ``--keep-denormals``
-to keep them): otherwise tiny gradients hit x86's slow path and dominate the timings.
+to keep them): otherwise tiny gradients hit x86's slow path and dominate the timings. The flag
+holds for the calling thread only, so CPU runs use one thread unless ``--threads`` says otherwise
+(with two threads on a shared 2-core machine, the second thread's denormals and other processes
+made the same run vary 5x).
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the peak
 resident set size (``ru_maxrss``) of a fresh process that runs only that model's measurement (so
 it includes the Python runtime and the model, and is comparable between the two rows).
@@ -53,7 +56,8 @@ def add_arguments(parser):
     parser.add_argument("--profile-iters", type=int, default=3, help="profiled steps for the split")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="autocast (fp16) forward, as SOLVER.AMP")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default on CPU: 1, see above; on CUDA: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-denormals", action="store_true",
                         help="on CPU, do not flush denormal floats to zero (default: flush)")
@@ -215,6 +219,8 @@ def _measure(kind, args, queue):
 
 
 def run(args):
+    if args.threads is None and not args.device.startswith("cuda"):
+        args.threads = 1
     _compare(args)
     if args.device.startswith("cuda") and not args.no_r50:
         import copy
