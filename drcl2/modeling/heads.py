@@ -79,7 +79,7 @@ class BoxFeatureHead(nn.Module):
             Tensor[R, D]: the box-head feature of every box, images in order.
         """
         pooled = self.box_pooler([features[f] for f in self.box_in_features], boxes)
-        return (box_head or self.box_head)(pooled)
+        return (box_head if box_head is not None else self.box_head)(pooled)
 
 
 class AppearanceDecoder(nn.Module):
