@@ -1,4 +1,3 @@
-# TEMPORARY NOTE TO CONCURRENT ENGINEERS (helpers): read /work/main/ENGINEERS-READ-FIRST.md now (git rules, shared files, deadline 19:00 UTC). Lead removes this line.
 """drcl2 — 2DRCL pre-training for long-tailed object detection, as a detectron2 plugin.
 
 Where things live:

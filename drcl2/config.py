@@ -1,4 +1,3 @@
-# TEMPORARY NOTE TO CONCURRENT ENGINEERS (helpers): read /work/main/ENGINEERS-READ-FIRST.md now (git rules, shared files, deadline 19:00 UTC). Lead removes this line.
 """drcl2's config keys. Call :func:`add_drcl2_config` on a detectron2 config before merging a file."""
 from detectron2.config import CfgNode as CN
 

@@ -1,4 +1,3 @@
-# TEMPORARY NOTE TO CONCURRENT ENGINEERS (helpers): read /work/main/ENGINEERS-READ-FIRST.md now (git rules, shared files, deadline 19:00 UTC). Lead removes this line.
 """drcl2's trainer: detectron2's DefaultTrainer with long-tail-aware data and evaluation choices."""
 import logging
 import os
@@ -16,6 +15,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import COCOEvaluator
 
+from ..checkpoint import DRCL2Checkpointer
 from ..data.datasets import check_dataset_files
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
 
@@ -52,11 +52,20 @@ class Trainer(DefaultTrainer):
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = self.build_checkpointer(cfg, model)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_checkpointer(self, cfg, model):
+        """
+        detectron2's :class:`DetectionCheckpointer`; for 2DRCL pre-training a
+        :class:`DRCL2Checkpointer`, which loads ImageNet / model-zoo weights into the online network
+        only (the target network holds copies under the same names).
+        """
+        checkpointer = DRCL2Checkpointer if cfg.MODEL.META_ARCHITECTURE == "DRCL2" else DetectionCheckpointer
+        return checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
 
     @classmethod
     def build_ddp_model(cls, cfg, model):
@@ -84,14 +93,6 @@ class Trainer(DefaultTrainer):
             )
 
     def build_hooks(self):
-        if self.cfg.MODEL.META_ARCHITECTURE == "DRCL2":
-            # Before detectron2's hooks take the checkpointer: one that loads ImageNet weights
-            # into the online network only (the target network holds copies of the same names).
-            from ..checkpoint import DRCL2Checkpointer
-
-            self.checkpointer = DRCL2Checkpointer(
-                self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-            )
         ret = super().build_hooks()
         if self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
             from .hooks import RebalanceLambdaHook
