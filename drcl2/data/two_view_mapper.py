@@ -4,7 +4,7 @@ The two-view mapper of 2DRCL pre-training (METHOD.md, "Data flow of one pre-trai
 import copy
 import logging
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch

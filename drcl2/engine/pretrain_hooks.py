@@ -4,7 +4,6 @@ trainer: hand the class statistics to the model, move the EMA target network aft
 step, and export the fine-tuning weights at the end.
 """
 import logging
-import os
 from typing import Callable, List
 
 from torch.nn.parallel import DistributedDataParallel
