@@ -1,10 +1,8 @@
 """
 Hooks that run 2DRCL pre-training (``MODEL.META_ARCHITECTURE: "DRCL2"``) inside detectron2's
-trainer: hand the class statistics to the model, move the EMA target network after every optimizer
-step, and export the fine-tuning weights at the end.
+trainer: move the EMA target network after every optimizer step, and export the fine-tuning weights
+at the end. (drcl2's Trainer hands the class statistics to the model when it is built.)
 """
-import logging
-from typing import Callable, List
 
 from torch.nn.parallel import DistributedDataParallel
 
@@ -13,39 +11,12 @@ from detectron2.utils import comm
 
 from ..checkpoint import finetune_state_dict, save_finetune_weights
 
-__all__ = ["ClassStatisticsHook", "TargetNetworkUpdateHook", "ExportFinetuneWeightsHook", "unwrap_model"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["TargetNetworkUpdateHook", "ExportFinetuneWeightsHook", "unwrap_model"]
 
 
 def unwrap_model(model):
     """The module inside a (Distributed)DataParallel wrapper, or ``model`` itself."""
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-class ClassStatisticsHook(HookBase):
-    """
-    Before training, hand the training set's class statistics to a DRCL2 model
-    (:meth:`DRCL2.set_class_statistics`) unless it already holds them (a resumed run, whose
-    checkpoint saved them). Runs on every rank: each holds its own model replica.
-    """
-
-    def __init__(self, load_dataset_dicts: Callable[[], List[dict]]):
-        """
-        Args:
-            load_dataset_dicts: returns the training dataset dicts (called at most once).
-        """
-        self._load = load_dataset_dicts
-
-    def before_train(self):
-        model = unwrap_model(self.trainer.model)
-        if bool(model.class_statistics_set):
-            logger.info("DRCL2 class statistics come from the checkpoint.")
-            return
-        model.set_class_statistics(self._load())
-        logger.info(f"DRCL2 class repeat factors r_c^ins set from the training set: "
-                    f"min {float(model.class_repeat_factors.min()):.3f}, "
-                    f"max {float(model.class_repeat_factors.max()):.3f}.")
 
 
 class TargetNetworkUpdateHook(HookBase):

@@ -46,7 +46,14 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        train_dataset = self.build_train_dataset(cfg)
+        data_loader = self.build_train_loader(cfg, dataset=train_dataset)
+        if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
+            # DRB's class weights need the training set's class statistics; build_model does not
+            # read the dataset, so they are handed over here, from the dicts already loaded (a
+            # resumed run then loads the same statistics from its checkpoint).
+            model.set_class_statistics(train_dataset)
+        del train_dataset  # the data loader holds its own serialized copy
         model = self.build_ddp_model(cfg, model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer
@@ -104,21 +111,16 @@ class Trainer(DefaultTrainer):
 
     def _add_drcl2_hooks(self, ret):
         """
-        2DRCL pre-training: class statistics to the model before training, the EMA target step
-        after each optimizer step (before the checkpointer saves), and the export of
+        2DRCL pre-training: the EMA target step after each optimizer step (before the checkpointer saves), and the export of
         ``OUTPUT_DIR/model_final_finetune.pth`` after the last iteration.
         """
         from detectron2.engine import hooks as d2_hooks
 
-        from .pretrain_hooks import ClassStatisticsHook, ExportFinetuneWeightsHook, TargetNetworkUpdateHook
+        from .pretrain_hooks import ExportFinetuneWeightsHook, TargetNetworkUpdateHook
 
         cfg = self.cfg
-        load_train_dicts = lambda: get_detection_dataset_dicts(  # noqa: E731
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
         after_lr = 1 + next(i for i, h in enumerate(ret) if isinstance(h, d2_hooks.LRScheduler))
         ret.insert(after_lr, TargetNetworkUpdateHook())
-        ret.insert(0, ClassStatisticsHook(load_train_dicts))
         ret.append(
             ExportFinetuneWeightsHook(
                 os.path.join(cfg.OUTPUT_DIR, "model_final_finetune.pth"), cfg.SOLVER.MAX_ITER
@@ -127,14 +129,10 @@ class Trainer(DefaultTrainer):
         return ret
 
     @classmethod
-    def build_train_loader(cls, cfg, start_iter=0):
-        """
-        Args:
-            start_iter (int): iteration the training stream starts at (a resumed run's start), for
-                samplers that keep a schedule (drcl2's dynamic rebalancing sampler).
-        """
+    def build_train_dataset(cls, cfg):
+        """The training dataset dicts of ``cfg.DATASETS.TRAIN``, filtered as detectron2 does."""
         check_dataset_files(cfg.DATASETS.TRAIN)
-        dataset = get_detection_dataset_dicts(
+        return get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
@@ -142,6 +140,18 @@ class Trainer(DefaultTrainer):
             else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter=0, dataset=None):
+        """
+        Args:
+            start_iter (int): iteration the training stream starts at (a resumed run's start), for
+                samplers that keep a schedule (drcl2's dynamic rebalancing sampler).
+            dataset (list[dict] or None): the training dicts, if already loaded
+                (default: :meth:`build_train_dataset`).
+        """
+        if dataset is None:
+            dataset = cls.build_train_dataset(cfg)
         return build_detection_train_loader(
             cfg,
             dataset=dataset,
