@@ -3,6 +3,7 @@ Shared test set-up. Tests use the repository's ``datasets/`` folder as the datas
 set is generated there once and reused, as by ``make demo``) unless $DETECTRON2_DATASETS is set; it
 must be set before drcl2 is imported, since drcl2 registers its datasets on import.
 """
+import json
 import os
 import sys
 
@@ -28,3 +29,34 @@ def toy_lvis_root():
     root = os.environ["DETECTRON2_DATASETS"]
     ensure_toy_lvis(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def toy_val_mini(toy_lvis_root, tmp_path_factory):
+    """
+    A few lvis_v1_toy_val images that hold rare, common and frequent classes, registered as their
+    own LVIS-format dataset (same image files and categories); its name.
+    """
+    from detectron2.data import MetadataCatalog
+
+    from drcl2.data import register_lvis_format
+
+    meta = MetadataCatalog.get("lvis_v1_toy_val")
+    with open(meta.json_file) as f:
+        data = json.load(f)
+    group = {c["id"]: c["frequency"] for c in data["categories"]}
+    chosen, seen = [], set()
+    for img in data["images"]:
+        groups = {group[a["category_id"]] for a in data["annotations"] if a["image_id"] == img["id"]}
+        if groups - seen:
+            chosen.append(img)
+            seen |= groups
+        if seen == {"r", "c", "f"} and len(chosen) >= 4:
+            break
+    ids = {img["id"] for img in chosen}
+    data["images"] = chosen
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    path = tmp_path_factory.mktemp("toy_val_mini") / "lvis_v1_toy_val_mini.json"
+    path.write_text(json.dumps(data))
+    register_lvis_format("lvis_v1_toy_val_mini", str(path), meta.image_root)
+    return "lvis_v1_toy_val_mini"

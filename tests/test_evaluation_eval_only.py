@@ -1,55 +1,21 @@
 """`train_net.py --eval-only` on the demo set writes the per-class report (CSV and PNG)."""
 import csv
-import importlib.util
-import json
 import math
 import os
 
-import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 
-from drcl2.data import register_lvis_format
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import train_net
+from conftest import REPO_ROOT
 
 
-NUM_VAL_IMAGES = 12  # of the demo val set: inference of a fresh model takes ~1 s per image here
-
-
-@pytest.fixture
-def toy_val_head(tmp_path):
-    """The first NUM_VAL_IMAGES images of lvis_v1_toy_val (same files and categories), registered."""
-    DatasetCatalog.get("lvis_v1_toy_val")  # generates the demo set if needed
-    meta = MetadataCatalog.get("lvis_v1_toy_val")
-    with open(meta.json_file) as f:
-        val = json.load(f)
-    val["images"] = val["images"][:NUM_VAL_IMAGES]
-    kept = {img["id"] for img in val["images"]}
-    val["annotations"] = [a for a in val["annotations"] if a["image_id"] in kept]
-    json_file = tmp_path / "lvis_v1_toy_val_head.json"
-    json_file.write_text(json.dumps(val))
-    name = f"lvis_v1_toy_val_head_{tmp_path.name}"
-    register_lvis_format(name, str(json_file), meta.image_root)
-    yield name, {a["category_id"] for a in val["annotations"]}
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
-
-
-def test_eval_only_writes_per_class_report(tmp_path, toy_val_head):
+def test_eval_only_writes_per_class_report(tmp_path, toy_val_mini):
     """A freshly initialised R-18 Mask R-CNN (MODEL.WEIGHTS "") on demo val images: poor but real."""
-    name, val_category_ids = toy_val_head
-    train_net = _train_net()
+    name = toy_val_mini
     args = default_argument_parser().parse_args(
         [
-            "--config-file", os.path.join(REPO, "configs", "toy", "mask_rcnn_finetune.yaml"),
+            "--config-file", os.path.join(REPO_ROOT, "configs", "toy", "mask_rcnn_finetune.yaml"),
             "--eval-only",
             "DATASETS.TEST", f"('{name}',)",
             "MODEL.WEIGHTS", "",
@@ -77,7 +43,7 @@ def test_eval_only_writes_per_class_report(tmp_path, toy_val_head):
     by_contiguous = {k: counts[d] for d, k in id_map.items()}
     assert [int(r["train_image_count"]) for r in rows] == [by_contiguous[k] for k in range(len(rows))]
     # AP is a percentage for the classes with instances in these images, undefined for the others.
-    contiguous_with_gt = {id_map[c] for c in val_category_ids}
+    contiguous_with_gt = {a["category_id"] for d in DatasetCatalog.get(name) for a in d["annotations"]}
     for k, r in enumerate(rows):
         for column in ("ap_box", "ap_mask"):
             if k in contiguous_with_gt:

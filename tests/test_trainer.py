@@ -5,13 +5,11 @@ import os
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, launch
 
 import train_net
 from conftest import REPO_ROOT
-from drcl2 import Trainer, register_lvis_format
+from drcl2 import Trainer
 from drcl2.tools.summarize import main as summarize, read_eval_metrics
 
 TOY_CONFIG = os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml")
@@ -34,31 +32,8 @@ def _args(output_dir, *extra, flags=()):
     )
 
 
-@pytest.fixture(scope="module")
-def mini_val(toy_lvis_root, tmp_path_factory):
-    """A few toy val images that hold rare, common and frequent classes, as its own LVIS dataset."""
-    meta = MetadataCatalog.get("lvis_v1_toy_val")
-    data = json.load(open(meta.json_file))
-    group = {c["id"]: c["frequency"] for c in data["categories"]}
-    chosen, seen = [], set()
-    for img in data["images"]:
-        groups = {group[a["category_id"]] for a in data["annotations"] if a["image_id"] == img["id"]}
-        if groups - seen:
-            chosen.append(img)
-            seen |= groups
-        if seen == {"r", "c", "f"} and len(chosen) >= 4:
-            break
-    ids = {img["id"] for img in chosen}
-    data["images"] = chosen
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
-    path = tmp_path_factory.mktemp("mini_val") / "lvis_v1_toy_val_mini.json"
-    path.write_text(json.dumps(data))
-    register_lvis_format("lvis_v1_toy_val_mini", str(path), meta.image_root)
-    return "lvis_v1_toy_val_mini"
-
-
-def test_finetune_evaluate_then_resume(mini_val, tmp_path, capsys):
-    train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", f"('{mini_val}',)"))
+def test_finetune_evaluate_then_resume(toy_val_mini, tmp_path, capsys):
+    train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", f"('{toy_val_mini}',)"))
     results = read_eval_metrics(str(tmp_path))  # what the EvalHook logged at the end of training
     for task in ("bbox", "segm"):
         for key in ("AP", "AP50", "APr", "APc", "APf"):
@@ -83,19 +58,6 @@ def test_finetune_evaluate_then_resume(mini_val, tmp_path, capsys):
     assert trainer.iter == 4
     assert torch.load(tmp_path / "model_final.pth", weights_only=False)["iteration"] == 3
     assert (tmp_path / "model_0000000.pth").is_file()  # what was written before is kept
-
-
-def test_eval_only(mini_val, tmp_path):
-    # evaluate the weights of a short run as train_net.py --eval-only does
-    train_net.main(_args(tmp_path / "train", "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()"))
-    weights = str(tmp_path / "train" / "model_final.pth")
-    results = train_net.main(
-        _args(tmp_path / "eval", "MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{mini_val}',)",
-              flags=["--eval-only"])
-    )
-    assert set(results) == {"bbox", "segm"}
-    model = Trainer.build_model(train_net.setup(_args(tmp_path / "eval", "MODEL.WEIGHTS", weights)))
-    assert DetectionCheckpointer(model).load(weights)["iteration"] == 0
 
 
 @pytest.mark.skipif(
