@@ -6,7 +6,8 @@ def add_drcl2_config(cfg):
     """Add drcl2's keys (with their defaults) to a detectron2 ``cfg``, in place."""
     # ---------------------------------------------------------------------------------------------
     # Dynamic rebalancing sampler (METHOD.md, DRB). Used when
-    # DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler".
+    # DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler" (for DRCL2 pre-training,
+    # exactly when MODEL.DRCL2.DRB.ENABLED is True: the two halves of DRB are switched together).
     # ---------------------------------------------------------------------------------------------
     cfg.DATALOADER.DRCL2 = CN()
     # Repeat-factor threshold t of LVIS repeat-factor sampling (fraction of images).
@@ -17,6 +18,9 @@ def add_drcl2_config(cfg):
     cfg.DATALOADER.DRCL2.END = 1.0
     # Shape of the rise of lambda between START and END: "linear" or "cosine".
     cfg.DATALOADER.DRCL2.MODE = "linear"
+    # The sampler re-takes lambda from the schedule every this many iterations (and re-draws the
+    # rest of the current pass with it): 10 gives a 200-iteration schedule 20 values of lambda.
+    cfg.DATALOADER.DRCL2.CHUNK_ITERS = 10
 
     # ---------------------------------------------------------------------------------------------
     # 2DRCL pre-training model (METHOD.md), MODEL.META_ARCHITECTURE == "DRCL2". The box pooler and
@@ -59,6 +63,8 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.LCL.WEIGHT = 1.0
     cfg.MODEL.DRCL2.DRB = CN()
     # Dynamic rebalancing of instance selection / class weights w_c(lambda) (off: uniform weights).
+    # Its image half is the sampler: True requires DATALOADER.SAMPLER_TRAIN
+    # "DynamicRepeatFactorTrainingSampler", False any other sampler (checked when the model is built).
     cfg.MODEL.DRCL2.DRB.ENABLED = True
     cfg.MODEL.DRCL2.MASK = CN()
     # Side of the square patches masked in x1 (pixels); used when AR or SR is on.

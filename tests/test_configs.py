@@ -34,6 +34,10 @@ def test_config_loads(config_file, tmp_path_factory):
     assert cfg.VERSION == 2
     assert cfg.OUTPUT_DIR == str(output_dir)
     assert os.path.isfile(os.path.join(output_dir, "config.yaml"))  # written by default_setup
+    if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
+        from drcl2.modeling.meta_arch import check_drcl2_config
+
+        check_drcl2_config(cfg)  # e.g. DRB's two switches (class weights, sampler) agree
 
 
 def test_lvis_recipe():

@@ -200,6 +200,7 @@ def test_ablation_rows_switch_the_parts(name):
     # The row's switches on the tiny model (R-18) so that it builds fast.
     tiny = tiny_cfg()
     tiny.MODEL.DRCL2 = cfg.MODEL.DRCL2
+    tiny.DATALOADER.SAMPLER_TRAIN = cfg.DATALOADER.SAMPLER_TRAIN
     torch.manual_seed(0)
     model = build_model(tiny).train()
     losses, _ = step(model)
@@ -207,6 +208,15 @@ def test_ablation_rows_switch_the_parts(name):
     assert (model.rebalance_schedule is not None) == ("drb" in name)
     dynamic = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
     assert dynamic == ("drb" in name)
+
+
+@pytest.mark.parametrize(
+    "drb,sampler", [(True, "RepeatFactorTrainingSampler"), (False, "DynamicRepeatFactorTrainingSampler")]
+)
+def test_drb_switches_both_halves_together(drb, sampler):
+    """One half of DRB without the other (class weights vs sampler) is refused, naming both keys."""
+    with pytest.raises(ValueError, match="MODEL.DRCL2.DRB.ENABLED.*DATALOADER.SAMPLER_TRAIN"):
+        build_model(tiny_cfg("MODEL.DRCL2.DRB.ENABLED", drb, "DATALOADER.SAMPLER_TRAIN", sampler))
 
 
 def test_all_parts_off_fails():

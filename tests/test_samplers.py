@@ -99,30 +99,69 @@ def test_mean_appearances_match_repeat_factors(dicts, lam):
     assert abs(counts.sum().item() - expected.sum().item() * num_passes) <= 5 * total_sd + 1
 
 
-def test_each_pass_uses_lambda_at_its_start(dicts):
-    # λ jumps from 0 to 1 at 40% of a 100-iteration schedule of 8 images per iteration
-    sampler = make(dicts, schedule=RebalanceSchedule(0.4, 0.4), shuffle=False)
-    r = {lam: repeat_factors(dicts, T, lam).double() for lam in (0.0, 1.0)}
-    passes = split_passes(take(sampler, 6000))
-    position, seen = 0, set()
-    for p in passes:
-        lam = sampler.lam_at(position // 8)
-        counts = torch.bincount(torch.tensor(p), minlength=len(dicts)).double()
-        assert bool(((counts == r[lam].floor()) | (counts == r[lam].ceil())).all())
-        other = r[1.0 - lam]
-        assert not bool(((counts == other.floor()) | (counts == other.ceil())).all())
-        seen.add(lam)
-        position += len(p)
-    assert seen == {0.0, 1.0}
+def _image_factor_sets(dicts):
+    return repeat_factors(dicts, T, 0.0).double(), repeat_factors(dicts, T, 1.0).double()
+
+
+def test_lambda_moves_within_one_pass(dicts):
+    """
+    λ steps from 0 to 1 half-way through the FIRST pass: the second half of that pass must already
+    follow the instance-level factors. (A sampler that takes λ once per pass keeps λ = 0 for the
+    whole pass, and both halves have the same composition.)
+    """
+    r0, r1 = _image_factor_sets(dicts)
+    pass_iters = int(r0.sum()) // 8  # iterations of 8 images in one pass at λ = 0
+    gain = r1 / r0  # how much more often λ = 1 shows each image
+    favoured, disfavoured = gain >= gain.quantile(0.9), gain <= gain.quantile(0.1)
+    contrast = float((r1[favoured].sum() / r1[disfavoured].sum()) / (r0[favoured].sum() / r0[disfavoured].sum()))
+    assert contrast > 1.4  # the data has a real contrast between the two sets
+    shares = {"first": [], "second": []}
+    for seed in range(20):
+        sampler = make(dicts, schedule=RebalanceSchedule(0.5, 0.5), max_iter=pass_iters, chunk_iters=5, seed=seed)
+        assert sampler.lam_at(pass_iters // 2 - 5) == 0.0 and sampler.lam_at(pass_iters // 2 + 5) == 1.0
+        stream = torch.tensor(take(sampler, pass_iters * 8))  # at most one pass at λ = 0
+        for half, part in (("first", stream[: len(stream) // 2 - 40]), ("second", stream[len(stream) // 2 + 40 :])):
+            counts = torch.bincount(part, minlength=len(dicts)).double()
+            shares[half].append(float(counts[favoured].sum() / counts[disfavoured].sum().clamp(min=1)))
+    first, second = np.mean(shares["first"]), np.mean(shares["second"])
+    expected_first = float(r0[favoured].sum() / r0[disfavoured].sum())
+    assert first == pytest.approx(expected_first, rel=0.15)  # λ = 0 composition
+    assert second > 1.3 * first, (first, second)  # the instance-level images gained after the step
+
+
+def test_each_chunk_takes_lambda_at_its_start(dicts):
+    s = make(dicts, schedule=RebalanceSchedule(0.0, 1.0), max_iter=200, chunk_iters=10)
+    lams = [s.lam_at(i) for i in range(200)]
+    assert len(set(lams)) == 20  # the toy pre-training schedule (200 it) sees 20 values of λ
+    for i in range(200):
+        assert lams[i] == pytest.approx((i - i % 10) / 200)
+    with pytest.raises(ValueError, match="chunk_iters"):
+        make(dicts, chunk_iters=0)
+
+
+def test_pass_counts_with_a_moving_lambda(dicts):
+    """
+    One pass while λ moves (re-drawn at every chunk): no image appears more often than its
+    largest count over the pass's λs allows, and the pass holds about sum_I r_I(λ) images.
+    """
+    r0, r1 = _image_factor_sets(dicts)
+    sampler = make(dicts, schedule=RebalanceSchedule(0.0, 1.0), max_iter=int(r1.sum()) // 8, chunk_iters=1,
+                   shuffle=False, seed=4)  # fmt: skip
+    n = int(r0.sum() * 0.5)
+    counts = torch.bincount(torch.tensor(take(sampler, n)), minlength=len(dicts)).double()
+    ceiling = torch.maximum(r0, r1).ceil()  # r_I(λ) lies between the two factor sets
+    assert bool((counts <= ceiling).all())
 
 
 def test_lam_at(dicts):
-    s = make(dicts, schedule=RebalanceSchedule(0.2, 0.6, "linear"), max_iter=1000)
+    s = make(dicts, schedule=RebalanceSchedule(0.2, 0.6, "linear"), max_iter=1000, chunk_iters=1)
     assert s.lam_at(0) == 0.0 and s.lam_at(200) == 0.0
     assert s.lam_at(400) == pytest.approx(0.5)
     assert s.lam_at(600) == 1.0 and s.lam_at(5000) == 1.0
-    c = make(dicts, schedule=RebalanceSchedule(0.0, 1.0, "cosine"), max_iter=1000)
+    c = make(dicts, schedule=RebalanceSchedule(0.0, 1.0, "cosine"), max_iter=1000, chunk_iters=1)
     assert c.lam_at(500) == pytest.approx(0.5) and c.lam_at(250) < 0.25
+    chunked = make(dicts, schedule=RebalanceSchedule(0.2, 0.6, "linear"), max_iter=1000, chunk_iters=50)
+    assert chunked.lam_at(449) == pytest.approx(0.5) and chunked.lam_at(450) == pytest.approx(0.625)
 
 
 @pytest.fixture
@@ -198,16 +237,19 @@ def test_from_config(dicts):
     cfg.DATALOADER.DRCL2.REPEAT_THRESHOLD = T
     cfg.DATALOADER.DRCL2.START, cfg.DATALOADER.DRCL2.END = 0.25, 0.75
     cfg.DATALOADER.DRCL2.MODE = "cosine"
+    cfg.DATALOADER.DRCL2.CHUNK_ITERS = 7
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH, cfg.SEED = 2000, 16, 4
     s = DynamicRepeatFactorTrainingSampler.from_config(cfg, dicts)
     assert isinstance(s.schedule, RebalanceSchedule)
     assert (s.schedule.start, s.schedule.end, s.schedule.mode) == (0.25, 0.75, "cosine")
-    assert s.lam_at(1000) == pytest.approx(0.5) and s.lam_at(400) == 0.0
+    assert s.lam_at(1000) == pytest.approx(s.schedule.lam(994 / 2000)) and s.lam_at(400) == 0.0
+    assert s.lam_at(1000) == s.lam_at(994) != s.lam_at(1001)  # chunks of 7 iterations
     manual = make(
         dicts,
         schedule=RebalanceSchedule(0.25, 0.75, "cosine"),
         max_iter=2000,
         ims_per_batch=16,
+        chunk_iters=7,
         seed=4,
     )
     assert take(s, 2000) == take(manual, 2000)
@@ -326,6 +368,9 @@ def test_trainer_uses_sampler_logs_lambda_and_resumes(dicts, tmp_path):
     lam = dict((it, v) for v, it in trainer.storage.history("drb/lambda").values())
     assert sorted(lam) == list(range(150))
     assert lam[0] == 0.0 and lam[30] == 0.0 and lam[60] == pytest.approx(0.5) and lam[149] == 1.0
+    sampler = DynamicRepeatFactorTrainingSampler.from_config(cfg, records)
+    assert all(lam[i] == sampler.lam_at(i) for i in lam)  # the logged λ is the sampled one
+    assert lam[69] == lam[60] < lam[70]  # taken per chunk of CHUNK_ITERS (10)
 
     # resume from the checkpoint of iteration 99: iterations 100..149 see the same images
     resumed_dir = tmp_path / "resumed"
@@ -361,14 +406,22 @@ def test_trainer_without_dynamic_sampler_has_no_lambda_hook(dicts, tmp_path):
     assert not any(isinstance(h, RebalanceLambdaHook) for h in trainer._hooks)
 
 
-def test_sampler_benchmark_runs_small(capsys):
-    """`python -m drcl2.tools.benchmark sampler` end to end, at a small size (not a timed test)."""
+def test_sampler_benchmark_verdicts(capsys):
+    """`python -m drcl2.tools.benchmark sampler` end to end at a small size (not a timed test): each
+    row's verdict says ok exactly when its measured value is within its target."""
     from drcl2.tools import benchmark
+    from drcl2.tools.bench_sampler import _row
 
+    assert _row("r", "", "", 1.49, 1.5, "x")[-1] == "ok"
+    assert _row("r", "", "", 1.51, 1.5, "x")[-1] == "MISSED"
     args = ["--images", "3000", "--instances", "30000", "--repeats", "1", "--min-time", "0.05"]
     benchmark.main(["sampler", *args])
     out = capsys.readouterr().out
     assert "3,000 images, 30,000 instances" in out
-    for row in ("set-up (statistics + factors)", "one pass of indices", "through the iterator"):
-        assert row in out
-    assert "<= 1.5x" in out and "<= 1.0x" in out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    judged = [r for r in rows if r[-1] in ("ok", "MISSED")]
+    assert len(judged) == 3  # set-up, one pass at a fixed λ, one pass with λ moving
+    for row in judged:
+        measured = float(row[3].rstrip("xms/it "))
+        target = float(row[4].lstrip("<= ").rstrip("xms/it "))
+        assert row[-1] == ("ok" if measured <= target else "MISSED"), row

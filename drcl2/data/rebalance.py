@@ -34,6 +34,7 @@ __all__ = [
     "class_weights",
     "sample_instances",
     "RebalanceSchedule",
+    "chunked_lambda",
 ]
 
 
@@ -335,3 +336,23 @@ class RebalanceSchedule:
 
     def __repr__(self):
         return f"RebalanceSchedule(start={self.start}, end={self.end}, mode={self.mode!r})"
+
+
+def chunked_lambda(lam_of_progress, iteration: int, max_iter: int, chunk_iters: int) -> float:
+    """
+    The λ that the dynamic sampler uses for the images of ``iteration``: the schedule's value at
+    the first iteration of its chunk, ``lam_of_progress(min(j * chunk_iters / max_iter, 1))`` for
+    ``j = iteration // chunk_iters``. The sampler, the ``drb/lambda`` log and the reports all take
+    λ from here, so what is logged is what was sampled.
+
+    Args:
+        lam_of_progress: λ as a function of progress in [0, 1] (e.g. ``RebalanceSchedule.lam``).
+        iteration (int): the training iteration (>= 0).
+        max_iter (int): length of the schedule.
+        chunk_iters (int): iterations per chunk (>= 1).
+    """
+    start = int(iteration) - int(iteration) % int(chunk_iters)
+    lam = float(lam_of_progress(min(start / max(int(max_iter), 1), 1.0)))
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"The schedule gave λ={lam} at iteration {start}; λ must lie in [0, 1].")
+    return lam

@@ -10,7 +10,7 @@ from torch.utils.data.sampler import Sampler
 
 from detectron2.utils import comm
 
-from .rebalance import RebalanceSchedule, image_repeat_factor_sets, mix_repeat_factors
+from .rebalance import RebalanceSchedule, chunked_lambda, image_repeat_factor_sets, mix_repeat_factors
 
 __all__ = ["DynamicRepeatFactorTrainingSampler"]
 
@@ -32,15 +32,23 @@ class _ConstantLambda:
 class DynamicRepeatFactorTrainingSampler(Sampler):
     """
     detectron2's :class:`RepeatFactorTrainingSampler` with repeat factors that move from image level
-    to instance level along a schedule: an infinite stream of dataset indices where every pass over
-    the data repeats image I an integer number of times, the stochastic rounding of
+    to instance level along a schedule: an infinite stream of dataset indices in which image I
+    appears, per pass over the data, the stochastic rounding of
 
-        r_I(λ) = (1 - λ) max_{c in I} r_c^img + λ max_{c in I} r_c^ins,
+        r_I(λ) = (1 - λ) max_{c in I} r_c^img + λ max_{c in I} r_c^ins
 
-    with λ the schedule's value at the iteration that pass starts. Positions are counted in the
-    global (all ranks) stream: iteration = images emitted globally // ``ims_per_batch``.
+    times, with λ taken in **chunks** of ``chunk_iters`` iterations: chunk j (iterations
+    ``j * chunk_iters ...``) uses the schedule's λ at its first iteration (:meth:`lam_at`). A
+    pass starts with one uniform draw u_I per image and a shuffle; when λ changes at a chunk
+    boundary, the rest of the pass is re-drawn: image I keeps ``n_I(λ) - (times already emitted in
+    this pass)`` more appearances (at least 0), with ``n_I(λ) = floor(r_I(λ)) + [u_I < frac(r_I(λ))]``
+    from the same u_I, shuffled again. So λ moves within a pass (a short schedule may be a single
+    pass, and LVIS 1x is only about 10), and each pass still holds every image about r_I times.
 
-    * With a schedule fixed at λ = 0 the stream is that of
+    Positions are counted in the global (all ranks) stream: iteration = images emitted globally
+    // ``ims_per_batch``.
+
+    * With a schedule fixed at λ = 0 nothing is ever re-drawn, and the stream is that of
       ``RepeatFactorTrainingSampler(repeat_factors_from_category_frequency(...), seed=seed)``,
       index for index: the random numbers are drawn in the same order from the same generator.
     * All randomness comes from its own generator seeded with ``seed``, and λ is derived from the
@@ -48,8 +56,8 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
       (``ToIterableDataset``) agree; the stream is deterministic given seed and world size.
     * Sharded across ranks like detectron2's samplers: rank r takes positions r, r + W, r + 2W, ...
       of the global stream.
-    * ``start_iter`` resumes the stream: the sampler replays the passes before position
-      ``start_iter * ims_per_batch`` (only their random numbers; nothing is emitted) and continues
+    * ``start_iter`` resumes the stream: the sampler replays the stream before position
+      ``start_iter * ims_per_batch`` (only its random numbers; nothing is emitted) and continues
       from there, so a resumed run sees the same indices and the same λ as an uninterrupted one.
     """
 
@@ -61,6 +69,7 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
         schedule: Union[RebalanceSchedule, Callable[[float], float], float],
         max_iter: int,
         ims_per_batch: int,
+        chunk_iters: int = 10,
         start_iter: int = 0,
         shuffle: bool = True,
         seed: Optional[int] = None,
@@ -75,6 +84,7 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
                 number for a constant λ.
             max_iter (int): length of the training schedule; progress = iteration / max_iter.
             ims_per_batch (int): images per iteration over all ranks (``SOLVER.IMS_PER_BATCH``).
+            chunk_iters (int): λ is re-taken from the schedule every this many iterations.
             start_iter (int): the iteration the stream starts at (a resumed run's start).
             shuffle (bool): shuffle each pass (else indices come in dataset order, repeated).
             seed (int or None): seed of the generator; must be the same on all ranks. None draws a
@@ -84,6 +94,8 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
             raise ValueError(f"max_iter must be a positive number of iterations; got {max_iter}.")
         if int(ims_per_batch) <= 0:
             raise ValueError(f"ims_per_batch must be positive; got {ims_per_batch}.")
+        if int(chunk_iters) <= 0:
+            raise ValueError(f"chunk_iters must be a positive number of iterations; got {chunk_iters}.")
         if int(start_iter) < 0:
             raise ValueError(f"start_iter must be >= 0; got {start_iter}.")
         self._image_level, self._instance_level = image_repeat_factor_sets(
@@ -103,6 +115,7 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
         self.schedule = schedule
         self._max_iter = int(max_iter)
         self._ims_per_batch = int(ims_per_batch)
+        self._chunk_iters = int(chunk_iters)
         self._start_iter = int(start_iter)
         self._shuffle = bool(shuffle)
         if seed is None:
@@ -110,22 +123,22 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
         self._seed = int(seed)
         self._rank = comm.get_rank()
         self._world_size = comm.get_world_size()
-        self._cached_lam = None
 
         n = len(self._image_level)
         logger.info(
             f"DynamicRepeatFactorTrainingSampler: {n} images, t={self._repeat_thresh}, "
-            f"{schedule!r}; images per pass ~{self._image_level.sum():.0f} at λ=0, "
-            f"~{self._instance_level.sum():.0f} at λ=1; starting at iteration {self._start_iter}."
+            f"{schedule!r}, λ re-taken every {self._chunk_iters} iterations; images per pass "
+            f"~{self._image_level.sum():.0f} at λ=0, ~{self._instance_level.sum():.0f} at λ=1; "
+            f"starting at iteration {self._start_iter}."
         )
 
     @classmethod
     def from_config(cls, cfg, dataset_dicts: List[dict], start_iter: int = 0):
         """
-        The sampler of ``cfg.DATALOADER.DRCL2`` (REPEAT_THRESHOLD, START, END, MODE; START and END
-        are fractions of ``SOLVER.MAX_ITER``), with ``SOLVER.IMS_PER_BATCH`` and ``SEED`` (passed as
-        detectron2 passes it to its RepeatFactorTrainingSampler). ``start_iter`` is the iteration a
-        resumed run starts at (see :meth:`drcl2.engine.Trainer.resume_or_load`).
+        The sampler of ``cfg.DATALOADER.DRCL2`` (REPEAT_THRESHOLD, START, END, MODE, CHUNK_ITERS;
+        START and END are fractions of ``SOLVER.MAX_ITER``), with ``SOLVER.IMS_PER_BATCH`` and
+        ``SEED`` (passed as detectron2 passes it to its RepeatFactorTrainingSampler). ``start_iter``
+        is the iteration a resumed run starts at (see :meth:`drcl2.engine.Trainer.resume_or_load`).
         """
         drb = cfg.DATALOADER.DRCL2
         return cls(
@@ -134,19 +147,18 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
             schedule=RebalanceSchedule(drb.START, drb.END, drb.MODE),
             max_iter=cfg.SOLVER.MAX_ITER,
             ims_per_batch=cfg.SOLVER.IMS_PER_BATCH,
+            chunk_iters=drb.CHUNK_ITERS,
             start_iter=start_iter,
             shuffle=True,
             seed=cfg.SEED,
         )
 
     def lam_at(self, iteration: int) -> float:
-        """λ of the schedule at ``iteration`` (a pass starting there uses this λ)."""
-        lam = float(self._lam_of_progress(min(iteration / self._max_iter, 1.0)))
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(
-                f"The schedule gave λ={lam} at iteration {iteration}; λ must lie in [0, 1]."
-            )
-        return lam
+        """
+        The λ the sampler uses for the images of ``iteration``: the schedule's value at the first
+        iteration of its chunk (see :func:`chunked_lambda`).
+        """
+        return chunked_lambda(self._lam_of_progress, iteration, self._max_iter, self._chunk_iters)
 
     def repeat_factors_at(self, lam: float) -> torch.Tensor:
         """r_I(λ) for every image, Tensor[N] float32."""
@@ -154,49 +166,67 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
             mix_repeat_factors(self._image_level, self._instance_level, float(lam))
         )
 
-    def _rounding_parts(self, lam):
-        # λ is piecewise constant in practice (flat before START and after END): recompute the
-        # factors only when it changes.
-        if lam != self._cached_lam:
-            factors = mix_repeat_factors(self._image_level, self._instance_level, lam)
-            int_part = np.trunc(factors)
-            self._frac_part = factors - int_part  # float32, as detectron2 splits its factors
-            self._int_part = int_part.astype(np.int64)
-            self._cached_lam = lam
-        return self._int_part, self._frac_part
+    def _counts(self, lam: float, uniform: np.ndarray) -> np.ndarray:
+        """n_I(λ): the stochastic rounding of r_I(λ) with the pass's uniform draws, ndarray[N] int64."""
+        factors = mix_repeat_factors(self._image_level, self._instance_level, lam)
+        int_part = np.trunc(factors)
+        frac_part = factors - int_part  # float32, as detectron2 splits its factors
+        return int_part.astype(np.int64) + (uniform < frac_part)
 
-    def _pass_indices(self, lam: float, generator: torch.Generator) -> np.ndarray:
-        """
-        One pass over the data: ndarray[P] int64 of dataset indices, each image repeated by the
-        stochastic rounding of r_I(λ), shuffled. Draws from ``generator`` exactly what detectron2's
-        RepeatFactorTrainingSampler draws for one epoch (``rand(N)`` then ``randperm(P)``).
-        """
-        int_part, frac_part = self._rounding_parts(lam)
-        # The random numbers come from the torch generator (same draws as detectron2); the rest is
-        # numpy, single-threaded — these small element-wise ops run in DataLoader workers, where
+    def _shuffled(self, counts: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """Each image ``counts[I]`` times, in random order (dataset order without shuffle)."""
+        # The random numbers come from the torch generator (the draws detectron2 makes); the rest
+        # is numpy, single-threaded: these small element-wise ops run in DataLoader workers, where
         # torch's thread pool only adds overhead.
-        rands = torch.rand(len(frac_part), generator=generator).numpy()
-        indices = np.repeat(np.arange(len(frac_part)), int_part + (rands < frac_part))
+        indices = np.repeat(np.arange(len(counts)), counts)
         if self._shuffle:
             indices = indices[torch.randperm(len(indices), generator=generator).numpy()]
         return indices
 
-    def _infinite_indices(self):
-        """This rank's part of the global stream, from position ``start_iter * ims_per_batch``."""
+    def _global_stream(self):
+        """
+        The global stream from position 0, as (position, ndarray of indices) blocks that never
+        cross a chunk boundary.
+        """
         g = torch.Generator()
         g.manual_seed(self._seed)
+        chunk = self._chunk_iters * self._ims_per_batch  # images per chunk
+        n = len(self._image_level)
+        position = 0
+        lam = self.lam_at(0)
+        while True:
+            # A new pass: what detectron2 draws for one epoch (rand(N), then randperm(P)).
+            uniform = torch.rand(n, generator=g).numpy()
+            counts = self._counts(lam, uniform)
+            queue, head = self._shuffled(counts, g), 0
+            emitted = np.zeros(n, dtype=np.int64)
+            while head < len(queue):
+                boundary = (position // chunk + 1) * chunk
+                block = queue[head : head + boundary - position]
+                yield position, block
+                head += len(block)
+                position += len(block)
+                if position < boundary:
+                    break  # the pass ended inside the chunk
+                new_lam = self.lam_at(position // self._ims_per_batch)
+                if new_lam != lam and head < len(queue):
+                    # Re-draw the rest of the pass at the new λ, with the pass's own u_I.
+                    emitted += np.bincount(queue[:head], minlength=n)
+                    counts = self._counts(new_lam, uniform)
+                    queue, head = self._shuffled(np.maximum(counts - emitted, 0), g), 0
+                lam = new_lam
+
+    def _infinite_indices(self):
+        """This rank's part of the global stream, from position ``start_iter * ims_per_batch``."""
         world, begin = self._world_size, self._start_iter * self._ims_per_batch
         # Rank r takes positions begin + r + k * world, like detectron2's islice(rank, None, world).
         phase = (begin + self._rank) % world
-        position = 0  # global position of the first index of the current pass
-        while True:
-            indices = self._pass_indices(self.lam_at(position // self._ims_per_batch), g)
-            end = position + len(indices)
+        for position, block in self._global_stream():
+            end = position + len(block)
             if end > begin:
                 first = max(position, begin)
                 first += (phase - first) % world  # first position >= `first` that is ours
-                yield from indices[first - position :: world].tolist()
-            position = end
+                yield from block[first - position :: world].tolist()
 
     def __iter__(self):
         yield from self._infinite_indices()

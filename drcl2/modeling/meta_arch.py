@@ -736,6 +736,16 @@ def check_drcl2_config(cfg) -> None:
     for key in ("MLP_HIDDEN_DIM", "MLP_OUT_DIM"):
         if d[key] < 1:
             fail(f"MODEL.DRCL2.{key}", d[key], "must be >= 1.")
+    dynamic_sampler = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
+    if bool(d.DRB.ENABLED) != dynamic_sampler:
+        # DRB has two halves, the class weights here and the image repeats in the sampler; one
+        # without the other is not the method, and its logged λ would mislead.
+        raise ValueError(
+            f"MODEL.DRCL2.DRB.ENABLED = {d.DRB.ENABLED} but DATALOADER.SAMPLER_TRAIN = "
+            f"{cfg.DATALOADER.SAMPLER_TRAIN!r}: dynamic rebalancing is switched by both together. "
+            "Set DRB.ENABLED True with SAMPLER_TRAIN 'DynamicRepeatFactorTrainingSampler', or "
+            "DRB.ENABLED False with another sampler (e.g. 'RepeatFactorTrainingSampler')."
+        )
     if cfg.SOLVER.MAX_ITER < 1:
         fail("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, "DRCL2's momentum and DRB schedules need >= 1.")
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
