@@ -20,7 +20,7 @@ D2_DEPS := "numpy<2" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" "pycocotools>=2.0.2
 
 DEMO_OUT ?= output/demo
 
-.PHONY: install detectron2 demo test clean-demo
+.PHONY: install detectron2 demo test study clean-demo
 
 install: $(STAMP)
 
@@ -66,3 +66,11 @@ test: install
 
 clean-demo:
 	rm -rf $(DEMO_OUT)
+
+# The seeded long-tail study (configs/study/toy.yaml: arms x 3 seeds, pre-train -> export ->
+# fine-tune -> LVIS evaluation on val and test); resumable. Its report lands in docs/study/toy/.
+STUDY ?= configs/study/toy.yaml
+STUDY_REPORT ?= docs/study/toy
+study: install
+	@$(PY) datasets/prepare_toy_lvis.py
+	@$(PY) -m drcl2.tools.study --config-file $(STUDY) --report-dir $(STUDY_REPORT)

@@ -31,7 +31,7 @@ def main():
     groups = [c["frequency"] for c in toy_lvis_categories(spec)]
     print(
         f"Toy LVIS v1 set ready in {paths['image_root']} ({time.perf_counter() - start:.1f} s): "
-        f"{spec.num_train_images} train / {spec.num_val_images} val images, {len(groups)} classes "
+        f"{spec.num_train_images} train / {spec.num_val_images} val / {spec.num_test_images} test images, {len(groups)} classes "
         f"(rare {groups.count('r')}, common {groups.count('c')}, frequent {groups.count('f')})"
     )
 

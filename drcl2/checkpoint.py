@@ -21,13 +21,13 @@ FINETUNE_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.box_head.")
 """The online modules kept for fine-tuning; the target network, projectors, predictors and
 decoders are dropped (METHOD.md, Transfer)."""
 
-_DRCL2_MARKERS = ("target_network.", "class_repeat_factors")
-
 
 def finetune_state_dict(model_state: Mapping[str, torch.Tensor], source: str = "state dict") -> Dict:
     """
     Args:
-        model_state: the state dict of a :class:`drcl2.modeling.DRCL2` model.
+        model_state: the state dict of a pre-trained model: a :class:`drcl2.modeling.DRCL2`, or a
+            detectron2 detector (``GeneralizedRCNN``) trained as a supervised pre-training
+            baseline — both hold the fine-tuning modules under the same names.
         source: name of where it came from, for error messages.
 
     Returns:
@@ -35,13 +35,12 @@ def finetune_state_dict(model_state: Mapping[str, torch.Tensor], source: str = "
         entries, names unchanged, tensors on the CPU.
     """
     keys = list(model_state.keys())
-    if not any(k.startswith(_DRCL2_MARKERS) for k in keys) or not any(k.startswith("backbone.") for k in keys):
+    if not any(k.startswith("backbone.") for k in keys):
         sample = ", ".join(keys[:5]) or "(no keys)"
         raise ValueError(
-            f"{source} is not a DRCL2 pre-training checkpoint: it has no 'target_network.*' / "
-            f"'class_repeat_factors' entries next to 'backbone.*' (first keys: {sample}). Export the "
-            "model_*.pth written by a MODEL.META_ARCHITECTURE 'DRCL2' run (e.g. "
-            "configs/pretrain_2drcl.yaml); a detector checkpoint needs no export."
+            f"{source} is not a pre-training checkpoint: it has no 'backbone.*' entries (first keys: "
+            f"{sample}). Export the model_*.pth written by a MODEL.META_ARCHITECTURE 'DRCL2' run "
+            "(e.g. configs/pretrain_2drcl.yaml) or by a detectron2 detector."
         )
     return OrderedDict(
         (k, v.detach().cpu() if torch.is_tensor(v) else v)
@@ -52,12 +51,13 @@ def finetune_state_dict(model_state: Mapping[str, torch.Tensor], source: str = "
 
 def export_finetune_weights(src: str, dst: str) -> Dict:
     """
-    Read a DRCL2 checkpoint written by detectron2's checkpointer (``{"model": state_dict, ...}``)
-    and write the fine-tuning weights to ``dst`` as ``{"model": state_dict}`` (``.pth``), loadable
+    Read a pre-training checkpoint written by detectron2's checkpointer (``{"model": state_dict,
+    ...}``; a DRCL2 model or a detector, see :func:`finetune_state_dict`) and write the fine-tuning
+    weights to ``dst`` as ``{"model": state_dict}`` (``.pth``), loadable
     with ``MODEL.WEIGHTS dst`` by any fine-tuning config of the same backbone.
 
     Args:
-        src: path of the DRCL2 checkpoint (``OUTPUT_DIR/model_final.pth``).
+        src: path of the pre-training checkpoint (``OUTPUT_DIR/model_final.pth``).
         dst: path of the file to write (its folder is created).
 
     Returns:
@@ -67,10 +67,10 @@ def export_finetune_weights(src: str, dst: str) -> Dict:
         try:
             checkpoint = torch.load(f, map_location="cpu", weights_only=False)
         except Exception as e:  # pickle / zip errors: not a torch checkpoint at all
-            raise ValueError(f"{src} is not a DRCL2 pre-training checkpoint (torch.load failed: {e}).") from e
+            raise ValueError(f"{src} is not a pre-training checkpoint (torch.load failed: {e}).") from e
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
         raise ValueError(
-            f"{src} is not a DRCL2 pre-training checkpoint: expected a detectron2 checkpoint dict "
+            f"{src} is not a pre-training checkpoint: expected a detectron2 checkpoint dict "
             f"with a 'model' state dict, got {type(checkpoint).__name__}"
             + (f" with keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, Mapping) else "")
             + "."

@@ -60,14 +60,25 @@ def test_export_loads_into_lvis_mask_rcnn_with_every_key(pretrained, tmp_path, c
     assert all(k.startswith(("roi_heads.box_predictor.", "roi_heads.mask_head.")) for k in fresh), fresh
 
 
-def test_export_refuses_other_files(pretrained, tmp_path):
+def test_detector_checkpoint_exports_the_same_parts(tmp_path):
+    """The supervised pre-training baseline: a Mask R-CNN checkpoint exports exactly the parts a
+    2DRCL export holds (no box predictor, no mask head)."""
     detector = build_model(cfg_from("configs/toy/mask_rcnn_finetune.yaml"))
     DetectionCheckpointer(detector, str(tmp_path)).save("detector")
-    with pytest.raises(ValueError, match="not a DRCL2 pre-training checkpoint"):
-        export_finetune_weights(str(tmp_path / "detector.pth"), str(tmp_path / "x.pth"))
+    state = export_finetune_weights(str(tmp_path / "detector.pth"), str(tmp_path / "x.pth"))
+    full = detector.state_dict()
+    assert set(state) == {k for k in full if k.startswith(("backbone.", "proposal_generator.", "roi_heads.box_head."))}
+    assert all(torch.equal(state[k], full[k]) for k in state)
+    assert torch.load(tmp_path / "x.pth", weights_only=False)["model"].keys() == state.keys()
+
+
+def test_export_refuses_other_files(pretrained, tmp_path):
+    torch.save({"model": {"head.weight": torch.zeros(2)}}, tmp_path / "no_backbone.pth")
+    with pytest.raises(ValueError, match="not a pre-training checkpoint.*no 'backbone"):
+        export_finetune_weights(str(tmp_path / "no_backbone.pth"), str(tmp_path / "x.pth"))
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a DRCL2 pre-training checkpoint"):
+    with pytest.raises(ValueError, match="not a pre-training checkpoint"):
         export_finetune_weights(str(junk), str(tmp_path / "y.pth"))
     assert export_weights.main([str(junk), str(tmp_path / "z.pth")]) == 1
     assert not (tmp_path / "z.pth").exists()

@@ -29,7 +29,7 @@ def test_same_seed_gives_identical_bytes(demo_set, tmp_path):
     again = generate_toy_lvis(str(tmp_path))
     files = _all_files(demo_set["image_root"])
     assert files == _all_files(again["image_root"])
-    assert len(files) == 800 + 200 + 2
+    assert len(files) == 800 + 200 + 400 + 3
     match, mismatch, errors = filecmp.cmpfiles(
         demo_set["image_root"], again["image_root"], files, shallow=False
     )
@@ -43,7 +43,7 @@ def test_other_seed_gives_other_data():
 
 
 def test_valid_lvis_v1_with_all_frequency_groups(demo_set):
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         api = LVIS(demo_set[f"{split}_json"])  # the reference API accepts it
         assert len(api.cats) == len(TOY_CLASSES) == 30
     train = LVIS(demo_set["train_json"])
@@ -80,6 +80,51 @@ def test_lvis_fields(demo_set):
     assert with_not_exhaustive > 0
 
 
+def test_test_split_is_held_out_from_val(demo_set):
+    """lvis_v1_toy_test is drawn like val but from its own seeds: no image or layout is shared."""
+    import hashlib
+
+    def digests(split):
+        data = json.load(open(demo_set[f"{split}_json"]))
+        files = [os.path.join(demo_set["image_root"], img["file_name"]) for img in data["images"]]
+        return data, {hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
+
+    val, val_hashes = digests("val")
+    test, test_hashes = digests("test")
+    assert len(test["images"]) == 400 >= len(val["images"])
+    assert not val_hashes & test_hashes and len(test_hashes) == 400  # no pixel-identical image
+    boxes = lambda d: {tuple(a["bbox"]) + (a["category_id"],) for a in d["annotations"]}  # noqa
+    assert len(boxes(val) & boxes(test)) < 0.05 * len(boxes(test))  # only chance coincidences
+    assert not {i["id"] for i in val["images"]} & {i["id"] for i in test["images"]}
+    assert not {a["id"] for a in val["annotations"]} & {a["id"] for a in test["annotations"]}
+    assert test["categories"] == val["categories"]  # training statistics, as LVIS does
+    # drawn like val: every class has test boxes, in all three frequency groups
+    assert {a["category_id"] for a in test["annotations"]} == set(range(1, 31))
+
+
+def test_a_set_without_test_split_gets_it_added(demo_set, tmp_path):
+    import shutil
+
+    from drcl2.data import ensure_toy_lvis
+
+    root = tmp_path / "old"
+    shutil.copytree(os.path.dirname(demo_set["image_root"]), root)
+    base = root / "lvis_v1_toy"
+    shutil.rmtree(base / "test")
+    os.remove(base / "annotations" / "lvis_v1_toy_test.json")  # a set made before the test split
+    train_mtime = os.path.getmtime(base / "annotations" / "lvis_v1_toy_train.json")
+    ensure_toy_lvis(str(root))
+    files = [f for f in _all_files(demo_set["image_root"]) if "test" in f]
+    assert len(files) == 401
+    _, mismatch, errors = filecmp.cmpfiles(demo_set["image_root"], base, files, shallow=False)
+    assert mismatch == [] and errors == []
+    assert os.path.getmtime(base / "annotations" / "lvis_v1_toy_train.json") == train_mtime
+    # a test folder without its annotation file is not ours to overwrite
+    os.remove(base / "annotations" / "lvis_v1_toy_test.json")
+    with pytest.raises(FileExistsError, match="not drcl2's to overwrite"):
+        ensure_toy_lvis(str(root))
+
+
 def test_registered_toy_datasets(toy_lvis_root):
     meta = MetadataCatalog.get("lvis_v1_toy_train")
     assert meta.evaluator_type == "lvis"
@@ -89,5 +134,7 @@ def test_registered_toy_datasets(toy_lvis_root):
     assert [c["image_count"] for c in meta.class_image_count] == [c["image_count"] for c in categories]
     dicts = DatasetCatalog.get("lvis_v1_toy_val")
     assert len(dicts) == 200
+    assert len(DatasetCatalog.get("lvis_v1_toy_test")) == 400
+    assert MetadataCatalog.get("lvis_v1_toy_test").evaluator_type == "lvis"
     assert all(0 <= a["category_id"] < 30 for d in dicts for a in d["annotations"])
     assert os.path.isfile(dicts[0]["file_name"])

@@ -1,4 +1,8 @@
-"""Datasets drcl2 registers on import (the generated toy LVIS v1 set), and a check of dataset files."""
+"""Datasets drcl2 registers on import (the generated toy LVIS v1 set), and a check of dataset files.
+
+The toy set has three splits: ``train``, ``val`` (choose and tune on it) and ``test`` (held out:
+drawn like val from its own seeds, for reported results only).
+"""
 import os
 from typing import Iterable
 
@@ -10,12 +14,12 @@ from .toy_lvis import ToyLVISSpec, ensure_toy_lvis, toy_lvis_categories, toy_lvi
 
 __all__ = ["register_toy_lvis", "TOY_LVIS_DATASETS", "check_dataset_files"]
 
-TOY_LVIS_DATASETS = {"lvis_v1_toy_train": "train", "lvis_v1_toy_val": "val"}
+TOY_LVIS_DATASETS = {"lvis_v1_toy_train": "train", "lvis_v1_toy_val": "val", "lvis_v1_toy_test": "test"}
 
 
 def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
     """
-    Register ``lvis_v1_toy_train`` / ``lvis_v1_toy_val`` under ``root``. Nothing is read or written
+    Register ``lvis_v1_toy_train`` / ``lvis_v1_toy_val`` / ``lvis_v1_toy_test`` under ``root``. Nothing is read or written
     now: the metadata comes from the generator's layout, and the set is generated under ``root`` the
     first time its dicts are asked for (``DatasetCatalog.get``).
     """

@@ -45,7 +45,9 @@ COLOURS = {"red": (215, 45, 40), "green": (40, 170, 60), "blue": (45, 80, 215)}
 TOY_CLASSES = tuple(f"{colour}_{shape}" for shape in SHAPES for colour in COLOURS)
 
 DIRNAME = "lvis_v1_toy"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+# Per split: first image id, first annotation id (ids are unique across the splits).
+_FIRST_IDS = {"train": (1, 1), "val": (1_000_001, 10_000_001), "test": (2_000_001, 20_000_001)}
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,15 @@ class ToyLVISSpec:
     seed: int = 0
     num_train_images: int = 800
     num_val_images: int = 200
+    # held-out split for reported results: drawn like val, from its own seeds (nothing is tuned on it)
+    num_test_images: int = 400
     min_image_size: int = 96  # shorter and longer sides are drawn from [min, max] independently
     max_image_size: int = 128
     max_objects_per_image: int = 5
     min_object_radius: float = 8.0
     max_object_radius: float = 22.0
     zipf_exponent: float = 1.5  # class c (by rank) has probability proportional to 1 / (c + 1)^s
-    # the val split mixes in this much of a uniform class distribution, so every class has val boxes
+    # val and test mix in this much of a uniform class distribution, so every class has boxes there
     val_uniform_mix: float = 0.5
     not_exhaustive_prob: float = 0.1  # images with one drawn but unannotated instance
     max_box_occlusion: float = 0.25  # at most this fraction of an earlier box may be covered
@@ -86,7 +90,7 @@ def _class_probabilities(spec: ToyLVISSpec, split: str) -> List[float]:
     zipf = [1.0 / (rank + 1) ** spec.zipf_exponent for rank in ranks]
     total = sum(zipf)
     probs = [z / total for z in zipf]
-    if split == "val":
+    if split != "train":
         mix = spec.val_uniform_mix
         probs = [(1 - mix) * p + mix / len(probs) for p in probs]
     return probs
@@ -115,8 +119,8 @@ def toy_lvis_layout(spec: ToyLVISSpec, split: str) -> List[Dict[str, Any]]:
     rng = random.Random(f"toy-lvis-layout-{spec.seed}-{split}")
     probs = _class_probabilities(spec, split)
     classes = list(range(len(TOY_CLASSES)))
-    num_images = spec.num_train_images if split == "train" else spec.num_val_images
-    first_id = 1 if split == "train" else 1_000_001
+    num_images = {"train": spec.num_train_images, "val": spec.num_val_images, "test": spec.num_test_images}[split]
+    first_id = _FIRST_IDS[split][0]
 
     images = []
     for i in range(num_images):
@@ -303,7 +307,7 @@ def _render_image(spec: ToyLVISSpec, split: str, layout: Dict[str, Any]):
 
 def _render_split(spec: ToyLVISSpec, split: str, out_dir: str, categories) -> Dict[str, Any]:
     images, annotations = [], []
-    ann_id = 1 if split == "train" else 10_000_001
+    ann_id = _FIRST_IDS[split][1]
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     for layout in toy_lvis_layout(spec, split):
         file_name = f"{split}/{layout['id']:012d}.png"
@@ -355,10 +359,19 @@ def _render_split(spec: ToyLVISSpec, split: str, out_dir: str, categories) -> Di
     }
 
 
+def _write_split(spec: ToyLVISSpec, split: str, out_dir: str, categories) -> None:
+    """Render ``split`` into ``out_dir`` (``<split>/`` and ``annotations/lvis_v1_toy_<split>.json``)."""
+    lvis_dict = _render_split(spec, split, out_dir, categories)
+    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    with open(os.path.join(out_dir, "annotations", f"lvis_v1_toy_{split}.json"), "w") as f:
+        json.dump(lvis_dict, f, sort_keys=True, separators=(",", ":"))
+
+
 def generate_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> Dict[str, str]:
     """
-    Render the toy set into ``root/lvis_v1_toy/`` (``train/``, ``val/``, ``annotations/``) and
-    return its paths (see :func:`toy_lvis_paths`). The same spec gives byte-identical files.
+    Render the toy set into ``root/lvis_v1_toy/`` (``train/``, ``val/``, ``test/``,
+    ``annotations/``) and return its paths (see :func:`toy_lvis_paths`). The same spec gives
+    byte-identical files.
 
     The set is written to a temporary folder first and moved into place at the end, so that an
     interrupted run, or several processes generating at once, never leave a half-written set.
@@ -369,15 +382,12 @@ def generate_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> Dict[str,
     categories = toy_lvis_categories(spec)
     staging = tempfile.mkdtemp(prefix=f".{DIRNAME}-", dir=root)
     try:
-        os.makedirs(os.path.join(staging, "annotations"))
         for split in SPLITS:
-            lvis_dict = _render_split(spec, split, staging, categories)
-            with open(os.path.join(staging, "annotations", f"lvis_v1_toy_{split}.json"), "w") as f:
-                json.dump(lvis_dict, f, sort_keys=True, separators=(",", ":"))
+            _write_split(spec, split, staging, categories)
         try:
             os.rename(staging, paths["image_root"])
         except OSError:
-            if not os.path.isfile(paths["val_json"]):
+            if not all(os.path.isfile(paths[f"{split}_json"]) for split in SPLITS):
                 raise
             # another process finished first: keep its (identical) set
     finally:
@@ -385,15 +395,46 @@ def generate_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> Dict[str,
     return paths
 
 
-def ensure_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> Dict[str, str]:
-    """Generate the toy set under ``root`` unless it is already there; return its paths."""
+def _add_split(root: str, spec: ToyLVISSpec, split: str) -> None:
+    """
+    Add a missing ``split`` to an existing toy set (one generated before the split existed): its
+    images move into place first and its annotation file last, so the file marks a complete split.
+    """
     paths = toy_lvis_paths(root)
-    if all(os.path.isfile(paths[f"{split}_json"]) for split in SPLITS):
+    image_dir = os.path.join(paths["image_root"], split)
+    if os.path.exists(image_dir):
+        raise FileExistsError(
+            f"'{image_dir}' exists but '{paths[f'{split}_json']}' does not: an interrupted or foreign "
+            f"'{split}' split. It is not drcl2's to overwrite: move it away and the split will be "
+            "generated again."
+        )
+    staging = tempfile.mkdtemp(prefix=f".{DIRNAME}-{split}-", dir=root)
+    try:
+        _write_split(spec, split, staging, toy_lvis_categories(spec))
+        os.rename(os.path.join(staging, split), image_dir)
+        os.makedirs(os.path.dirname(paths[f"{split}_json"]), exist_ok=True)
+        os.rename(os.path.join(staging, "annotations", f"lvis_v1_toy_{split}.json"), paths[f"{split}_json"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def ensure_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> Dict[str, str]:
+    """
+    Generate the toy set under ``root`` unless it is already there; return its paths. A set made
+    before the ``test`` split existed gets that split added (train and val stay untouched).
+    """
+    paths = toy_lvis_paths(root)
+    missing = [split for split in SPLITS if not os.path.isfile(paths[f"{split}_json"])]
+    if not missing:
         return paths
-    if os.path.exists(paths["image_root"]):
+    if not os.path.exists(paths["image_root"]):
+        return generate_toy_lvis(root, spec)
+    if "train" in missing or "val" in missing:
         raise FileExistsError(
             f"'{paths['image_root']}' exists but holds no complete toy LVIS set (its annotation "
             "files are missing). It is not drcl2's to overwrite: move it away, or point "
             "$DETECTRON2_DATASETS elsewhere, and the set will be generated again."
         )
-    return generate_toy_lvis(root, spec)
+    for split in missing:
+        _add_split(root, spec, split)
+    return paths

@@ -194,6 +194,10 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+            if len(cfg.DATASETS.TEST) > 1:
+                # one folder per dataset, so that the results of several test sets (e.g. val and
+                # test) do not overwrite each other
+                output_folder = os.path.join(output_folder, dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         if evaluator_type == "lvis":
             return LVISEvaluator(

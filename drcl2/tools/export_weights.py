@@ -1,5 +1,6 @@
 """
-Export the fine-tuning weights of a DRCL2 pre-training checkpoint:
+Export the fine-tuning weights of a pre-training checkpoint (2DRCL, or a detector trained as the
+supervised pre-training baseline):
 
     python -m drcl2.tools.export_weights output/pretrain_2drcl/model_final.pth \\
         output/pretrain_2drcl/model_final_finetune.pth
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help="DRCL2 checkpoint (model_*.pth of a pre-training run)")
+    parser.add_argument("src", help="pre-training checkpoint (model_*.pth of a DRCL2 or detector run)")
     parser.add_argument("dst", help="where to write the fine-tuning weights (.pth)")
     args = parser.parse_args(argv)
     setup_logger(name="drcl2")

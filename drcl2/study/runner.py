@@ -1,0 +1,322 @@
+"""
+Runs a study: every (arm, seed) as the user would run it — ``train_net.py`` in a subprocess with
+the study's ``--num-gpus`` (detectron2's ``launch``), pre-training, export, fine-tuning and LVIS
+evaluation on the study's val and test splits — resumable and with progress lines.
+
+Each stage's folder (``OUTPUT_DIR/<arm>/seed<k>/<stage>``) holds detectron2's own outputs
+(``log.txt``, ``metrics.json``, checkpoints, ``inference/<dataset>/per_class_ap.csv``), the
+subprocess's ``stdout.log``, and, once the stage has finished, ``study_stage.json`` (its command,
+wall time and, for fine-tuning, the evaluation results). A finished stage is skipped; an
+interrupted one runs again with ``--resume`` and goes on from its last checkpoint.
+"""
+import concurrent.futures
+import glob
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+from .spec import Arm, Stage, Study
+
+__all__ = ["StudyRunner", "stage_done", "read_stage", "finetune_results", "train_net_path"]
+
+STAGE_FILE = "study_stage.json"
+EXPORT_NAME = "model_final_finetune.pth"
+LABELS = {"pretrain": "pre-train", "finetune": "fine-tune"}
+
+
+def train_net_path() -> str:
+    """The repository's ``train_net.py`` (working directory first, then next to the drcl2 package)."""
+    import drcl2
+
+    candidates = [os.path.abspath("train_net.py"),
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(drcl2.__file__))), "train_net.py")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"train_net.py not found (looked at {candidates}); run the study from the drcl2 repository root."
+    )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}" if seconds < 600 else f"{seconds / 60:.0f}"
+
+
+def read_stage(stage_dir: str) -> Optional[dict]:
+    """The ``study_stage.json`` record of a finished stage, or None."""
+    path = os.path.join(stage_dir, STAGE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_done(stage_dir: str) -> bool:
+    return read_stage(stage_dir) is not None
+
+
+def _write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # never a half-written record
+
+
+def finetune_results(stage_dir: str, datasets: Dict[str, str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """
+    The final evaluation of a fine-tuning stage, from detectron2's ``metrics.json``:
+    ``{split: {task: {metric: value}}}`` for the splits ("val", "test") of ``datasets``.
+    """
+    path = os.path.join(stage_dir, "metrics.json")
+    last = None
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if any(k.endswith("/AP") for k in record):
+                last = record
+    if last is None:
+        raise RuntimeError(f"{path} holds no evaluation results: the fine-tuning run did not evaluate.")
+    out = {}
+    for split in ("val", "test"):
+        prefix = datasets[split] + "/"
+        for key, value in last.items():
+            if key.startswith(prefix) and key.count("/") == 2:
+                _, task, metric = key.split("/")
+                out.setdefault(split, {}).setdefault(task, {})[metric] = value
+        if split not in out:
+            raise RuntimeError(f"{path}: no results for {datasets[split]} in the last evaluation.")
+    return out
+
+
+class StudyRunner:
+    """
+    Args:
+        study: the parsed study file.
+        jobs: how many (arm, seed) runs go at once (CPU studies: each gets ``cores // jobs``
+            threads); 1 runs them one after the other.
+        keep_checkpoints: keep the periodic ``model_XXXXXXX.pth`` of finished stages (by default
+            only ``model_final.pth`` and the export stay).
+        log: where progress lines go.
+    """
+
+    def __init__(self, study: Study, jobs: int = 1, keep_checkpoints: bool = False, log=print):
+        self.study = study
+        self.jobs = max(1, int(jobs))
+        self.keep_checkpoints = keep_checkpoints
+        self.log = log
+        self._lock = threading.Lock()
+        self._device = None
+
+    # -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            if self.study.device == "auto":
+                import torch
+
+                self._device = "cuda" if torch.cuda.is_available() else "cpu"
+            else:
+                self._device = self.study.device
+        return self._device
+
+    def stage_dir(self, arm: Arm, seed: int, stage: Stage) -> str:
+        return self.study.run_dir(arm.name, seed, stage.kind)
+
+    def stage_weights(self, arm: Arm, seed: int, stage: Stage) -> Optional[str]:
+        """MODEL.WEIGHTS of a stage, or None to keep its config's."""
+        if stage.kind == "finetune" and arm.pretrain is not None:
+            return os.path.join(self.stage_dir(arm, seed, arm.pretrain), EXPORT_NAME)
+        if stage.weights == "source":
+            return self.study.source_weights.output
+        return None
+
+    def stage_opts(self, arm: Arm, seed: int, stage: Stage) -> List[str]:
+        """The overrides the study puts on top of the stage's config (then the arm's own opts)."""
+        from detectron2.config import get_cfg
+
+        from ..config import add_drcl2_config
+
+        cfg = get_cfg()
+        add_drcl2_config(cfg)
+        cfg.merge_from_file(stage.config)
+        # the config's schedule, stretched to the stage's length
+        scale = stage.iters / cfg.SOLVER.MAX_ITER
+        steps = tuple(sorted({min(max(1, round(s * scale)), stage.iters - 1) for s in cfg.SOLVER.STEPS}))
+        datasets = self.study.datasets
+        tests = f"('{datasets['val']}', '{datasets['test']}')" if stage.kind == "finetune" else "()"
+        opts = [
+            "OUTPUT_DIR", self.stage_dir(arm, seed, stage),
+            "SEED", str(seed),
+            "MODEL.DEVICE", self.device,
+            "DATASETS.TRAIN", f"('{datasets['train']}',)",
+            "DATASETS.TEST", tests,
+            "TEST.EVAL_PERIOD", "0",
+            "SOLVER.MAX_ITER", str(stage.iters),
+            "SOLVER.STEPS", str(steps),
+            "SOLVER.WARMUP_ITERS", str(min(cfg.SOLVER.WARMUP_ITERS, stage.iters)),
+            "SOLVER.CHECKPOINT_PERIOD", str(self.study.checkpoint_period),
+        ]  # fmt: skip
+        weights = self.stage_weights(arm, seed, stage)
+        if weights is not None:
+            opts += ["MODEL.WEIGHTS", weights]
+        return opts + list(stage.opts)
+
+    def stage_command(self, arm: Arm, seed: int, stage: Stage) -> List[str]:
+        return [
+            sys.executable, train_net_path(), "--config-file", stage.config,
+            "--num-gpus", str(self.study.num_gpus), "--resume", *self.stage_opts(arm, seed, stage),
+        ]  # fmt: skip
+
+    # -------------------------------------------------------------------------------------------
+    def seconds_per_iter(self) -> Dict[Tuple[str, str], float]:
+        """Measured wall seconds per iteration (evaluation included) of finished stages, by
+        (kind, config) and by kind (config ``"*"``)."""
+        sums: Dict[Tuple[str, str], List[float]] = {}
+        for arm in self.study.arms.values():
+            for seed in arm.seeds:
+                for stage in arm.stages:
+                    record = read_stage(self.stage_dir(arm, seed, stage))
+                    if record and record.get("wall_s"):
+                        for key in ((stage.kind, stage.config), (stage.kind, "*")):
+                            total = sums.setdefault(key, [0.0, 0.0])
+                            total[0] += record["wall_s"]
+                            total[1] += stage.iters
+        return {k: s / n for k, (s, n) in sums.items() if n}
+
+    def estimate_s(self, stage: Stage, rates=None) -> float:
+        rates = self.seconds_per_iter() if rates is None else rates
+        rate = rates.get((stage.kind, stage.config)) or rates.get((stage.kind, "*"))
+        return stage.iters * (rate or self.study.estimate_s_per_iter[stage.kind])
+
+    def pending(self, runs) -> List[Tuple[Arm, int, Stage]]:
+        return [
+            (arm, seed, stage)
+            for arm, seed in runs
+            for stage in arm.stages
+            if not stage_done(self.stage_dir(arm, seed, stage))
+        ]
+
+    def remaining_s(self, runs, rates=None) -> float:
+        rates = self.seconds_per_iter() if rates is None else rates
+        return sum(self.estimate_s(stage, rates) for _, _, stage in self.pending(runs)) / self.jobs
+
+    def dry_run(self, runs) -> str:
+        """What would run, with the estimated time (measured rates where stages have finished)."""
+        rates = self.seconds_per_iter()
+        lines = [f"Study '{self.study.name}' ({self.study.path}) -> {self.study.output_dir}, device "
+                 f"{self.device}, {self.study.num_gpus} GPU(s) per run, {self.jobs} run(s) at a time:"]
+        for i, (arm, seed) in enumerate(runs, 1):
+            parts = []
+            for stage in arm.stages:
+                state = "done" if stage_done(self.stage_dir(arm, seed, stage)) else (
+                    f"~{_minutes(self.estimate_s(stage, rates))} min")
+                parts.append(f"{LABELS[stage.kind]} {stage.iters} it ({stage.config}; {state})")
+            lines.append(f"[{i}/{len(runs)}] {arm.name} seed {seed}: " + " -> ".join(parts))
+        pending = self.pending(runs)
+        source = self.study.source_weights
+        if source is not None and any(s.weights == "source" for _, _, s in pending) and not os.path.isfile(source.output):
+            lines.append(f"first: source weights ({source.iters} it, {source.config}) -> {source.output}")
+        lines.append(
+            f"{len(pending)} of {sum(len(a.stages) for a, _ in runs)} stages to run, "
+            f"{sum(s.iters for _, _, s in pending):,} iterations; estimated {_minutes(self.remaining_s(runs, rates))} min "
+            + ("(from measured rates)" if rates else "(from estimate_s_per_iter: nothing has run yet)")
+        )
+        return "\n".join(lines)
+
+    # -------------------------------------------------------------------------------------------
+    def ensure_source_weights(self) -> None:
+        source = self.study.source_weights
+        if source is None or os.path.isfile(source.output):
+            return
+        self.log(f"source weights: supervised pre-training on the source set ({source.iters} it) -> {source.output}")
+        os.makedirs(os.path.dirname(source.output) or ".", exist_ok=True)
+        cmd = [sys.executable, "-m", "drcl2.tools.source_pretrain", "--config-file", source.config,
+               "--output", source.output, "--iters", str(source.iters)]
+        log_path = f"{source.output}.log"
+        self._run(cmd, log_path, what="source pre-training")
+
+    def _run(self, cmd: List[str], log_path: str, what: str) -> float:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.jobs > 1:
+            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        start = time.perf_counter()
+        with open(log_path, "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if code != 0:
+            with open(log_path) as f:
+                tail = "".join(f.readlines()[-30:])
+            raise RuntimeError(f"{what} failed (exit code {code}); last lines of {log_path}:\n{tail}")
+        return time.perf_counter() - start
+
+    def run_stage(self, arm: Arm, seed: int, stage: Stage) -> dict:
+        """Run (or resume) one stage, export / record / prune it, and return its record."""
+        out = self.stage_dir(arm, seed, stage)
+        os.makedirs(out, exist_ok=True)
+        cmd = self.stage_command(arm, seed, stage)
+        wall = self._run(cmd, os.path.join(out, "stdout.log"), what=f"{arm.name} seed {seed} {stage.kind}")
+        attempts_path = os.path.join(out, "study_attempts.json")
+        attempts = json.load(open(attempts_path)) if os.path.isfile(attempts_path) else []
+        attempts.append(wall)
+        _write_json(attempts_path, attempts)
+        record = {"arm": arm.name, "seed": seed, "stage": stage.kind, "config": stage.config,
+                  "iters": stage.iters, "command": cmd, "wall_s": sum(attempts), "device": self.device}
+        if stage.kind == "pretrain":
+            export = os.path.join(out, EXPORT_NAME)
+            if not os.path.isfile(export):  # a detector pre-training: export the same parts as 2DRCL's
+                from ..checkpoint import export_finetune_weights
+
+                export_finetune_weights(os.path.join(out, "model_final.pth"), export)
+        else:
+            record["results"] = finetune_results(out, self.study.datasets)
+        if not self.keep_checkpoints:
+            for path in glob.glob(os.path.join(out, "model_[0-9]*.pth")):
+                os.remove(path)  # periodic checkpoints of a finished stage; model_final.pth stays
+        _write_json(os.path.join(out, STAGE_FILE), record)
+        return record
+
+    def run(self, runs) -> None:
+        """Run every pending stage of ``runs`` ((arm, seed) pairs), ``jobs`` runs at a time."""
+        if any(stage.weights == "source" for _, _, stage in self.pending(runs)):
+            self.ensure_source_weights()
+        todo = [(i, arm, seed) for i, (arm, seed) in enumerate(runs, 1)]
+        total = len(runs)
+        started = time.perf_counter()
+
+        def one(i, arm, seed):
+            for stage in arm.stages:
+                out = self.stage_dir(arm, seed, stage)
+                if stage_done(out):
+                    continue
+                with self._lock:
+                    eta = self.remaining_s(runs)
+                    self.log(f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} {stage.iters} it "
+                             f"... ETA {_minutes(eta)} min")
+                record = self.run_stage(arm, seed, stage)
+                with self._lock:
+                    summary = ""
+                    if "results" in record:
+                        box = record["results"]["val"].get("bbox", {})
+                        summary = f"; val box AP {box.get('AP', float('nan')):.1f}, APr {box.get('APr', float('nan')):.1f}"
+                    self.log(f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} done in "
+                             f"{record['wall_s'] / 60:.1f} min{summary}")
+
+        if self.jobs == 1:
+            for job in todo:
+                one(*job)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
+                futures = [pool.submit(one, *job) for job in todo]
+                for f in concurrent.futures.as_completed(futures):
+                    if f.exception() is not None:
+                        for other in futures:
+                            other.cancel()  # stop scheduling; the running ones finish
+                        raise f.exception()
+        self.log(f"study '{self.study.name}': {total} runs finished or skipped in "
+                 f"{(time.perf_counter() - started) / 60:.1f} min")

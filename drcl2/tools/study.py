@@ -1,0 +1,118 @@
+"""
+Run a seeded long-tail study (arms x seeds; pre-train -> export -> fine-tune -> LVIS evaluation on
+val and test) and write its report:
+
+    python -m drcl2.tools.study --config-file configs/study/toy.yaml [--dry-run]
+        [--arms scratch,2drcl] [--seeds 1,2] [--jobs 2] [--report-dir docs/study/toy]
+    python -m drcl2.tools.study --summarize output/study/toy [--report-dir DIR]
+
+Runs land in OUTPUT_DIR/<arm>/seed<k>/{pretrain,finetune} (OUTPUT_DIR from the study file or
+--output-dir). Finished runs are skipped, interrupted ones resume from their last checkpoint, so the
+same command continues a study. The report (results.csv, per_class.csv, summary.md, groups.png,
+per_class_delta.png) goes to --report-dir (default OUTPUT_DIR/report) after the runs, and
+--summarize rebuilds it from whatever has finished. See drcl2/study/spec.py for the study file.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+__all__ = ["main"]
+
+
+def _device_description(device: str) -> str:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU ({os.cpu_count()} cores, {cpu}), torch {torch.__version__}, no GPU"
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _int_list(text):
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m drcl2.tools.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config-file", help="the study file (e.g. configs/study/toy.yaml)")
+    what.add_argument("--summarize", metavar="OUTPUT_DIR", help="rebuild the report of a study's finished runs")
+    parser.add_argument("--output-dir", help="where the runs go (default: the study file's output_dir)")
+    parser.add_argument("--report-dir", help="where the report goes (default: OUTPUT_DIR/report)")
+    parser.add_argument("--arms", help="comma-separated arms to run (default: all)")
+    parser.add_argument("--seeds", type=_int_list, help="comma-separated seeds to run (default: the study's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU: threads are shared out)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and the estimated time; train nothing")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep periodic checkpoints of finished stages")
+    args = parser.parse_args(argv)
+
+    from ..study import StudyFileError, StudyRunner, load_study, write_report
+
+    try:
+        if args.summarize:
+            path = os.path.join(args.summarize, "study.yaml")
+            study = load_study(path, output_dir=args.summarize)
+        else:
+            study = load_study(args.config_file, output_dir=args.output_dir)
+        arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+        for a in arms or ():
+            if a not in study.arms:
+                raise StudyFileError(f"--arms: '{a}' is not an arm of {study.path} (arms: {', '.join(study.arms)}).")
+    except StudyFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report_dir = args.report_dir or os.path.join(study.output_dir, "report")
+    meta_path = os.path.join(study.output_dir, "study_meta.json")
+
+    if args.summarize:
+        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        paths = write_report(study, report_dir, meta)
+        print(open(paths["summary.md"]).read())
+        print(f"report: {report_dir}")
+        return 0
+
+    runner = StudyRunner(study, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints)
+    runs = study.runs(arms, args.seeds)
+    if not runs:
+        print("error: no (arm, seed) runs selected.", file=sys.stderr)
+        return 2
+    print(runner.dry_run(runs))
+    if args.dry_run:
+        return 0
+    os.makedirs(study.output_dir, exist_ok=True)
+    if os.path.abspath(study.path) != os.path.abspath(os.path.join(study.output_dir, "study.yaml")):
+        shutil.copyfile(study.path, os.path.join(study.output_dir, "study.yaml"))  # for --summarize
+    command = "python -m drcl2.tools.study " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {"command": command, "commit": _commit(), "device": _device_description(runner.device)}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    try:
+        runner.run(runs)
+    finally:
+        paths = write_report(study, report_dir, meta)
+        print(f"report: {report_dir} ({', '.join(sorted(os.path.basename(p) for p in paths.values()))})")
+    print(open(paths["summary.md"]).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

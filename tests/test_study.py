@@ -1,0 +1,217 @@
+"""The study runner (python -m drcl2.tools.study): study files, dry run, report maths, resume."""
+import json
+import os
+import textwrap
+
+import pytest
+
+from conftest import REPO_ROOT
+from drcl2.study import StudyFileError, load_study
+from drcl2.study.report import mean_std, paired_differences, read_csv, write_report
+from drcl2.tools import study as study_tool
+
+FINETUNE = os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml")
+PRETRAIN = os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml")
+SUPERVISED = os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_supervised_pretrain.yaml")
+
+
+def write_study(tmp_path, body, name="study.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+BASIC = f"""
+    name: t
+    output_dir: {{out}}
+    seeds: [1, 2]
+    datasets: {{{{train: lvis_v1_toy_train, val: lvis_v1_toy_val, test: lvis_v1_toy_test}}}}
+    schedule: {{{{P: 30, F: 20}}}}
+    estimate_s_per_iter: {{{{pretrain: 2.0, finetune: 1.0}}}}
+    arms:
+      scratch:
+        finetune: {{{{config: {FINETUNE}, iters: F}}}}
+      scratch_long:
+        finetune: {{{{config: {FINETUNE}, iters: F + P}}}}
+      2drcl:
+        pretrain: {{{{config: {PRETRAIN}, iters: P}}}}
+        finetune: {{{{config: {FINETUNE}, iters: F}}}}
+        compare_to: [scratch, scratch_long]
+      abl:
+        group: ablation
+        seeds: [1]
+        pretrain: {{{{config: {PRETRAIN}, iters: P, opts: [MODEL.DRCL2.AR.ENABLED, "False"]}}}}
+        finetune: {{{{config: {FINETUNE}, iters: 7}}}}
+"""
+
+
+def test_study_file_parses(tmp_path):
+    study = load_study(write_study(tmp_path, BASIC.format(out=tmp_path / "out")))
+    assert list(study.arms) == ["scratch", "scratch_long", "2drcl", "abl"]
+    assert study.arms["scratch_long"].finetune.iters == 50  # F + P
+    assert study.arms["2drcl"].iters == 50  # equal compute with scratch_long
+    assert study.arms["abl"].pretrain.opts == ("MODEL.DRCL2.AR.ENABLED", "False")
+    assert study.arms["abl"].seeds == (1,) and study.arms["scratch"].seeds == (1, 2)
+    # main group first, seed-major; the ablation after
+    order = [(a.name, s) for a, s in study.runs()]
+    assert order == [("scratch", 1), ("scratch_long", 1), ("2drcl", 1), ("scratch", 2), ("scratch_long", 2),
+                     ("2drcl", 2), ("abl", 1)]
+    assert [(a.name, s) for a, s in study.runs(["2drcl"], [2])] == [("2drcl", 2)]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("      scratch:\n", "      scratch:\n        colour: red\n"), r"arms.scratch: unknown key\(s\) \['colour'\]"),
+        ((FINETUNE + ", iters: F}", "configs/toy/no_such.yaml, iters: F}"), r"arms.scratch.finetune.config: config file 'configs/toy/no_such.yaml' not found"),
+        (("iters: F + P", "iters: F + Q"), r"arms.scratch_long.finetune.iters: 'Q' is neither a number nor a name in schedule"),
+        (("compare_to: [scratch, scratch_long]", "compare_to: [scratch, nope]"), r"arms.2drcl.compare_to: 'nope' is not another arm"),
+        (("    seeds: [1, 2]\n", "    seeds: [1, 1]\n"), r"seeds: has repeated seeds"),
+        (("    schedule:", "    shedule:"), r"\(top level\): unknown key\(s\) \['shedule'\]"),
+    ],
+)
+def test_study_file_errors_name_the_key(tmp_path, change, message):
+    body = BASIC.format(out=tmp_path / "out")
+    assert change[0] in body
+    path = write_study(tmp_path, body.replace(*change, 1))
+    with pytest.raises(StudyFileError, match=message) as e:
+        load_study(path)
+    assert path in str(e.value)
+
+
+def test_cli_dry_run_and_bad_arm(tmp_path, capsys):
+    path = write_study(tmp_path, BASIC.format(out=tmp_path / "out"))
+    assert study_tool.main(["--config-file", path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[3/7] 2drcl seed 1: pre-train 30 it" in out and "-> fine-tune 20 it" in out
+    assert "[7/7] abl seed 1" in out
+    # 10 stages; estimate from estimate_s_per_iter (pre 2 s/it, fine 1 s/it)
+    iters_pre, iters_ft = 30 * 3, 20 + 50 + 20 + 20 + 50 + 20 + 7
+    assert f"10 of 10 stages to run, {iters_pre + iters_ft:,} iterations" in out
+    assert f"estimated {(iters_pre * 2 + iters_ft) / 60:.1f} min" in out
+    assert not os.path.exists(tmp_path / "out")  # a dry run trains (and writes) nothing
+    assert study_tool.main(["--config-file", path, "--arms", "2drcl,nope", "--dry-run"]) == 2
+    assert "--arms: 'nope' is not an arm" in capsys.readouterr().err
+
+
+def _row(arm, seed, ap, apr, split="test", task="bbox"):
+    return {"arm": arm, "group": "main", "seed": seed, "split": split, "task": task, "AP": ap, "AP50": ap,
+            "AP75": ap, "APr": apr, "APc": ap, "APf": ap, "iters": 10, "wall_s": 60.0}
+
+
+def test_summary_maths_on_a_hand_made_csv(tmp_path):
+    study = load_study(write_study(tmp_path, BASIC.format(out=tmp_path / "out")))
+    rows = [_row("scratch", 1, 10.0, 4.0), _row("scratch", 2, 12.0, 6.0),
+            _row("scratch_long", 1, 11.0, 5.0), _row("scratch_long", 2, 15.0, 5.0),
+            _row("2drcl", 1, 13.0, 9.0), _row("2drcl", 2, 14.0, 8.0),
+            _row("2drcl", 3, 50.0, 50.0),  # no scratch seed 3: left out of the pairs
+            _row("2drcl", 1, 99.0, 99.0, split="val")]  # fmt: skip
+    assert mean_std([10.0, 12.0]) == (11.0, pytest.approx(2 ** 0.5), 2)
+    assert mean_std([float("nan"), 3.0])[2] == 1
+    assert paired_differences(rows, "2drcl", "scratch", "test", "bbox", "APr") == [5.0, 2.0]
+    assert paired_differences(rows, "2drcl", "scratch_long", "test", "bbox", "AP") == [2.0, -1.0]
+    per_class = [{"arm": a, "seed": s, "split": "test", "class": c, "frequency_group": g, "train_image_count": n,
+                  "ap_box": v, "ap_mask": ""}
+                 for a, v0 in (("2drcl", 30.0), ("scratch", 20.0), ("scratch_long", 25.0)) for s in (1, 2)
+                 for c, g, n, v in (("a", "r", 3, v0), ("b", "f", 300, v0 + 10))]  # fmt: skip
+    paths = write_report(study, str(tmp_path / "report"), {"command": "cmd", "device": "dev"}, rows, per_class)
+    text = open(paths["summary.md"]).read()
+    # test box AP of 2drcl: seeds 1, 2, 3 -> mean 25.7, std 21.1
+    assert "| 2drcl | main | 50 | 1, 2, 3 | 25.7 ± 21.1 |" in text
+    # paired vs scratch: ΔAP = 3, 2 -> +2.5 ± 0.7; ΔAPr = 5, 2 -> +3.5 ± 2.1 (a gain beyond its std)
+    assert "| 2drcl | scratch | 2 | +2.5 ± 0.7 | +3.5 ± 2.1 |" in text and "gain > std" in text
+    # vs scratch_long: ΔAPr = 4, 3 -> +3.5 ± 0.7
+    assert "| 2drcl | scratch_long | 2 | +0.5 ± 2.1 | +3.5 ± 0.7 |" in text
+    assert "Val split" in text and "99.0" in text
+    for name in ("groups.png", "per_class_delta.png"):
+        assert open(paths[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the per-class delta is taken against the best baseline by mean test AP: scratch_long
+    assert "minus its best baseline by mean test AP, scratch_long" in text
+    assert [r["arm"] for r in read_csv(paths["results.csv"])] == [r["arm"] for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end on a tiny generated set: run, skip when finished, resume when interrupted
+# ------------------------------------------------------------------------------------------------
+TINY = ('[MODEL.DEVICE, cpu, DATALOADER.NUM_WORKERS, "0", SOLVER.IMS_PER_BATCH, "2", INPUT.MIN_SIZE_TRAIN, "(64,)", '
+        'INPUT.MAX_SIZE_TRAIN, "96", INPUT.MIN_SIZE_TEST, "64", INPUT.MAX_SIZE_TEST, "96", '
+        'MODEL.RPN.POST_NMS_TOPK_TRAIN, "64", MODEL.RPN.POST_NMS_TOPK_TEST, "32", TEST.DETECTIONS_PER_IMAGE, "10"]')
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """A small toy set (same classes and file layout) as the runs' $DETECTRON2_DATASETS."""
+    from drcl2.data import ToyLVISSpec, generate_toy_lvis
+
+    root = str(tmp_path_factory.mktemp("tiny_toy"))
+    generate_toy_lvis(root, ToyLVISSpec(num_train_images=24, num_val_images=6, num_test_images=6))
+    return root
+
+
+def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
+    monkeypatch.setenv("DETECTRON2_DATASETS", tiny_root)  # the runs' subprocesses read it
+    monkeypatch.chdir(REPO_ROOT)
+    out = tmp_path / "out"
+    path = write_study(tmp_path, f"""
+        name: tiny
+        output_dir: {out}
+        device: cpu
+        seeds: [5]
+        checkpoint_period: 1
+        datasets: {{train: lvis_v1_toy_train, val: lvis_v1_toy_val, test: lvis_v1_toy_test}}
+        arms:
+          scratch:
+            finetune: {{config: {FINETUNE}, iters: 3, opts: {TINY}}}
+          sup:
+            pretrain: {{config: {SUPERVISED}, iters: 2, opts: {TINY}}}
+            finetune: {{config: {FINETUNE}, iters: 2, opts: {TINY}}}
+            compare_to: [scratch]
+    """)
+    report = tmp_path / "report"
+    args = ["--config-file", path, "--report-dir", str(report), "--keep-checkpoints"]
+    assert study_tool.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] scratch seed 5: fine-tune 3 it ... ETA" in printed
+    assert "[2/2] sup seed 5: pre-train 2 it" in printed and "[2/2] sup seed 5: fine-tune 2 it" in printed
+    ft = out / "scratch" / "seed5" / "finetune"
+    record = json.load(open(ft / "study_stage.json"))
+    assert record["iters"] == 3 and record["wall_s"] > 0
+    assert "--num-gpus" in record["command"] and record["command"][record["command"].index("SEED") + 1] == "5"
+    for split in ("val", "test"):
+        assert 0 <= record["results"][split]["bbox"]["AP"] <= 100
+    # both test sets evaluated, each into its own folder (nothing overwritten)
+    for name in ("lvis_v1_toy_val", "lvis_v1_toy_test"):
+        assert (ft / "inference" / name / "per_class_ap.csv").is_file()
+    # the supervised pre-training was exported like 2DRCL's and fine-tuned from the export
+    sup = out / "sup" / "seed5"
+    assert (sup / "pretrain" / "model_final_finetune.pth").is_file()
+    sup_cmd = json.load(open(sup / "finetune" / "study_stage.json"))["command"]
+    assert sup_cmd[sup_cmd.index("MODEL.WEIGHTS") + 1] == str(sup / "pretrain" / "model_final_finetune.pth")
+    rows = read_csv(report / "results.csv")
+    assert {(r["arm"], r["split"], r["task"]) for r in rows} == {
+        (a, s, t) for a in ("scratch", "sup") for s in ("val", "test") for t in ("bbox", "segm")}
+    assert {r["iters"] for r in rows if r["arm"] == "sup"} == {"4"}
+    for name in ("summary.md", "groups.png", "per_class_delta.png", "per_class.csv"):
+        assert (report / name).is_file()
+    assert "| sup | scratch | 1 |" in (report / "summary.md").read_text()
+
+    # a second run skips everything that finished
+    log_size = os.path.getsize(ft / "stdout.log")
+    assert study_tool.main(args) == 0
+    assert "fine-tune 3 it ..." not in capsys.readouterr().out
+    assert os.path.getsize(ft / "stdout.log") == log_size
+
+    # an interrupted stage (checkpoint of iteration 1 on disk, not finished) resumes from there
+    os.remove(ft / "study_stage.json")
+    os.remove(ft / "model_final.pth")
+    (ft / "last_checkpoint").write_text("model_0000001.pth")
+    assert study_tool.main(args) == 0
+    log = open(ft / "stdout.log").read().split("$ ")[-1]
+    assert "Starting training from iteration 2" in log
+    assert len(json.load(open(ft / "study_attempts.json"))) == 2
+    assert json.load(open(ft / "study_stage.json"))["wall_s"] > record["wall_s"]
+
+    # --summarize rebuilds the report from the finished runs
+    (report / "summary.md").unlink()
+    assert study_tool.main(["--summarize", str(out), "--report-dir", str(report)]) == 0
+    assert (report / "summary.md").is_file()
