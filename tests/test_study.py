@@ -52,6 +52,7 @@ def test_study_file_parses(tmp_path):
     assert study.arms["2drcl"].iters == 50  # equal compute with scratch_long
     assert study.arms["abl"].pretrain.opts == ("MODEL.DRCL2.AR.ENABLED", "False")
     assert study.arms["abl"].seeds == (1,) and study.arms["scratch"].seeds == (1, 2)
+    assert study.jobs == 1 and study.num_gpus == 1 and study.device == "auto"
     # main group first, seed-major; the ablation after
     order = [(a.name, s) for a, s in study.runs()]
     assert order == [("scratch", 1), ("scratch_long", 1), ("2drcl", 1), ("scratch", 2), ("scratch_long", 2),
@@ -77,6 +78,54 @@ def test_study_file_errors_name_the_key(tmp_path, change, message):
     with pytest.raises(StudyFileError, match=message) as e:
         load_study(path)
     assert path in str(e.value)
+
+
+def test_reused_pretraining_parts_and_val_only_studies(tmp_path):
+    body = BASIC.format(out=tmp_path / "out") + f"""
+      2drcl_backbone:
+        pretrain: {{from: 2drcl}}
+        finetune: {{config: {FINETUNE}, iters: F, parts: [backbone, proposal_generator]}}
+    """
+    study = load_study(write_study(tmp_path, body))
+    arm = study.arms["2drcl_backbone"]
+    assert arm.pretrain == study.arms["2drcl"].pretrain and arm.iters == 50
+    assert arm.finetune.parts == ("backbone", "proposal_generator")
+    # the pre-training folder is 2drcl's: it runs once for both arms
+    assert study.stage_dir(arm, 1, arm.pretrain) == study.stage_dir(study.arms["2drcl"], 1, arm.pretrain)
+    assert study.stage_dir(arm, 1, arm.finetune).endswith("2drcl_backbone/seed1/finetune")
+    from drcl2.study import StudyRunner
+
+    runner = StudyRunner(study)
+    pending = runner.pending(study.runs(["2drcl", "2drcl_backbone"], [1]))
+    assert [(a.name, st.kind) for a, _, st in pending] == [("2drcl", "pretrain"), ("2drcl", "finetune"),
+                                                           ("2drcl_backbone", "finetune")]
+    for bad, message in (
+        (body.replace("from: 2drcl}", "from: scratch}"), "'scratch' is not an arm with its own pre-training"),
+        (body.replace("parts: [backbone, proposal_generator]", "parts: [roi_heads.box_predictor]"), "must list distinct parts"),
+        (body.replace("        pretrain: {from: 2drcl}\n", "        seeds: [1, 3]\n        pretrain: {from: 2drcl}\n"),
+         r"arms.2drcl_backbone.seeds: seeds \[1, 3\] must be among those of '2drcl'"),
+    ):
+        with pytest.raises(StudyFileError, match=message):
+            load_study(write_study(tmp_path, bad, name="bad.yaml"))
+    explore = load_study(write_study(tmp_path, body.replace(", test: lvis_v1_toy_test", ""), name="explore.yaml"))
+    assert explore.splits == ("val",) and study.splits == ("val", "test")
+
+
+def test_finetune_results_read_one_or_several_test_sets(tmp_path):
+    from drcl2.study.runner import finetune_results
+
+    datasets = {"train": "tr", "val": "v", "test": "te"}
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in (
+        {"iteration": 9, "total_loss": 1.0},
+        {"iteration": 9, "v/bbox/AP": 1.0, "v/bbox/APr": 2.0, "te/bbox/AP": 3.0, "te/segm/AP": 4.0},
+        {"iteration": 9, "data_time": 0.1},
+    )))
+    assert finetune_results(str(tmp_path), datasets) == {
+        "val": {"bbox": {"AP": 1.0, "APr": 2.0}}, "test": {"bbox": {"AP": 3.0}, "segm": {"AP": 4.0}}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 9, "bbox/AP": 5.0, "segm/APr": 6.0}))
+    assert finetune_results(str(tmp_path), datasets, ("val",)) == {"val": {"bbox": {"AP": 5.0}, "segm": {"APr": 6.0}}}
+    with pytest.raises(RuntimeError, match="no results for v in the last evaluation"):
+        finetune_results(str(tmp_path), datasets)
 
 
 def test_cli_dry_run_and_bad_arm(tmp_path, capsys):
@@ -166,13 +215,17 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
             pretrain: {{config: {SUPERVISED}, iters: 2, opts: {TINY}}}
             finetune: {{config: {FINETUNE}, iters: 2, opts: {TINY}}}
             compare_to: [scratch]
+          sup_backbone:
+            pretrain: {{from: sup}}
+            finetune: {{config: {FINETUNE}, iters: 1, opts: {TINY}, parts: [backbone]}}
     """)
     report = tmp_path / "report"
     args = ["--config-file", path, "--report-dir", str(report), "--keep-checkpoints"]
     assert study_tool.main(args) == 0
     printed = capsys.readouterr().out
-    assert "[1/2] scratch seed 5: fine-tune 3 it ... ETA" in printed
-    assert "[2/2] sup seed 5: pre-train 2 it" in printed and "[2/2] sup seed 5: fine-tune 2 it" in printed
+    assert "[1/3] scratch seed 5: fine-tune 3 it ... ETA" in printed
+    assert "[2/3] sup seed 5: pre-train 2 it" in printed and "[2/3] sup seed 5: fine-tune 2 it" in printed
+    assert "[3/3] sup_backbone seed 5: fine-tune 1 it" in printed and "sup_backbone seed 5: pre-train" not in printed
     ft = out / "scratch" / "seed5" / "finetune"
     record = json.load(open(ft / "study_stage.json"))
     assert record["iters"] == 3 and record["wall_s"] > 0
@@ -187,9 +240,15 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     assert (sup / "pretrain" / "model_final_finetune.pth").is_file()
     sup_cmd = json.load(open(sup / "finetune" / "study_stage.json"))["command"]
     assert sup_cmd[sup_cmd.index("MODEL.WEIGHTS") + 1] == str(sup / "pretrain" / "model_final_finetune.pth")
+    # a reused pre-training with some parts: only those parts are loaded
+    import torch
+
+    parts = torch.load(out / "sup_backbone" / "seed5" / "finetune" / "init_parts.pth", weights_only=False)["model"]
+    assert parts and all(k.startswith("backbone.") for k in parts)
+    assert not (out / "sup_backbone" / "seed5" / "pretrain").exists()
     rows = read_csv(report / "results.csv")
     assert {(r["arm"], r["split"], r["task"]) for r in rows} == {
-        (a, s, t) for a in ("scratch", "sup") for s in ("val", "test") for t in ("bbox", "segm")}
+        (a, s, t) for a in ("scratch", "sup", "sup_backbone") for s in ("val", "test") for t in ("bbox", "segm")}
     assert {r["iters"] for r in rows if r["arm"] == "sup"} == {"4"}
     for name in ("summary.md", "groups.png", "per_class_delta.png", "per_class.csv"):
         assert (report / name).is_file()

@@ -40,12 +40,12 @@ def collect_rows(study):
     (results rows, per-class rows) of every finished (arm, seed) of ``study`` (a
     :class:`drcl2.study.spec.Study`); unfinished runs are left out.
     """
-    from .runner import read_stage
+    from .runner import inference_dir, read_stage
 
     rows, per_class = [], []
     for arm in study.arms.values():
         for seed in arm.seeds:
-            records = [read_stage(study.run_dir(arm.name, seed, s.kind)) for s in arm.stages]
+            records = [read_stage(study.stage_dir(arm, seed, s)) for s in arm.stages]
             if any(r is None for r in records):
                 continue
             wall = sum(r["wall_s"] for r in records)
@@ -55,8 +55,8 @@ def collect_rows(study):
                            "iters": arm.iters, "wall_s": round(wall, 1)}
                     row.update({m: metrics.get(m, float("nan")) for m in METRICS})
                     rows.append(row)
-                dataset = study.datasets[split]
-                path = os.path.join(study.run_dir(arm.name, seed, "finetune"), "inference", dataset, "per_class_ap.csv")
+                folder = inference_dir(study.stage_dir(arm, seed, arm.finetune), study.datasets[split], len(study.splits))
+                path = os.path.join(folder, "per_class_ap.csv")
                 if os.path.isfile(path):
                     for r in read_csv(path):
                         per_class.append({"arm": arm.name, "seed": seed, "split": split,
@@ -172,11 +172,11 @@ def summary_markdown(study, rows, meta: Optional[dict] = None) -> str:
         if meta.get(key):
             out.append(f"- {label}: {meta[key]}")
     out.append(f"- splits: train `{d['train']}`; val `{d['val']}` (choices and tuning); "
-               f"test `{d['test']}` (held out, reported)")
+               + (f"test `{d['test']}` (held out, reported)" if d.get("test") else "no test split (an exploration on val)"))
     out.append(f"- schedule: {', '.join(f'{k} = {v}' for k, v in study.schedule.items())} iterations; "
                f"iterations per arm and seed in the tables")
     seeds = sorted({int(r["seed"]) for r in rows})
-    wall = sum(float(r["wall_s"]) for r in rows if r["split"] == "test" and r["task"] == "bbox")
+    wall = sum(float(r["wall_s"]) for r in rows if r["split"] == "val" and r["task"] == "bbox")
     out.append(f"- finished runs: {len({(r['arm'], r['seed']) for r in rows})} (seeds {seeds}); "
                f"their wall time adds up to {wall / 60:.0f} min")
     out.append("- mean ± sample std over seeds; Δ = arm − baseline on the same seed, mean ± std over seeds; "
@@ -292,18 +292,20 @@ def write_report(study, report_dir: str, meta: Optional[dict] = None, rows=None,
     write_csv(paths["results.csv"], rows, RESULT_COLUMNS)
     write_csv(paths["per_class.csv"], per_class, PER_CLASS_COLUMNS)
     text = summary_markdown(study, rows, meta)
+    split = study.splits[-1]  # test, unless the study only explores on val
     if rows:
-        plot_groups(rows, list(study.arms), paths["groups.png"])
+        plot_groups(rows, list(study.arms), paths["groups.png"], split=split)
     focus = study.per_class_delta or tuple(a for a in study.arms if study.arms[a].compare_to)[:1]
     notes = []
     for k, arm in enumerate(focus):
         path = paths["per_class_delta.png"] if k == 0 else os.path.join(report_dir, f"per_class_delta_{arm}.png")
-        baseline = plot_per_class_delta(rows, per_class, arm, study.arms[arm].compare_to, path)
+        baseline = plot_per_class_delta(rows, per_class, arm, study.arms[arm].compare_to, path, split=split)
         if baseline is not None:
-            notes.append(f"- `{os.path.basename(path)}`: per-class test box AP of {arm} minus its best baseline "
-                         f"by mean test AP, {baseline}")
+            notes.append(f"- `{os.path.basename(path)}`: per-class {split} box AP of {arm} minus its best baseline "
+                         f"by mean {split} AP, {baseline}")
     if notes:
-        text += "\n## Plots\n\n- `groups.png`: test box APr / APc / APf per arm (mean ± std over seeds)\n" + "\n".join(notes) + "\n"
+        text += (f"\n## Plots\n\n- `groups.png`: {split} box APr / APc / APf per arm (mean ± std over seeds)\n"
+                 + "\n".join(notes) + "\n")
     with open(paths["summary.md"], "w") as f:
         f.write(text)
     return paths

@@ -21,10 +21,11 @@ from typing import Dict, List, Optional, Tuple
 
 from .spec import Arm, Stage, Study
 
-__all__ = ["StudyRunner", "stage_done", "read_stage", "finetune_results", "train_net_path"]
+__all__ = ["StudyRunner", "stage_done", "read_stage", "finetune_results", "inference_dir", "train_net_path"]
 
 STAGE_FILE = "study_stage.json"
 EXPORT_NAME = "model_final_finetune.pth"
+PARTS_NAME = "init_parts.pth"  # a fine-tuning stage that starts from some parts of the export
 LABELS = {"pretrain": "pre-train", "finetune": "fine-tune"}
 
 
@@ -66,10 +67,17 @@ def _write_json(path: str, data) -> None:
     os.replace(tmp, path)  # never a half-written record
 
 
-def finetune_results(stage_dir: str, datasets: Dict[str, str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def inference_dir(stage_dir: str, dataset: str, num_datasets: int) -> str:
+    """Where drcl2's Trainer writes the evaluation files of ``dataset`` (one folder per dataset
+    when a run evaluates several)."""
+    base = os.path.join(stage_dir, "inference")
+    return os.path.join(base, dataset) if num_datasets > 1 else base
+
+
+def finetune_results(stage_dir: str, datasets: Dict[str, str], splits=("val", "test")) -> Dict[str, Dict[str, Dict[str, float]]]:
     """
     The final evaluation of a fine-tuning stage, from detectron2's ``metrics.json``:
-    ``{split: {task: {metric: value}}}`` for the splits ("val", "test") of ``datasets``.
+    ``{split: {task: {metric: value}}}`` for ``splits`` (names in ``datasets``).
     """
     path = os.path.join(stage_dir, "metrics.json")
     last = None
@@ -81,11 +89,12 @@ def finetune_results(stage_dir: str, datasets: Dict[str, str]) -> Dict[str, Dict
     if last is None:
         raise RuntimeError(f"{path} holds no evaluation results: the fine-tuning run did not evaluate.")
     out = {}
-    for split in ("val", "test"):
-        prefix = datasets[split] + "/"
+    for split in splits:
+        # detectron2 prefixes the keys with the dataset name only when a run evaluates several
+        prefix = datasets[split] + "/" if len(splits) > 1 else ""
         for key, value in last.items():
-            if key.startswith(prefix) and key.count("/") == 2:
-                _, task, metric = key.split("/")
+            if key.startswith(prefix) and key.count("/") == 1 + bool(prefix):
+                task, metric = key[len(prefix):].split("/")
                 out.setdefault(split, {}).setdefault(task, {})[metric] = value
         if split not in out:
             raise RuntimeError(f"{path}: no results for {datasets[split]} in the last evaluation.")
@@ -96,16 +105,18 @@ class StudyRunner:
     """
     Args:
         study: the parsed study file.
-        jobs: how many (arm, seed) runs go at once (CPU studies: each gets ``cores // jobs``
-            threads); 1 runs them one after the other.
+        jobs: how many (arm, seed) runs go at once (default: the study file's ``jobs``). On the
+            CPU each run gets ``cores // jobs`` threads (OMP_NUM_THREADS): more threads than cores
+            make OpenMP's workers wait on each other, which slowed a toy fine-tuning step from
+            1.2 s to 8.5 s on 2 shared cores.
         keep_checkpoints: keep the periodic ``model_XXXXXXX.pth`` of finished stages (by default
             only ``model_final.pth`` and the export stay).
         log: where progress lines go.
     """
 
-    def __init__(self, study: Study, jobs: int = 1, keep_checkpoints: bool = False, log=print):
+    def __init__(self, study: Study, jobs: Optional[int] = None, keep_checkpoints: bool = False, log=print):
         self.study = study
-        self.jobs = max(1, int(jobs))
+        self.jobs = max(1, int(jobs if jobs is not None else study.jobs))
         self.keep_checkpoints = keep_checkpoints
         self.log = log
         self._lock = threading.Lock()
@@ -124,11 +135,13 @@ class StudyRunner:
         return self._device
 
     def stage_dir(self, arm: Arm, seed: int, stage: Stage) -> str:
-        return self.study.run_dir(arm.name, seed, stage.kind)
+        return self.study.stage_dir(arm, seed, stage)
 
     def stage_weights(self, arm: Arm, seed: int, stage: Stage) -> Optional[str]:
         """MODEL.WEIGHTS of a stage, or None to keep its config's."""
         if stage.kind == "finetune" and arm.pretrain is not None:
+            if stage.parts:
+                return os.path.join(self.stage_dir(arm, seed, stage), PARTS_NAME)
             return os.path.join(self.stage_dir(arm, seed, arm.pretrain), EXPORT_NAME)
         if stage.weights == "source":
             return self.study.source_weights.output
@@ -147,7 +160,8 @@ class StudyRunner:
         scale = stage.iters / cfg.SOLVER.MAX_ITER
         steps = tuple(sorted({min(max(1, round(s * scale)), stage.iters - 1) for s in cfg.SOLVER.STEPS}))
         datasets = self.study.datasets
-        tests = f"('{datasets['val']}', '{datasets['test']}')" if stage.kind == "finetune" else "()"
+        names = ", ".join(f"'{datasets[split]}'" for split in self.study.splits)
+        tests = f"({names},)" if stage.kind == "finetune" else "()"
         opts = [
             "OUTPUT_DIR", self.stage_dir(arm, seed, stage),
             "SEED", str(seed),
@@ -176,15 +190,15 @@ class StudyRunner:
         """Measured wall seconds per iteration (evaluation included) of finished stages, by
         (kind, config) and by kind (config ``"*"``)."""
         sums: Dict[Tuple[str, str], List[float]] = {}
-        for arm in self.study.arms.values():
-            for seed in arm.seeds:
-                for stage in arm.stages:
-                    record = read_stage(self.stage_dir(arm, seed, stage))
-                    if record and record.get("wall_s"):
-                        for key in ((stage.kind, stage.config), (stage.kind, "*")):
-                            total = sums.setdefault(key, [0.0, 0.0])
-                            total[0] += record["wall_s"]
-                            total[1] += stage.iters
+        folders = {self.stage_dir(arm, seed, stage): stage
+                   for arm in self.study.arms.values() for seed in arm.seeds for stage in arm.stages}
+        for folder, stage in folders.items():
+            record = read_stage(folder)
+            if record and record.get("wall_s"):
+                for key in ((stage.kind, stage.config), (stage.kind, "*")):
+                    total = sums.setdefault(key, [0.0, 0.0])
+                    total[0] += record["wall_s"]
+                    total[1] += stage.iters
         return {k: s / n for k, (s, n) in sums.items() if n}
 
     def estimate_s(self, stage: Stage, rates=None) -> float:
@@ -193,12 +207,15 @@ class StudyRunner:
         return stage.iters * (rate or self.study.estimate_s_per_iter[stage.kind])
 
     def pending(self, runs) -> List[Tuple[Arm, int, Stage]]:
-        return [
-            (arm, seed, stage)
-            for arm, seed in runs
-            for stage in arm.stages
-            if not stage_done(self.stage_dir(arm, seed, stage))
-        ]
+        """Unfinished stages of ``runs``, each stage folder once (a reused pre-training runs once)."""
+        seen, out = set(), []
+        for arm, seed in runs:
+            for stage in arm.stages:
+                folder = self.stage_dir(arm, seed, stage)
+                if folder not in seen and not stage_done(folder):
+                    seen.add(folder)
+                    out.append((arm, seed, stage))
+        return out
 
     def remaining_s(self, runs, rates=None) -> float:
         rates = self.seconds_per_iter() if rates is None else rates
@@ -241,7 +258,7 @@ class StudyRunner:
 
     def _run(self, cmd: List[str], log_path: str, what: str) -> float:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if self.jobs > 1:
+        if self.device == "cpu":
             threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         start = time.perf_counter()
@@ -259,6 +276,8 @@ class StudyRunner:
         """Run (or resume) one stage, export / record / prune it, and return its record."""
         out = self.stage_dir(arm, seed, stage)
         os.makedirs(out, exist_ok=True)
+        if stage.parts:
+            self._write_parts(arm, seed, stage)
         cmd = self.stage_command(arm, seed, stage)
         wall = self._run(cmd, os.path.join(out, "stdout.log"), what=f"{arm.name} seed {seed} {stage.kind}")
         attempts_path = os.path.join(out, "study_attempts.json")
@@ -274,12 +293,24 @@ class StudyRunner:
 
                 export_finetune_weights(os.path.join(out, "model_final.pth"), export)
         else:
-            record["results"] = finetune_results(out, self.study.datasets)
+            record["results"] = finetune_results(out, self.study.datasets, self.study.splits)
         if not self.keep_checkpoints:
             for path in glob.glob(os.path.join(out, "model_[0-9]*.pth")):
                 os.remove(path)  # periodic checkpoints of a finished stage; model_final.pth stays
         _write_json(os.path.join(out, STAGE_FILE), record)
         return record
+
+    def _write_parts(self, arm: Arm, seed: int, stage: Stage) -> None:
+        """The fine-tuning weights of ``stage``: the listed parts of the pre-training export."""
+        import torch
+
+        export = os.path.join(self.stage_dir(arm, seed, arm.pretrain), EXPORT_NAME)
+        state = torch.load(export, map_location="cpu", weights_only=False)
+        prefixes = tuple(p + "." for p in stage.parts)
+        model = {k: v for k, v in state["model"].items() if k.startswith(prefixes)}
+        path = os.path.join(self.stage_dir(arm, seed, stage), PARTS_NAME)
+        torch.save(dict(state, model=model, drcl2_parts=list(stage.parts)), f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
 
     def run(self, runs) -> None:
         """Run every pending stage of ``runs`` ((arm, seed) pairs), ``jobs`` runs at a time."""
@@ -289,34 +320,45 @@ class StudyRunner:
         total = len(runs)
         started = time.perf_counter()
 
+        locks: Dict[str, threading.Lock] = {}
+
         def one(i, arm, seed):
             for stage in arm.stages:
                 out = self.stage_dir(arm, seed, stage)
-                if stage_done(out):
-                    continue
                 with self._lock:
-                    eta = self.remaining_s(runs)
-                    self.log(f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} {stage.iters} it "
-                             f"... ETA {_minutes(eta)} min")
-                record = self.run_stage(arm, seed, stage)
-                with self._lock:
-                    summary = ""
-                    if "results" in record:
-                        box = record["results"]["val"].get("bbox", {})
-                        summary = f"; val box AP {box.get('AP', float('nan')):.1f}, APr {box.get('APr', float('nan')):.1f}"
-                    self.log(f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} done in "
-                             f"{record['wall_s'] / 60:.1f} min{summary}")
+                    stage_lock = locks.setdefault(out, threading.Lock())
+                with stage_lock:  # a reused pre-training runs once, whichever arm gets there first
+                    self._one_stage(i, total, runs, arm, seed, stage)
 
+        self._dispatch(one, todo)
+        self.log(f"study '{self.study.name}': {total} runs finished or skipped in "
+                 f"{(time.perf_counter() - started) / 60:.1f} min")
+
+    def _one_stage(self, i, total, runs, arm, seed, stage):
+        if stage_done(self.stage_dir(arm, seed, stage)):
+            return
+        with self._lock:
+            eta = self.remaining_s(runs)
+            self.log(f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} {stage.iters} it "
+                     f"... ETA {_minutes(eta)} min")
+        record = self.run_stage(arm, seed, stage)
+        with self._lock:
+            summary = ""
+            if "results" in record:
+                box = record["results"]["val"].get("bbox", {})
+                summary = f"; val box AP {box.get('AP', float('nan')):.1f}, APr {box.get('APr', float('nan')):.1f}"
+            self.log(f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} done in "
+                     f"{record['wall_s'] / 60:.1f} min{summary}")
+
+    def _dispatch(self, one, todo) -> None:
         if self.jobs == 1:
             for job in todo:
                 one(*job)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
-                futures = [pool.submit(one, *job) for job in todo]
-                for f in concurrent.futures.as_completed(futures):
-                    if f.exception() is not None:
-                        for other in futures:
-                            other.cancel()  # stop scheduling; the running ones finish
-                        raise f.exception()
-        self.log(f"study '{self.study.name}': {total} runs finished or skipped in "
-                 f"{(time.perf_counter() - started) / 60:.1f} min")
+            return
+        with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
+            futures = [pool.submit(one, *job) for job in todo]
+            for f in concurrent.futures.as_completed(futures):
+                if f.exception() is not None:
+                    for other in futures:
+                        other.cancel()  # stop scheduling; the running ones finish
+                    raise f.exception()

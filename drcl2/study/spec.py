@@ -6,12 +6,14 @@ A study file is YAML with these keys (``drcl2/study/README`` is this docstring):
     name: toy                          # a label for the report
     output_dir: output/study/toy       # runs land in OUTPUT_DIR/<arm>/seed<k>/{pretrain,finetune}
     num_gpus: 1                        # train_net.py --num-gpus of every run
+    jobs: 1                            # runs at a time; on CPU each gets cores // jobs threads
     device: auto                       # MODEL.DEVICE: cpu, cuda, or auto (cuda when available)
     seeds: [1, 2, 3]                   # SEED of every run: initialisation and data order
     datasets:                          # fixed across arms and seeds
       train: lvis_v1_toy_train
       val: lvis_v1_toy_val             # choose and tune on this split ...
-      test: lvis_v1_toy_test           # ... report this one; nothing is tuned on it
+      test: lvis_v1_toy_test           # ... report this one; nothing is tuned on it (a study that
+                                       # only explores, on val, leaves test out)
     schedule: {P: 500, F: 500}         # named iteration counts, used by the stages' `iters`
     checkpoint_period: 100             # SOLVER.CHECKPOINT_PERIOD (an interrupted run resumes there)
     estimate_s_per_iter: {pretrain: 0.6, finetune: 0.5}   # --dry-run's ETA before anything ran
@@ -29,13 +31,19 @@ A study file is YAML with these keys (``drcl2/study/README`` is this docstring):
         finetune: {config: configs/toy/mask_rcnn_finetune.yaml, iters: F}
         compare_to: [scratch]          # paired differences in the report
         seeds: [1]                     # optional: fewer (or other) seeds than the study's
+      2drcl_backbone:
+        pretrain: {from: 2drcl}        # the pre-training runs of another arm (same seeds), not again
+        finetune: {config: configs/toy/mask_rcnn_finetune.yaml, iters: F, parts: [backbone]}
 
 ``iters`` is a number or a sum of names from ``schedule`` (``F + P``). The stage's learning-rate
 steps and warm-up are scaled from its config's ``SOLVER.MAX_ITER`` to ``iters``. ``weights:
 source`` (on the first stage of an arm) starts it from ``source_weights``; otherwise a
 fine-tuning stage after a pre-training stage starts from its export
-(``model_final_finetune.pth``), and a lone stage from its config's ``MODEL.WEIGHTS``.
+(``model_final_finetune.pth``) — or from the listed ``parts`` of it (``backbone``,
+``proposal_generator``, ``roi_heads.box_head``) — and a lone stage from its config's
+``MODEL.WEIGHTS``.
 """
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,11 +56,12 @@ __all__ = ["Stage", "Arm", "SourceWeights", "Study", "load_study", "StudyFileErr
 STAGES = ("pretrain", "finetune")
 DEVICES = ("cpu", "cuda", "auto")
 _STUDY_KEYS = {
-    "name", "output_dir", "num_gpus", "device", "seeds", "datasets", "schedule", "checkpoint_period",
+    "name", "output_dir", "num_gpus", "jobs", "device", "seeds", "datasets", "schedule", "checkpoint_period",
     "estimate_s_per_iter", "source_weights", "arms", "per_class_delta",
 }  # fmt: skip
 _ARM_KEYS = {"group", "pretrain", "finetune", "compare_to", "seeds"}
-_STAGE_KEYS = {"config", "iters", "opts", "weights"}
+_STAGE_KEYS = {"config", "iters", "opts", "weights", "parts"}
+PARTS = ("backbone", "proposal_generator", "roi_heads.box_head")  # what an export holds
 
 
 class StudyFileError(ValueError):
@@ -68,6 +77,7 @@ class Stage:
     iters: int
     opts: Tuple[str, ...] = ()
     weights: Optional[str] = None  # "source": start from the study's source weights
+    parts: Tuple[str, ...] = ()  # fine-tuning: start from these parts of the export only
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ class Arm:
     pretrain: Optional[Stage] = None
     seeds: Tuple[int, ...] = ()
     compare_to: Tuple[str, ...] = ()
+    pretrain_from: Optional[str] = None  # the arm whose pre-training runs this arm reuses
 
     @property
     def stages(self) -> List[Stage]:
@@ -106,6 +117,7 @@ class Study:
     name: str
     output_dir: str
     num_gpus: int
+    jobs: int
     device: str
     seeds: Tuple[int, ...]
     datasets: Dict[str, str]
@@ -116,6 +128,16 @@ class Study:
     source_weights: Optional[SourceWeights] = None
     per_class_delta: Tuple[str, ...] = ()
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def stage_dir(self, arm: Arm, seed: int, stage: Stage) -> str:
+        """The folder of ``stage`` of ``arm`` (a reused pre-training: the other arm's)."""
+        owner = arm.pretrain_from if stage.kind == "pretrain" and arm.pretrain_from else arm.name
+        return self.run_dir(owner, seed, stage.kind)
+
+    @property
+    def splits(self) -> Tuple[str, ...]:
+        """The evaluated splits: val, and test unless the study leaves it out."""
+        return ("val", "test") if self.datasets.get("test") else ("val",)
 
     def runs(self, arms: Optional[List[str]] = None, seeds: Optional[List[int]] = None):
         """
@@ -191,12 +213,18 @@ def _stage(path, where, kind, raw, schedule, study_dir):
     weights = raw.get("weights")
     if weights not in (None, "source"):
         _fail(path, f"{where}.weights", f"must be 'source' (the study's source_weights) or absent; got {weights!r}.")
+    parts = raw.get("parts") or []
+    if kind != "finetune" and parts:
+        _fail(path, f"{where}.parts", "only a fine-tuning stage chooses parts of an export.")
+    if not isinstance(parts, list) or not set(parts) <= set(PARTS) or len(set(parts)) != len(parts):
+        _fail(path, f"{where}.parts", f"must list distinct parts among {list(PARTS)}; got {parts!r}.")
     return Stage(
         kind=kind,
         config=_resolve(path, f"{where}.config", raw["config"], study_dir),
         iters=_iters(path, f"{where}.iters", raw["iters"], schedule),
         opts=tuple(str(o) for o in opts),
         weights=weights,
+        parts=tuple(parts),
     )
 
 
@@ -234,14 +262,18 @@ def load_study(path: str, output_dir: Optional[str] = None) -> Study:
     ):
         _fail(path, "schedule", f"must map names to positive iteration counts; got {schedule!r}.")
     datasets = raw["datasets"]
-    if not isinstance(datasets, dict) or set(datasets) != {"train", "val", "test"}:
-        _fail(path, "datasets", f"must name exactly train, val and test; got {datasets!r}.")
+    if not isinstance(datasets, dict) or not {"train", "val"} <= set(datasets) <= {"train", "val", "test"}:
+        _fail(path, "datasets", f"must name train, val and (unless the study only explores) test; got {datasets!r}.")
+    datasets.setdefault("test", None)
     device = raw.get("device", "auto")
     if device not in DEVICES:
         _fail(path, "device", f"must be one of {DEVICES}; got {device!r}.")
     num_gpus = raw.get("num_gpus", 1)
     if not isinstance(num_gpus, int) or num_gpus < 1:
         _fail(path, "num_gpus", f"must be an integer >= 1; got {num_gpus!r}.")
+    jobs = raw.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        _fail(path, "jobs", f"must be an integer >= 1; got {jobs!r}.")
     period = raw.get("checkpoint_period", 100)
     if not isinstance(period, int) or period < 1:
         _fail(path, "checkpoint_period", f"must be an integer >= 1; got {period!r}.")
@@ -274,12 +306,17 @@ def load_study(path: str, output_dir: Optional[str] = None) -> Study:
         _unknown_keys(path, where, spec, _ARM_KEYS)
         if "finetune" not in spec:
             _fail(path, where, "needs a 'finetune' stage (every arm ends in fine-tuning + evaluation).")
-        pretrain = (
-            _stage(path, f"{where}.pretrain", "pretrain", spec["pretrain"], schedule, study_dir)
-            if spec.get("pretrain") is not None
-            else None
-        )
+        pretrain, pretrain_from = spec.get("pretrain"), None
+        if isinstance(pretrain, dict) and "from" in pretrain:
+            if set(pretrain) != {"from"}:
+                _fail(path, f"{where}.pretrain", "a reused pre-training ({from: ARM}) takes no other key.")
+            pretrain_from = str(pretrain["from"])
+            pretrain = None  # filled in below, once every arm is parsed
+        elif pretrain is not None:
+            pretrain = _stage(path, f"{where}.pretrain", "pretrain", pretrain, schedule, study_dir)
         finetune = _stage(path, f"{where}.finetune", "finetune", spec["finetune"], schedule, study_dir)
+        if finetune.parts and pretrain is None and pretrain_from is None:
+            _fail(path, f"{where}.finetune.parts", "needs a pre-training stage whose export it takes parts of.")
         if pretrain is not None and finetune.weights is not None:
             _fail(path, f"{where}.finetune.weights", "a fine-tuning stage after pre-training starts from its export.")
         if (pretrain or finetune).weights == "source" and source is None:
@@ -291,7 +328,17 @@ def load_study(path: str, output_dir: Optional[str] = None) -> Study:
             finetune=finetune,
             seeds=_seeds(path, f"{where}.seeds", spec["seeds"]) if "seeds" in spec else seeds,
             compare_to=tuple(spec.get("compare_to") or ()),
+            pretrain_from=pretrain_from,
         )
+    for name, arm in list(arms.items()):
+        if arm.pretrain_from is None:
+            continue
+        source_arm = arms.get(arm.pretrain_from)
+        if source_arm is None or source_arm.pretrain is None or source_arm.pretrain_from is not None:
+            _fail(path, f"arms.{name}.pretrain.from", f"'{arm.pretrain_from}' is not an arm with its own pre-training.")
+        if not set(arm.seeds) <= set(source_arm.seeds):
+            _fail(path, f"arms.{name}.seeds", f"seeds {list(arm.seeds)} must be among those of '{arm.pretrain_from}'.")
+        arms[name] = dataclasses.replace(arm, pretrain=source_arm.pretrain)
     for arm in arms.values():
         for other in arm.compare_to:
             if other not in arms or other == arm.name:
@@ -306,6 +353,7 @@ def load_study(path: str, output_dir: Optional[str] = None) -> Study:
         name=str(raw["name"]),
         output_dir=output_dir or str(raw["output_dir"]),
         num_gpus=num_gpus,
+        jobs=jobs,
         device=device,
         seeds=seeds,
         datasets=dict(datasets),

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report-dir", help="where the report goes (default: OUTPUT_DIR/report)")
     parser.add_argument("--arms", help="comma-separated arms to run (default: all)")
     parser.add_argument("--seeds", type=_int_list, help="comma-separated seeds to run (default: the study's)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU: threads are shared out)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs at a time (default: the study file's jobs; CPU: cores are shared out)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and the estimated time; train nothing")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep periodic checkpoints of finished stages")
     args = parser.parse_args(argv)
