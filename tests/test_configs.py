@@ -1,4 +1,4 @@
-"""Every config file under configs/ loads through train_net.setup() (Base-*.yaml files excluded)."""
+"""Every config file under configs/ loads through train_net.setup() (Base-*.yaml and study files excluded)."""
 import glob
 import os
 
@@ -12,7 +12,10 @@ CONFIGS = sorted(
     os.path.relpath(path, REPO_ROOT)
     for path in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True)
     if not os.path.basename(path).startswith("Base-")
+    and not os.path.relpath(path, REPO_ROOT).startswith(os.path.join("configs", "study", ""))
 )
+# configs/study/*.yaml are study files, not detectron2 configs: tests/test_study.py loads each one.
+STUDIES = sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "configs", "study", "*.yaml")))
 
 
 def _setup(config_file, output_dir, *opts):

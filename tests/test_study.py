@@ -45,6 +45,29 @@ BASIC = f"""
 """
 
 
+@pytest.mark.parametrize("path", __import__("test_configs").STUDIES)
+def test_shipped_study_files_parse(path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    from detectron2.config import get_cfg
+
+    from drcl2.config import add_drcl2_config
+    from drcl2.modeling.meta_arch import check_drcl2_config
+    from drcl2.study import StudyRunner
+
+    study = load_study(path)
+    runner = StudyRunner(study)
+    for arm in study.arms.values():  # every stage's config takes the study's and the arm's overrides
+        for stage in arm.stages:
+            cfg = get_cfg()
+            add_drcl2_config(cfg)
+            cfg.merge_from_file(stage.config)
+            cfg.merge_from_list(runner.stage_opts(arm, arm.seeds[0], stage))  # unknown keys fail here
+            assert cfg.SOLVER.MAX_ITER == stage.iters
+            assert all(0 < s < stage.iters for s in cfg.SOLVER.STEPS)
+            if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
+                check_drcl2_config(cfg)  # e.g. the DRB switch agrees with the sampler in every row
+
+
 def test_study_file_parses(tmp_path):
     study = load_study(write_study(tmp_path, BASIC.format(out=tmp_path / "out")))
     assert list(study.arms) == ["scratch", "scratch_long", "2drcl", "abl"]
