@@ -1,4 +1,6 @@
-"""Every config file under configs/ loads through train_net.setup() (Base-*.yaml and study files excluded)."""
+"""Every config file under configs/ loads through train_net.setup() (Base-*.yaml files excluded);
+the study files directly under configs/study/ load through drcl2.study.load_study instead
+(tests/test_study.py)."""
 import glob
 import os
 
@@ -8,14 +10,14 @@ from detectron2.engine import default_argument_parser
 import train_net
 from conftest import REPO_ROOT
 
+STUDIES = sorted(
+    os.path.relpath(path, REPO_ROOT) for path in glob.glob(os.path.join(REPO_ROOT, "configs", "study", "*.yaml"))
+)
 CONFIGS = sorted(
     os.path.relpath(path, REPO_ROOT)
     for path in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True)
-    if not os.path.basename(path).startswith("Base-")
-    and not os.path.relpath(path, REPO_ROOT).startswith(os.path.join("configs", "study", ""))
+    if not os.path.basename(path).startswith("Base-") and os.path.relpath(path, REPO_ROOT) not in STUDIES
 )
-# configs/study/*.yaml are study files, not detectron2 configs: tests/test_study.py loads each one.
-STUDIES = sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "configs", "study", "*.yaml")))
 
 
 def _setup(config_file, output_dir, *opts):
@@ -28,6 +30,8 @@ def _setup(config_file, output_dir, *opts):
 def test_configs_are_found():
     assert "configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml" in CONFIGS
     assert "configs/toy/mask_rcnn_finetune.yaml" in CONFIGS
+    assert "configs/large/pretrain_2drcl_R_50_FPN.yaml" in CONFIGS
+    assert STUDIES == ["configs/study/large.yaml", "configs/study/toy.yaml", "configs/study/toy_explore.yaml"]
 
 
 @pytest.mark.parametrize("config_file", CONFIGS)
@@ -63,3 +67,47 @@ def test_lvis_recipe():
 def test_unknown_key_fails_with_detectron2_error(tmp_path):
     with pytest.raises(AssertionError, match="Non-existent key: MODEL.NO_SUCH_KEY"):  # yacs
         _setup("configs/toy/mask_rcnn_finetune.yaml", tmp_path, "MODEL.NO_SUCH_KEY", "1")
+
+
+def _merged(config_file):
+    from detectron2.config import get_cfg
+
+    from drcl2 import add_drcl2_config
+
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, config_file))
+    return cfg
+
+
+def test_large_study():
+    from drcl2.study import load_study
+
+    study = load_study(os.path.join(REPO_ROOT, "configs/study/large.yaml"))
+    assert study.device == "cuda" and study.num_gpus == 1
+    assert study.datasets == {split: f"lvis_v1_gen_large_{split}" for split in ("train", "val", "test")}
+    assert study.arms["2drcl"].iters == study.arms["scratch_long"].iters  # equal compute
+    finetune = _merged("configs/large/mask_rcnn_R_50_FPN_finetune.yaml")
+    assert finetune.TEST.DETECTIONS_PER_IMAGE == 300
+    assert finetune.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
+    assert finetune.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    assert finetune.DATALOADER.REPEAT_THRESHOLD == pytest.approx(0.01)
+
+
+def test_large_pretraining_builds_the_fine_tuning_detector():
+    """configs/large/pretrain_2drcl_R_50_FPN.yaml repeats the detector keys of the folder's base (it
+    is based on Base-2DRCL.yaml): they must agree, or the export would not load as it should."""
+    pretrain = _merged("configs/large/pretrain_2drcl_R_50_FPN.yaml")
+    for other in ("configs/large/mask_rcnn_R_50_FPN_finetune.yaml",
+                  "configs/large/mask_rcnn_R_50_FPN_supervised_pretrain.yaml"):
+        cfg = _merged(other)
+        for key in ("WEIGHTS", "BACKBONE", "RESNETS", "FPN", "ANCHOR_GENERATOR", "RPN", "ROI_BOX_HEAD", "PIXEL_MEAN"):
+            assert pretrain.MODEL[key] == cfg.MODEL[key], (other, key)
+        assert pretrain.MODEL.ROI_HEADS.NUM_CLASSES == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        assert pretrain.INPUT.MIN_SIZE_TRAIN == cfg.INPUT.MIN_SIZE_TRAIN
+        assert pretrain.INPUT.MAX_SIZE_TRAIN == cfg.INPUT.MAX_SIZE_TRAIN
+        assert pretrain.DATASETS.TRAIN == cfg.DATASETS.TRAIN
+    supervised = _merged("configs/large/mask_rcnn_R_50_FPN_supervised_pretrain.yaml")
+    assert supervised.SOLVER == pretrain.SOLVER  # same solver and sampler as the 2DRCL pre-training
+    assert supervised.DATALOADER.SAMPLER_TRAIN == pretrain.DATALOADER.SAMPLER_TRAIN
+    assert supervised.DATALOADER.DRCL2.REPEAT_THRESHOLD == pretrain.DATALOADER.DRCL2.REPEAT_THRESHOLD

@@ -54,7 +54,14 @@ def test_shipped_study_files_parse(path, monkeypatch):
     from drcl2.modeling.meta_arch import check_drcl2_config
     from drcl2.study import StudyRunner
 
+    from detectron2.data import MetadataCatalog
+
     study = load_study(path)
+    if study.datasets["test"]:  # a reporting study (not an exploration on val): the main arms, 3 seeds
+        assert {"scratch", "scratch_long", "supervised_pretrain", "2drcl"} <= set(study.arms)
+        assert len(study.seeds) == 3
+        assert study.arms["2drcl"].iters == study.arms["scratch_long"].iters  # equal compute
+    num_classes = len(MetadataCatalog.get(study.datasets["train"]).thing_classes)
     runner = StudyRunner(study)
     for arm in study.arms.values():  # every stage's config takes the study's and the arm's overrides
         for stage in arm.stages:
@@ -62,6 +69,7 @@ def test_shipped_study_files_parse(path, monkeypatch):
             add_drcl2_config(cfg)
             cfg.merge_from_file(stage.config)
             cfg.merge_from_list(runner.stage_opts(arm, arm.seeds[0], stage))  # unknown keys fail here
+            assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == num_classes, (arm.name, stage.config)
             assert cfg.SOLVER.MAX_ITER == stage.iters
             assert all(0 < s < stage.iters for s in cfg.SOLVER.STEPS)
             if cfg.MODEL.META_ARCHITECTURE == "DRCL2":

@@ -1,9 +1,11 @@
-"""The generated demo set: valid LVIS v1, long-tailed over all three groups, reproducible."""
+"""The generated sets: valid LVIS v1, long-tailed over all three groups, reproducible; the default
+(demo) set unchanged by the generalisation to more classes and LVIS's class shares."""
 import collections
 import filecmp
 import json
 import os
 
+import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from lvis import LVIS
@@ -138,3 +140,171 @@ def test_registered_toy_datasets(toy_lvis_root):
     assert MetadataCatalog.get("lvis_v1_toy_test").evaluator_type == "lvis"
     assert all(0 <= a["category_id"] < 30 for d in dicts for a in d["annotations"])
     assert os.path.isfile(dicts[0]["file_name"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generalised generator: the default set unchanged, LVIS's class shares, more class identities
+# ---------------------------------------------------------------------------------------------------
+def _set_digest(base):
+    """sha256 over every file's relative path and sha256, in path order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in _all_files(base):
+        with open(os.path.join(base, rel), "rb") as f:
+            h.update(f"{rel}\n{hashlib.sha256(f.read()).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def test_default_set_is_byte_identical_to_the_original_generator(demo_set):
+    """The demo / study set is exactly what the 30-class generator wrote before it was generalised
+    (digests taken from that code, same Pillow / OpenCV / NumPy versions as .venv)."""
+    import hashlib
+
+    with open(demo_set["train_json"], "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == (
+            "1270c0b0aee4fb16e1f8b3e18abf17d299f3eabbcfa5991b7fa26ba3f10f2921"
+        ), "the default train JSON changed (or a Pillow / OpenCV upgrade changed how shapes rasterise)"
+    assert _set_digest(demo_set["image_root"]) == "fe62cc665a9df32b2b9e639d3b3b6131386d9aaa5683f6a68c039577f38db9a7"
+
+
+SMALL_LVIS = ToyLVISSpec(
+    name="lvis_v1_gen_small",
+    num_classes=60,
+    class_distribution="lvis",
+    num_train_images=400,  # LVIS's frequent classes need > 100 training images each
+    num_val_images=40,
+    num_test_images=40,
+    image_format="jpg",
+    max_objects_per_image=8,
+    min_object_scale=0.05,
+    max_object_scale=0.14,
+    max_total_box_occlusion=0.4,
+)
+
+
+@pytest.fixture(scope="module")
+def small_lvis_set(tmp_path_factory):
+    """A 60-class instance of the LVIS-shares generator (the large set's recipe, scaled down)."""
+    return generate_toy_lvis(str(tmp_path_factory.mktemp("gen_small")), SMALL_LVIS)
+
+
+def test_lvis_distribution_is_deterministic_with_any_number_of_workers(small_lvis_set, tmp_path, monkeypatch):
+    from drcl2.data import toy_lvis
+
+    # forked rather than spawned here: the same chunking and ordering without two drcl2 imports
+    # (spawning, the default, was checked the same way once: ~1 min on 2 busy cores)
+    monkeypatch.setattr(toy_lvis, "_MP_CONTEXT", "fork")
+    again = generate_toy_lvis(str(tmp_path), SMALL_LVIS, num_workers=2)
+    files = _all_files(small_lvis_set["image_root"])
+    assert files == _all_files(again["image_root"]) and len(files) == 400 + 40 + 40 + 3
+    assert files[-1].endswith(".jpg") and os.path.basename(small_lvis_set["train_json"]) == "lvis_v1_gen_small_train.json"
+    _, mismatch, errors = filecmp.cmpfiles(small_lvis_set["image_root"], again["image_root"], files, shallow=False)
+    assert mismatch == [] and errors == []
+
+
+def _image_and_instance_counts(api):
+    images, instances = collections.Counter(), collections.Counter()
+    for img_id in api.imgs:
+        cats = [a["category_id"] for a in api.img_ann_map[img_id]]
+        images.update(set(cats))
+        instances.update(cats)
+    return images, instances
+
+
+def test_lvis_distribution_has_lvis_class_shares(small_lvis_set):
+    for split in ("train", "val", "test"):
+        api = LVIS(small_lvis_set[f"{split}_json"])  # the reference API accepts it
+        assert len(api.cats) == 60
+        if split != "train":  # val and test mix in a uniform share: every class has boxes there
+            assert {a["category_id"] for a in api.dataset["annotations"]} == set(range(1, 61))
+    train = LVIS(small_lvis_set["train_json"])
+    images, instances = _image_and_instance_counts(train)
+    groups = collections.Counter()
+    for cat in train.dataset["categories"]:
+        # the counts known at registration (without rendering) are the true ones
+        assert cat["image_count"] == images[cat["id"]] >= 1
+        assert cat["instance_count"] == instances[cat["id"]]
+        assert cat["frequency"] == frequency_group(cat["image_count"])
+        groups[cat["frequency"]] += 1
+    lvis_shares = {"r": 337 / 1203, "c": 461 / 1203, "f": 405 / 1203}
+    for group, share in lvis_shares.items():
+        assert abs(groups[group] / 60 - share) < 0.01, groups
+    per_image = collections.Counter(len(train.img_ann_map[i]) for i in train.imgs)
+    assert min(per_image) >= 1 and max(per_image) <= 8
+
+
+def test_large_set_statistics_without_rendering():
+    """lvis_v1_gen_large: LVIS's shares over 300 classes; its registered counts match its layout."""
+    from drcl2.data import LVIS_GEN_LARGE
+
+    categories = toy_lvis_categories(LVIS_GEN_LARGE)
+    groups = collections.Counter(c["frequency"] for c in categories)
+    assert groups == {"r": 84, "c": 115, "f": 101}
+    images = collections.Counter()
+    objects_per_image = []
+    for img in toy_lvis_layout(LVIS_GEN_LARGE, "train"):
+        annotated = [o["category"] for o in img["objects"] if o["annotated"]]
+        assert len(set(annotated)) == len(annotated)  # one instance per class and image
+        images.update(annotated)
+        objects_per_image.append(len(annotated))
+        assert 320 <= min(img["width"], img["height"]) and max(img["width"], img["height"]) <= 480
+    assert [images[c] for c in range(300)] == [c["image_count"] for c in categories]
+    assert 3.3 < sum(objects_per_image) / len(objects_per_image) < 3.7  # LVIS v1: 3.6 classes per image
+
+
+def test_class_vocabulary_extends_the_toy_classes_and_stays_distinct():
+    from drcl2.data.toy_classes import MAX_TOY_CLASSES, toy_classes
+    from drcl2.data.toy_lvis import _render_image
+
+    classes = toy_classes(MAX_TOY_CLASSES)
+    assert tuple(c.name for c in classes[:30]) == TOY_CLASSES  # the toy set's, in its order
+    assert TOY_CLASSES[:3] == ("red_circle", "green_circle", "blue_circle")
+    assert len({c.name for c in classes}) == len({(c.colour, c.shape, c.pattern) for c in classes}) == 512
+    # every class drawn alone at the same pose on the same background: any two differ visibly
+    spec = ToyLVISSpec(num_classes=MAX_TOY_CLASSES, min_image_size=48, max_image_size=48, max_object_scale=0.5)
+    renders = np.stack([
+        np.asarray(_render_image(spec, "train", {"id": 1, "width": 48, "height": 48, "objects": [
+            {"category": c, "center": (24.0, 24.0), "radius": 20.0, "angle": 0.3, "annotated": True}]})[0])
+        for c in range(MAX_TOY_CLASSES)
+    ]).reshape(MAX_TOY_CLASSES, -1).astype(np.float32)
+    sq = (renders**2).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * renders @ renders.T, 0) / renders.shape[1])
+    np.fill_diagonal(dist, np.inf)
+    assert dist.min() > 10, np.unravel_index(dist.argmin(), dist.shape)  # RMS difference per pixel value
+
+
+def test_bad_specs_name_the_field():
+    for kwargs, field in [
+        ({"num_classes": 513}, "num_classes"),
+        ({"class_distribution": "uniform"}, "class_distribution"),
+        ({"image_format": "gif"}, "image_format"),
+        ({"max_object_scale": 0.5}, "max_object_scale"),
+        ({"num_val_images": 0}, "num_val_images"),
+        ({"name": "a/b"}, "name"),
+        ({"class_distribution": "lvis", "num_train_images": 100}, "num_train_images"),
+    ]:
+        with pytest.raises(ValueError, match=f"ToyLVISSpec.{field}"):
+            ToyLVISSpec(**kwargs)
+    with pytest.raises(ValueError, match="max_objects_per_image or num_classes"):
+        ToyLVISSpec(class_distribution="lvis", num_classes=300, num_train_images=500)
+
+
+def test_large_set_is_registered_without_generating(tmp_path):
+    import dataclasses
+
+    from drcl2.data import LVIS_GEN_LARGE
+    from drcl2.data.datasets import GENERATED_DATASETS, check_dataset_files, register_toy_lvis
+
+    for split in ("train", "val", "test"):
+        meta = MetadataCatalog.get(f"lvis_v1_gen_large_{split}")
+        assert meta.evaluator_type == "lvis" and len(meta.thing_classes) == 300
+        assert collections.Counter(meta.class_frequency) == {"r": 84, "c": 115, "f": 101}
+        assert meta.json_file.endswith(f"lvis_v1_gen_large/annotations/lvis_v1_gen_large_{split}.json")
+        assert f"lvis_v1_gen_large_{split}" in GENERATED_DATASETS
+    assert min(c["image_count"] for c in MetadataCatalog.get("lvis_v1_gen_large_train").class_image_count) == 1
+    check_dataset_files(["lvis_v1_gen_large_train"])  # generated on use: not reported missing
+    # what the import does, into an empty root: metadata only, not a file written
+    register_toy_lvis(str(tmp_path), dataclasses.replace(LVIS_GEN_LARGE, name="lvis_v1_gen_large_probe"))
+    assert os.listdir(tmp_path) == []
+    assert len(MetadataCatalog.get("lvis_v1_gen_large_probe_val").thing_classes) == 300

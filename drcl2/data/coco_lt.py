@@ -28,6 +28,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.coco import load_coco_json
 
+from .lvis_format import lvis_v1_rank_image_counts
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -77,14 +79,6 @@ def class_counts(coco_dict):
     }
 
 
-def _lvis_v1_image_count_curve():
-    from detectron2.data.datasets.lvis_v1_category_image_count import (
-        LVIS_CATEGORY_IMAGE_COUNT,
-    )
-
-    return np.sort([c["image_count"] for c in LVIS_CATEGORY_IMAGE_COUNT])[::-1]
-
-
 def coco_lt_targets(available, scale=1.0):
     """
     Target image counts (step 1 of the module docstring).
@@ -98,14 +92,12 @@ def coco_lt_targets(available, scale=1.0):
     """
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}.")
-    curve = _lvis_v1_image_count_curve()
     ranked = sorted(available, key=lambda c: (-available[c], c))
-    k = len(ranked)
-    targets = {}
-    for i, cat_id in enumerate(ranked):
-        lvis_rank = round(i * (len(curve) - 1) / (k - 1)) if k > 1 else 0
-        targets[cat_id] = min(available[cat_id], max(1, round(scale * float(curve[lvis_rank]))))
-    return targets
+    curve = lvis_v1_rank_image_counts(len(ranked)) if ranked else []
+    return {
+        cat_id: min(available[cat_id], max(1, round(scale * float(count))))
+        for cat_id, count in zip(ranked, curve)
+    }
 
 
 def make_coco_lt(coco_dict, *, seed=0, scale=1.0):

@@ -1,7 +1,11 @@
-"""Datasets drcl2 registers on import (the generated toy LVIS v1 set), and a check of dataset files.
+"""Datasets drcl2 registers on import (the generated LVIS-format sets), and a check of dataset files.
 
-The toy set has three splits: ``train``, ``val`` (choose and tune on it) and ``test`` (held out:
-drawn like val from its own seeds, for reported results only).
+Two generated sets (:mod:`drcl2.data.toy_lvis`), each with three splits: ``train``, ``val`` (choose
+and tune on it) and ``test`` (held out: drawn like val from its own seeds, for reported results only):
+
+* ``lvis_v1_toy_{train,val,test}``: the demo and test set (30 classes, <= 128 px, CPU-sized);
+* ``lvis_v1_gen_large_{train,val,test}``: the GPU set (300 classes in LVIS v1's rare / common /
+  frequent shares, 320-480 px, 10,000 / 1,000 / 1,000 images).
 """
 import os
 from typing import Iterable
@@ -10,27 +14,44 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 
 from .lvis_format import load_lvis_format_json, lvis_format_metadata
-from .toy_lvis import ToyLVISSpec, ensure_toy_lvis, toy_lvis_categories, toy_lvis_paths
+from .toy_lvis import (
+    GENERATED_SETS,
+    SPLITS,
+    ToyLVISSpec,
+    ensure_toy_lvis,
+    toy_lvis_categories,
+    toy_lvis_paths,
+)
 
-__all__ = ["register_toy_lvis", "TOY_LVIS_DATASETS", "check_dataset_files"]
+__all__ = ["register_toy_lvis", "TOY_LVIS_DATASETS", "GENERATED_DATASETS", "check_dataset_files"]
 
-TOY_LVIS_DATASETS = {"lvis_v1_toy_train": "train", "lvis_v1_toy_val": "val", "lvis_v1_toy_test": "test"}
+
+def _dataset_names(spec: ToyLVISSpec):
+    return {f"{spec.name}_{split}": split for split in SPLITS}
+
+
+TOY_LVIS_DATASETS = _dataset_names(GENERATED_SETS["toy"])
+# every generated split drcl2 registers: dataset name -> split
+GENERATED_DATASETS = {
+    name: split for spec in GENERATED_SETS.values() for name, split in _dataset_names(spec).items()
+}
 
 
 def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
     """
-    Register ``lvis_v1_toy_train`` / ``lvis_v1_toy_val`` / ``lvis_v1_toy_test`` under ``root``. Nothing is read or written
-    now: the metadata comes from the generator's layout, and the set is generated under ``root`` the
-    first time its dicts are asked for (``DatasetCatalog.get``).
+    Register ``<spec.name>_train`` / ``_val`` / ``_test`` (``lvis_v1_toy_*`` by default) under
+    ``root``. Nothing is read or written now: the metadata comes from the generator's layout, and
+    the set is generated under ``root`` the first time its dicts are asked for
+    (``DatasetCatalog.get``; one rendering process per CPU core for large sets).
     """
-    paths = toy_lvis_paths(root)
+    paths = toy_lvis_paths(root, spec)
     metadata = lvis_format_metadata({"categories": toy_lvis_categories(spec)})
 
     def load(split):
         ensure_toy_lvis(root, spec)
         return load_lvis_format_json(paths[f"{split}_json"], paths["image_root"])
 
-    for name, split in TOY_LVIS_DATASETS.items():
+    for name, split in _dataset_names(spec).items():
         DatasetCatalog.register(name, lambda split=split: load(split))
         MetadataCatalog.get(name).set(
             json_file=paths[f"{split}_json"],
@@ -43,6 +64,8 @@ def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
 def _readme_section(name: str) -> str:
     if name.startswith("lvis_v1_toy"):
         return "The toy LVIS v1 set"
+    if name.startswith("lvis_v1_gen_large"):
+        return "The large generated LVIS v1 set"
     if name.startswith("lvis"):
         return "LVIS v1"
     if name.startswith("coco_lt"):
@@ -55,13 +78,14 @@ def _readme_section(name: str) -> str:
 def check_dataset_files(dataset_names: Iterable[str]) -> None:
     """
     Fail early, and say what to do, when a registered dataset's annotation file or image folder is
-    not on disk (rather than deep inside a loader). The toy set is skipped: it is generated on use.
+    not on disk (rather than deep inside a loader). The generated sets are skipped: they are
+    generated on use.
 
     Raises:
         FileNotFoundError: naming the dataset, the missing path and the datasets/README.md section.
     """
     for name in dataset_names:
-        if name in TOY_LVIS_DATASETS:
+        if name in GENERATED_DATASETS:
             continue
         meta = MetadataCatalog.get(name)
         for what, path in (("annotation file", meta.get("json_file", None)),
@@ -75,5 +99,6 @@ def check_dataset_files(dataset_names: Iterable[str]) -> None:
 
 
 # Like detectron2's builtin datasets: under $DETECTRON2_DATASETS, default ./datasets
-if "lvis_v1_toy_train" not in DatasetCatalog.list():
-    register_toy_lvis(os.getenv("DETECTRON2_DATASETS", "datasets"))
+for _spec in GENERATED_SETS.values():
+    if f"{_spec.name}_train" not in DatasetCatalog.list():
+        register_toy_lvis(os.getenv("DETECTRON2_DATASETS", "datasets"), _spec)

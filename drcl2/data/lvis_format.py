@@ -30,6 +30,7 @@ __all__ = [
     "load_lvis_format_json",
     "lvis_format_metadata",
     "frequency_group",
+    "lvis_v1_rank_image_counts",
     "validate_lvis_format",
 ]
 
@@ -48,6 +49,24 @@ def frequency_group(image_count: int) -> str:
     if image_count <= COMMON_MAX_IMAGES:
         return "c"
     return "f"
+
+
+def lvis_v1_rank_image_counts(num_classes: int) -> List[int]:
+    """
+    LVIS v1's long tail resampled to ``num_classes`` classes: the training image counts of the
+    classes at ``num_classes`` evenly spaced ranks (rank ``round(i * 1202 / (num_classes - 1))``) of
+    LVIS v1's 1,203 classes sorted by count, descending (1,977 down to 1; detectron2's copy of the
+    counts). Being LVIS's absolute counts at evenly spaced ranks, they fall into LVIS's rare / common
+    / frequent groups in LVIS's shares (337 / 461 / 405 of 1,203).
+    """
+    from detectron2.data.datasets.lvis_v1_category_image_count import LVIS_CATEGORY_IMAGE_COUNT
+
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
+    curve = sorted((c["image_count"] for c in LVIS_CATEGORY_IMAGE_COUNT), reverse=True)
+    if num_classes == 1:
+        return [curve[0]]
+    return [curve[round(i * (len(curve) - 1) / (num_classes - 1))] for i in range(num_classes)]
 
 
 _REQUIRED_FIELDS = {
