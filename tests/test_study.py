@@ -305,3 +305,21 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     (report / "summary.md").unlink()
     assert study_tool.main(["--summarize", str(out), "--report-dir", str(report)]) == 0
     assert (report / "summary.md").is_file()
+
+
+def test_summarize_prints_a_committed_study_beside_a_run(tmp_path, capsys):
+    """What `make demo` prints under its AP table: the committed study's means for its arms."""
+    from drcl2.study.report import RESULT_COLUMNS, write_csv
+    from drcl2.tools.summarize import print_study_means
+
+    rows = [_row("scratch", 1, 10.0, 4.0, split="val"), _row("scratch", 2, 12.0, 6.0, split="val"),
+            _row("2drcl", 1, 13.0, 9.0, split="val"), _row("2drcl", 1, 7.0, 2.0)]  # fmt: skip
+    write_csv(str(tmp_path / "results.csv"), rows, RESULT_COLUMNS)
+    print_study_means(str(tmp_path / "results.csv"), ["scratch", "2drcl", "absent"])
+    out = capsys.readouterr().out
+    val, test = out.split("test split")
+    assert "| scratch | 10 " in val and "11.00 ± 1.41" in val  # AP over seeds 1, 2
+    assert "| 2drcl   | 10 " in val and "13.00" in val
+    assert "7.00" in test and "scratch" not in test and "absent" not in out
+    print_study_means(str(tmp_path / "none.csv"), ["scratch"])
+    assert "run `make study`" in capsys.readouterr().out

@@ -2,9 +2,11 @@
 Print the LVIS results of a finished run as a table (AP, APr, APc, APf; boxes and masks) and where
 its outputs are:
 
-    python -m drcl2.tools.summarize OUTPUT_DIR
+    python -m drcl2.tools.summarize OUTPUT_DIR [--study docs/study/toy/results.csv --arms scratch,2drcl]
 
 The figures are the last evaluation that detectron2's EvalHook logged to ``OUTPUT_DIR/metrics.json``.
+With ``--study``, the means over seeds of a committed study's arms follow (box AP, the same split
+first), so one run can be read against the seeded comparison.
 """
 import argparse
 import json
@@ -46,10 +48,37 @@ def read_eval_metrics(output_dir: str) -> Dict[str, Dict[str, float]]:
     return results
 
 
+def print_study_means(results_csv: str, arms) -> None:
+    """Box AP of ``arms`` in a study's results.csv: mean ± std over seeds, val then test."""
+    from ..study.report import mean_std, read_csv
+
+    if not os.path.isfile(results_csv):
+        print(f"\n(no study results at {results_csv}: run `make study` to make them)")
+        return
+    rows = read_csv(results_csv)
+    for split in ("val", "test"):
+        table = []
+        for arm in arms:
+            sel = [r for r in rows if r["arm"] == arm and r["split"] == split and r["task"] == "bbox"]
+            if not sel:
+                continue
+            cells = []
+            for key in KEYS:
+                m, sd, n = mean_std([float(r[key]) for r in sel])
+                cells.append(f"{m:.2f}" if n < 2 else f"{m:.2f} ± {sd:.2f}")
+            table.append([arm, f"{sel[0]['iters']}", ", ".join(sorted(r["seed"] for r in sel)), *cells])
+        if table:
+            print(f"\nThe committed study ({results_csv}), {split} split, box AP, mean ± std over seeds:")
+            print(tabulate(table, headers=["arm", "iterations", "seeds", *KEYS], tablefmt="github", disable_numparse=True))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m drcl2.tools.summarize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="OUTPUT_DIR of a training run")
+    parser.add_argument("--study", help="results.csv of a study report (python -m drcl2.tools.study)")
+    parser.add_argument("--arms", default="scratch,scratch_long,supervised_pretrain,2drcl",
+                        help="the study's arms to print (comma-separated)")
     args = parser.parse_args(argv)
     results = read_eval_metrics(args.output_dir)
     tasks = [t for t in ("bbox", "segm") if t in results]
@@ -65,6 +94,8 @@ def main(argv=None):
         ("per-class AP", os.path.join("inference", "per_class_ap.csv")),
         ("per-class AP plot", os.path.join("inference", "per_class_ap.png")),
     ]
+    if args.study:
+        print_study_means(args.study, [a for a in args.arms.split(",") if a])
     print("\nOutputs:")
     for what, rel in outputs:
         path = os.path.join(args.output_dir, rel)
