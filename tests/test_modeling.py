@@ -30,12 +30,16 @@ def tiny_cfg(*opts):
 
 
 def view(seed, size, boxes, classes):
+    """A uint8 image of smooth random blobs plus noise (images differ in their global statistics,
+    unlike pure noise), and its instances."""
     g = torch.Generator().manual_seed(seed)
     inst = Instances(size)
     inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
     inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
     inst.gt_ids = torch.arange(len(classes))
-    return {"image": torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8), "instances": inst}
+    blobs = torch.nn.functional.interpolate(torch.rand((1, 3, 4, 4), generator=g), size=size, mode="bilinear")[0]
+    image = (blobs * 200 + torch.rand((3, *size), generator=g) * 55).to(torch.uint8)
+    return {"image": image, "instances": inst}
 
 
 def batch():
@@ -47,10 +51,19 @@ def batch():
     ]
 
 
+# Training-set dicts for the class statistics: class 4 is rare (r_c^ins > 1 at t = 0.5).
+STATS = [{"annotations": [{"category_id": c} for c in (0, 1, 1, 2, 3)]}] * 9 + [
+    {"annotations": [{"category_id": 4}]}
+]
+
+
 def build(*opts):
+    """The tiny DRCL2 (same weights every call), class statistics handed over when DRB is on."""
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(*opts))
+    model = build_model(tiny_cfg("DATALOADER.DRCL2.REPEAT_THRESHOLD", 0.5, *opts))
     model.train()
+    if model.rebalance_schedule is not None:
+        model.set_class_statistics(STATS)
     return model
 
 
@@ -60,7 +73,7 @@ def step(model, iteration=0):
     return losses, storage
 
 
-def test_one_step_losses_gradients_and_ema():
+def test_one_step_losses_and_gradients():
     model = build()
     assert isinstance(model, DRCL2)
     losses, storage = step(model)
@@ -92,15 +105,92 @@ def test_one_step_losses_gradients_and_ema():
     assert target and all(not p.requires_grad and p.grad is None for p in target.values())
     assert set(model.target_network) == {"backbone", "hcl_projector", "box_head", "lcl_projector"}
 
-    # After an optimizer step the target changes only by the EMA rule.
-    name = "backbone.fpn_output3.weight"
-    before_target = params["target_network." + name].detach().clone()
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    online_after = params[name].detach().clone()
-    assert not torch.equal(online_after, before_target)
-    m = model.update_target(3)
-    assert m == pytest.approx(cosine_momentum(0.99, 3, 10))
-    assert torch.allclose(params["target_network." + name], m * before_target + (1 - m) * online_after)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model owns its target update (issue 9, item 5)
+TARGET = "target_network.backbone.fpn_output3.weight"
+
+
+def sgd_step(model, lr=0.1):
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr).step()
+    model.zero_grad(set_to_none=True)
+
+
+def train_step(model, iteration=None):
+    """Forward (under an EventStorage of ``iteration``, or none), backward, SGD step."""
+    torch.manual_seed(100 + (iteration or 0))  # the RPN's anchor subsampling draws from torch's RNG
+    if iteration is None:
+        losses = model(batch())
+    else:
+        losses, _ = step(model, iteration)
+    sum(losses.values()).backward()
+    sgd_step(model)
+
+
+def test_target_moves_once_per_new_iteration_with_that_iterations_momentum():
+    """Catches: no EMA without drcl2's hook, an EMA at every forward, the momentum of the wrong iteration."""
+    model = build()
+    params = dict(model.named_parameters())
+    online = params[TARGET.replace("target_network.", "")]
+    train_step(model, 3)  # first forward: the target is a copy of the online network
+    start = params[TARGET].detach().clone()
+    online_after_3 = online.detach().clone()
+    assert not torch.equal(start, online_after_3)
+    losses, storage = step(model, 3)  # same iteration again (e.g. gradient accumulation): no EMA
+    assert torch.equal(params[TARGET], start)
+    _, storage = step(model, 4)  # new iteration: the EMA step of iteration 3
+    m3 = cosine_momentum(0.99, 3, 10)
+    assert torch.allclose(params[TARGET], m3 * start + (1 - m3) * online_after_3, atol=1e-7)
+    assert storage.latest()["drcl2/momentum"][0] == pytest.approx(cosine_momentum(0.99, 4, 10))
+    assert model.update_target() == pytest.approx(cosine_momentum(0.99, 4, 10))  # the pending step
+    assert model.update_target() is None  # ... applied once
+
+
+def test_without_a_trainer_each_training_forward_is_a_new_iteration():
+    """Catches: a target that only moves under an EventStorage (detectron2's RPN losses need one)."""
+    model = build("MODEL.DRCL2.RPN.ENABLED", False)
+    target = dict(model.named_parameters())[TARGET]
+    seen = []
+    for _ in range(3):
+        seen.append(target.detach().clone())
+        train_step(model)
+    assert int(model.last_iteration) == 2
+    assert not torch.equal(seen[1], seen[2])  # the EMA step of iteration 0, at the forward of 1
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_target():
+    """
+    The checkpoint of iteration k holds the target after step k - 1 and the pending step k
+    (buffers ``last_iteration``, ``target_update_pending``); the first forward after loading it
+    applies step k. Catches: non-persistent state (the resumed run skips or repeats a step).
+    """
+    uninterrupted = build()
+    for it in range(3):
+        train_step(uninterrupted, it)
+    uninterrupted.update_target()
+
+    first = build()
+    for it in range(2):
+        train_step(first, it)
+    checkpoint = first.state_dict()
+    assert int(checkpoint["last_iteration"]) == 1 and bool(checkpoint["target_update_pending"])
+    resumed = build()
+    resumed.load_state_dict(checkpoint)
+    train_step(resumed, 2)
+    resumed.update_target()
+    for k, v in uninterrupted.state_dict().items():
+        if k.startswith("target_network."):
+            assert torch.allclose(resumed.state_dict()[k], v, atol=1e-6), k
+
+
+def test_drb_without_class_statistics_refuses_to_train():
+    """Catches: a warning (or silent uniform weights) instead of an error under a foreign trainer."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).train()
+    assert model.rebalance_schedule is not None
+    with pytest.raises(RuntimeError, match=r"model\.set_class_statistics\(dataset_dicts\)"):
+        step(model)
 
 
 @pytest.mark.parametrize(
@@ -202,6 +292,8 @@ def test_ablation_rows_switch_the_parts(name):
     tiny.MODEL.DRCL2 = cfg.MODEL.DRCL2
     torch.manual_seed(0)
     model = build_model(tiny).train()
+    if model.rebalance_schedule is not None:
+        model.set_class_statistics(STATS)
     losses, _ = step(model)
     assert set(losses) == ABLATIONS[name] | {"loss_rpn_cls", "loss_rpn_loc"}
     assert (model.rebalance_schedule is not None) == ("drb" in name)

@@ -111,16 +111,12 @@ class Trainer(DefaultTrainer):
 
     def _add_drcl2_hooks(self, ret):
         """
-        2DRCL pre-training: the EMA target step after each optimizer step (before the checkpointer saves), and the export of
-        ``OUTPUT_DIR/model_final_finetune.pth`` after the last iteration.
+        2DRCL pre-training: the export of ``OUTPUT_DIR/model_final_finetune.pth`` after the last
+        iteration. (The model moves its EMA target network itself, at each new iteration.)
         """
-        from detectron2.engine import hooks as d2_hooks
-
-        from .pretrain_hooks import ExportFinetuneWeightsHook, TargetNetworkUpdateHook
+        from .pretrain_hooks import ExportFinetuneWeightsHook
 
         cfg = self.cfg
-        after_lr = 1 + next(i for i, h in enumerate(ret) if isinstance(h, d2_hooks.LRScheduler))
-        ret.insert(after_lr, TargetNetworkUpdateHook())
         ret.append(
             ExportFinetuneWeightsHook(
                 os.path.join(cfg.OUTPUT_DIR, "model_final_finetune.pth"), cfg.SOLVER.MAX_ITER
