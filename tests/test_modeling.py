@@ -73,6 +73,11 @@ def step(model, iteration=0):
     return losses, storage
 
 
+def step_data(model, data, iteration=0):
+    with EventStorage(iteration):
+        return model(data)
+
+
 def test_one_step_losses_and_gradients():
     model = build()
     assert isinstance(model, DRCL2)
@@ -216,12 +221,125 @@ def test_switching_a_part_off_removes_its_loss_and_parameters(part, keys, prefix
     assert not missing  # what DDP without find_unused_parameters needs
 
 
-def test_lcl_supervised_term_switch_and_symmetric_infonce():
-    model = build("MODEL.DRCL2.LCL.SUPERVISED", False, "MODEL.DRCL2.SYMMETRIC", True,
-                  "MODEL.DRCL2.HCL.LOSS", "infonce", "MODEL.DRCL2.AR.ENABLED", False)
+# ---------------------------------------------------------------------------------------------
+# Tests that fail on a broken model (issue 9, item 7)
+def record_outputs(module, calls):
+    return module.register_forward_hook(lambda m, args, out: calls.append(out.detach()))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric):
+    """Catches: the online network on the unmasked view, the target on the masked one, views swapped."""
+    model = build("MODEL.DRCL2.SYMMETRIC", symmetric)
+    inputs = {}
+    model.backbone.register_forward_pre_hook(lambda m, args: inputs.setdefault("online", args[0]))
+    model.target_network["backbone"].register_forward_pre_hook(lambda m, args: inputs.setdefault("target", args[0]))
+    step(model, 5)
+    images, instances1, _ = model.preprocess(batch())
+    x1, x2 = images.tensor[:2], images.tensor[2:]
+    _, mask = model._draw(batch(), model.class_weights_at(0.5), images.image_sizes[:2], tuple(x1.shape[-2:]), 5)
+    for i, (h, w) in enumerate(images.image_sizes[:2]):  # MASK.RATIO 0.5 of the 16 px patches
+        assert 0.3 < mask[i, :h, :w].float().mean() < 0.7
+    masked_x1 = x1 * ~mask[:, None]
+    assert not torch.equal(masked_x1, x1)
+    assert torch.equal(inputs["online"], torch.cat([masked_x1, x2]) if symmetric else masked_x1)
+    assert torch.equal(inputs["target"], torch.cat([x1, x2]))
+
+
+def test_permuting_view2_boxes_changes_l_inst():
+    """
+    Two identical views, the target equal to the online network (first step), an identity LCL
+    predictor and no masking: the aligned pairs give L_inst = 0. Permuting view 2's boxes must
+    raise it. Catches: view-2 boxes drawn independently of view 1, the target pooling view-1 boxes.
+    """
+    model = build("MODEL.DRCL2.AR.ENABLED", False, "MODEL.DRCL2.SR.ENABLED", False,
+                  "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)  # K < instances: the draw matters
+    model.lcl_predictor = torch.nn.Identity()
+    data = batch()
+    for x in data:
+        x["view2"] = {"image": x["view1"]["image"].clone(), "instances": x["view1"]["instances"]}
+    with EventStorage(0):
+        aligned = model(data)["loss_lcl_inst"].item()
+    assert aligned == pytest.approx(0.0, abs=1e-5)
+    for x in data:
+        inst = x["view1"]["instances"]
+        permuted = Instances(inst.image_size, gt_classes=inst.gt_classes, gt_ids=inst.gt_ids,
+                             gt_boxes=Boxes(inst.gt_boxes.tensor.roll(1, dims=0)))
+        x["view2"] = {"image": x["view1"]["image"], "instances": permuted}
+    with EventStorage(0):
+        assert model(data)["loss_lcl_inst"].item() > 0.01
+
+
+def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
+    """
+    At iteration 8 of 10 (lambda = 0.8), the weights of instance selection, box-guided masking and
+    L_sup are (r_c^ins)^0.8. Catches: lambda stuck at 0, the statistics not used, a stale lambda.
+    """
+    from drcl2.modeling import meta_arch
+
+    calls = {}
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            calls.setdefault(fn.__name__, []).append((args, out))
+            return out
+        monkeypatch.setattr(meta_arch, fn.__name__, wrapped)
+
+    for fn in (meta_arch.sample_instances, meta_arch.box_guided_patch_mask,
+               meta_arch.balanced_supervised_contrastive_loss):
+        spy(fn)
+    model = build("MODEL.DRCL2.LCL.NUM_INSTANCES", 2)
+    _, storage = step(model, 8)
+    assert storage.latest()["drcl2/lambda"][0] == pytest.approx(0.8)
+    w = model.class_repeat_factors ** 0.8
+    assert w.max() > 2.5  # the rare class is up-weighted
+    sampled = []  # classes of the drawn instances, per image
+    for (classes, class_weights, _, _), idx in calls["sample_instances"]:  # one call per image
+        assert torch.allclose(class_weights, w)
+        sampled.append(classes[idx])
+    assert len(sampled) == len(calls["box_guided_patch_mask"]) == 2
+    for ((_, _, _, _, box_weights, _), _), classes in zip(calls["box_guided_patch_mask"], sampled):
+        assert torch.allclose(box_weights, w[classes])
+    ((_, _, sup_weights, *_), _), = calls["balanced_supervised_contrastive_loss"]
+    assert torch.allclose(sup_weights, w[torch.cat(sampled)])
+
+
+def _byol(z, t):
+    return (2 - 2 * torch.nn.functional.cosine_similarity(z, t, dim=1)).mean()
+
+
+def _info_nce(z, t, tau=0.2):
+    logits = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(t, dim=1).t() / tau
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(z)))
+
+
+@pytest.mark.parametrize("loss,symmetric", [("byol", False), ("byol", True), ("infonce", False), ("infonce", True)])
+def test_symmetric_and_infonce_follow_their_formulas(loss, symmetric):
+    """
+    L_HCL and L_inst recomputed from the embeddings the model produced: BYOL 2 - 2cos or InfoNCE
+    over the batch (tau 0.2); SYMMETRIC averages the (online x1, target x2) and (online x2,
+    target x1) pairs. Catches: an option that is ignored or wired to the wrong views.
+    """
+    model = build("MODEL.DRCL2.HCL.LOSS", loss, "MODEL.DRCL2.SYMMETRIC", symmetric)
+    z, t, e, u = [], [], [], []
+    record_outputs(model.hcl_predictor, z)
+    record_outputs(model.target_network["hcl_projector"], t)
+    record_outputs(model.lcl_predictor, e)
+    record_outputs(model.target_network["lcl_projector"], u)
     losses, _ = step(model)
-    assert set(losses) == LOSS_KEYS - {"loss_lcl_sup", "loss_ar"}
-    assert all(torch.isfinite(v) for v in losses.values())
+    pair = _byol if loss == "byol" else _info_nce
+    if symmetric:
+        assert len(z) == 2 and len(t) == 1 and len(e) == 2 and len(u) == 1
+        t1, t2 = t[0].chunk(2)
+        u1, u2 = u[0].chunk(2)
+        hcl = 0.5 * (pair(z[0], t2) + pair(z[1], t1))
+        inst = 0.5 * (_byol(e[0], u2) + _byol(e[1], u1))
+    else:
+        assert len(z) == len(t) == len(e) == len(u) == 1
+        hcl, inst = pair(z[0], t[0]), _byol(e[0], u[0])
+    assert losses["loss_hcl"].item() == pytest.approx(hcl.item(), rel=1e-5)
+    assert losses["loss_lcl_inst"].item() == pytest.approx(inst.item(), rel=1e-5)
 
 
 def test_images_without_instances_still_train_hcl_and_drc():
@@ -266,11 +384,53 @@ def test_class_statistics_are_buffers_and_drive_instance_weights():
         ("MODEL.DRCL2.SR.IN_FEATURES", ["p9"], "MODEL.DRCL2.SR.IN_FEATURES"),
         ("MODEL.DRCL2.HEAD_NORM", "BatchNorm", "MODEL.DRCL2.HEAD_NORM"),
         ("MODEL.DRCL2.HCL.TEMPERATURE", 0.0, "MODEL.DRCL2.HCL.TEMPERATURE"),
+        # item 6: evaluation would crash after training (skipping the export)
+        ("DATASETS.TEST", ("lvis_v1_toy_val",), "DATASETS.TEST"),
+        # item 6: p6 (stride 64) cannot be upsampled onto an image padded to a multiple of 32
+        ("MODEL.DRCL2.AR.IN_FEATURE", "p6", "MODEL.DRCL2.AR.IN_FEATURE"),
+        # item 6: one image per process: the HCL MLPs' batch norm would see a single value
+        ("SOLVER.IMS_PER_BATCH", 1, "SOLVER.IMS_PER_BATCH"),
     ],
 )
 def test_invalid_config_fails_at_build_naming_the_key(opt, value, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_model(tiny_cfg(opt, value))
+
+
+def test_one_image_batches_train_with_a_norm_without_batch_statistics():
+    """IMS_PER_BATCH 1 is refused with batch-norm heads (above), trains with LN heads; a 1-image
+    batch handed to a BN model from Python is refused with the same advice."""
+    with pytest.raises(ValueError, match="HEAD_NORM"):
+        step_data(build(), batch()[:1])
+    model = build("SOLVER.IMS_PER_BATCH", 1, "MODEL.DRCL2.HEAD_NORM", "LN")
+    losses = step_data(model, batch()[:1])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
+    """
+    SR on p6 (stride 64) over 96 px wide images: p6 has 2 columns. One masked patch, x in [48, 64)
+    (box-guided into the only box), lies in column 0. Catches: a stride taken from the feature
+    width (96 // 2 = 48), which puts it in column 1.
+    """
+    from drcl2.modeling import meta_arch
+    from drcl2.modeling.masking import mask_at_stride
+
+    seen = []
+    original = meta_arch.semantic_reconstruction_loss
+    monkeypatch.setattr(meta_arch, "semantic_reconstruction_loss",
+                        lambda pred, target, masked, *a, **k: seen.append(masked) or original(pred, target, masked, *a, **k))
+    model = build("MODEL.DRCL2.SR.IN_FEATURES", ["p3", "p6"], "MODEL.DRCL2.MASK.RATIO", 0.05,
+                  "MODEL.DRCL2.MASK.BOX_GUIDED", 1.0)
+    data = batch()
+    for x in data:
+        for v in ("view1", "view2"):
+            x[v] = view(7, (64, 96), [[48, 0, 64, 16]], [0])
+    step_data(model, data)
+    images, _, _ = model.preprocess(data)
+    _, pixels = model._draw(data, model.class_weights_at(0.0), images.image_sizes[:2], (64, 96), 0)
+    assert pixels[:, :16, 48:64].all() and pixels.sum() == 2 * 16 * 16
+    assert seen[1].tolist() == [[[True, False]]] * 2
 
 
 ABLATIONS = {

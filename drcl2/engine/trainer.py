@@ -32,7 +32,10 @@ class Trainer(DefaultTrainer):
       APr, APc, APf; backend ``TEST.DRCL2.LVIS_BACKEND``), COCO-LT (``"coco_lt"``) with
       COCOLTEvaluator (COCO metrics + AP1-AP4) and COCO-format ones with :class:`COCOEvaluator`;
     * accepts ``DATALOADER.SAMPLER_TRAIN: "DynamicRepeatFactorTrainingSampler"`` (drcl2's dynamic
-      rebalancing sampler) besides detectron2's own samplers.
+      rebalancing sampler) besides detectron2's own samplers;
+    * for 2DRCL pre-training (``MODEL.META_ARCHITECTURE: "DRCL2"``) builds the two-view loader,
+      hands the training set's class statistics to the model and exports the fine-tuning weights
+      at the end (the model moves its target network itself, under any trainer).
 
     Use it as detectron2's: ``Trainer(cfg)``, ``resume_or_load()``, ``train()``, ``Trainer.test()``.
     """
