@@ -414,7 +414,6 @@ def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
     width (96 // 2 = 48), which puts it in column 1.
     """
     from drcl2.modeling import meta_arch
-    from drcl2.modeling.masking import mask_at_stride
 
     seen = []
     original = meta_arch.semantic_reconstruction_loss

@@ -1,7 +1,6 @@
 """
 The 2DRCL pre-training meta-architecture (METHOD.md): ``MODEL.META_ARCHITECTURE: "DRCL2"``.
 """
-import logging
 import math
 import zlib
 from typing import Dict, List, Optional, Sequence
@@ -23,18 +22,16 @@ from .ema import cosine_momentum, make_target, momentum_update
 from .heads import AppearanceDecoder, BoxFeatureHead, MLPHead, SemanticPredictors
 from .losses import (
     appearance_reconstruction_loss,
+    at_least_float32,
     balanced_supervised_contrastive_loss,
     byol_loss,
     info_nce_loss,
     semantic_reconstruction_loss,
     semantic_reconstruction_weights,
-    at_least_float32,
 )
 from .masking import box_guided_patch_mask, mask_at_stride, patch_mask_to_pixels
 
 __all__ = ["DRCL2", "check_drcl2_config"]
-
-logger = logging.getLogger(__name__)
 
 HCL_LOSSES = ("byol", "infonce")
 
@@ -527,8 +524,7 @@ class DRCL2(nn.Module):
         if self.hcl_enabled:
             with record_function("drcl2.hcl"):
                 losses["loss_hcl"] = self.hcl_weight * self._hcl_loss(
-                    online1, online2, target1, target2, image_sizes[:N], image_sizes[N:], padded_size,
-                    image_counts,
+                    online1, online2, target1, target2, image_sizes[:N], image_sizes[N:], image_counts
                 )
         if self.lcl_enabled:
             with record_function("drcl2.lcl"):
@@ -549,7 +545,7 @@ class DRCL2(nn.Module):
                 losses["loss_lcl_inst"] = self.lcl_weight * inst
                 if sup is not None:
                     losses["loss_lcl_sup"] = self.lcl_weight * self.lcl_sup_weight * sup
-        pixel_norms = iter(pixel_norms)
+        sr_norms = pixel_norms[2:] if self.ar_enabled else pixel_norms  # (AR masked, AR visible, SR...)
         if self.ar_enabled:
             with record_function("drcl2.ar"):
                 prediction = self.ar_decoder(online1[self.ar_in_feature])
@@ -562,13 +558,13 @@ class DRCL2(nn.Module):
                 target = x1 * (self.pixel_std / self.ar_pixel_std)  # padding stays 0 (ignored)
                 losses["loss_ar"] = self.ar_weight * appearance_reconstruction_loss(
                     prediction, target, masked, valid, self.ar_visible_weight,
-                    normalizers=(next(pixel_norms), next(pixel_norms)),
+                    normalizers=(pixel_norms[0], pixel_norms[1]),
                 )
         if self.sr_enabled:
             with record_function("drcl2.sr"):
                 predictions = self.sr_predictors(online1)
                 level_losses = []
-                for name, prediction in predictions.items():
+                for (name, prediction), normalizer in zip(predictions.items(), sr_norms):
                     level_masked, level_valid = sr_masks[name]
                     if prediction.shape[-2:] != level_masked.shape[-2:]:
                         raise ValueError(
@@ -579,7 +575,7 @@ class DRCL2(nn.Module):
                     level_losses.append(
                         semantic_reconstruction_loss(
                             prediction, target1[name], level_masked, level_valid, self.sr_visible_weight,
-                            normalizer=next(pixel_norms),
+                            normalizer=normalizer,
                         )
                     )
                 losses["loss_sr"] = self.sr_weight * torch.stack(level_losses).mean()
@@ -723,7 +719,7 @@ class DRCL2(nn.Module):
             pooled.append((f * valid).sum(dim=(2, 3)) / valid.sum(dim=(2, 3)))
         return torch.stack(pooled).mean(dim=0)
 
-    def _hcl_loss(self, online1, online2, target1, target2, sizes1, sizes2, padded_size, image_counts):
+    def _hcl_loss(self, online1, online2, target1, target2, sizes1, sizes2, image_counts):
         """
         L_HCL (unweighted) from the online / target features of the views.
 
