@@ -1,6 +1,7 @@
 """The DRCL2 meta-architecture on a tiny R-18 model and synthetic two-view batches (CPU)."""
-import os
+import copy
 import math
+import os
 
 import pytest
 import torch
@@ -115,6 +116,9 @@ def test_one_step_losses_and_gradients():
 # ---------------------------------------------------------------------------------------------
 # The model owns its target update (issue 9, item 5)
 TARGET = "target_network.backbone.fpn_output3.weight"
+# Parts off where a test does not need them (a faster step).
+NO_AR, NO_SR, NO_RPN = (["MODEL.DRCL2.AR.ENABLED", False], ["MODEL.DRCL2.SR.ENABLED", False],
+                        ["MODEL.DRCL2.RPN.ENABLED", False])
 
 
 def sgd_step(model, lr=0.1):
@@ -135,7 +139,7 @@ def train_step(model, iteration=None):
 
 def test_target_moves_once_per_new_iteration_with_that_iterations_momentum():
     """Catches: no EMA without drcl2's hook, an EMA at every forward, the momentum of the wrong iteration."""
-    model = build()
+    model = build(*NO_AR, *NO_SR, *NO_RPN)
     params = dict(model.named_parameters())
     online = params[TARGET.replace("target_network.", "")]
     train_step(model, 3)  # first forward: the target is a copy of the online network
@@ -154,7 +158,7 @@ def test_target_moves_once_per_new_iteration_with_that_iterations_momentum():
 
 def test_without_a_trainer_each_training_forward_is_a_new_iteration():
     """Catches: a target that only moves under an EventStorage (detectron2's RPN losses need one)."""
-    model = build("MODEL.DRCL2.RPN.ENABLED", False)
+    model = build(*NO_AR, *NO_SR, *NO_RPN)
     target = dict(model.named_parameters())[TARGET]
     seen = []
     for _ in range(3):
@@ -170,17 +174,16 @@ def test_checkpoint_resume_gives_the_uninterrupted_target():
     (buffers ``last_iteration``, ``target_update_pending``); the first forward after loading it
     applies step k. Catches: non-persistent state (the resumed run skips or repeats a step).
     """
-    uninterrupted = build()
-    for it in range(3):
+    opts = [*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2]  # K < instances: seeded draws
+    uninterrupted = build(*opts)
+    for it in range(2):
         train_step(uninterrupted, it)
+    checkpoint = copy.deepcopy(uninterrupted.state_dict())  # written after iteration 1
+    assert int(checkpoint["last_iteration"]) == 1 and bool(checkpoint["target_update_pending"])
+    train_step(uninterrupted, 2)
     uninterrupted.update_target()
 
-    first = build()
-    for it in range(2):
-        train_step(first, it)
-    checkpoint = first.state_dict()
-    assert int(checkpoint["last_iteration"]) == 1 and bool(checkpoint["target_update_pending"])
-    resumed = build()
+    resumed = build(*opts)
     resumed.load_state_dict(checkpoint)
     train_step(resumed, 2)
     resumed.update_target()
@@ -230,7 +233,8 @@ def record_outputs(module, calls):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric):
     """Catches: the online network on the unmasked view, the target on the masked one, views swapped."""
-    model = build("MODEL.DRCL2.SYMMETRIC", symmetric)
+    # SR on: the target reads x1 (SR's targets) and x2 (HCL's); masking is on with SR.
+    model = build("MODEL.DRCL2.SYMMETRIC", symmetric, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_RPN)
     inputs = {}
     model.backbone.register_forward_pre_hook(lambda m, args: inputs.setdefault("online", args[0]))
     model.target_network["backbone"].register_forward_pre_hook(lambda m, args: inputs.setdefault("target", args[0]))
@@ -252,7 +256,7 @@ def test_permuting_view2_boxes_changes_l_inst():
     predictor and no masking: the aligned pairs give L_inst = 0. Permuting view 2's boxes must
     raise it. Catches: view-2 boxes drawn independently of view 1, the target pooling view-1 boxes.
     """
-    model = build("MODEL.DRCL2.AR.ENABLED", False, "MODEL.DRCL2.SR.ENABLED", False,
+    model = build(*NO_AR, *NO_SR, *NO_RPN, "MODEL.DRCL2.HCL.ENABLED", False,
                   "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)  # K < instances: the draw matters
     model.lcl_predictor = torch.nn.Identity()
     data = batch()
@@ -289,7 +293,7 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
     for fn in (meta_arch.sample_instances, meta_arch.box_guided_patch_mask,
                meta_arch.balanced_supervised_contrastive_loss):
         spy(fn)
-    model = build("MODEL.DRCL2.LCL.NUM_INSTANCES", 2)
+    model = build(*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)
     _, storage = step(model, 8)
     assert storage.latest()["drcl2/lambda"][0] == pytest.approx(0.8)
     w = model.class_repeat_factors ** 0.8
@@ -321,7 +325,7 @@ def test_symmetric_and_infonce_follow_their_formulas(loss, symmetric):
     over the batch (tau 0.2); SYMMETRIC averages the (online x1, target x2) and (online x2,
     target x1) pairs. Catches: an option that is ignored or wired to the wrong views.
     """
-    model = build("MODEL.DRCL2.HCL.LOSS", loss, "MODEL.DRCL2.SYMMETRIC", symmetric)
+    model = build("MODEL.DRCL2.HCL.LOSS", loss, "MODEL.DRCL2.SYMMETRIC", symmetric, *NO_AR, *NO_SR, *NO_RPN)
     z, t, e, u = [], [], [], []
     record_outputs(model.hcl_predictor, z)
     record_outputs(model.target_network["hcl_projector"], t)
@@ -400,9 +404,10 @@ def test_invalid_config_fails_at_build_naming_the_key(opt, value, key):
 def test_one_image_batches_train_with_a_norm_without_batch_statistics():
     """IMS_PER_BATCH 1 is refused with batch-norm heads (above), trains with LN heads; a 1-image
     batch handed to a BN model from Python is refused with the same advice."""
+    hcl_only = ["MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_SR, *NO_RPN]
     with pytest.raises(ValueError, match="HEAD_NORM"):
-        step_data(build(), batch()[:1])
-    model = build("SOLVER.IMS_PER_BATCH", 1, "MODEL.DRCL2.HEAD_NORM", "LN")
+        step_data(build(*hcl_only), batch()[:1])
+    model = build("SOLVER.IMS_PER_BATCH", 1, "MODEL.DRCL2.HEAD_NORM", "LN", *hcl_only)
     losses = step_data(model, batch()[:1])
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -420,7 +425,8 @@ def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
     monkeypatch.setattr(meta_arch, "semantic_reconstruction_loss",
                         lambda pred, target, masked, *a, **k: seen.append(masked) or original(pred, target, masked, *a, **k))
     model = build("MODEL.DRCL2.SR.IN_FEATURES", ["p3", "p6"], "MODEL.DRCL2.MASK.RATIO", 0.05,
-                  "MODEL.DRCL2.MASK.BOX_GUIDED", 1.0)
+                  "MODEL.DRCL2.MASK.BOX_GUIDED", 1.0, "MODEL.DRCL2.HCL.ENABLED", False,
+                  "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_RPN)
     data = batch()
     for x in data:
         for v in ("view1", "view2"):
