@@ -16,6 +16,8 @@ from drcl2.config import add_drcl2_config
 from drcl2.modeling import DRCL2
 from drcl2.modeling.ema import cosine_momentum
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LOSS_KEYS = {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar", "loss_sr", "loss_rpn_cls", "loss_rpn_loc"}
 
 

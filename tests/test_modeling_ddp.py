@@ -20,6 +20,8 @@ from detectron2.utils.events import EventStorage
 from conftest import REPO_ROOT
 from test_modeling import build, view
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 ITERATION = 7  # of SOLVER.MAX_ITER 10: lambda = 0.7, non-uniform class weights
 # No random anchor subsampling in the RPN (a 64 px image has 1,023 anchors): detectron2 draws it
 # from torch's global generator, which differs between the two layouts.
@@ -125,7 +127,6 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(two_processes
     the global batch, what one process's BatchNorm computes on the concatenated batch (running
     averages differ, unbiased vs biased, but no training forward reads them).
     """
-    torch.set_num_threads(1)
     for name, (opts, rank1_empty) in CASES.items():
         model = build(*COMMON, *opts).double()
         first, second = rank_batches(rank1_empty)

@@ -15,6 +15,8 @@ from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 from drcl2.engine import Trainer
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 def toy_cfg(output_dir, max_iter):
     cfg = get_cfg()
     add_drcl2_config(cfg)
