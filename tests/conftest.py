@@ -60,3 +60,18 @@ def toy_val_mini(toy_lvis_root, tmp_path_factory):
     path.write_text(json.dumps(data))
     register_lvis_format("lvis_v1_toy_val_mini", str(path), meta.image_root)
     return "lvis_v1_toy_val_mini"
+
+
+@pytest.fixture
+def one_thread():
+    """
+    torch on one thread for the test: the tiny models gain nothing from a second one, and on a
+    2-core machine shared with other work, intra-op threads waiting for each other made steps
+    ~30x slower (3 s instead of 0.1 s).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,6 +1,7 @@
 """The DRCL2 meta-architecture on a tiny R-18 model and synthetic two-view batches (CPU)."""
-import os
+import copy
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from conftest import REPO_ROOT
 from drcl2.config import add_drcl2_config
 from drcl2.modeling import DRCL2
 from drcl2.modeling.ema import cosine_momentum
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOSS_KEYS = {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar", "loss_sr", "loss_rpn_cls", "loss_rpn_loc"}
 
@@ -30,12 +33,16 @@ def tiny_cfg(*opts):
 
 
 def view(seed, size, boxes, classes):
+    """A uint8 image of smooth random blobs plus noise (images differ in their global statistics,
+    unlike pure noise), and its instances."""
     g = torch.Generator().manual_seed(seed)
     inst = Instances(size)
     inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
     inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
     inst.gt_ids = torch.arange(len(classes))
-    return {"image": torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8), "instances": inst}
+    blobs = torch.nn.functional.interpolate(torch.rand((1, 3, 4, 4), generator=g), size=size, mode="bilinear")[0]
+    image = (blobs * 200 + torch.rand((3, *size), generator=g) * 55).to(torch.uint8)
+    return {"image": image, "instances": inst}
 
 
 def batch():
@@ -47,10 +54,19 @@ def batch():
     ]
 
 
+# Training-set dicts for the class statistics: class 4 is rare (r_c^ins > 1 at t = 0.5).
+STATS = [{"annotations": [{"category_id": c} for c in (0, 1, 1, 2, 3)]}] * 9 + [
+    {"annotations": [{"category_id": 4}]}
+]
+
+
 def build(*opts):
+    """The tiny DRCL2 (same weights every call), class statistics handed over when DRB is on."""
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(*opts))
+    model = build_model(tiny_cfg("DATALOADER.DRCL2.REPEAT_THRESHOLD", 0.5, *opts))
     model.train()
+    if model.rebalance_schedule is not None:
+        model.set_class_statistics(STATS)
     return model
 
 
@@ -60,7 +76,12 @@ def step(model, iteration=0):
     return losses, storage
 
 
-def test_one_step_losses_gradients_and_ema():
+def step_data(model, data, iteration=0):
+    with EventStorage(iteration):
+        return model(data)
+
+
+def test_one_step_losses_and_gradients():
     model = build()
     assert isinstance(model, DRCL2)
     losses, storage = step(model)
@@ -92,15 +113,94 @@ def test_one_step_losses_gradients_and_ema():
     assert target and all(not p.requires_grad and p.grad is None for p in target.values())
     assert set(model.target_network) == {"backbone", "hcl_projector", "box_head", "lcl_projector"}
 
-    # After an optimizer step the target changes only by the EMA rule.
-    name = "backbone.fpn_output3.weight"
-    before_target = params["target_network." + name].detach().clone()
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    online_after = params[name].detach().clone()
-    assert not torch.equal(online_after, before_target)
-    m = model.update_target(3)
-    assert m == pytest.approx(cosine_momentum(0.99, 3, 10))
-    assert torch.allclose(params["target_network." + name], m * before_target + (1 - m) * online_after)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model owns its target update (issue 9, item 5)
+TARGET = "target_network.backbone.fpn_output3.weight"
+# Parts off where a test does not need them (a faster step).
+NO_AR, NO_SR, NO_RPN = (["MODEL.DRCL2.AR.ENABLED", False], ["MODEL.DRCL2.SR.ENABLED", False],
+                        ["MODEL.DRCL2.RPN.ENABLED", False])
+
+
+def sgd_step(model, lr=0.1):
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr).step()
+    model.zero_grad(set_to_none=True)
+
+
+def train_step(model, iteration=None):
+    """Forward (under an EventStorage of ``iteration``, or none), backward, SGD step."""
+    torch.manual_seed(100 + (iteration or 0))  # the RPN's anchor subsampling draws from torch's RNG
+    if iteration is None:
+        losses = model(batch())
+    else:
+        losses, _ = step(model, iteration)
+    sum(losses.values()).backward()
+    sgd_step(model)
+
+
+def test_target_moves_once_per_new_iteration_with_that_iterations_momentum():
+    """Catches: no EMA without drcl2's hook, an EMA at every forward, the momentum of the wrong iteration."""
+    model = build(*NO_AR, *NO_SR, *NO_RPN)
+    params = dict(model.named_parameters())
+    online = params[TARGET.replace("target_network.", "")]
+    train_step(model, 3)  # first forward: the target is a copy of the online network
+    start = params[TARGET].detach().clone()
+    online_after_3 = online.detach().clone()
+    assert not torch.equal(start, online_after_3)
+    losses, storage = step(model, 3)  # same iteration again (e.g. gradient accumulation): no EMA
+    assert torch.equal(params[TARGET], start)
+    _, storage = step(model, 4)  # new iteration: the EMA step of iteration 3
+    m3 = cosine_momentum(0.99, 3, 10)
+    assert torch.allclose(params[TARGET], m3 * start + (1 - m3) * online_after_3, atol=1e-7)
+    assert storage.latest()["drcl2/momentum"][0] == pytest.approx(cosine_momentum(0.99, 4, 10))
+    assert model.update_target() == pytest.approx(cosine_momentum(0.99, 4, 10))  # the pending step
+    assert model.update_target() is None  # ... applied once
+
+
+def test_without_a_trainer_each_training_forward_is_a_new_iteration():
+    """Catches: a target that only moves under an EventStorage (detectron2's RPN losses need one)."""
+    model = build(*NO_AR, *NO_SR, *NO_RPN)
+    target = dict(model.named_parameters())[TARGET]
+    seen = []
+    for _ in range(3):
+        seen.append(target.detach().clone())
+        train_step(model)
+    assert int(model.last_iteration) == 2
+    assert not torch.equal(seen[1], seen[2])  # the EMA step of iteration 0, at the forward of 1
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_target():
+    """
+    The checkpoint of iteration k holds the target after step k - 1 and the pending step k
+    (buffers ``last_iteration``, ``target_update_pending``); the first forward after loading it
+    applies step k. Catches: non-persistent state (the resumed run skips or repeats a step).
+    """
+    opts = [*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2]  # K < instances: seeded draws
+    uninterrupted = build(*opts)
+    for it in range(2):
+        train_step(uninterrupted, it)
+    checkpoint = copy.deepcopy(uninterrupted.state_dict())  # written after iteration 1
+    assert int(checkpoint["last_iteration"]) == 1 and bool(checkpoint["target_update_pending"])
+    train_step(uninterrupted, 2)
+    uninterrupted.update_target()
+
+    resumed = build(*opts)
+    resumed.load_state_dict(checkpoint)
+    train_step(resumed, 2)
+    resumed.update_target()
+    for k, v in uninterrupted.state_dict().items():
+        if k.startswith("target_network."):
+            assert torch.allclose(resumed.state_dict()[k], v, atol=1e-6), k
+
+
+def test_drb_without_class_statistics_refuses_to_train():
+    """Catches: a warning (or silent uniform weights) instead of an error under a foreign trainer."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).train()
+    assert model.rebalance_schedule is not None
+    with pytest.raises(RuntimeError, match=r"model\.set_class_statistics\(dataset_dicts\)"):
+        step(model)
 
 
 @pytest.mark.parametrize(
@@ -126,12 +226,126 @@ def test_switching_a_part_off_removes_its_loss_and_parameters(part, keys, prefix
     assert not missing  # what DDP without find_unused_parameters needs
 
 
-def test_lcl_supervised_term_switch_and_symmetric_infonce():
-    model = build("MODEL.DRCL2.LCL.SUPERVISED", False, "MODEL.DRCL2.SYMMETRIC", True,
-                  "MODEL.DRCL2.HCL.LOSS", "infonce", "MODEL.DRCL2.AR.ENABLED", False)
+# ---------------------------------------------------------------------------------------------
+# Tests that fail on a broken model (issue 9, item 7)
+def record_outputs(module, calls):
+    return module.register_forward_hook(lambda m, args, out: calls.append(out.detach()))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric):
+    """Catches: the online network on the unmasked view, the target on the masked one, views swapped."""
+    # SR on: the target reads x1 (SR's targets) and x2 (HCL's); masking is on with SR.
+    model = build("MODEL.DRCL2.SYMMETRIC", symmetric, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_RPN)
+    inputs = {}
+    model.backbone.register_forward_pre_hook(lambda m, args: inputs.setdefault("online", args[0]))
+    model.target_network["backbone"].register_forward_pre_hook(lambda m, args: inputs.setdefault("target", args[0]))
+    step(model, 5)
+    images, instances1, _ = model.preprocess(batch())
+    x1, x2 = images.tensor[:2], images.tensor[2:]
+    _, mask = model._draw(batch(), model.class_weights_at(0.5), images.image_sizes[:2], tuple(x1.shape[-2:]), 5)
+    for i, (h, w) in enumerate(images.image_sizes[:2]):  # MASK.RATIO 0.5 of the 16 px patches
+        assert 0.3 < mask[i, :h, :w].float().mean() < 0.7
+    masked_x1 = x1 * ~mask[:, None]
+    assert not torch.equal(masked_x1, x1)
+    assert torch.equal(inputs["online"], torch.cat([masked_x1, x2]) if symmetric else masked_x1)
+    assert torch.equal(inputs["target"], torch.cat([x1, x2]))
+
+
+def test_permuting_view2_boxes_changes_l_inst():
+    """
+    Two identical views, the target equal to the online network (first step), an identity LCL
+    predictor and no masking: the aligned pairs give L_inst = 0. Permuting view 2's boxes must
+    raise it. Catches: view-2 boxes drawn independently of view 1, the target pooling view-1 boxes.
+    """
+    model = build(*NO_AR, *NO_SR, *NO_RPN, "MODEL.DRCL2.HCL.ENABLED", False,
+                  "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)  # K < instances: the draw matters
+    model.lcl_predictor = torch.nn.Identity()
+    data = batch()
+    for x in data:
+        x["view2"] = {"image": x["view1"]["image"].clone(), "instances": x["view1"]["instances"]}
+    with EventStorage(0):
+        aligned = model(data)["loss_lcl_inst"].item()
+    assert aligned == pytest.approx(0.0, abs=1e-5)
+    for x in data:
+        inst = x["view1"]["instances"]
+        permuted = Instances(inst.image_size, gt_classes=inst.gt_classes, gt_ids=inst.gt_ids,
+                             gt_boxes=Boxes(inst.gt_boxes.tensor.roll(1, dims=0)))
+        x["view2"] = {"image": x["view1"]["image"], "instances": permuted}
+    with EventStorage(0):
+        assert model(data)["loss_lcl_inst"].item() > 0.01
+
+
+def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
+    """
+    At iteration 8 of 10 (lambda = 0.8), the weights of instance selection, box-guided masking and
+    L_sup are (r_c^ins)^0.8. Catches: lambda stuck at 0, the statistics not used, a stale lambda.
+    """
+    from drcl2.modeling import meta_arch
+
+    calls = {}
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            calls.setdefault(fn.__name__, []).append((args, out))
+            return out
+        monkeypatch.setattr(meta_arch, fn.__name__, wrapped)
+
+    for fn in (meta_arch.sample_instances, meta_arch.box_guided_patch_mask,
+               meta_arch.balanced_supervised_contrastive_loss):
+        spy(fn)
+    model = build(*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)
+    _, storage = step(model, 8)
+    assert storage.latest()["drcl2/lambda"][0] == pytest.approx(0.8)
+    w = model.class_repeat_factors ** 0.8
+    assert w.max() > 2.5  # the rare class is up-weighted
+    sampled = []  # classes of the drawn instances, per image
+    for (classes, class_weights, _, _), idx in calls["sample_instances"]:  # one call per image
+        assert torch.allclose(class_weights, w)
+        sampled.append(classes[idx])
+    assert len(sampled) == len(calls["box_guided_patch_mask"]) == 2
+    for ((_, _, _, _, box_weights, _), _), classes in zip(calls["box_guided_patch_mask"], sampled):
+        assert torch.allclose(box_weights, w[classes])
+    ((_, _, sup_weights, *_), _), = calls["balanced_supervised_contrastive_loss"]
+    assert torch.allclose(sup_weights, w[torch.cat(sampled)])
+
+
+def _byol(z, t):
+    return (2 - 2 * torch.nn.functional.cosine_similarity(z, t, dim=1)).mean()
+
+
+def _info_nce(z, t, tau=0.2):
+    logits = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(t, dim=1).t() / tau
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(z)))
+
+
+@pytest.mark.parametrize("loss,symmetric", [("byol", False), ("byol", True), ("infonce", False), ("infonce", True)])
+def test_symmetric_and_infonce_follow_their_formulas(loss, symmetric):
+    """
+    L_HCL and L_inst recomputed from the embeddings the model produced: BYOL 2 - 2cos or InfoNCE
+    over the batch (tau 0.2); SYMMETRIC averages the (online x1, target x2) and (online x2,
+    target x1) pairs. Catches: an option that is ignored or wired to the wrong views.
+    """
+    model = build("MODEL.DRCL2.HCL.LOSS", loss, "MODEL.DRCL2.SYMMETRIC", symmetric, *NO_AR, *NO_SR, *NO_RPN)
+    z, t, e, u = [], [], [], []
+    record_outputs(model.hcl_predictor, z)
+    record_outputs(model.target_network["hcl_projector"], t)
+    record_outputs(model.lcl_predictor, e)
+    record_outputs(model.target_network["lcl_projector"], u)
     losses, _ = step(model)
-    assert set(losses) == LOSS_KEYS - {"loss_lcl_sup", "loss_ar"}
-    assert all(torch.isfinite(v) for v in losses.values())
+    pair = _byol if loss == "byol" else _info_nce
+    if symmetric:
+        assert len(z) == 2 and len(t) == 1 and len(e) == 2 and len(u) == 1
+        t1, t2 = t[0].chunk(2)
+        u1, u2 = u[0].chunk(2)
+        hcl = 0.5 * (pair(z[0], t2) + pair(z[1], t1))
+        inst = 0.5 * (_byol(e[0], u2) + _byol(e[1], u1))
+    else:
+        assert len(z) == len(t) == len(e) == len(u) == 1
+        hcl, inst = pair(z[0], t[0]), _byol(e[0], u[0])
+    assert losses["loss_hcl"].item() == pytest.approx(hcl.item(), rel=1e-5)
+    assert losses["loss_lcl_inst"].item() == pytest.approx(inst.item(), rel=1e-5)
 
 
 def test_images_without_instances_still_train_hcl_and_drc():
@@ -176,11 +390,54 @@ def test_class_statistics_are_buffers_and_drive_instance_weights():
         ("MODEL.DRCL2.SR.IN_FEATURES", ["p9"], "MODEL.DRCL2.SR.IN_FEATURES"),
         ("MODEL.DRCL2.HEAD_NORM", "BatchNorm", "MODEL.DRCL2.HEAD_NORM"),
         ("MODEL.DRCL2.HCL.TEMPERATURE", 0.0, "MODEL.DRCL2.HCL.TEMPERATURE"),
+        # item 6: evaluation would crash after training (skipping the export)
+        ("DATASETS.TEST", ("lvis_v1_toy_val",), "DATASETS.TEST"),
+        # item 6: p6 (stride 64) cannot be upsampled onto an image padded to a multiple of 32
+        ("MODEL.DRCL2.AR.IN_FEATURE", "p6", "MODEL.DRCL2.AR.IN_FEATURE"),
+        # item 6: one image per process: the HCL MLPs' batch norm would see a single value
+        ("SOLVER.IMS_PER_BATCH", 1, "SOLVER.IMS_PER_BATCH"),
     ],
 )
 def test_invalid_config_fails_at_build_naming_the_key(opt, value, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_model(tiny_cfg(opt, value))
+
+
+def test_one_image_batches_train_with_a_norm_without_batch_statistics():
+    """IMS_PER_BATCH 1 is refused with batch-norm heads (above), trains with LN heads; a 1-image
+    batch handed to a BN model from Python is refused with the same advice."""
+    hcl_only = ["MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_SR, *NO_RPN]
+    with pytest.raises(ValueError, match="HEAD_NORM"):
+        step_data(build(*hcl_only), batch()[:1])
+    model = build("SOLVER.IMS_PER_BATCH", 1, "MODEL.DRCL2.HEAD_NORM", "LN", *hcl_only)
+    losses = step_data(model, batch()[:1])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
+    """
+    SR on p6 (stride 64) over 96 px wide images: p6 has 2 columns. One masked patch, x in [48, 64)
+    (box-guided into the only box), lies in column 0. Catches: a stride taken from the feature
+    width (96 // 2 = 48), which puts it in column 1.
+    """
+    from drcl2.modeling import meta_arch
+
+    seen = []
+    original = meta_arch.semantic_reconstruction_loss
+    monkeypatch.setattr(meta_arch, "semantic_reconstruction_loss",
+                        lambda pred, target, masked, *a, **k: seen.append(masked) or original(pred, target, masked, *a, **k))
+    model = build("MODEL.DRCL2.SR.IN_FEATURES", ["p3", "p6"], "MODEL.DRCL2.MASK.RATIO", 0.05,
+                  "MODEL.DRCL2.MASK.BOX_GUIDED", 1.0, "MODEL.DRCL2.HCL.ENABLED", False,
+                  "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_RPN)
+    data = batch()
+    for x in data:
+        for v in ("view1", "view2"):
+            x[v] = view(7, (64, 96), [[48, 0, 64, 16]], [0])
+    step_data(model, data)
+    images, _, _ = model.preprocess(data)
+    _, pixels = model._draw(data, model.class_weights_at(0.0), images.image_sizes[:2], (64, 96), 0)
+    assert pixels[:, :16, 48:64].all() and pixels.sum() == 2 * 16 * 16
+    assert seen[1].tolist() == [[[True, False]]] * 2
 
 
 ABLATIONS = {
@@ -203,6 +460,8 @@ def test_ablation_rows_switch_the_parts(name):
     tiny.DATALOADER.SAMPLER_TRAIN = cfg.DATALOADER.SAMPLER_TRAIN
     torch.manual_seed(0)
     model = build_model(tiny).train()
+    if model.rebalance_schedule is not None:
+        model.set_class_statistics(STATS)
     losses, _ = step(model)
     assert set(losses) == ABLATIONS[name] | {"loss_rpn_cls", "loss_rpn_loc"}
     assert (model.rebalance_schedule is not None) == ("drb" in name)

@@ -123,3 +123,50 @@ def test_cosine_momentum_and_ema_rule():
     momentum_update(online, target, 0.9)
     assert torch.allclose(target[0].weight, 0.9 * before + 0.1 * online[0].weight)
     assert torch.allclose(target[1].running_mean, torch.full((2,), 0.2))
+
+
+def test_normalizers_replace_the_local_counts():
+    """
+    ``normalizer`` divides the summed loss (what the model passes under DDP: global count / world
+    size). Catches: a loss that keeps averaging over its own items when given one.
+    """
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    cls, tcls, w = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1, 0, 2]), torch.tensor([1.0, 2.0, 2.0])
+    assert byol_loss(z, t[:3], normalizer=6.0) * 6 == pytest.approx(byol_loss(z, t[:3]).item() * 3)
+    pos = torch.tensor([0, 1, 2])
+    assert info_nce_loss(z, t, pos, 0.2, normalizer=6.0) * 6 == pytest.approx(info_nce_loss(z, t, pos, 0.2).item() * 3)
+    sup = balanced_supervised_contrastive_loss(z, cls, w, t, tcls, 0.2)
+    assert balanced_supervised_contrastive_loss(z, cls, w, t, tcls, 0.2, normalizer=10.0) * 10 == pytest.approx(sup.item() * 5)
+    pred, target = torch.zeros(1, 3, 2, 2), torch.ones(1, 3, 2, 2)
+    masked = torch.tensor([[[True, False], [False, False]]])
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    ar = appearance_reconstruction_loss(pred, target, masked, valid, 0.1, normalizers=(2.0, torch.tensor(6.0)))
+    assert ar.item() == pytest.approx(1 / 2 + 0.1 * 3 / 6)
+    empty = torch.zeros(1, 2, 2, dtype=torch.bool)  # nothing masked anywhere: 0 / 0 counts as 0
+    assert appearance_reconstruction_loss(pred, target, empty, valid, 0.0, normalizers=(0.0, 4.0)).item() == 0.0
+    sr = semantic_reconstruction_loss(torch.ones(1, 2, 2, 2), -torch.ones(1, 2, 2, 2), masked, valid, 0.1)
+    assert semantic_reconstruction_loss(torch.ones(1, 2, 2, 2), -torch.ones(1, 2, 2, 2), masked, valid, 0.1,
+                                        normalizer=2.6).item() * 2.6 == pytest.approx(sr.item() * 1.3)
+
+
+@pytest.mark.parametrize(
+    "norm,sizes,trains",
+    [
+        ("naiveSyncBN_N", [1, 1], True),  # one image per GPU: global statistics over 2
+        ("naiveSyncBN_N", [3, 0], True),  # a rank without instances
+        ("naiveSyncBN_N", [1, 0], False),
+        ("naiveSyncBN_N", [1], False),  # one process, one image
+        ("naiveSyncBN", [2, 0], False),  # stats_mode "" needs every rank non-empty
+        ("naiveSyncBN", [1, 1], True),
+        ("BN", [3, 1], False),  # per-rank statistics
+        ("BN", [2, 2], True),
+        ("LN", [1, 0], True),  # no batch statistics
+        ("LN", [0, 0], False),  # nothing at all
+    ],
+)
+def test_batch_norm_trains_on_a_split_batch(norm, sizes, trains):
+    from drcl2.modeling.distributed import batch_norm_trains
+    from drcl2.modeling.heads import MLPHead
+
+    assert batch_norm_trains(sizes, MLPHead(4, 8, 4, norm)) is trains

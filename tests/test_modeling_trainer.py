@@ -1,6 +1,7 @@
-"""2DRCL pre-training through drcl2's Trainer on the toy LVIS set: hooks, export, resume."""
+"""2DRCL pre-training on the toy LVIS set through drcl2's Trainer (export, resume) and detectron2's DefaultTrainer."""
 import os
 
+import pytest
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -13,6 +14,8 @@ from drcl2.config import add_drcl2_config
 from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 from drcl2.engine import Trainer
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def toy_cfg(output_dir, max_iter):
     cfg = get_cfg()
@@ -60,7 +63,7 @@ def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     assert resumed.start_iter == 2
     state = resumed.model.state_dict()
     for k, v in saved["model"].items():
-        if k.startswith("target_network.") or k in ("class_repeat_factors", "target_initialized"):
+        if k.startswith("target_network.") or k in ("class_repeat_factors", "target_initialized", "last_iteration", "target_update_pending"):
             assert torch.equal(state[k], v), k
     opt = resumed.optimizer.state_dict()
     assert opt["state"] and len(opt["state"]) == len(saved["trainer"]["_trainer"]["optimizer"]["state"])
@@ -72,3 +75,52 @@ def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     assert not torch.equal(resumed.model.state_dict()["target_network." + name], before)
     final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
     assert final["iteration"] == 2
+
+
+def test_detectron2_default_trainer_runs_a_correct_pretraining(tmp_path, toy_lvis_root, monkeypatch):
+    """
+    Under detectron2's own DefaultTrainer (the user's two lines: TwoViewDatasetMapper in the
+    loader, set_class_statistics on the model; no drcl2 hook), the target network changes at every
+    step and the class weights of instance selection follow lambda. Catches: a target update or
+    DRB schedule that only drcl2's Trainer drives (0 of 104 target tensors moved before issue 9).
+    """
+    from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+    from detectron2.engine import DefaultTrainer, HookBase
+
+    from drcl2.data.samplers import DynamicRepeatFactorTrainingSampler
+    from drcl2.modeling import meta_arch
+
+    class PlainTrainer(DefaultTrainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
+            return build_detection_train_loader(
+                cfg, dataset=dicts, mapper=TwoViewDatasetMapper(cfg, is_train=True),
+                sampler=DynamicRepeatFactorTrainingSampler.from_config(cfg, dicts),
+            )
+
+    class Snapshot(HookBase):  # the target as each step's forward left it
+        def after_step(self):
+            targets.append(self.trainer.model.state_dict()["target_network." + NAME].clone())
+
+    NAME = "backbone.fpn_output2.weight"
+    targets, weights = [], []
+    sample = meta_arch.sample_instances
+    monkeypatch.setattr(meta_arch, "sample_instances", lambda c, w, k, g: weights.append(w) or sample(c, w, k, g))
+    cfg = toy_cfg(tmp_path, 4)
+    trainer = PlainTrainer(cfg)
+    trainer.model.set_class_statistics(get_detection_dataset_dicts(cfg.DATASETS.TRAIN))
+    trainer.register_hooks([Snapshot()])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+    assert len(targets) == 4
+    assert all(not torch.equal(a, b) for a, b in zip(targets, targets[1:]))
+    r = trainer.model.class_repeat_factors
+    assert r.max() > 1.0
+    lambdas = [0.0, 0.25, 0.5, 0.75]  # SOLVER.MAX_ITER 4, DATALOADER.DRCL2 START 0, END 1, linear
+    assert len(weights) == 4 * cfg.SOLVER.IMS_PER_BATCH  # one draw per image
+    for i, w in enumerate(weights):
+        assert torch.allclose(w, r ** lambdas[i // cfg.SOLVER.IMS_PER_BATCH])
+    history = trainer.storage.history("drcl2/lambda").values()
+    assert [v for v, _ in history] == pytest.approx(lambdas)

@@ -1,7 +1,7 @@
 """
-Hooks that run 2DRCL pre-training (``MODEL.META_ARCHITECTURE: "DRCL2"``) inside detectron2's
-trainer: move the EMA target network after every optimizer step, and export the fine-tuning weights
-at the end. (drcl2's Trainer hands the class statistics to the model when it is built.)
+The hook of 2DRCL pre-training (``MODEL.META_ARCHITECTURE: "DRCL2"``) in drcl2's Trainer: export
+the fine-tuning weights at the end. (The model moves its EMA target network itself, under any
+trainer; drcl2's Trainer hands the class statistics to the model when it is built.)
 """
 
 from torch.nn.parallel import DistributedDataParallel
@@ -11,24 +11,12 @@ from detectron2.utils import comm
 
 from ..checkpoint import finetune_state_dict, save_finetune_weights
 
-__all__ = ["TargetNetworkUpdateHook", "ExportFinetuneWeightsHook", "unwrap_model"]
+__all__ = ["ExportFinetuneWeightsHook", "unwrap_model"]
 
 
 def unwrap_model(model):
     """The module inside a (Distributed)DataParallel wrapper, or ``model`` itself."""
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-class TargetNetworkUpdateHook(HookBase):
-    """
-    After each optimizer step, the EMA step of a DRCL2 model's target network
-    (:meth:`DRCL2.update_target` with the step's iteration); logs ``drcl2/momentum``. Place it
-    before the checkpointer so a checkpoint of iteration k holds the target after step k.
-    """
-
-    def after_step(self):
-        momentum = unwrap_model(self.trainer.model).update_target(self.trainer.iter)
-        self.trainer.storage.put_scalar("drcl2/momentum", momentum, smoothing_hint=False)
 
 
 class ExportFinetuneWeightsHook(HookBase):

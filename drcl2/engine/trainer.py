@@ -32,7 +32,10 @@ class Trainer(DefaultTrainer):
       APr, APc, APf; backend ``TEST.DRCL2.LVIS_BACKEND``), COCO-LT (``"coco_lt"``) with
       COCOLTEvaluator (COCO metrics + AP1-AP4) and COCO-format ones with :class:`COCOEvaluator`;
     * accepts ``DATALOADER.SAMPLER_TRAIN: "DynamicRepeatFactorTrainingSampler"`` (drcl2's dynamic
-      rebalancing sampler) besides detectron2's own samplers.
+      rebalancing sampler) besides detectron2's own samplers;
+    * for 2DRCL pre-training (``MODEL.META_ARCHITECTURE: "DRCL2"``) builds the two-view loader,
+      hands the training set's class statistics to the model and exports the fine-tuning weights
+      at the end (the model moves its target network itself, under any trainer).
 
     Use it as detectron2's: ``Trainer(cfg)``, ``resume_or_load()``, ``train()``, ``Trainer.test()``.
     """
@@ -111,16 +114,12 @@ class Trainer(DefaultTrainer):
 
     def _add_drcl2_hooks(self, ret):
         """
-        2DRCL pre-training: the EMA target step after each optimizer step (before the checkpointer saves), and the export of
-        ``OUTPUT_DIR/model_final_finetune.pth`` after the last iteration.
+        2DRCL pre-training: the export of ``OUTPUT_DIR/model_final_finetune.pth`` after the last
+        iteration. (The model moves its EMA target network itself, at each new iteration.)
         """
-        from detectron2.engine import hooks as d2_hooks
-
-        from .pretrain_hooks import ExportFinetuneWeightsHook, TargetNetworkUpdateHook
+        from .pretrain_hooks import ExportFinetuneWeightsHook
 
         cfg = self.cfg
-        after_lr = 1 + next(i for i, h in enumerate(ret) if isinstance(h, d2_hooks.LRScheduler))
-        ret.insert(after_lr, TargetNetworkUpdateHook())
         ret.append(
             ExportFinetuneWeightsHook(
                 os.path.join(cfg.OUTPUT_DIR, "model_final_finetune.pth"), cfg.SOLVER.MAX_ITER

@@ -11,6 +11,8 @@ from torch.nn import functional as F
 
 from detectron2.layers import Conv2d, get_norm
 
+from .losses import at_least_float32
+
 __all__ = ["MLPHead", "AppearanceDecoder", "SemanticPredictors", "BoxFeatureHead"]
 
 
@@ -20,7 +22,7 @@ class MLPHead(nn.Module):
 
     The BN is built with detectron2's :func:`get_norm` on a ``[N, C, 1, 1]`` view, so every norm it
     knows works: "BN", "SyncBN", "naiveSyncBN", "naiveSyncBN_N" (synchronised across ranks, works
-    with zero-size inputs on some ranks), "" (none). It always runs in float32 (AMP-safe).
+    with zero-size inputs on some ranks), "" (none). It runs in float32 or wider (AMP-safe).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm: str = "naiveSyncBN_N"):
@@ -45,7 +47,7 @@ class MLPHead(nn.Module):
         x = self.fc1(x)
         if self.norm is not None:
             with torch.autocast(device_type=x.device.type, enabled=False):
-                x = self.norm(x.float()[:, :, None, None]).flatten(1)
+                x = self.norm(at_least_float32(x)[:, :, None, None]).flatten(1)
         return self.fc2(F.relu(x))
 
 
@@ -149,7 +151,7 @@ class SemanticPredictors(nn.Module):
 
 
 class _Float32(nn.Module):
-    """Runs the wrapped normalisation in float32 with autocast off (AMP-safe statistics)."""
+    """Runs the wrapped normalisation in float32 or wider with autocast off (AMP-safe statistics)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -157,4 +159,4 @@ class _Float32(nn.Module):
 
     def forward(self, x):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.module(x.float())
+            return self.module(at_least_float32(x))

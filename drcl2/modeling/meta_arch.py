@@ -1,8 +1,8 @@
 """
 The 2DRCL pre-training meta-architecture (METHOD.md): ``MODEL.META_ARCHITECTURE: "DRCL2"``.
 """
-import logging
 import math
+import zlib
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -17,20 +17,21 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ..data.rebalance import RebalanceSchedule, class_weights, sample_instances
+from .distributed import all_gather_counts, all_gather_rows, batch_norm_trains, ddp_normalizer
 from .ema import cosine_momentum, make_target, momentum_update
 from .heads import AppearanceDecoder, BoxFeatureHead, MLPHead, SemanticPredictors
 from .losses import (
     appearance_reconstruction_loss,
+    at_least_float32,
     balanced_supervised_contrastive_loss,
     byol_loss,
     info_nce_loss,
     semantic_reconstruction_loss,
+    semantic_reconstruction_weights,
 )
 from .masking import box_guided_patch_mask, mask_at_stride, patch_mask_to_pixels
 
 __all__ = ["DRCL2", "check_drcl2_config"]
-
-logger = logging.getLogger(__name__)
 
 HCL_LOSSES = ("byol", "infonce")
 
@@ -49,20 +50,38 @@ class DRCL2(nn.Module):
 
     Input: a list of dicts from :class:`drcl2.data.TwoViewDatasetMapper`, each with ``"view1"`` and
     ``"view2"`` = ``{"image": Tensor[3, H, W], "instances": Instances(gt_boxes, gt_classes, ...)}``,
-    instances row-aligned across the views. Output (training only): a dict of losses with one key per
-    enabled term: ``loss_hcl``, ``loss_lcl_inst``, ``loss_lcl_sup``, ``loss_ar``, ``loss_sr``,
-    ``loss_rpn_cls``, ``loss_rpn_loc``.
+    instances row-aligned across the views, and the dataset's ``"image_id"``. Output (training
+    only): a dict of losses with one key per enabled term: ``loss_hcl``, ``loss_lcl_inst``,
+    ``loss_lcl_sup``, ``loss_ar``, ``loss_sr``, ``loss_rpn_cls``, ``loss_rpn_loc``.
 
-    The training-set class statistics (instance-level repeat factors r_c^ins) are handed over with
-    :meth:`set_class_statistics` when training starts; they are buffers, saved with checkpoints.
-    After each optimizer step, :meth:`update_target` moves the target network (drcl2's Trainer does
-    both with hooks).
+    Any trainer can drive it; the model keeps its own state:
 
-    Multi-GPU: every trainable parameter receives a gradient at every step, whatever parts are on
-    and however few instances a rank holds (DDP runs with ``find_unused_parameters=False``); the
-    MLP / SR norms default to ``naiveSyncBN_N`` (synchronised, zero-size safe); target embeddings
-    are all-gathered without gradient (the losses need none through them). Mixed precision: image
-    pooling, norms and every loss are computed in float32.
+    * Target network: at the first training forward of a new iteration the model applies the EMA
+      step of the previous iteration (whose optimizer step has happened since), with the momentum
+      of that iteration. The iteration is the :class:`EventStorage`'s when there is one, else an
+      internal counter (each training forward is then a new iteration). Two buffers record this,
+      ``last_iteration`` and ``target_update_pending``, so a checkpoint written after iteration k
+      holds the target after step k - 1 and the pending step k, which the first forward after
+      resuming applies with the checkpoint's online weights: the resumed run is exact.
+      :meth:`update_target` applies the pending step at once (to inspect a final target).
+    * Class statistics: with DRB on, hand the training set over once with
+      :meth:`set_class_statistics` before training (drcl2's Trainer does); a training forward
+      without them raises. They are buffers, saved with checkpoints.
+    * Random draws (instances for LCL, masked patches): each image draws from its own generator,
+      seeded by ``(seed, iteration, image_id)``, so the draws do not depend on how the batch is
+      split over processes, and a resumed run repeats them.
+
+    Multi-process (DDP): every loss is the mean over the global batch (all ranks' images,
+    instances and pixels). The counts are exchanged once per step; a rank returns
+    ``W * (its part of the global sum) / (global count)`` for each term (W processes), so the
+    average over ranks -- what DDP does to the gradients and detectron2's trainer to the logged
+    loss values -- equals the loss and gradient of one process on the concatenated batch. Target
+    embeddings (LCL payload, InfoNCE keys) are all-gathered as tensors without gradient
+    (:mod:`drcl2.modeling.distributed`). Every trainable parameter receives a gradient at every
+    step, whatever parts are on and however few instances the global batch holds (DDP runs with
+    ``find_unused_parameters=False``); the MLP / SR norms default to ``naiveSyncBN_N``, whose
+    statistics are those of the global batch. Mixed precision: image pooling, norms and every loss
+    are computed in float32 (or wider: a float64 model stays float64).
     """
 
     @configurable
@@ -105,6 +124,7 @@ class DRCL2(nn.Module):
         sr_predictors: Optional[SemanticPredictors] = None,
         sr_visible_weight: float = 0.1,
         sr_weight: float = 1.0,
+        seed: Optional[int] = None,
     ):
         """
         Args:
@@ -140,6 +160,8 @@ class DRCL2(nn.Module):
             sr_predictors: the SR predictors, or None.
             sr_visible_weight: weight of visible locations in L_SR.
             sr_weight: w_sr.
+            seed: base seed of the per-image random draws (instances, masked patches); None: a
+                seed drawn from torch's generator when the model is built.
         """
         super().__init__()
         self.backbone = backbone
@@ -157,6 +179,11 @@ class DRCL2(nn.Module):
             raise ValueError("DRCL2: give roi_heads, lcl_projector and lcl_predictor together or none.")
         if hcl_loss not in HCL_LOSSES:
             raise ValueError(f"DRCL2: hcl_loss must be one of {HCL_LOSSES}; got {hcl_loss!r}.")
+        # Strides of the levels, from the backbone (never inferred from feature sizes: a level whose
+        # stride exceeds the padding multiple, e.g. p6, has ceil-rounded sizes).
+        self._strides = {name: shape.stride for name, shape in backbone.output_shape().items()}
+        if ar_decoder is not None:
+            check_ar_level(ar_in_feature, self._strides, backbone.size_divisibility)
 
         self.num_classes = num_classes
         self.max_iter = max_iter
@@ -182,6 +209,7 @@ class DRCL2(nn.Module):
         self.ar_weight = ar_weight
         self.sr_visible_weight = sr_visible_weight
         self.sr_weight = sr_weight
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
 
         # Target network: EMA copies of the online modules that have a target counterpart.
         target = {}
@@ -202,22 +230,26 @@ class DRCL2(nn.Module):
         self.register_buffer("class_statistics_set", torch.tensor(False))
         # False until the target network was copied from the (possibly freshly loaded) online one.
         self.register_buffer("target_initialized", torch.tensor(False))
+        # The iteration of the last training forward, and whether its EMA step is still to be
+        # applied (at the next new iteration): the model's own target-update schedule.
+        self.register_buffer("last_iteration", torch.tensor(-1, dtype=torch.int64))
+        self.register_buffer("target_update_pending", torch.tensor(False))
 
-        # FPN levels the enabled parts read; the others join the graph with a zero weight so that
-        # DDP (find_unused_parameters=False) sees a gradient for every backbone parameter.
-        used = set()
+        # FPN levels the enabled parts read. Levels no part reads, and the levels only LCL reads
+        # when LCL skips a step (too few instances), join the graph with a zero weight so that DDP
+        # (find_unused_parameters=False) sees a gradient for every backbone parameter.
+        read_by_others = set()
         if self.hcl_enabled:
-            used |= set(self.hcl_in_features)
-        if self.lcl_enabled:
-            used |= set(roi_heads.box_in_features)
+            read_by_others |= set(self.hcl_in_features)
         if self.ar_enabled:
-            used.add(ar_in_feature)
+            read_by_others.add(ar_in_feature)
         if self.sr_enabled:
-            used |= set(sr_predictors.in_features)
+            read_by_others |= set(sr_predictors.in_features)
         if proposal_generator is not None:
-            used |= set(proposal_generator.in_features)
-        self._unused_levels = [f for f in backbone.output_shape() if f not in used]
-        self._warned_no_statistics = False
+            read_by_others |= set(proposal_generator.in_features)
+        lcl_levels = set(roi_heads.box_in_features) if self.lcl_enabled else set()
+        self._unused_levels = [f for f in self._strides if f not in read_by_others | lcl_levels]
+        self._lcl_only_levels = [f for f in self._strides if f in lcl_levels - read_by_others]
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -245,6 +277,7 @@ class DRCL2(nn.Module):
             "mask_patch_size": d.MASK.PATCH_SIZE,
             "mask_ratio": d.MASK.RATIO,
             "mask_box_guided": d.MASK.BOX_GUIDED,
+            "seed": cfg.SEED if cfg.SEED >= 0 else None,
         }
         if d.RPN.ENABLED:
             ret["proposal_generator"] = build_proposal_generator(cfg, shapes)
@@ -258,6 +291,7 @@ class DRCL2(nn.Module):
                 hcl_temperature=d.HCL.TEMPERATURE,
                 hcl_weight=d.HCL.WEIGHT,
             )
+            check_images_per_batch(cfg, ret["hcl_projector"], comm.get_world_size())
         if d.LCL.ENABLED:
             box = StandardROIHeads._init_box_head(cfg, shapes)
             roi_heads = BoxFeatureHead(
@@ -336,20 +370,40 @@ class DRCL2(nn.Module):
         for name, online in self.online_target_pairs().items():
             momentum_update(online, self.target_network[name], 0.0)
         self.target_initialized.fill_(True)
+        self.target_update_pending.fill_(False)
 
     @torch.no_grad()
-    def update_target(self, iteration: int) -> float:
+    def update_target(self) -> Optional[float]:
         """
-        EMA step of the target network after the optimizer step of ``iteration``:
-        ``xi <- m xi + (1 - m) theta`` with ``m = cosine_momentum(m0, iteration, max_iter)``.
+        Apply the pending EMA step now: the step of the last training iteration,
+        ``xi <- m xi + (1 - m) theta`` with ``m = cosine_momentum(m0, last_iteration, max_iter)``.
+        Training needs no call (the next new iteration's forward applies it); call it to inspect or
+        keep the target after the final iteration. Calling it twice applies the step once.
 
         Returns:
-            the momentum m used.
+            the momentum m used, or None when no step was pending.
         """
-        m = cosine_momentum(self.base_momentum, iteration, self.max_iter)
+        if not bool(self.target_update_pending):
+            return None
+        m = cosine_momentum(self.base_momentum, int(self.last_iteration), self.max_iter)
         for name, online in self.online_target_pairs().items():
             momentum_update(online, self.target_network[name], m)
+        self.target_update_pending.fill_(False)
         return m
+
+    def _start_iteration(self, iteration: int) -> None:
+        """
+        Bring the target network up to date at the start of a training forward of ``iteration``:
+        copy it from the online network the first time, else apply the EMA step of the previous
+        iteration when ``iteration`` is a new one (a second forward in the same iteration, e.g.
+        gradient accumulation, changes nothing).
+        """
+        if not bool(self.target_initialized):
+            self.reset_target()
+        elif iteration != int(self.last_iteration):
+            self.update_target()
+        self.last_iteration.fill_(iteration)
+        self.target_update_pending.fill_(True)
 
     @torch.no_grad()
     def set_class_statistics(self, dataset_dicts: List[dict]) -> None:
@@ -382,51 +436,69 @@ class DRCL2(nn.Module):
             batched_inputs: a list of N dicts from :class:`TwoViewDatasetMapper`.
 
         Returns:
-            dict[str, Tensor]: the weighted losses, one key per enabled term.
+            dict[str, Tensor]: the weighted losses, one key per enabled term; with several
+            processes, this rank's share as the class doc describes (their average over ranks is
+            the loss of the global batch).
         """
         if not self.training:
             raise RuntimeError(
                 "DRCL2 is a pre-training model and has no inference; export its weights with "
                 "`python -m drcl2.tools.export_weights` and fine-tune / evaluate a GeneralizedRCNN."
             )
+        if self.rebalance_schedule is not None and not bool(self.class_statistics_set):
+            raise RuntimeError(
+                "DRCL2: dynamic rebalancing is on (MODEL.DRCL2.DRB.ENABLED) but the model has no "
+                "class statistics of the training set. Hand them over once before training with "
+                "model.set_class_statistics(dataset_dicts), dataset_dicts being the training set's "
+                "dicts (e.g. detectron2.data.get_detection_dataset_dicts(cfg.DATASETS.TRAIN)); "
+                "drcl2.engine.Trainer does this itself."
+            )
         try:
             storage = get_event_storage()
             iteration = storage.iter
-        except AssertionError:  # used outside a trainer
-            storage, iteration = None, 0
-        if not bool(self.target_initialized):
-            self.reset_target()
-
+        except AssertionError:  # no trainer: each training forward is a new iteration
+            storage, iteration = None, int(self.last_iteration) + 1
+        with record_function("drcl2.ema"):
+            self._start_iteration(iteration)
         lam = 0.0
         if self.rebalance_schedule is not None:
-            if not bool(self.class_statistics_set) and not self._warned_no_statistics:
-                logger.warning(
-                    "DRCL2: no class statistics handed over (set_class_statistics); DRB uses "
-                    "uniform class weights. drcl2.engine.Trainer does this when training starts."
-                )
-                self._warned_no_statistics = True
             lam = self.rebalance_schedule.lam(iteration / max(self.max_iter, 1))
         weights = self.class_weights_at(lam)  # [C]
         if storage is not None:
             storage.put_scalar("drcl2/lambda", lam, smoothing_hint=False)
+            # the momentum of this iteration's EMA step (applied at the start of the next one)
+            momentum = cosine_momentum(self.base_momentum, iteration, self.max_iter)
+            storage.put_scalar("drcl2/momentum", momentum, smoothing_hint=False)
 
         images, instances1, instances2 = self.preprocess(batched_inputs)
         N = len(batched_inputs)
         image_sizes = images.image_sizes
+        padded_size = tuple(images.tensor.shape[-2:])
         x1, x2 = images.tensor[:N], images.tensor[N:]
 
-        need_sampled = self.lcl_enabled or (self.masking_enabled and self.mask_box_guided > 0)
-        sampled = [
-            sample_instances(inst.gt_classes, weights, self.lcl_num_instances) if need_sampled else None
-            for inst in instances1
-        ]
-
-        pixel_mask = None
-        online_input = x1
-        if self.masking_enabled:
-            with record_function("drcl2.masking"):
-                pixel_mask = self._patch_masks(instances1, sampled, weights, image_sizes[:N], x1.shape[-2:])
+        with record_function("drcl2.masking"):
+            sampled, pixel_mask = self._draw(batched_inputs, weights, image_sizes[:N], padded_size, iteration)
+            online_input = x1
+            if pixel_mask is not None:
                 online_input = x1 * (~pixel_mask)[:, None].to(x1.dtype)
+            # Masked / visible pixels (AR) and locations of each SR level, padding excluded.
+            pixel_sums, sr_masks = [], {}
+            if self.ar_enabled or self.sr_enabled:
+                valid = self._valid_pixels(image_sizes[:N], padded_size)
+                masked = valid & pixel_mask if pixel_mask is not None else torch.zeros_like(valid)
+            if self.ar_enabled:
+                pixel_sums += [masked.sum(), (valid & ~masked).sum()]
+            if self.sr_enabled:
+                for name in self.sr_predictors.in_features:
+                    stride = self._strides[name]
+                    size = (math.ceil(padded_size[0] / stride), math.ceil(padded_size[1] / stride))
+                    sr_masks[name] = (mask_at_stride(masked, stride, size), mask_at_stride(valid, stride, size))
+                    weight = semantic_reconstruction_weights(*sr_masks[name], self.sr_visible_weight)
+                    pixel_sums.append(weight.sum())
+
+        num_instances = sum(len(idx) for idx in sampled) if self.lcl_enabled else 0
+        with record_function("drcl2.counts"):
+            image_counts, instance_counts, pixel_norms = self._exchange_counts(N, num_instances, pixel_sums)
 
         with record_function("drcl2.online_forward"):
             if self.symmetric:
@@ -448,53 +520,75 @@ class DRCL2(nn.Module):
                 target2 = {k: v[-N:] for k, v in feats.items()} if need_t2 else None
 
         losses = {}
+        zero_levels = list(self._unused_levels)
         if self.hcl_enabled:
             with record_function("drcl2.hcl"):
                 losses["loss_hcl"] = self.hcl_weight * self._hcl_loss(
-                    online1, online2, target1, target2, image_sizes[:N], image_sizes[N:], x1.shape[-2:]
+                    online1, online2, target1, target2, image_sizes[:N], image_sizes[N:], image_counts
                 )
         if self.lcl_enabled:
             with record_function("drcl2.lcl"):
-                inst, sup = self._lcl_losses(
-                    online1, online2, target1, target2, instances1, instances2, sampled, weights
-                )
+                lcl_heads = (self.lcl_projector, self.lcl_predictor, self.target_network["lcl_projector"])
+                if batch_norm_trains(instance_counts, *lcl_heads):
+                    inst, sup = self._lcl_losses(
+                        online1, online2, target1, target2, instances1, instances2, sampled, weights,
+                        instance_counts,
+                    )
+                else:
+                    # Too few instances for the MLPs' batch norm (the same answer on every rank):
+                    # a zero loss that still reaches every LCL parameter and level (DDP needs a
+                    # gradient for each).
+                    online_params = [p for m in (self.roi_heads,) + lcl_heads[:2] for p in m.parameters()]
+                    inst = sum(p.sum() for p in online_params if p.requires_grad) * 0.0
+                    sup = inst if self.lcl_supervised else None
+                    zero_levels += self._lcl_only_levels
                 losses["loss_lcl_inst"] = self.lcl_weight * inst
                 if sup is not None:
                     losses["loss_lcl_sup"] = self.lcl_weight * self.lcl_sup_weight * sup
-        if self.ar_enabled or self.sr_enabled:
-            valid = self._valid_pixels(image_sizes[:N], x1.shape[-2:])
-            masked = pixel_mask if pixel_mask is not None else torch.zeros_like(valid)
+        sr_norms = pixel_norms[2:] if self.ar_enabled else pixel_norms  # (AR masked, AR visible, SR...)
         if self.ar_enabled:
             with record_function("drcl2.ar"):
                 prediction = self.ar_decoder(online1[self.ar_in_feature])
+                if prediction.shape[-2:] != x1.shape[-2:]:
+                    raise ValueError(
+                        f"DRCL2: the AR decoder predicts {tuple(prediction.shape[-2:])} pixels for a "
+                        f"{tuple(x1.shape[-2:])} input; MODEL.DRCL2.AR.IN_FEATURE must be a level whose "
+                        "stride divides the backbone's size_divisibility."
+                    )
                 target = x1 * (self.pixel_std / self.ar_pixel_std)  # padding stays 0 (ignored)
                 losses["loss_ar"] = self.ar_weight * appearance_reconstruction_loss(
-                    prediction, target, masked, valid, self.ar_visible_weight
+                    prediction, target, masked, valid, self.ar_visible_weight,
+                    normalizers=(pixel_norms[0], pixel_norms[1]),
                 )
         if self.sr_enabled:
             with record_function("drcl2.sr"):
                 predictions = self.sr_predictors(online1)
                 level_losses = []
-                for name, prediction in predictions.items():
-                    size = prediction.shape[-2:]
-                    stride = x1.shape[-1] // size[-1]
+                for (name, prediction), normalizer in zip(predictions.items(), sr_norms):
+                    level_masked, level_valid = sr_masks[name]
+                    if prediction.shape[-2:] != level_masked.shape[-2:]:
+                        raise ValueError(
+                            f"DRCL2: SR level {name!r} has size {tuple(prediction.shape[-2:])}, "
+                            f"expected {tuple(level_masked.shape[-2:])} (padded input / stride "
+                            f"{self._strides[name]}); check MODEL.DRCL2.SR.IN_FEATURES."
+                        )
                     level_losses.append(
                         semantic_reconstruction_loss(
-                            prediction,
-                            target1[name],
-                            mask_at_stride(masked, stride, size),
-                            mask_at_stride(valid, stride, size),
-                            self.sr_visible_weight,
+                            prediction, target1[name], level_masked, level_valid, self.sr_visible_weight,
+                            normalizer=normalizer,
                         )
                     )
                 losses["loss_sr"] = self.sr_weight * torch.stack(level_losses).mean()
         if self.proposal_generator is not None:
             with record_function("drcl2.rpn"):
                 rpn_losses = rpn_losses_only(self.proposal_generator, online1, instances1)
-                losses.update({k: self.rpn_weight * v for k, v in rpn_losses.items()})
-        if self._unused_levels:
+                # detectron2 averages the RPN losses over this rank's images: rescale to the
+                # global per-image mean (see the class doc).
+                scale = self.rpn_weight * comm.get_world_size() * N / sum(image_counts)
+                losses.update({k: scale * v for k, v in rpn_losses.items()})
+        if zero_levels:
             first = next(iter(losses))
-            losses[first] = losses[first] + sum(online1[f].sum() * 0.0 for f in self._unused_levels)
+            losses[first] = losses[first] + sum(online1[f].sum() * 0.0 for f in zero_levels)
         return losses
 
     # ------------------------------------------------------------------------------------------
@@ -534,93 +628,154 @@ class DRCL2(nn.Module):
             valid[i, :h, :w] = True
         return valid
 
-    def _patch_masks(self, instances, sampled, weights, image_sizes, padded_size) -> torch.Tensor:
-        """BoolTensor[N, H, W]: the masked pixels of x1 (box-guided patch masking)."""
-        masks = []
-        for inst, idx, size in zip(instances, sampled, image_sizes):
-            if idx is not None and len(idx):
-                boxes, box_weights = inst.gt_boxes.tensor[idx], weights[inst.gt_classes[idx]]
-            else:
-                boxes, box_weights = torch.zeros(0, 4), torch.zeros(0)
-            patches = box_guided_patch_mask(
-                tuple(size), self.mask_patch_size, self.mask_ratio, boxes, box_weights, self.mask_box_guided
-            )
-            masks.append(patch_mask_to_pixels(patches, self.mask_patch_size, tuple(padded_size)))
-        return torch.stack(masks).to(self.device)
+    def _draw(self, batched_inputs, weights, image_sizes, padded_size, iteration):
+        """
+        The random draws of one step, each image from its own generator seeded by
+        ``(seed, iteration, image_id)``: K instances of v1 (LCL, box-guided masking) with
+        probability ∝ ``weights`` of their classes, then the masked patches of x1.
 
-    def _image_vector(self, features: Dict[str, torch.Tensor], image_sizes, padded_size) -> torch.Tensor:
+        Args:
+            batched_inputs: the N input dicts.
+            weights: Tensor[C], w_c(lambda).
+            image_sizes: N (h, w) of v1 without padding.
+            padded_size: (H, W) of the padded batch.
+            iteration: the training iteration.
+
+        Returns:
+            list of N LongTensor[K_i] on the model's device (indices into the image's instances,
+            the same rows in both views), or N None when nothing needs instances;
+            BoolTensor[N, H, W] (True = masked pixel of x1) on the model's device, or None.
+        """
+        need_sampled = self.lcl_enabled or (self.masking_enabled and self.mask_box_guided > 0)
+        if not (need_sampled or self.masking_enabled):
+            return [None] * len(batched_inputs), None
+        weights = weights.cpu()
+        sampled, masks, occurrences = [], [], {}
+        for i, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
+            key = _image_key(x, i, len(batched_inputs))
+            occurrences[key] = occurrences.get(key, -1) + 1  # an image repeated in the batch
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, iteration, key, occurrences[key]))
+            inst = x["view1"]["instances"]
+            classes = inst.gt_classes.cpu()
+            idx = None
+            if need_sampled:
+                idx = sample_instances(classes, weights, self.lcl_num_instances, generator)
+            if self.masking_enabled:
+                if idx is not None and len(idx):
+                    boxes, box_weights = inst.gt_boxes.tensor.cpu()[idx], weights[classes[idx]]
+                else:
+                    boxes, box_weights = torch.zeros(0, 4), torch.zeros(0)
+                patches = box_guided_patch_mask(
+                    tuple(size), self.mask_patch_size, self.mask_ratio, boxes, box_weights,
+                    self.mask_box_guided, generator=generator,
+                )
+                masks.append(patch_mask_to_pixels(patches, self.mask_patch_size, padded_size))
+            sampled.append(idx.to(self.device) if idx is not None else None)
+        pixel_mask = torch.stack(masks).to(self.device) if masks else None
+        return sampled, pixel_mask
+
+    def _exchange_counts(self, num_images: int, num_instances: int, pixel_sums: List[torch.Tensor]):
+        """
+        The counts of the step of every rank, in one collective (:func:`all_gather_counts`).
+
+        Args:
+            num_images, num_instances: this rank's images and sampled instances.
+            pixel_sums: this rank's masked / visible pixel counts (AR) and SR weight sums, 0-dim.
+
+        Returns:
+            list[int] images of every rank, list[int] instances of every rank (rank order),
+            Tensor[P]: the DDP normalisers of ``pixel_sums`` (global sums / world size).
+        """
+        local = torch.tensor([num_images, num_instances], dtype=torch.float64, device=self.device)
+        if pixel_sums:
+            local = torch.cat([local, torch.stack(pixel_sums).double()])
+        gathered = all_gather_counts(local)  # [W, 2 + P]
+        if comm.get_world_size() == 1:
+            image_counts, instance_counts = [num_images], [num_instances]
+        else:
+            image_counts, instance_counts = gathered[:, :2].round().long().t().tolist()
+        return image_counts, instance_counts, ddp_normalizer(gathered[:, 2:].sum(dim=0))
+
+    def _image_vector(self, features: Dict[str, torch.Tensor], image_sizes) -> torch.Tensor:
         """
         h: the mean over ``hcl_in_features`` of global average pooling over the image (padding
-        excluded: a location counts when its cell starts inside the image).
+        excluded: a location counts when its stride cell starts inside the image).
 
         Args:
             features: level -> Tensor[N, C, H_l, W_l].
             image_sizes: N (h, w) of the unpadded images.
-            padded_size: (H, W) of the padded input.
 
         Returns:
-            Tensor[N, C] float32.
+            Tensor[N, C], float32 or wider.
         """
         pooled = []
         for name in self.hcl_in_features:
-            f = features[name].float()
+            f = at_least_float32(features[name])
             n, _, fh, fw = f.shape
+            stride = self._strides[name]
             valid = torch.zeros((n, 1, fh, fw), dtype=f.dtype, device=f.device)
             for i, (h, w) in enumerate(image_sizes):
-                vh = max(1, math.ceil(h * fh / padded_size[0]))
-                vw = max(1, math.ceil(w * fw / padded_size[1]))
-                valid[i, :, :vh, :vw] = 1
+                valid[i, :, : math.ceil(h / stride), : math.ceil(w / stride)] = 1
             pooled.append((f * valid).sum(dim=(2, 3)) / valid.sum(dim=(2, 3)))
         return torch.stack(pooled).mean(dim=0)
 
-    def _hcl_loss(self, online1, online2, target1, target2, sizes1, sizes2, padded) -> torch.Tensor:
-        """L_HCL (unweighted) from the online / target features of the views."""
-        z1 = self.hcl_predictor(self.hcl_projector(self._image_vector(online1, sizes1, padded)))
+    def _hcl_loss(self, online1, online2, target1, target2, sizes1, sizes2, image_counts):
+        """
+        L_HCL (unweighted) from the online / target features of the views.
+
+        Args:
+            image_counts: images of every rank (global normalisation, InfoNCE keys).
+        """
+        heads = (self.hcl_projector, self.hcl_predictor, self.target_network["hcl_projector"])
+        if not batch_norm_trains(image_counts, *heads):
+            raise ValueError(
+                f"DRCL2: the HCL MLPs' batch norm (MODEL.DRCL2.HEAD_NORM) cannot train on "
+                f"{image_counts} image(s) per process. Use more images per batch "
+                "(SOLVER.IMS_PER_BATCH; per process: IMS_PER_BATCH / number of processes) or a "
+                "HEAD_NORM without batch statistics ('GN', 'LN', '')."
+            )
+        z1 = self.hcl_predictor(self.hcl_projector(self._image_vector(online1, sizes1)))
         target_projector = self.target_network["hcl_projector"]
         with torch.no_grad():
             if self.symmetric:  # one batched call over both views (BN statistics over 2N)
                 t = target_projector(
-                    torch.cat(
-                        [
-                            self._image_vector(target1, sizes1, padded),
-                            self._image_vector(target2, sizes2, padded),
-                        ]
-                    )
+                    torch.cat([self._image_vector(target1, sizes1), self._image_vector(target2, sizes2)])
                 )
                 t1, t2 = t[: len(z1)], t[len(z1):]
             else:
-                t2 = target_projector(self._image_vector(target2, sizes2, padded))
-        loss = self._hcl_pair_loss(z1, t2)
+                t2 = target_projector(self._image_vector(target2, sizes2))
         if self.symmetric:
-            z2 = self.hcl_predictor(self.hcl_projector(self._image_vector(online2, sizes2, padded)))
-            loss = 0.5 * (loss + self._hcl_pair_loss(z2, t1))
+            z2 = self.hcl_predictor(self.hcl_projector(self._image_vector(online2, sizes2)))
+        normalizer = ddp_normalizer(sum(image_counts))
+        if self.hcl_loss == "byol":
+            loss = byol_loss(z1, t2, normalizer)
+            if self.symmetric:
+                loss = 0.5 * (loss + byol_loss(z2, t1, normalizer))
+            return loss
+        # InfoNCE against the keys of the global batch: one gather (both views' keys if symmetric).
+        keys = all_gather_rows(torch.cat([t2, t1], dim=1) if self.symmetric else t2, image_counts)
+        dim = t2.shape[1]
+        positives = torch.arange(len(z1), device=z1.device) + sum(image_counts[: comm.get_rank()])
+        loss = info_nce_loss(z1, keys[:, :dim], positives, self.hcl_temperature, normalizer)
+        if self.symmetric:
+            loss = 0.5 * (loss + info_nce_loss(z2, keys[:, dim:], positives, self.hcl_temperature, normalizer))
         return loss
 
-    def _hcl_pair_loss(self, online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.hcl_loss == "byol":
-            return byol_loss(online, target)
-        keys = _gather_no_grad(target)
-        offset = sum(_gather_sizes(len(target))[: comm.get_rank()])
-        positives = torch.arange(len(online), device=online.device) + offset
-        return info_nce_loss(online, keys, positives, self.hcl_temperature)
-
-    def _lcl_losses(self, online1, online2, target1, target2, instances1, instances2, sampled, weights):
+    def _lcl_losses(
+        self, online1, online2, target1, target2, instances1, instances2, sampled, weights, instance_counts
+    ):
         """
+        Args:
+            sampled: N LongTensor, the sampled rows of each image's instances (both views).
+            weights: Tensor[C], w_c(lambda).
+            instance_counts: sampled instances of every rank.
+
         Returns:
             (L_inst, L_sup or None): scalar Tensors, unweighted.
         """
         boxes1 = [inst.gt_boxes[idx] for inst, idx in zip(instances1, sampled)]
         boxes2 = [inst.gt_boxes[idx] for inst, idx in zip(instances2, sampled)]
         classes = torch.cat([inst.gt_classes[idx] for inst, idx in zip(instances1, sampled)])
-        total = sum(_gather_sizes(len(classes)))
-        online_params = [
-            p for m in (self.roi_heads, self.lcl_projector, self.lcl_predictor) for p in m.parameters()
-        ]
-        if total < 2:
-            # Too few instances in the global batch for the MLPs' batch norm: zero loss that still
-            # reaches every LCL parameter (DDP needs a gradient for each), same branch on all ranks.
-            zero = sum(p.sum() for p in online_params if p.requires_grad) * 0.0
-            return zero, (zero if self.lcl_supervised else None)
 
         def online_embed(features, boxes):
             return self.lcl_predictor(self.lcl_projector(self.roi_heads(features, boxes)))
@@ -634,24 +789,34 @@ class DRCL2(nn.Module):
                 t1, t2 = t[: len(classes)], t[len(classes):]
             else:
                 t2 = target_projector(self.roi_heads(target2, boxes2, box_head=target_head))
+        normalizer = ddp_normalizer(sum(instance_counts))
         e1 = online_embed(online1, boxes1)
-        inst = byol_loss(e1, t2)
+        inst = byol_loss(e1, t2, normalizer)
         if self.symmetric:
             e2 = online_embed(online2, boxes2)
-            inst = 0.5 * (inst + byol_loss(e2, t1))
+            inst = 0.5 * (inst + byol_loss(e2, t1, normalizer))
         if not self.lcl_supervised:
             return inst, None
 
-        all_classes = _gather_no_grad(classes)
+        # The whole payload of the global batch in one gather: class, target embedding of v2
+        # (and of v1 when symmetric); class ids are exact in float32 below 2**24.
+        payload = [classes[:, None].float(), at_least_float32(t2)]
+        payload += [at_least_float32(t1)] if self.symmetric else []
+        gathered = all_gather_rows(torch.cat(payload, dim=1), instance_counts)
+        dim = t2.shape[1]
+        all_classes = gathered[:, 0].round().long()
+        sup_normalizer = ddp_normalizer(weights[all_classes].sum())
         instance_weights = weights[classes]
         sup = balanced_supervised_contrastive_loss(
-            e1, classes, instance_weights, _gather_no_grad(t2), all_classes, self.lcl_temperature
+            e1, classes, instance_weights, gathered[:, 1 : 1 + dim], all_classes, self.lcl_temperature,
+            sup_normalizer,
         )
         if self.symmetric:
             sup = 0.5 * (
                 sup
                 + balanced_supervised_contrastive_loss(
-                    e2, classes, instance_weights, _gather_no_grad(t1), all_classes, self.lcl_temperature
+                    e2, classes, instance_weights, gathered[:, 1 + dim :], all_classes,
+                    self.lcl_temperature, sup_normalizer,
                 )
             )
         return inst, sup
@@ -681,19 +846,30 @@ def rpn_losses_only(rpn, features: Dict[str, torch.Tensor], gt_instances: List[I
     return rpn.losses(anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes)
 
 
-def _gather_sizes(n: int) -> List[int]:
-    """The number ``n`` of every rank, in rank order."""
-    if comm.get_world_size() == 1:
-        return [n]
-    return [int(x) for x in comm.all_gather(int(n))]
+def _image_key(x: Dict, index: int, num_images: int) -> int:
+    """
+    The integer that seeds an image's draws: its dataset ``image_id`` (strings hashed with CRC32,
+    stable across processes); without one, its position in the global batch assuming every rank
+    holds ``num_images`` images (as detectron2's loaders give).
+    """
+    image_id = x.get("image_id")
+    if isinstance(image_id, int):
+        return image_id
+    if image_id is not None:
+        return zlib.crc32(str(image_id).encode())
+    return comm.get_rank() * num_images + index
 
 
-def _gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (no gradient) of every rank, in rank order; ranks may differ in length."""
-    x = x.detach()
-    if comm.get_world_size() == 1:
-        return x
-    return torch.cat([t.to(x.device) for t in comm.all_gather(x)])
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 finaliser over them): neighbouring keys give unrelated streams."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & mask)) + 0x9E3779B97F4A7C15) & mask
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        h ^= h >> 31
+    return h >> 1
 
 
 def check_drcl2_config(cfg) -> None:
@@ -750,6 +926,52 @@ def check_drcl2_config(cfg) -> None:
         fail("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, "DRCL2's momentum and DRB schedules need >= 1.")
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
         fail("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "must be >= 1.")
+    if len(cfg.DATASETS.TEST):
+        fail(
+            "DATASETS.TEST", tuple(cfg.DATASETS.TEST),
+            "DRCL2 pre-training has no inference, so nothing to evaluate (the run would train, then "
+            "fail in evaluation and skip the export). Set DATASETS.TEST to (); fine-tune the "
+            "exported weights and evaluate the fine-tuned detector.",
+        )
+
+
+def check_images_per_batch(cfg, hcl_projector: nn.Module, world_size: int) -> None:
+    """
+    Raise ValueError naming ``SOLVER.IMS_PER_BATCH`` when the per-process batch
+    (IMS_PER_BATCH / world size) is too small for the batch norm of the HCL MLPs
+    (:func:`batch_norm_trains`), e.g. one image per GPU with a plain ``BN`` head norm.
+    """
+    total = cfg.SOLVER.IMS_PER_BATCH
+    per_process = total // max(world_size, 1)
+    if not batch_norm_trains([per_process] * world_size, hcl_projector):
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH = {total}: {per_process} image(s) per process "
+            f"(IMS_PER_BATCH / {world_size} processes) is too few for the batch norm of the HCL "
+            f"MLPs (MODEL.DRCL2.HEAD_NORM = {cfg.MODEL.DRCL2.HEAD_NORM!r}), which needs at least "
+            "2 images per batch (per process with 'BN'). Raise SOLVER.IMS_PER_BATCH or use a "
+            "HEAD_NORM without batch statistics ('GN', 'LN', '')."
+        )
+
+
+def check_ar_level(ar_in_feature: str, strides: Dict[str, int], size_divisibility: int) -> None:
+    """
+    Raise ValueError when the AR decoder cannot predict the padded image from ``ar_in_feature``:
+    it upsamples by the level's stride, which must divide the padding multiple of the backbone
+    (``size_divisibility``) so that the level holds exactly (padded size / stride) locations.
+    """
+    if ar_in_feature not in strides:
+        raise ValueError(
+            f"MODEL.DRCL2.AR.IN_FEATURE = {ar_in_feature!r}: must name a backbone output among "
+            f"{sorted(strides)}."
+        )
+    stride = strides[ar_in_feature]
+    if size_divisibility < stride or size_divisibility % stride:
+        ok = sorted(f for f, s in strides.items() if size_divisibility >= s and size_divisibility % s == 0)
+        raise ValueError(
+            f"MODEL.DRCL2.AR.IN_FEATURE = {ar_in_feature!r}: its stride ({stride}) does not divide "
+            f"the backbone's padding multiple (size_divisibility {size_divisibility}), so the "
+            f"decoder's x{stride} upsampling would not match the image. Use one of {ok}."
+        )
 
 
 def check_feature_levels(cfg, levels) -> None:

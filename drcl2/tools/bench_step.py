@@ -6,9 +6,16 @@ DRCL2 training step vs a supervised Mask R-CNN (GeneralizedRCNN) step, same devi
         --baseline-config configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml --device cuda --amp \\
         --batch-size 2 --dataset lvis_v1_toy_train
 
-One step = forward, backward, optimizer step (SGD) and, for DRCL2, the EMA target update. The
-images are mapped once (data loading is not timed); the same dataset images feed both models,
-through TwoViewDatasetMapper (DRCL2) and detectron2's DatasetMapper with masks (Mask R-CNN).
+One step = forward, backward, optimizer step (SGD); DRCL2's forward includes its EMA target update
+(the ``drcl2.ema`` scope). The images are mapped once (data loading is not timed); the same dataset
+images feed both models, through TwoViewDatasetMapper (DRCL2) and detectron2's DatasetMapper with
+masks (Mask R-CNN).
+
+``--num-processes N`` (N > 1) times the DDP step instead: N processes started by detectron2's
+``launch`` (gloo on CPU, NCCL on CUDA), each model wrapped as drcl2's Trainer wraps it, each rank
+on its own ``--batch-size`` images (the next ones of the dataset), both models' steps alternating;
+reported: rank 0's median step time (every step ends in DDP's gradient all-reduce, so all ranks
+take the same time).
 
 Reported per model: median step time over ``--iters`` timed steps (after ``--warmup``) twice: with
 both models in one process, their steps alternating (what a busy, shared machine slows alike: the
@@ -61,6 +68,8 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-denormals", action="store_true",
                         help="on CPU, do not flush denormal floats to zero (default: flush)")
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="DDP processes (> 1: time the distributed step, see above)")
     parser.add_argument("--no-r50", action="store_true", help="on CUDA, skip the extra R-50-FPN "
                         "run (configs/pretrain_2drcl.yaml, batch 2, AMP, on the toy images)")
     parser.add_argument("opts", nargs="*", default=[], help="KEY VALUE overrides for both configs")
@@ -78,7 +87,7 @@ def _cfg(path, args):
     return cfg
 
 
-def _batch(cfg, args, two_views: bool):
+def _batch(cfg, args, two_views: bool, rank: int = 0):
     from detectron2.data import DatasetCatalog, DatasetMapper
 
     from drcl2.data.two_view_mapper import TwoViewDatasetMapper
@@ -86,7 +95,8 @@ def _batch(cfg, args, two_views: bool):
     import numpy as np
 
     name = args.dataset or cfg.DATASETS.TRAIN[0]
-    dicts = [d for d in DatasetCatalog.get(name) if d.get("annotations")][: args.batch_size]
+    first = rank * args.batch_size
+    dicts = [d for d in DatasetCatalog.get(name) if d.get("annotations")][first : first + args.batch_size]
     mapper = TwoViewDatasetMapper(cfg, True) if two_views else DatasetMapper(cfg, True)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -98,11 +108,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _prepare(kind, args):
-    """Build one model, its fixed batch and optimizer; returns (model, step function, config path)."""
+def _prepare(kind, args, ddp: bool = False):
+    """
+    Build one model, its fixed batch and optimizer; returns (model, step function, config path).
+    ``ddp``: wrap the model in DistributedDataParallel (this rank's images).
+    """
     import drcl2  # noqa: F401  registers datasets and DRCL2
     from detectron2.modeling import build_model
+    from detectron2.utils import comm
     from detectron2.utils.events import EventStorage
+
+    from drcl2.engine import Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,8 +136,9 @@ def _prepare(kind, args):
         from detectron2.data import DatasetCatalog
 
         model.set_class_statistics(DatasetCatalog.get(args.dataset or cfg.DATASETS.TRAIN[0]))
-    data = _batch(cfg, args, two_views=is_drcl2)
+    data = _batch(cfg, args, two_views=is_drcl2, rank=comm.get_rank())
     params = [p for p in model.parameters() if p.requires_grad]
+    wrapped = Trainer.build_ddp_model(cfg, model) if ddp else model
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.float16, enabled=args.amp)
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.amp)
@@ -130,7 +147,7 @@ def _prepare(kind, args):
     def step(it, parts=None):
         t0 = time.perf_counter()
         with EventStorage(it % max_iter), autocast:
-            losses = model(data)
+            losses = wrapped(data)
         loss = sum(losses.values())
         _sync(args.device)
         t1 = time.perf_counter()
@@ -142,27 +159,21 @@ def _prepare(kind, args):
         optimizer.zero_grad(set_to_none=True)
         _sync(args.device)
         t3 = time.perf_counter()
-        if is_drcl2:
-            model.update_target(it % max_iter)
-            _sync(args.device)
-        t4 = time.perf_counter()
         if parts is not None:
             timed = [("forward (all)", t1 - t0), ("backward", t2 - t1), ("optimizer step", t3 - t2)]
-            if is_drcl2:
-                timed.append(("EMA target update", t4 - t3))
             for name, dt in timed:
                 parts.setdefault(name, []).append(dt)
-        return t4 - t0
+        return t3 - t0
 
     return model, step, path
 
 
-def _interleaved(args, queue):
+def _interleaved(args, queue, ddp: bool = False):
     """
     Step times of both models built in one process, their steps alternating, so that a busy
     machine slows both alike (the ratio is the figure to trust on shared CPUs).
     """
-    steps = {kind: _prepare(kind, args)[1] for kind in KINDS}
+    steps = {kind: _prepare(kind, args, ddp)[1] for kind in KINDS}
     for it in range(args.warmup):
         for kind in KINDS:
             steps[kind](it)
@@ -221,6 +232,9 @@ def _measure(kind, args, queue):
 def run(args):
     if args.threads is None and not args.device.startswith("cuda"):
         args.threads = 1
+    if args.num_processes > 1:
+        _compare_ddp(args)
+        return
     _compare(args)
     if args.device.startswith("cuda") and not args.no_r50:
         import copy
@@ -283,3 +297,49 @@ def _compare(args):
     print()
     print("Mask R-CNN step split (ms):")
     print(tabulate(base_split, headers=["part", "ms"], tablefmt="github"))
+
+
+class _FileQueue:
+    """``put`` of rank 0 into a file: what launch()'s processes hand back to the caller."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def put(self, result):
+        from detectron2.utils import comm
+
+        if comm.is_main_process():
+            torch.save(result, self.path)
+
+
+def _ddp_worker(args, path):
+    _interleaved(args, _FileQueue(path), ddp=True)
+
+
+def _compare_ddp(args):
+    import tempfile
+
+    from detectron2.engine import launch
+
+    if args.baseline_config is None:
+        args.baseline_config = DEFAULT_BASELINES.get(os.path.normpath(args.config_file))
+        if args.baseline_config is None:
+            raise SystemExit(f"No default baseline for {args.config_file}; pass --baseline-config.")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.pt")
+        launch(_ddp_worker, args.num_processes, dist_url="auto", args=(args, path))
+        times = torch.load(path, weights_only=False)
+    device = args.device
+    if device.startswith("cuda"):
+        device += f" ({torch.cuda.get_device_name(0)}), NCCL"
+    else:
+        device += f" ({platform.processor() or platform.machine()}, {args.threads} thread(s) per process), gloo"
+    print(f"device: {device}; {args.num_processes} DDP processes x {args.batch_size} images; AMP "
+          f"{'on' if args.amp else 'off'}; {args.warmup} warm-up + {args.iters} timed steps (median, "
+          "rank 0), both models' steps alternating")
+    base, ours = times[KINDS[0]], times[KINDS[1]]
+    rows = [[kind, f"{times[kind] * 1000:.0f}", f"{args.num_processes * args.batch_size / times[kind]:.2f}"]
+            for kind in KINDS]
+    rows.append(["DRCL2 / Mask R-CNN", f"{ours / base:.2f}x", ""])
+    print(tabulate(rows, headers=["model", "step ms (interleaved)", "images/s (all processes)"],
+                   tablefmt="github"))
