@@ -66,6 +66,10 @@ def add_drcl2_config(cfg):
     # Its image half is the sampler: True requires DATALOADER.SAMPLER_TRAIN
     # "DynamicRepeatFactorTrainingSampler", False any other sampler (checked when the model is built).
     cfg.MODEL.DRCL2.DRB.ENABLED = True
+    # Where the class weights w_c(lambda) act inside the model (with DRB on): "instances" (which K
+    # instances LCL draws), "sup" (the L_sup weights), "masking" (where box-guided masking puts
+    # patches); the terms left out weigh every class 1. The image half is the sampler's.
+    cfg.MODEL.DRCL2.DRB.APPLY_TO = ["instances", "sup", "masking"]
     cfg.MODEL.DRCL2.MASK = CN()
     # Side of the square patches masked in x1 (pixels); used when AR or SR is on.
     cfg.MODEL.DRCL2.MASK.PATCH_SIZE = 32

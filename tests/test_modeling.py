@@ -310,6 +310,19 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
     ((_, _, sup_weights, *_), _), = calls["balanced_supervised_contrastive_loss"]
     assert torch.allclose(sup_weights, w[torch.cat(sampled)])
 
+    # DRB.APPLY_TO ["sup"]: instance selection and masking weigh every class 1, L_sup keeps w
+    calls.clear()
+    model = build(*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2, "MODEL.DRCL2.DRB.APPLY_TO", ["sup"])
+    step(model, 8)
+    for (_, class_weights, _, _), _ in calls["sample_instances"]:
+        assert torch.equal(class_weights, torch.ones_like(w))
+    for (_, _, _, _, box_weights, _), _ in calls["box_guided_patch_mask"]:
+        assert torch.equal(box_weights, torch.ones_like(box_weights))
+    ((_, classes, sup_weights, *_), _), = calls["balanced_supervised_contrastive_loss"]
+    assert torch.allclose(sup_weights, w[classes])
+    with pytest.raises(ValueError, match="MODEL.DRCL2.DRB.APPLY_TO"):
+        build(*NO_SR, "MODEL.DRCL2.DRB.APPLY_TO", ["images"])
+
 
 def _byol(z, t):
     return (2 - 2 * torch.nn.functional.cosine_similarity(z, t, dim=1)).mean()

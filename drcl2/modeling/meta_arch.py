@@ -34,6 +34,7 @@ from .masking import box_guided_patch_mask, mask_at_stride, patch_mask_to_pixels
 __all__ = ["DRCL2", "check_drcl2_config"]
 
 HCL_LOSSES = ("byol", "infonce")
+DRB_TERMS = ("instances", "sup", "masking")  # where the class weights w_c(lambda) act in the model
 
 
 @META_ARCH_REGISTRY.register()
@@ -112,6 +113,7 @@ class DRCL2(nn.Module):
         lcl_sup_weight: float = 0.5,
         lcl_weight: float = 1.0,
         rebalance_schedule: Optional[RebalanceSchedule] = None,
+        drb_apply_to: Sequence[str] = DRB_TERMS,
         repeat_thresh: float = 0.001,
         mask_patch_size: int = 32,
         mask_ratio: float = 0.5,
@@ -149,6 +151,9 @@ class DRCL2(nn.Module):
             lcl_sup_weight: beta.
             lcl_weight: w_lcl.
             rebalance_schedule: lambda(progress) of DRB; None disables DRB (uniform class weights).
+            drb_apply_to: where the class weights w_c(lambda) act inside the model, among
+                ``DRB_TERMS``: "instances" (which K instances LCL draws), "sup" (the L_sup weights),
+                "masking" (where box-guided masking puts its patches); elsewhere weights are 1.
             repeat_thresh: t of the class repeat factors (``DATALOADER.DRCL2.REPEAT_THRESHOLD``).
             mask_patch_size, mask_ratio, mask_box_guided: patch masking of x1 (used with AR or SR).
             ar_decoder: the AR decoder, or None.
@@ -200,6 +205,9 @@ class DRCL2(nn.Module):
         self.lcl_sup_weight = lcl_sup_weight
         self.lcl_weight = lcl_weight
         self.rebalance_schedule = rebalance_schedule
+        if not set(drb_apply_to) <= set(DRB_TERMS):
+            raise ValueError(f"DRCL2: drb_apply_to must be among {DRB_TERMS}; got {tuple(drb_apply_to)}.")
+        self.drb_apply_to = tuple(drb_apply_to)
         self.repeat_thresh = repeat_thresh
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
@@ -312,6 +320,7 @@ class DRCL2(nn.Module):
         if d.DRB.ENABLED:
             s = cfg.DATALOADER.DRCL2
             ret["rebalance_schedule"] = RebalanceSchedule(s.START, s.END, s.MODE)
+            ret["drb_apply_to"] = tuple(d.DRB.APPLY_TO)
         if d.AR.ENABLED:
             ret.update(
                 ar_decoder=AppearanceDecoder(channels, d.AR.HIDDEN_DIM, shapes[d.AR.IN_FEATURE].stride),
@@ -464,6 +473,8 @@ class DRCL2(nn.Module):
         if self.rebalance_schedule is not None:
             lam = self.rebalance_schedule.lam(iteration / max(self.max_iter, 1))
         weights = self.class_weights_at(lam)  # [C]
+        # DRB.APPLY_TO: the terms that take w_c(lambda); the others weigh every class 1
+        term_weights = {t: weights if t in self.drb_apply_to else torch.ones_like(weights) for t in DRB_TERMS}
         if storage is not None:
             storage.put_scalar("drcl2/lambda", lam, smoothing_hint=False)
             # the momentum of this iteration's EMA step (applied at the start of the next one)
@@ -477,7 +488,10 @@ class DRCL2(nn.Module):
         x1, x2 = images.tensor[:N], images.tensor[N:]
 
         with record_function("drcl2.masking"):
-            sampled, pixel_mask = self._draw(batched_inputs, weights, image_sizes[:N], padded_size, iteration)
+            sampled, pixel_mask = self._draw(
+                batched_inputs, term_weights["instances"], term_weights["masking"], image_sizes[:N], padded_size,
+                iteration,
+            )
             online_input = x1
             if pixel_mask is not None:
                 online_input = x1 * (~pixel_mask)[:, None].to(x1.dtype)
@@ -531,7 +545,7 @@ class DRCL2(nn.Module):
                 lcl_heads = (self.lcl_projector, self.lcl_predictor, self.target_network["lcl_projector"])
                 if batch_norm_trains(instance_counts, *lcl_heads):
                     inst, sup = self._lcl_losses(
-                        online1, online2, target1, target2, instances1, instances2, sampled, weights,
+                        online1, online2, target1, target2, instances1, instances2, sampled, term_weights["sup"],
                         instance_counts,
                     )
                 else:
@@ -628,15 +642,17 @@ class DRCL2(nn.Module):
             valid[i, :h, :w] = True
         return valid
 
-    def _draw(self, batched_inputs, weights, image_sizes, padded_size, iteration):
+    def _draw(self, batched_inputs, instance_weights, mask_weights, image_sizes, padded_size, iteration):
         """
         The random draws of one step, each image from its own generator seeded by
         ``(seed, iteration, image_id)``: K instances of v1 (LCL, box-guided masking) with
-        probability ∝ ``weights`` of their classes, then the masked patches of x1.
+        probability ∝ ``instance_weights`` of their classes, then the masked patches of x1, placed
+        in the drawn boxes with probability ∝ ``mask_weights`` of their classes.
 
         Args:
             batched_inputs: the N input dicts.
-            weights: Tensor[C], w_c(lambda).
+            instance_weights, mask_weights: Tensor[C], w_c(lambda) (or 1 where DRB.APPLY_TO
+                leaves the term out).
             image_sizes: N (h, w) of v1 without padding.
             padded_size: (H, W) of the padded batch.
             iteration: the training iteration.
@@ -649,7 +665,7 @@ class DRCL2(nn.Module):
         need_sampled = self.lcl_enabled or (self.masking_enabled and self.mask_box_guided > 0)
         if not (need_sampled or self.masking_enabled):
             return [None] * len(batched_inputs), None
-        weights = weights.cpu()
+        instance_weights, mask_weights = instance_weights.cpu(), mask_weights.cpu()
         sampled, masks, occurrences = [], [], {}
         for i, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             key = _image_key(x, i, len(batched_inputs))
@@ -659,10 +675,10 @@ class DRCL2(nn.Module):
             classes = inst.gt_classes.cpu()
             idx = None
             if need_sampled:
-                idx = sample_instances(classes, weights, self.lcl_num_instances, generator)
+                idx = sample_instances(classes, instance_weights, self.lcl_num_instances, generator)
             if self.masking_enabled:
                 if idx is not None and len(idx):
-                    boxes, box_weights = inst.gt_boxes.tensor.cpu()[idx], weights[classes[idx]]
+                    boxes, box_weights = inst.gt_boxes.tensor.cpu()[idx], mask_weights[classes[idx]]
                 else:
                     boxes, box_weights = torch.zeros(0, 4), torch.zeros(0)
                 patches = box_guided_patch_mask(
@@ -912,6 +928,8 @@ def check_drcl2_config(cfg) -> None:
     for key in ("MLP_HIDDEN_DIM", "MLP_OUT_DIM"):
         if d[key] < 1:
             fail(f"MODEL.DRCL2.{key}", d[key], "must be >= 1.")
+    if not set(d.DRB.APPLY_TO) <= set(DRB_TERMS) or len(set(d.DRB.APPLY_TO)) != len(d.DRB.APPLY_TO):
+        fail("MODEL.DRCL2.DRB.APPLY_TO", d.DRB.APPLY_TO, f"must list distinct terms among {DRB_TERMS}.")
     dynamic_sampler = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
     if bool(d.DRB.ENABLED) != dynamic_sampler:
         # DRB has two halves, the class weights here and the image repeats in the sampler; one

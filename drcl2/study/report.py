@@ -50,6 +50,8 @@ def collect_rows(study):
                 continue
             wall = sum(r["wall_s"] for r in records)
             for split, tasks in records[-1]["results"].items():
+                if split not in study.splits:
+                    continue  # a run shared with a study that also evaluates other splits
                 for task, metrics in tasks.items():
                     row = {"arm": arm.name, "group": arm.group, "seed": seed, "split": split, "task": task,
                            "iters": arm.iters, "wall_s": round(wall, 1)}
