@@ -305,6 +305,11 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     (report / "summary.md").unlink()
     assert study_tool.main(["--summarize", str(out), "--report-dir", str(report)]) == 0
     assert (report / "summary.md").is_file()
+    # several studies sharing an output folder: --name picks one
+    (out / "other.study.yaml").write_text((out / "tiny.study.yaml").read_text().replace("name: tiny", "name: other"))
+    assert study_tool.main(["--summarize", str(out)]) == 2
+    assert "holds the studies ['other', 'tiny']: choose one with --name" in capsys.readouterr().err
+    assert study_tool.main(["--summarize", str(out), "--name", "tiny", "--report-dir", str(report)]) == 0
 
 
 def test_summarize_prints_a_committed_study_beside_a_run(tmp_path, capsys):

@@ -4,13 +4,15 @@ val and test) and write its report:
 
     python -m drcl2.tools.study --config-file configs/study/toy.yaml [--dry-run]
         [--arms scratch,2drcl] [--seeds 1,2] [--jobs 2] [--report-dir docs/study/toy]
-    python -m drcl2.tools.study --summarize output/study/toy [--report-dir DIR]
+    python -m drcl2.tools.study --summarize output/study/toy [--name toy] [--report-dir DIR]
 
 Runs land in OUTPUT_DIR/<arm>/seed<k>/{pretrain,finetune} (OUTPUT_DIR from the study file or
 --output-dir). Finished runs are skipped, interrupted ones resume from their last checkpoint, so the
 same command continues a study. The report (results.csv, per_class.csv, summary.md, groups.png,
-per_class_delta.png) goes to --report-dir (default OUTPUT_DIR/report) after the runs, and
---summarize rebuilds it from whatever has finished. See drcl2/study/spec.py for the study file.
+per_class_delta.png) goes to --report-dir (default OUTPUT_DIR/report_<name>) after the runs, and
+--summarize rebuilds it from whatever has finished (several studies may share an OUTPUT_DIR and
+its finished runs, e.g. an exploration beside the main study: --name picks one). See
+drcl2/study/spec.py for the study file.
 """
 import argparse
 import json
@@ -46,6 +48,23 @@ def _commit() -> str:
         return ""
 
 
+def _study_copy(output_dir: str, name=None) -> str:
+    """The study file that a run left in ``output_dir`` (``<name>.study.yaml``)."""
+    from ..study import StudyFileError
+
+    found = sorted(f[: -len(".study.yaml")] for f in os.listdir(output_dir) if f.endswith(".study.yaml")) \
+        if os.path.isdir(output_dir) else []
+    if name is None and len(found) == 1:
+        name = found[0]
+    if name is None or name not in found:
+        raise StudyFileError(
+            f"{output_dir}: " + (f"no study named '{name}'; " if name else "")
+            + (f"it holds the studies {found}: choose one with --name." if found else
+               "no <name>.study.yaml here: is it the output_dir of a study run?")
+        )
+    return os.path.join(output_dir, f"{name}.study.yaml")
+
+
 def _int_list(text):
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -57,7 +76,8 @@ def main(argv=None) -> int:
     what.add_argument("--config-file", help="the study file (e.g. configs/study/toy.yaml)")
     what.add_argument("--summarize", metavar="OUTPUT_DIR", help="rebuild the report of a study's finished runs")
     parser.add_argument("--output-dir", help="where the runs go (default: the study file's output_dir)")
-    parser.add_argument("--report-dir", help="where the report goes (default: OUTPUT_DIR/report)")
+    parser.add_argument("--name", help="with --summarize: which study of OUTPUT_DIR (when it holds several)")
+    parser.add_argument("--report-dir", help="where the report goes (default: OUTPUT_DIR/report_<study name>)")
     parser.add_argument("--arms", help="comma-separated arms to run (default: all)")
     parser.add_argument("--seeds", type=_int_list, help="comma-separated seeds to run (default: the study's)")
     parser.add_argument("--jobs", type=int, default=None,
@@ -70,8 +90,7 @@ def main(argv=None) -> int:
 
     try:
         if args.summarize:
-            path = os.path.join(args.summarize, "study.yaml")
-            study = load_study(path, output_dir=args.summarize)
+            study = load_study(_study_copy(args.summarize, args.name), output_dir=args.summarize)
         else:
             study = load_study(args.config_file, output_dir=args.output_dir)
         arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
@@ -81,8 +100,8 @@ def main(argv=None) -> int:
     except StudyFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report_dir = args.report_dir or os.path.join(study.output_dir, "report")
-    meta_path = os.path.join(study.output_dir, "study_meta.json")
+    report_dir = args.report_dir or os.path.join(study.output_dir, f"report_{study.name}")
+    meta_path = os.path.join(study.output_dir, f"{study.name}.study_meta.json")
 
     if args.summarize:
         meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
@@ -100,8 +119,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     os.makedirs(study.output_dir, exist_ok=True)
-    if os.path.abspath(study.path) != os.path.abspath(os.path.join(study.output_dir, "study.yaml")):
-        shutil.copyfile(study.path, os.path.join(study.output_dir, "study.yaml"))  # for --summarize
+    copy = os.path.join(study.output_dir, f"{study.name}.study.yaml")
+    if os.path.abspath(study.path) != os.path.abspath(copy):
+        shutil.copyfile(study.path, copy)  # for --summarize
     command = "python -m drcl2.tools.study " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"command": command, "commit": _commit(), "device": _device_description(runner.device)}
     with open(meta_path, "w") as f:
