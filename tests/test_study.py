@@ -236,6 +236,7 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
         name: tiny
         output_dir: {out}
         device: cpu
+        jobs: 2  # two runs at a time, one thread each
         seeds: [5]
         checkpoint_period: 1
         datasets: {{train: lvis_v1_toy_train, val: lvis_v1_toy_val, test: lvis_v1_toy_test}}
