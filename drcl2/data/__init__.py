@@ -1,4 +1,4 @@
-from . import datasets  # registers lvis_v1_toy_train / lvis_v1_toy_val
+from . import datasets  # registers lvis_v1_toy_{train,val} and toy_source_{train,val}
 from . import coco_lt  # registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
 from .lvis_format import load_lvis_format_json, register_lvis_format
 from .rebalance import (
@@ -10,6 +10,7 @@ from .rebalance import (
 )
 from .samplers import DynamicRepeatFactorTrainingSampler
 from .toy_lvis import ToyLVISSpec, ensure_toy_lvis, generate_toy_lvis
+from .toy_source import ToySourceSpec, ensure_toy_source, generate_toy_source
 from .two_view_mapper import TwoViewDatasetMapper
 
 __all__ = [
@@ -18,6 +19,9 @@ __all__ = [
     "ToyLVISSpec",
     "generate_toy_lvis",
     "ensure_toy_lvis",
+    "ToySourceSpec",
+    "generate_toy_source",
+    "ensure_toy_source",
     "class_statistics",
     "repeat_factors",
     "class_weights",

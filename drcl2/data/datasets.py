@@ -1,4 +1,7 @@
-"""Datasets drcl2 registers on import (the generated toy LVIS v1 set), and a check of dataset files."""
+"""
+Datasets drcl2 registers on import (the generated toy LVIS v1 set and the toy source classification
+set), and a check of dataset files.
+"""
 import os
 from typing import Iterable
 
@@ -7,10 +10,18 @@ from detectron2.utils.file_io import PathManager
 
 from .lvis_format import load_lvis_format_json, lvis_format_metadata
 from .toy_lvis import ToyLVISSpec, ensure_toy_lvis, toy_lvis_categories, toy_lvis_paths
+from .toy_source import SOURCE_CLASSES, ToySourceSpec, ensure_toy_source, load_toy_source, toy_source_paths
 
-__all__ = ["register_toy_lvis", "TOY_LVIS_DATASETS", "check_dataset_files"]
+__all__ = [
+    "register_toy_lvis",
+    "register_toy_source",
+    "TOY_LVIS_DATASETS",
+    "TOY_SOURCE_DATASETS",
+    "check_dataset_files",
+]
 
 TOY_LVIS_DATASETS = {"lvis_v1_toy_train": "train", "lvis_v1_toy_val": "val"}
+TOY_SOURCE_DATASETS = {"toy_source_train": "train", "toy_source_val": "val"}
 
 
 def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
@@ -36,9 +47,37 @@ def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
         )
 
 
+def register_toy_source(root: str, spec: ToySourceSpec = ToySourceSpec(), names=None) -> None:
+    """
+    Register the toy source classification set under ``root`` (by default as ``toy_source_train``
+    / ``toy_source_val``; ``names`` maps other names to the splits "train" / "val"). Nothing is read
+    or written now: the set is generated the first time its dicts are asked for.
+
+    The dicts are ``{"file_name", "image_id", "height", "width", "label"}``, ``label`` indexing the
+    metadata's ``thing_classes``. ``evaluator_type`` is "classification": no detection evaluator
+    accepts it.
+    """
+    paths = toy_source_paths(root)
+
+    def load(split):
+        ensure_toy_source(root, spec)
+        return load_toy_source(paths[f"{split}_json"], paths["image_root"])
+
+    for name, split in (names or TOY_SOURCE_DATASETS).items():
+        DatasetCatalog.register(name, lambda split=split: load(split))
+        MetadataCatalog.get(name).set(
+            json_file=paths[f"{split}_json"],
+            image_root=paths["image_root"],
+            thing_classes=list(SOURCE_CLASSES),
+            evaluator_type="classification",
+        )
+
+
 def _readme_section(name: str) -> str:
     if name.startswith("lvis_v1_toy"):
         return "The toy LVIS v1 set"
+    if name.startswith("toy_source"):
+        return "The toy source set"
     if name.startswith("lvis"):
         return "LVIS v1"
     if name.startswith("coco_lt"):
@@ -51,13 +90,13 @@ def _readme_section(name: str) -> str:
 def check_dataset_files(dataset_names: Iterable[str]) -> None:
     """
     Fail early, and say what to do, when a registered dataset's annotation file or image folder is
-    not on disk (rather than deep inside a loader). The toy set is skipped: it is generated on use.
+    not on disk (rather than deep inside a loader). The toy sets are skipped: they are generated on use.
 
     Raises:
         FileNotFoundError: naming the dataset, the missing path and the datasets/README.md section.
     """
     for name in dataset_names:
-        if name in TOY_LVIS_DATASETS:
+        if name in TOY_LVIS_DATASETS or name in TOY_SOURCE_DATASETS:
             continue
         meta = MetadataCatalog.get(name)
         for what, path in (("annotation file", meta.get("json_file", None)),
@@ -73,3 +112,5 @@ def check_dataset_files(dataset_names: Iterable[str]) -> None:
 # Like detectron2's builtin datasets: under $DETECTRON2_DATASETS, default ./datasets
 if "lvis_v1_toy_train" not in DatasetCatalog.list():
     register_toy_lvis(os.getenv("DETECTRON2_DATASETS", "datasets"))
+if "toy_source_train" not in DatasetCatalog.list():
+    register_toy_source(os.getenv("DETECTRON2_DATASETS", "datasets"))
