@@ -1,4 +1,4 @@
-from . import datasets  # registers lvis_v1_toy_* and lvis_v1_gen_large_* (generated on first use)
+from . import datasets  # registers lvis_v1_toy_*, lvis_v1_gen_large_*, toy_source_* (generated on first use)
 from . import coco_lt  # registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
 from .lvis_format import load_lvis_format_json, register_lvis_format
 from .rebalance import (
@@ -10,6 +10,7 @@ from .rebalance import (
 )
 from .samplers import DynamicRepeatFactorTrainingSampler
 from .toy_lvis import LVIS_GEN_LARGE, ToyLVISSpec, ensure_toy_lvis, generate_toy_lvis
+from .toy_source import ToySourceSpec, ensure_toy_source, generate_toy_source
 from .two_view_mapper import TwoViewDatasetMapper
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "LVIS_GEN_LARGE",
     "generate_toy_lvis",
     "ensure_toy_lvis",
+    "ToySourceSpec",
+    "generate_toy_source",
+    "ensure_toy_source",
     "class_statistics",
     "repeat_factors",
     "class_weights",

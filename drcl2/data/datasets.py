@@ -6,6 +6,9 @@ and tune on it) and ``test`` (held out: drawn like val from its own seeds, for r
 * ``lvis_v1_toy_{train,val,test}``: the demo and test set (30 classes, <= 128 px, CPU-sized);
 * ``lvis_v1_gen_large_{train,val,test}``: the GPU set (300 classes in LVIS v1's rare / common /
   frequent shares, 320-480 px, 10,000 / 1,000 / 1,000 images).
+
+and the toy source classification set (:mod:`drcl2.data.toy_source`), ``toy_source_{train,val}``:
+the ImageNet stand-in that the toy backbone is pre-trained on (``python -m drcl2.tools.source_pretrain``).
 """
 import os
 from typing import Iterable
@@ -22,8 +25,16 @@ from .toy_lvis import (
     toy_lvis_categories,
     toy_lvis_paths,
 )
+from .toy_source import SOURCE_CLASSES, ToySourceSpec, ensure_toy_source, load_toy_source, toy_source_paths
 
-__all__ = ["register_toy_lvis", "TOY_LVIS_DATASETS", "GENERATED_DATASETS", "check_dataset_files"]
+__all__ = [
+    "register_toy_lvis",
+    "register_toy_source",
+    "TOY_LVIS_DATASETS",
+    "TOY_SOURCE_DATASETS",
+    "GENERATED_DATASETS",
+    "check_dataset_files",
+]
 
 
 def _dataset_names(spec: ToyLVISSpec):
@@ -32,9 +43,11 @@ def _dataset_names(spec: ToyLVISSpec):
 
 TOY_LVIS_DATASETS = _dataset_names(GENERATED_SETS["toy"])
 # every generated split drcl2 registers: dataset name -> split
+TOY_SOURCE_DATASETS = {"toy_source_train": "train", "toy_source_val": "val"}
 GENERATED_DATASETS = {
     name: split for spec in GENERATED_SETS.values() for name, split in _dataset_names(spec).items()
 }
+GENERATED_DATASETS.update(TOY_SOURCE_DATASETS)
 
 
 def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
@@ -61,11 +74,39 @@ def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
         )
 
 
+def register_toy_source(root: str, spec: ToySourceSpec = ToySourceSpec(), names=None) -> None:
+    """
+    Register the toy source classification set under ``root`` (by default as ``toy_source_train``
+    / ``toy_source_val``; ``names`` maps other names to the splits "train" / "val"). Nothing is read
+    or written now: the set is generated the first time its dicts are asked for.
+
+    The dicts are ``{"file_name", "image_id", "height", "width", "label"}``, ``label`` indexing the
+    metadata's ``thing_classes``. ``evaluator_type`` is "classification": no detection evaluator
+    accepts it.
+    """
+    paths = toy_source_paths(root)
+
+    def load(split):
+        ensure_toy_source(root, spec)
+        return load_toy_source(paths[f"{split}_json"], paths["image_root"])
+
+    for name, split in (names or TOY_SOURCE_DATASETS).items():
+        DatasetCatalog.register(name, lambda split=split: load(split))
+        MetadataCatalog.get(name).set(
+            json_file=paths[f"{split}_json"],
+            image_root=paths["image_root"],
+            thing_classes=list(SOURCE_CLASSES),
+            evaluator_type="classification",
+        )
+
+
 def _readme_section(name: str) -> str:
     if name.startswith("lvis_v1_toy"):
         return "The toy LVIS v1 set"
     if name.startswith("lvis_v1_gen_large"):
         return "The large generated LVIS v1 set"
+    if name.startswith("toy_source"):
+        return "The toy source set"
     if name.startswith("lvis"):
         return "LVIS v1"
     if name.startswith("coco_lt"):
@@ -102,3 +143,5 @@ def check_dataset_files(dataset_names: Iterable[str]) -> None:
 for _spec in GENERATED_SETS.values():
     if f"{_spec.name}_train" not in DatasetCatalog.list():
         register_toy_lvis(os.getenv("DETECTRON2_DATASETS", "datasets"), _spec)
+if "toy_source_train" not in DatasetCatalog.list():
+    register_toy_source(os.getenv("DETECTRON2_DATASETS", "datasets"))
