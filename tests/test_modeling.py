@@ -243,7 +243,8 @@ def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric):
     step(model, 5)
     images, instances1, _ = model.preprocess(batch())
     x1, x2 = images.tensor[:2], images.tensor[2:]
-    _, mask = model._draw(batch(), model.class_weights_at(0.5), images.image_sizes[:2], tuple(x1.shape[-2:]), 5)
+    w = model.class_weights_at(0.5)
+    _, mask = model._draw(batch(), w, w, images.image_sizes[:2], tuple(x1.shape[-2:]), 5)
     for i, (h, w) in enumerate(images.image_sizes[:2]):  # MASK.RATIO 0.5 of the 16 px patches
         assert 0.3 < mask[i, :h, :w].float().mean() < 0.7
     masked_x1 = x1 * ~mask[:, None]
@@ -448,7 +449,8 @@ def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
             x[v] = view(7, (64, 96), [[48, 0, 64, 16]], [0])
     step_data(model, data)
     images, _, _ = model.preprocess(data)
-    _, pixels = model._draw(data, model.class_weights_at(0.0), images.image_sizes[:2], (64, 96), 0)
+    w = model.class_weights_at(0.0)
+    _, pixels = model._draw(data, w, w, images.image_sizes[:2], (64, 96), 0)
     assert pixels[:, :16, 48:64].all() and pixels.sum() == 2 * 16 * 16
     assert seen[1].tolist() == [[[True, False]]] * 2
 

@@ -162,7 +162,8 @@ def row_options(name):
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/ablations", name + ".yaml"))
     d = cfg.MODEL.DRCL2
     return [opt for part in ("HCL", "LCL", "DRB", "AR", "SR", "RPN")
-            for opt in (f"MODEL.DRCL2.{part}.ENABLED", d[part].ENABLED)]
+            for opt in (f"MODEL.DRCL2.{part}.ENABLED", d[part].ENABLED)] + [
+        "DATALOADER.SAMPLER_TRAIN", cfg.DATALOADER.SAMPLER_TRAIN]
 
 
 def _row_steps(rank):

@@ -132,7 +132,7 @@ def test_lambda_moves_within_one_pass(dicts):
 def test_each_chunk_takes_lambda_at_its_start(dicts):
     s = make(dicts, schedule=RebalanceSchedule(0.0, 1.0), max_iter=200, chunk_iters=10)
     lams = [s.lam_at(i) for i in range(200)]
-    assert len(set(lams)) == 20  # the toy pre-training schedule (200 it) sees 20 values of λ
+    assert len(set(lams)) == 20  # a 200-iteration schedule sees 20 values of λ
     for i in range(200):
         assert lams[i] == pytest.approx((i - i % 10) / 200)
     with pytest.raises(ValueError, match="chunk_iters"):

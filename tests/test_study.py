@@ -258,6 +258,7 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     assert "[1/3] scratch seed 5: fine-tune 3 it ... ETA" in printed
     assert "[2/3] sup seed 5: pre-train 2 it" in printed and "[2/3] sup seed 5: fine-tune 2 it" in printed
     assert "[3/3] sup_backbone seed 5: fine-tune 1 it" in printed and "sup_backbone seed 5: pre-train" not in printed
+    assert "[3/3] sup_backbone seed 5: sup's pre-training -> fine-tune 1 it" in printed  # the plan
     ft = out / "scratch" / "seed5" / "finetune"
     record = json.load(open(ft / "study_stage.json"))
     assert record["iters"] == 3 and record["wall_s"] > 0

@@ -158,7 +158,10 @@ class StudyRunner:
         cfg.merge_from_file(stage.config)
         # the config's schedule, stretched to the stage's length
         scale = stage.iters / cfg.SOLVER.MAX_ITER
+        # (a one-iteration stage has no room for a step: detectron2 refuses a schedule with more
+        # values than iterations)
         steps = tuple(sorted({min(max(1, round(s * scale)), stage.iters - 1) for s in cfg.SOLVER.STEPS}))
+        steps = steps if stage.iters > 1 else ()
         datasets = self.study.datasets
         names = ", ".join(f"'{datasets[split]}'" for split in self.study.splits)
         tests = f"({names},)" if stage.kind == "finetune" else "()"
@@ -229,6 +232,9 @@ class StudyRunner:
         for i, (arm, seed) in enumerate(runs, 1):
             parts = []
             for stage in arm.stages:
+                if stage.kind == "pretrain" and arm.pretrain_from:
+                    parts.append(f"{arm.pretrain_from}'s pre-training")
+                    continue
                 state = "done" if stage_done(self.stage_dir(arm, seed, stage)) else (
                     f"~{_minutes(self.estimate_s(stage, rates))} min")
                 parts.append(f"{LABELS[stage.kind]} {stage.iters} it ({stage.config}; {state})")
