@@ -59,7 +59,8 @@ demo: install
 	$(PY) train_net.py --config-file configs/toy/mask_rcnn_finetune.yaml --resume \
 		MODEL.DEVICE $$dev MODEL.WEIGHTS $(DEMO_OUT)/pretrain/model_final_finetune.pth \
 		OUTPUT_DIR $(DEMO_OUT)/finetune
-	@$(PY) -m drcl2.tools.summarize $(DEMO_OUT)/finetune
+	@$(PY) -m drcl2.tools.summarize $(DEMO_OUT)/finetune --study docs/study/toy/results.csv \
+		--arms scratch,scratch_long,supervised_pretrain,2drcl,init,init_2drcl
 
 test: install
 	@$(PY) -m pytest -q tests

@@ -196,6 +196,7 @@ def test_summary_maths_on_a_hand_made_csv(tmp_path):
                  for c, g, n, v in (("a", "r", 3, v0), ("b", "f", 300, v0 + 10))]  # fmt: skip
     paths = write_report(study, str(tmp_path / "report"), {"command": "cmd", "device": "dev"}, rows, per_class)
     text = open(paths["summary.md"]).read()
+    assert "- `cmd` at commit ? on dev" in text  # a meta file of one bare invocation (older runner)
     # test box AP of 2drcl: seeds 1, 2, 3 -> mean 25.7, std 21.1
     assert "| 2drcl | main | 50 | 1, 2, 3 | 25.7 ± 21.1 |" in text
     # paired vs scratch: ΔAP = 3, 2 -> +2.5 ± 0.7; ΔAPr = 5, 2 -> +3.5 ± 2.1 (a gain beyond its std)
@@ -306,7 +307,10 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     # --summarize rebuilds the report from the finished runs
     (report / "summary.md").unlink()
     assert study_tool.main(["--summarize", str(out), "--report-dir", str(report)]) == 0
-    assert (report / "summary.md").is_file()
+    # every command that trained into the folder is named (the first run, the skip, the resume)
+    meta = json.load(open(out / "tiny.study_meta.json"))["invocations"]
+    assert len(meta) == 3 and all(m["command"].startswith("python -m drcl2.tools.study --config-file") for m in meta)
+    assert (report / "summary.md").read_text().count("- `python -m drcl2.tools.study --config-file") == 3
     # several studies sharing an output folder: --name picks one
     (out / "other.study.yaml").write_text((out / "tiny.study.yaml").read_text().replace("name: tiny", "name: other"))
     assert study_tool.main(["--summarize", str(out)]) == 2

@@ -162,17 +162,21 @@ def _paired_table(rows, arms, split, task):
     return lines
 
 
+def invocations(meta: Optional[dict]) -> List[dict]:
+    """The study commands recorded in ``<name>.study_meta.json``, oldest first (``{"invocations":
+    [{"command", "commit", "device"}, ...]}``; a file of one bare invocation is read as a list of one)."""
+    if not meta:
+        return []
+    return list(meta["invocations"]) if "invocations" in meta else [meta] if meta.get("command") else []
+
+
 def summary_markdown(study, rows, meta: Optional[dict] = None) -> str:
     """The report's ``summary.md``: tables of means and paired differences (see module doc)."""
-    meta = meta or {}
     arms = list(study.arms.values())
     d = study.datasets
     out = [f"# Study `{study.name}`", ""]
-    if meta.get("command"):
-        out.append(f"- command: `{meta['command']}`")
-    for key, label in (("commit", "commit"), ("device", "device")):
-        if meta.get(key):
-            out.append(f"- {label}: {meta[key]}")
+    for run in invocations(meta):  # every command that trained runs into this output folder
+        out.append(f"- `{run['command']}` at commit {run.get('commit', '?')} on {run.get('device', '?')}")
     out.append(f"- splits: train `{d['train']}`; val `{d['val']}` (choices and tuning); "
                + (f"test `{d['test']}` (held out, reported)" if d.get("test") else "no test split (an exploration on val)"))
     out.append(f"- schedule: {', '.join(f'{k} = {v}' for k, v in study.schedule.items())} iterations; "

@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from ..study import StudyFileError, StudyRunner, load_study, write_report
+    from ..study.report import invocations
 
     try:
         if args.summarize:
@@ -123,7 +124,9 @@ def main(argv=None) -> int:
     if os.path.abspath(study.path) != os.path.abspath(copy):
         shutil.copyfile(study.path, copy)  # for --summarize
     command = "python -m drcl2.tools.study " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"command": command, "commit": _commit(), "device": _device_description(runner.device)}
+    # a study may be trained by several commands (arms added later, a resumed run): keep them all
+    meta = {"invocations": invocations(json.load(open(meta_path)) if os.path.isfile(meta_path) else None)}
+    meta["invocations"].append({"command": command, "commit": _commit(), "device": _device_description(runner.device)})
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     try:
