@@ -15,6 +15,19 @@ if REPO_ROOT not in sys.path:  # train_net.py lives at the top of the repository
     sys.path.insert(0, REPO_ROOT)
 
 
+def cfg_from(path, *opts):
+    """A drcl2 config from a file of the repository, on the CPU, with no initial weights."""
+    from detectron2.config import get_cfg
+
+    from drcl2.config import add_drcl2_config
+
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, path))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
 def pytest_configure(config):
     # detectron2 0.6 still calls torch.jit.script at import; torch warns on every import.
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning")

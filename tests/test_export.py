@@ -6,22 +6,12 @@ import pytest
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, cfg_from
 from drcl2.checkpoint import FINETUNE_PREFIXES, export_finetune_weights
-from drcl2.config import add_drcl2_config
 from drcl2.modeling import DRCL2
 from drcl2.tools import export_weights
-
-
-def cfg_from(path, *opts):
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO_ROOT, path))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
 
 
 @pytest.fixture(scope="module")

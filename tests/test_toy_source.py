@@ -10,12 +10,10 @@ import torch
 from PIL import Image
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, cfg_from
 from drcl2.checkpoint import DRCL2Checkpointer
-from drcl2.config import add_drcl2_config
 from drcl2.data import ToySourceSpec, ensure_toy_source, generate_toy_source
 from drcl2.data.datasets import check_dataset_files, register_toy_source
 from drcl2.data.toy_lvis import TOY_CLASSES
@@ -32,14 +30,6 @@ PREFIX = "backbone.bottom_up."
 
 def _all_files(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
-
-
-def cfg_from(path, *opts):
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO_ROOT, path))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
 
 
 @pytest.fixture(scope="module")
