@@ -17,6 +17,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 
 import drcl2  # noqa: F401  (registers drcl2's datasets and models)
 from drcl2 import Trainer, add_drcl2_config
+from drcl2.engine import setup_drcl2_logger
 
 
 def setup(args):
@@ -27,6 +28,7 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_drcl2_logger(cfg.OUTPUT_DIR)  # drcl2's own log lines, to the console and log.txt
     return cfg
 
 

@@ -1,11 +1,22 @@
 """
-Transfer of 2DRCL pre-training to fine-tuning: keep the online backbone, RPN and box head of a
-DRCL2 checkpoint as a detectron2 checkpoint that a stock ``GeneralizedRCNN`` loads with no renaming.
+Checkpoints of drcl2's Trainer:
+
+* :class:`AtomicDetectionCheckpointer`: detectron2's checkpointer, writing every file to a
+  temporary name in the same folder and renaming it into place, so a run killed while saving
+  leaves the previous checkpoint and ``last_checkpoint`` intact; resuming falls back to the
+  newest complete checkpoint when ``last_checkpoint`` is missing, empty or names a damaged file.
+* the transfer of 2DRCL pre-training to fine-tuning: keep the online backbone, RPN and box head
+  of a DRCL2 checkpoint as a detectron2 checkpoint that a stock ``GeneralizedRCNN`` loads with no
+  renaming.
 """
+import glob
 import logging
 import os
+import re
+import uuid
+import zipfile
 from collections import OrderedDict
-from typing import Dict, Mapping
+from typing import IO, Callable, Dict, List, Mapping
 
 import torch
 
@@ -13,7 +24,15 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["FINETUNE_PREFIXES", "DRCL2Checkpointer", "finetune_state_dict", "export_finetune_weights"]
+__all__ = [
+    "FINETUNE_PREFIXES",
+    "AtomicDetectionCheckpointer",
+    "DRCL2Checkpointer",
+    "atomic_write",
+    "is_complete_checkpoint",
+    "finetune_state_dict",
+    "export_finetune_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +105,183 @@ def save_finetune_weights(state: Mapping, dst: str, source: str = "", iteration=
     if dirname:
         PathManager.mkdirs(dirname)
     payload = {"model": state, "__author__": "drcl2", "drcl2_source": source, "drcl2_iteration": iteration}
-    with PathManager.open(dst, "wb") as f:
-        torch.save(payload, f)
+    atomic_write(dst, lambda f: torch.save(payload, f))
     groups = {p: sum(k.startswith(p) for k in state) for p in FINETUNE_PREFIXES}
     logger.info(f"Wrote fine-tuning weights to {dst} ({groups}) from {source or 'memory'}.")
 
 
-class DRCL2Checkpointer(DetectionCheckpointer):
+_TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
     """
-    A :class:`DetectionCheckpointer` for DRCL2 models. Files loaded with detectron2's name-matching
+    Write a file so that ``path`` holds either its old content or the complete new one, never a
+    part: ``write(f)`` fills a temporary file in the same folder (``.<name>.<unique>.tmp``), which is
+    flushed to disk and renamed over ``path``. Paths with a URI scheme (``s3://``, ...) that
+    iopath handles are written directly (no rename there).
+    """
+    if "://" in path:
+        with PathManager.open(path, mode) as f:
+            write(f)
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """
+    Whether ``path`` is a complete ``torch.save`` file: a zip archive whose central directory (at
+    the end of the file) is there and lists the pickle. A file cut short by a kill is not;
+    non-zip files (legacy torch format, detectron2 ``.pkl``) are taken as complete if not empty.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return False
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                return f.read(2) != b"PK"  # a zip's local header without its directory: cut short
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+_CHECKPOINT_NAME = re.compile(r"^model_(\d+|final)\.pth$")
+
+
+class AtomicDetectionCheckpointer(DetectionCheckpointer):
+    """
+    detectron2's :class:`DetectionCheckpointer` with safe writes and a safe resume:
+
+    * every file (``model_*.pth``, ``last_checkpoint``) is written with :func:`atomic_write`;
+    * a save at the same iteration as the previous save of this checkpointer (detectron2's
+      ``model_final.pth`` right after the last periodic checkpoint) hard-links that file instead
+      of writing a second full copy (a full copy where the file system has no hard links);
+    * :meth:`get_checkpoint_file` returns the file ``last_checkpoint`` names when it is complete,
+      else (no, empty or damaged ``last_checkpoint``, or it names a missing or cut-short file) the
+      newest complete ``model_<iteration>.pth`` / ``model_final.pth``, with a log line;
+    * temporary files left by a run killed while saving are removed (with a log line) when the
+      main process builds its checkpointer.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last_save = None  # (iteration, path) of this checkpointer's last save
+        if self.save_dir and self.save_to_disk and "://" not in self.save_dir:
+            for tmp in glob.glob(os.path.join(self.save_dir, f".*{_TMP_SUFFIX}")):
+                logger.warning(f"Removing {tmp}: an incomplete write left by a run killed while saving.")
+                os.remove(tmp)
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        iteration = kwargs.get("iteration")
+        if (
+            iteration is not None
+            and self._last_save is not None
+            and self._last_save[0] == iteration
+            and self._last_save[1] != save_file
+            and os.path.isfile(self._last_save[1])
+            and self._link(self._last_save[1], save_file)
+        ):
+            self.logger.info(f"Saving checkpoint to {save_file} (a hard link to {self._last_save[1]}: same iteration)")
+        else:
+            data = {"model": self.model.state_dict()}
+            for key, obj in self.checkpointables.items():
+                data[key] = obj.state_dict()
+            data.update(kwargs)
+            self.logger.info(f"Saving checkpoint to {save_file}")
+            atomic_write(save_file, lambda f: torch.save(data, f))
+        self._last_save = (iteration, save_file)
+        self.tag_last_checkpoint(basename)
+
+    @staticmethod
+    def _link(src: str, dst: str) -> bool:
+        """Hard-link ``src`` to ``dst`` atomically; False where the file system refuses."""
+        if "://" in dst:
+            return False
+        tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            return True
+        except OSError:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            return False
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write(
+            os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), mode="w"
+        )
+
+    def complete_checkpoints(self) -> List[str]:
+        """The complete ``model_<iteration>.pth`` / ``model_final.pth`` in the folder, oldest first."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        found = []
+        for name in os.listdir(self.save_dir):
+            m = _CHECKPOINT_NAME.match(name)
+            path = os.path.join(self.save_dir, name)
+            if m and is_complete_checkpoint(path):
+                found.append((float("inf") if m.group(1) == "final" else int(m.group(1)), path))
+        return [p for _, p in sorted(found)]
+
+    def has_checkpoint(self) -> bool:
+        return super().has_checkpoint() or bool(self.complete_checkpoints())
+
+    def get_checkpoint_file(self) -> str:
+        tagged = super().get_checkpoint_file()
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        if tagged and os.path.basename(tagged) and "://" in tagged:
+            return tagged
+        if tagged and os.path.basename(tagged) and is_complete_checkpoint(tagged):
+            return tagged
+        fallback = self.complete_checkpoints()
+        why = (
+            f"{tag} is missing" if not os.path.exists(tag)
+            else f"{tag} is empty" if not os.path.basename(tagged)
+            else f"{tag} names {tagged}, which is missing or incomplete"
+        )
+        if not fallback:
+            logger.warning(f"{why}, and {self.save_dir} holds no complete checkpoint.")
+            return tagged
+        logger.warning(f"{why}; resuming from the newest complete checkpoint, {fallback[-1]}.")
+        return fallback[-1]
+
+
+class DRCL2Checkpointer(AtomicDetectionCheckpointer):
+    """
+    An :class:`AtomicDetectionCheckpointer` for DRCL2 models. Files loaded with detectron2's name-matching
     heuristics (ImageNet ``.pkl`` from the model zoo, pycls ``.pyth``) are matched against the
     *online* network only: with the target network's ``target_network.backbone.*`` copies in the
     model, every ImageNet key would otherwise match two model keys and detectron2 refuses to load.

@@ -320,6 +320,20 @@ class RebalanceSchedule:
             )
         self.start, self.end, self.mode = start, end, mode
 
+    @classmethod
+    def from_config(cls, cfg) -> "RebalanceSchedule":
+        """
+        The schedule of ``DATALOADER.DRCL2.{START, END, MODE}``; a bad value raises ValueError
+        naming the config key.
+        """
+        s = cfg.DATALOADER.DRCL2
+        try:
+            return cls(s.START, s.END, s.MODE)
+        except ValueError as e:
+            keys = "DATALOADER.DRCL2.MODE" if s.MODE not in cls.MODES else "DATALOADER.DRCL2.{START, END}"
+            values = repr(s.MODE) if s.MODE not in cls.MODES else f"({s.START}, {s.END})"
+            raise ValueError(f"{keys} = {values}: {e}") from e
+
     def lam(self, progress: float) -> float:
         """λ at ``progress`` (fraction of the schedule done; values outside [0, 1] are clamped)."""
         progress = min(max(float(progress), 0.0), 1.0)

@@ -133,24 +133,24 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
         )
 
     @classmethod
-    def from_config(cls, cfg, dataset_dicts: List[dict], start_iter: int = 0):
+    def from_config(cls, cfg, dataset_dicts: List[dict], start_iter: int = 0, seed: Optional[int] = None):
         """
         The sampler of ``cfg.DATALOADER.DRCL2`` (REPEAT_THRESHOLD, START, END, MODE, CHUNK_ITERS;
         START and END are fractions of ``SOLVER.MAX_ITER``), with ``SOLVER.IMS_PER_BATCH`` and
         ``SEED`` (passed as detectron2 passes it to its RepeatFactorTrainingSampler). ``start_iter``
-        is the iteration a resumed run starts at (see :meth:`drcl2.engine.Trainer.resume_or_load`).
+        is the iteration the stream starts at; ``seed`` (default ``SEED``) the run's seed.
         """
         drb = cfg.DATALOADER.DRCL2
         return cls(
             dataset_dicts,
             repeat_thresh=drb.REPEAT_THRESHOLD,
-            schedule=RebalanceSchedule(drb.START, drb.END, drb.MODE),
+            schedule=RebalanceSchedule.from_config(cfg),
             max_iter=cfg.SOLVER.MAX_ITER,
             ims_per_batch=cfg.SOLVER.IMS_PER_BATCH,
             chunk_iters=drb.CHUNK_ITERS,
             start_iter=start_iter,
             shuffle=True,
-            seed=cfg.SEED,
+            seed=cfg.SEED if seed is None else seed,
         )
 
     def lam_at(self, iteration: int) -> float:

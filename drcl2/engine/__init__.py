@@ -1,3 +1,3 @@
-from .trainer import Trainer
+from .trainer import Trainer, resolve_seed, setup_drcl2_logger
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "resolve_seed", "setup_drcl2_logger"]

@@ -3,25 +3,55 @@ import logging
 import os
 import weakref
 
-from detectron2.data import (
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
+from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.build import _train_loader_from_config
+from detectron2.data.samplers import (
+    RandomSubsetTrainingSampler,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
 )
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import COCOEvaluator
 
-from ..checkpoint import DRCL2Checkpointer
+from ..checkpoint import AtomicDetectionCheckpointer, DRCL2Checkpointer
 from ..data.datasets import check_dataset_files
+from ..data.resumable_loader import ResumableTrainLoader
+from ..data.samplers import DynamicRepeatFactorTrainingSampler
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
+from .checks import check_num_classes, check_training_config
+from .hooks import LoaderStateHook, RebalanceLambdaHook, StepSeedHook
+from .pretrain_hooks import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "resolve_seed", "setup_drcl2_logger"]
+
+
+def resolve_seed(seed: int) -> int:
+    """``seed`` when >= 0, else a random seed shared by all processes (needs all ranks)."""
+    return int(seed) if seed >= 0 else int(comm.shared_random_seed())
+
+
+def setup_drcl2_logger(output_dir=None):
+    """
+    Send the ``drcl2`` logger's records (the sampler summary, "Wrote fine-tuning weights to ...",
+    warnings) to the console and, given ``output_dir``, to its ``log.txt``, as detectron2's
+    ``default_setup`` does for the ``detectron2`` logger (same handlers; idempotent).
+    """
+    return setup_logger(output_dir, distributed_rank=comm.get_rank(), name="drcl2", abbrev_name="drcl2")
+
+
+def _log_file_dir(output_dir):
+    """``output_dir`` when detectron2's logger already writes a log file there (default_setup)."""
+    for handler in logging.getLogger("detectron2").handlers:
+        filename = getattr(getattr(handler, "stream", None), "name", "")
+        if isinstance(filename, str) and output_dir and os.path.abspath(filename).startswith(
+            os.path.abspath(output_dir) + os.sep
+        ):
+            return output_dir
+    return None
 
 
 class Trainer(DefaultTrainer):
@@ -35,7 +65,17 @@ class Trainer(DefaultTrainer):
       rebalancing sampler) besides detectron2's own samplers;
     * for 2DRCL pre-training (``MODEL.META_ARCHITECTURE: "DRCL2"``) builds the two-view loader,
       hands the training set's class statistics to the model and exports the fine-tuning weights
-      at the end (the model moves its target network itself, under any trainer).
+      at the end (the model moves its target network itself, under any trainer);
+    * resumes exactly: images are augmented under random state seeded per image
+      (:class:`~drcl2.data.resumable_loader.ResumableTrainLoader`), each step's random numbers are
+      seeded per iteration, and checkpoints hold the seed and the data loader's state, so a run
+      killed and resumed with ``--resume`` gives the batches and losses of the uninterrupted one;
+    * writes checkpoints atomically (:class:`~drcl2.checkpoint.AtomicDetectionCheckpointer`) and
+      refuses, at start, a ``NUM_CLASSES`` that is not the training set's or a bad rebalancing
+      schedule.
+
+    detectron2's ``DefaultTrainer`` does not know drcl2's sampler name ("Unknown training sampler"):
+    use this Trainer, or build the sampler with :meth:`build_train_sampler` in your own trainer.
 
     Use it as detectron2's: ``Trainer(cfg)``, ``resume_or_load()``, ``train()``, ``Trainer.test()``.
     """
@@ -46,11 +86,19 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        setup_drcl2_logger(_log_file_dir(cfg.OUTPUT_DIR))
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_training_config(cfg)
+        # The seed of the data stream and of each step's random numbers; a checkpoint records it,
+        # so a resumed run goes on with the same one even when SEED is -1 (drawn here).
+        self.seed = resolve_seed(cfg.SEED)
         model = self.build_model(cfg)
+        if hasattr(model, "seed"):
+            model.seed = self.seed  # DRCL2's per-image draws (instances, masks) follow the run's seed
         optimizer = self.build_optimizer(cfg, model)
         train_dataset = self.build_train_dataset(cfg)
-        data_loader = self.build_train_loader(cfg, dataset=train_dataset)
+        check_num_classes(cfg, train_dataset)
+        data_loader = self.build_train_loader(cfg, dataset=train_dataset, seed=self.seed)
         if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
             # DRB's class weights need the training set's class statistics; build_model does not
             # read the dataset, so they are handed over here, from the dicts already loaded (a
@@ -74,7 +122,7 @@ class Trainer(DefaultTrainer):
         :class:`DRCL2Checkpointer`, which loads ImageNet / model-zoo weights into the online network
         only (the target network holds copies under the same names).
         """
-        checkpointer = DRCL2Checkpointer if cfg.MODEL.META_ARCHITECTURE == "DRCL2" else DetectionCheckpointer
+        checkpointer = DRCL2Checkpointer if cfg.MODEL.META_ARCHITECTURE == "DRCL2" else AtomicDetectionCheckpointer
         return checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
 
     @classmethod
@@ -90,23 +138,55 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         """
-        detectron2's resume_or_load; in addition, a run resumed at iteration k > 0 with the dynamic
-        rebalancing sampler rebuilds its data loader (built in ``__init__``, before the checkpoint
-        iteration was known) with the sampler started at k, so the stream and the λ schedule go on
-        where the interrupted run stopped.
+        detectron2's resume_or_load. A resumed run (iteration k > 0) also gets back the run's seed
+        and rebuilds its data loader (built in ``__init__``, before the checkpoint was read) from the
+        checkpoint's loader state: the same batches, views and step random numbers as the
+        uninterrupted run. A checkpoint without loader state (or from another number of processes)
+        resumes the stream at image ``k * batch`` instead, with a warning.
         """
         super().resume_or_load(resume=resume)
-        dynamic = self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
-        if dynamic and self.start_iter > 0:
-            self._trainer.reset_data_loader(
-                lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter)
+        if self.start_iter == 0:
+            return
+        saved = self._loader_state_hook.loaded or {}
+        if "seed" in saved and saved["seed"] != self.seed:
+            if self.cfg.SEED >= 0:
+                logger.warning(
+                    f"The checkpoint was trained with seed {saved['seed']}, this run has SEED "
+                    f"{self.cfg.SEED}: the resumed run is not the continuation of the interrupted one."
+                )
+            else:
+                self.seed = int(saved["seed"])
+                model = unwrap_model(self.model)
+                if hasattr(model, "seed"):
+                    model.seed = self.seed  # DRCL2's per-image draws
+        ranks = saved.get("ranks")
+        state = ranks[comm.get_rank()] if ranks and len(ranks) == comm.get_world_size() else None
+        if state is None:
+            logger.warning(
+                "The checkpoint holds no data loader state for this number of processes: the data "
+                f"stream goes on at image {self.start_iter} x batch, and aspect-ratio buckets start "
+                "empty (the batches differ from the uninterrupted run's)."
             )
+        self._trainer.reset_data_loader(
+            lambda: self.build_train_loader(
+                self.cfg, start_iter=self.start_iter, seed=self.seed, state=state
+            )
+        )
 
     def build_hooks(self):
         ret = super().build_hooks()
+        # Each step's own random numbers (RPN / ROI sampling, ...) seeded from (seed, iteration).
+        ret.insert(0, StepSeedHook(lambda: self.seed))
+        # The data loader's state is gathered from every process before the checkpointer saves it.
+        self._loader_state_hook = LoaderStateHook(
+            lambda: self.seed, self.cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter
+        )
+        at = next(
+            (i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))),
+            len(ret),
+        )
+        ret.insert(at, self._loader_state_hook)
         if self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
-            from .hooks import RebalanceLambdaHook
-
             ret.insert(0, RebalanceLambdaHook.from_config(self.cfg))  # logs drb/lambda each step
         if self.cfg.MODEL.META_ARCHITECTURE == "DRCL2":
             ret = self._add_drcl2_hooks(ret)
@@ -141,22 +221,39 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
-    def build_train_loader(cls, cfg, start_iter=0, dataset=None):
+    def build_train_loader(cls, cfg, start_iter=0, dataset=None, *, seed=None, state=None):
         """
+        A :class:`ResumableTrainLoader` (detectron2's batches and aspect-ratio grouping, with
+        augmentations seeded per image and a state that checkpoints resume exactly).
+
         Args:
-            start_iter (int): iteration the training stream starts at (a resumed run's start), for
-                samplers that keep a schedule (drcl2's dynamic rebalancing sampler).
+            start_iter (int): iteration the stream starts at, when there is no ``state``.
             dataset (list[dict] or None): the training dicts, if already loaded
                 (default: :meth:`build_train_dataset`).
+            seed (int or None): the run's seed (default ``SEED``, or a shared random one if < 0).
+            state (dict or None): a :meth:`ResumableTrainLoader.state_dict` to resume from.
         """
         if dataset is None:
             dataset = cls.build_train_dataset(cfg)
-        return build_detection_train_loader(
-            cfg,
-            dataset=dataset,
-            mapper=cls.build_train_mapper(cfg),
-            sampler=cls.build_train_sampler(cfg, dataset, start_iter=start_iter),
+        if seed is None:
+            seed = resolve_seed(cfg.SEED)
+        world = comm.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH % world != 0:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number "
+                f"of processes ({world})."
+            )
+        args = (dataset, cls.build_train_sampler(cfg, dataset, seed=seed), cls.build_train_mapper(cfg))
+        kwargs = dict(
+            batch_size=cfg.SOLVER.IMS_PER_BATCH // world,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            seed=seed,
+            rank=comm.get_rank(),
         )
+        if state is not None:
+            return ResumableTrainLoader(*args, state=state, **kwargs)
+        return ResumableTrainLoader.at_iteration(*args, start_iter=start_iter, **kwargs)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -176,18 +273,30 @@ class Trainer(DefaultTrainer):
         return DatasetMapper(cfg, is_train=True)
 
     @classmethod
-    def build_train_sampler(cls, cfg, dataset_dicts, start_iter=0):
+    def build_train_sampler(cls, cfg, dataset_dicts, seed=None):
         """
-        The training sampler for drcl2's own ``DATALOADER.SAMPLER_TRAIN`` values; ``None`` lets
-        detectron2 build its built-in ones (TrainingSampler, RepeatFactorTrainingSampler, ...).
+        The training sampler of ``DATALOADER.SAMPLER_TRAIN``, seeded with ``seed`` (default
+        ``SEED``): drcl2's ``DynamicRepeatFactorTrainingSampler`` or detectron2's own ones. The
+        stream starts at its beginning; the data loader skips to where a resumed run goes on.
         """
-        if cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
-            from ..data.samplers import DynamicRepeatFactorTrainingSampler
-
-            return DynamicRepeatFactorTrainingSampler.from_config(
-                cfg, dataset_dicts, start_iter=start_iter
+        seed = cfg.SEED if seed is None else int(seed)
+        name = cfg.DATALOADER.SAMPLER_TRAIN
+        if name == "DynamicRepeatFactorTrainingSampler":
+            return DynamicRepeatFactorTrainingSampler.from_config(cfg, dataset_dicts, seed=seed)
+        if name == "TrainingSampler":
+            return TrainingSampler(len(dataset_dicts), seed=seed)
+        if name == "RepeatFactorTrainingSampler":
+            factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT
             )
-        return None
+            return RepeatFactorTrainingSampler(factors, seed=seed)
+        if name == "RandomSubsetTrainingSampler":
+            return RandomSubsetTrainingSampler(
+                len(dataset_dicts), cfg.DATALOADER.RANDOM_SUBSET_RATIO, seed_shuffle=seed, seed_subset=seed
+            )
+        # detectron2's other samplers (and its error for unknown names), as detectron2 builds them.
+        logger.warning(f"{name} is built by detectron2; a resumed run repeats its stream only if it is seeded.")
+        return _train_loader_from_config(cfg, mapper=lambda d: d, dataset=dataset_dicts)["sampler"]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

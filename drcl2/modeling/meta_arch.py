@@ -318,8 +318,7 @@ class DRCL2(nn.Module):
                 lcl_weight=d.LCL.WEIGHT,
             )
         if d.DRB.ENABLED:
-            s = cfg.DATALOADER.DRCL2
-            ret["rebalance_schedule"] = RebalanceSchedule(s.START, s.END, s.MODE)
+            ret["rebalance_schedule"] = RebalanceSchedule.from_config(cfg)
             ret["drb_apply_to"] = tuple(d.DRB.APPLY_TO)
         if d.AR.ENABLED:
             ret.update(
