@@ -111,12 +111,16 @@ def validate_lvis_format(lvis_dict: Dict[str, Any], json_file: str) -> None:
     if len(cat_ids) != len(lvis_dict["categories"]):
         raise ValueError(f"'{json_file}': category ids are not unique.")
     img_ids = {img["id"] for img in lvis_dict["images"]}
+    unknown = [i for i, ann in enumerate(lvis_dict["annotations"]) if ann["category_id"] not in cat_ids]
+    if unknown:
+        anns = [lvis_dict["annotations"][i] for i in unknown]
+        raise ValueError(
+            f"'{json_file}': {len(unknown)} annotations in {len({a['image_id'] for a in anns})} images have "
+            f"category ids {sorted({a['category_id'] for a in anns}, key=str)[:10]} that are not in "
+            f"'categories' (first: annotations[{unknown[0]}], id {anns[0]['id']}, image_id "
+            f"{anns[0]['image_id']}). Add the categories, or remove the annotations (see {README_SECTION})."
+        )
     for i, ann in enumerate(lvis_dict["annotations"]):
-        if ann["category_id"] not in cat_ids:
-            raise ValueError(
-                f"'{json_file}': annotations[{i}] has category_id {ann['category_id']}, which is not "
-                "in 'categories'."
-            )
         if ann["image_id"] not in img_ids:
             raise ValueError(
                 f"'{json_file}': annotations[{i}] has image_id {ann['image_id']}, which is not in "
@@ -186,7 +190,8 @@ def load_lvis_format_json(
     """
     Load an LVIS-format JSON into detectron2's dataset dicts (``file_name``, ``height``, ``width``,
     ``image_id``, ``neg_category_ids``, ``not_exhaustive_category_ids``, ``annotations`` with
-    ``bbox`` (XYWH_ABS), ``category_id`` (contiguous) and ``segmentation`` (polygons) if present).
+    ``id`` (the json's), ``bbox`` (XYWH_ABS), ``category_id`` (contiguous) and ``segmentation``
+    (polygons) if present).
 
     Args:
         json_file: the annotation file.
@@ -222,6 +227,7 @@ def load_lvis_format_json(
         objs = []
         for ann in sorted(anns_per_image.get(img["id"], []), key=lambda a: a["id"]):
             obj = {
+                "id": ann["id"],  # names the annotation in drcl2.data.dataset_check's reports
                 "bbox": ann["bbox"],
                 "bbox_mode": BoxMode.XYWH_ABS,
                 "category_id": id_map[ann["category_id"]],
