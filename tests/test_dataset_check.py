@@ -75,14 +75,14 @@ def test_report_counts_each_kind_and_names_the_first(tmp_path):
         "clipped": (2, 2),
     }
     lines = report.lines()
-    assert lines[0] == f"error: 1 images do not exist (first: {tmp_path / 'images' / '2.png'})"
+    assert lines[0] == f"error: missing image files: 1 image (first: {tmp_path / 'images' / '2.png'})"
     assert (
-        f"warning: 2 annotations in 2 images have a box of zero area; dropped for training, as detectron2 "
+        "warning: boxes of zero area: 2 annotations in 2 images; dropped for training, as detectron2 "
         f"drops empty boxes (first: {tmp_path / 'images' / '1.png'}, annotation id 2)"
     ) in lines
     assert [f.kind for f in report.errors] == ["missing_file"]
     assert report.num_images == 4 and report.num_annotations == len(BOXES)
-    with pytest.raises(DatasetCheckError, match=r"train.json: 4 images, 9 annotations.*\n  error: 1 images do not exist"):
+    with pytest.raises(DatasetCheckError, match=r"train.json: 4 images, 9 annotations.*\n  error: missing image files: 1 image"):
         report.raise_if_errors()
 
 
@@ -106,18 +106,26 @@ def test_dropped_boxes_are_those_detectron2_drops(tmp_path):
     assert len(reported) == len(BOXES)
 
 
-def test_unknown_category_ids_are_an_error(tmp_path):
+def test_unknown_category_ids_and_malformed_boxes_are_errors(tmp_path):
     # a loader whose contiguous ids run past the classes (detectron2's LVIS v1 loader subtracts 1 from
     # any id); an LVIS-format json with such ids is refused on loading (test_lvis_format)
     dicts = _dicts(tmp_path)
     dicts[1]["annotations"][0]["category_id"] = 5
     dicts[3]["annotations"][1]["category_id"] = -1
+    dicts[0]["annotations"][0]["bbox"] = [1, 2, 3]
+    dicts[2]["annotations"][2]["bbox"] = [1, 2, float("nan"), 4]
     report = check_dataset_dicts(dicts, num_classes=2)
-    line = report.lines()[0]
-    assert line.startswith(
-        "error: 2 annotations in 2 images have a category id outside the dataset's classes "
-        "(contiguous ids 0..1): [-1, 5] (first: "
-    ), line
+    assert [f.kind for f in report.errors] == ["unknown_category", "malformed_box"]
+    lines = report.lines()
+    assert lines[0] == (
+        "error: category ids outside the dataset's classes (contiguous ids 0..1) [-1, 5]: 2 annotations in "
+        f"2 images (first: {tmp_path / 'images' / '2.png'}, annotation id 3)"
+    )
+    assert lines[1] == (
+        "error: boxes that are not four finite numbers: 2 annotations in 2 images "
+        f"(first: {tmp_path / 'images' / '1.png'}, annotation id 1)"
+    )
+    assert report.findings["clipped"].count == 1  # annotation 7, now malformed, is not also clipped
 
 
 def test_images_are_decoded_only_when_asked(tmp_path):
@@ -164,13 +172,13 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
     assert check_dataset_tool.main([json_file, "--image-root", image_root]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{json_file}: 4 images, 9 annotations; checked files, categories and boxes: 0 kinds of error")
-    assert "warning: 2 annotations in 1 images have a box entirely outside the image" in out
+    assert "warning: boxes entirely outside the image: 2 annotations in 1 image; dropped for training" in out
     # a truncated image: found with --images only, exit status 1
     _truncated_jpeg(os.path.join(image_root, "4.png"))
     assert check_dataset_tool.main([json_file, "--image-root", image_root]) == 0
     capsys.readouterr()
     assert check_dataset_tool.main([json_file, "--image-root", image_root, "--images", "--num-workers", "1"]) == 1
-    assert f"error: 1 images cannot be decoded (truncated, or not an image) (first: {image_root}/4.png: " in (
+    assert f"error: images that cannot be decoded (truncated, or not an image): 1 image (first: {image_root}/4.png: " in (
         capsys.readouterr().out
     )
     # a registered name; a json without --image-root; a json with unknown categories
@@ -179,7 +187,7 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
     try:
         os.remove(os.path.join(image_root, "3.png"))
         assert check_dataset_tool.main([name]) == 1
-        assert f"error: 1 images do not exist (first: {image_root}/3.png)" in capsys.readouterr().out
+        assert f"error: missing image files: 1 image (first: {image_root}/3.png)" in capsys.readouterr().out
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -227,12 +235,12 @@ def test_trainer_checks_training_and_test_sets_before_the_first_step(tmp_path, d
     try:
         cfg = _cfg(train, test)
         # the test set is broken: refused at start, before any training step
-        with pytest.raises(DatasetCheckError, match=rf"dataset '{test}'.*\n  error: 1 images do not exist \(first: {test_root}/3.png\)"):
+        with pytest.raises(DatasetCheckError, match=rf"dataset '{test}'.*\n  error: missing image files: 1 image \(first: {test_root}/3.png\)"):
             Trainer.build_train_dataset(cfg)
         # the training set's degenerate boxes were reported, not dropped silently
         warnings = [r.getMessage() for r in drcl2_log.records if r.levelno == logging.WARNING]
         assert any(f"datasets '{train}'" in m or f"dataset '{train}'" in m for m in warnings), warnings
-        assert any("warning: 2 annotations in 2 images have a box of zero area" in m for m in warnings)
+        assert any("warning: boxes of zero area: 2 annotations in 2 images" in m for m in warnings)
         # repaired, the run starts; the test loader does not check again
         _png(os.path.join(test_root, "3.png"))
         dicts = Trainer.build_train_dataset(cfg)
@@ -247,7 +255,7 @@ def test_trainer_checks_training_and_test_sets_before_the_first_step(tmp_path, d
         _truncated_jpeg(os.path.join(train_root, "1.png"))
         Trainer.build_train_dataset(cfg)  # not decoded by default
         cfg.DATASETS.DRCL2.CHECK_IMAGES = True
-        with pytest.raises(DatasetCheckError, match=rf"cannot be decoded.*first: {train_root}/1.png: OSError"):
+        with pytest.raises(DatasetCheckError, match=rf"cannot be decoded.*: 1 image \(first: {train_root}/1.png: OSError"):
             Trainer.build_train_dataset(cfg)
     finally:
         for name in (train, test):

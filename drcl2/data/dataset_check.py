@@ -33,7 +33,6 @@ Existence is checked with one directory listing (``os.scandir``) per image folde
 reads every image (``num_workers`` processes).
 """
 import logging
-import math
 import multiprocessing
 import os
 from collections import defaultdict
@@ -58,21 +57,21 @@ __all__ = [
     "WARNINGS",
 ]
 
-# kind -> (what is counted, what is wrong, what happens to it); errors first, in report order.
+# kind -> (what is counted, what it is, what happens to it); errors first, in report order.
 ERRORS = {
-    "missing_file": ("image", "do not exist", ""),
-    "unknown_category": ("annotation", "have a category id outside the dataset's classes", ""),
-    "malformed_box": ("annotation", "have a box that is not four finite numbers", ""),
-    "undecodable": ("image", "cannot be decoded (truncated, or not an image)", ""),
-    "size_mismatch": ("image", "have a decoded size that differs from their height / width", ""),
+    "missing_file": ("image", "missing image files", ""),
+    "unknown_category": ("annotation", "category ids outside the dataset's classes", ""),
+    "malformed_box": ("annotation", "boxes that are not four finite numbers", ""),
+    "undecodable": ("image", "images that cannot be decoded (truncated, or not an image)", ""),
+    "size_mismatch": ("image", "images whose decoded size differs from their height / width", ""),
 }
 WARNINGS = {
-    "negative_size": ("annotation", "have a box with a negative width or height",
+    "negative_size": ("annotation", "boxes with a negative width or height",
                       "dropped for training, as detectron2 drops empty boxes"),
-    "zero_area": ("annotation", "have a box of zero area", "dropped for training, as detectron2 drops empty boxes"),
-    "outside_image": ("annotation", "have a box entirely outside the image",
+    "zero_area": ("annotation", "boxes of zero area", "dropped for training, as detectron2 drops empty boxes"),
+    "outside_image": ("annotation", "boxes entirely outside the image",
                       "dropped for training: detectron2 clips boxes to the image and drops empty ones"),
-    "clipped": ("annotation", "have a box reaching outside the image", "clipped to the image, as detectron2 does"),
+    "clipped": ("annotation", "boxes reaching outside the image", "clipped to the image, as detectron2 does"),
 }
 
 # detectron2's filter_empty_instances: a box is empty when a side is <= this (pixels)
@@ -126,21 +125,21 @@ class DatasetReport:
 
     def lines(self) -> List[str]:
         """
-        One line per finding, errors first, e.g. "warning: 12 annotations in 9 images have a box of
-        zero area; dropped for training, ... (first: a.jpg, annotation id 3)".
+        One line per finding, errors first, e.g. "warning: boxes of zero area: 12 annotations in 9
+        images; dropped for training, ... (first: a.jpg, annotation id 3)".
         """
         out = []
         for level, kinds in (("error", ERRORS), ("warning", WARNINGS)):
-            for kind, (unit, text, consequence) in kinds.items():
+            for kind, (unit, what, consequence) in kinds.items():
                 f = self.findings.get(kind)
                 if f is None:
                     continue
-                where = f" in {len(f.images)} images" if unit == "annotation" else ""
                 if kind == "unknown_category" and self.num_classes is not None:
-                    text = f"{text} (contiguous ids 0..{self.num_classes - 1})"
-                values = f": {sorted(f.values, key=str)[:10]}" if f.values else ""
+                    what = f"{what} (contiguous ids 0..{self.num_classes - 1})"
+                values = f" {sorted(f.values, key=str)[:10]}" if f.values else ""
+                counted = _plural(f.count, unit) + (f" in {_plural(len(f.images), 'image')}" if unit == "annotation" else "")
                 then = f"; {consequence}" if consequence else ""
-                out.append(f"{level}: {f.count} {unit}s{where} {text}{values}{then} (first: {f.first})")
+                out.append(f"{level}: {what}{values}: {counted}{then} (first: {f.first})")
         return out
 
     def summary(self) -> str:
@@ -155,6 +154,10 @@ class DatasetReport:
         """Raise :class:`DatasetCheckError` (the summary, and ``hint``) if there are errors."""
         if self.errors:
             raise DatasetCheckError(self.summary() + (f"\n{hint}" if hint else ""))
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _existing(folder: str) -> Optional[set]:
@@ -187,47 +190,79 @@ def _annotation_name(record: Dict[str, Any], index: int, ann: Dict[str, Any]) ->
     return f"{record.get('file_name', record.get('image_id'))}, {ann_id}"
 
 
+def _box_array(boxes: List[Any]):
+    """
+    Boxes as an array [N, 4] (float64) and a mask [N] of the malformed ones (not four finite
+    numbers; their rows are 0). The loop over single boxes runs only when the fast path fails.
+    """
+    try:
+        arr = np.asarray(boxes, dtype=np.float64).reshape(len(boxes), 4)
+    except (TypeError, ValueError):
+        arr = np.zeros((len(boxes), 4))
+        for k, box in enumerate(boxes):
+            try:
+                arr[k] = np.asarray(box, dtype=np.float64).reshape(4)
+            except (TypeError, ValueError):
+                arr[k] = np.nan
+    malformed = ~np.isfinite(arr).all(axis=1)
+    arr[malformed] = 0
+    return arr, malformed
+
+
 def _check_boxes(report: DatasetReport, dataset_dicts: Sequence[Dict[str, Any]], num_classes: Optional[int]):
     """Category ids and boxes of every annotation, classified as detectron2's training mapper treats them."""
-    refs = []  # (record index, annotation index) of the well-formed boxes
-    boxes_by_mode = defaultdict(list)
-    for i, record in enumerate(dataset_dicts):
-        for j, ann in enumerate(record.get("annotations", ())):
-            report.num_annotations += 1
-            cat = ann.get("category_id")
-            if num_classes is not None and not (isinstance(cat, (int, np.integer)) and 0 <= cat < num_classes):
-                report.add("unknown_category", i, _annotation_name(record, j, ann), cat)
-            box = ann.get("bbox")
-            if box is None:
-                continue  # e.g. a segmentation-only record; nothing of a box to check
-            try:
-                box = [float(v) for v in box]
-            except (TypeError, ValueError):
-                box = []
-            if len(box) != 4 or not all(math.isfinite(v) for v in box):
-                report.add("malformed_box", i, _annotation_name(record, j, ann))
-                continue
-            boxes_by_mode[ann.get("bbox_mode", BoxMode.XYWH_ABS)].append((i, j, box))
-    for mode, entries in boxes_by_mode.items():
-        xyxy = BoxMode.convert(np.asarray([b for _, _, b in entries], dtype=np.float64), mode, BoxMode.XYXY_ABS)
-        refs = [(i, j) for i, j, _ in entries]
-        sizes = np.asarray([(dataset_dicts[i].get("width", np.inf), dataset_dicts[i].get("height", np.inf)) for i, _ in refs],
-                           dtype=np.float64).reshape(-1, 2)
-        w, h = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
-        clipped = np.stack([np.maximum(xyxy[:, 0], 0), np.maximum(xyxy[:, 1], 0),
-                            np.minimum(xyxy[:, 2], sizes[:, 0]), np.minimum(xyxy[:, 3], sizes[:, 1])], axis=1)
-        empty_after_clip = ((clipped[:, 2] - clipped[:, 0]) <= EMPTY_BOX_THRESHOLD) | (
-            (clipped[:, 3] - clipped[:, 1]) <= EMPTY_BOX_THRESHOLD
-        )
-        negative = (w < 0) | (h < 0)
-        zero = ~negative & ((w <= EMPTY_BOX_THRESHOLD) | (h <= EMPTY_BOX_THRESHOLD))
-        outside = ~negative & ~zero & empty_after_clip
-        reaching_out = ~negative & ~zero & ~outside & np.any(clipped != xyxy, axis=1)
-        for kind, mask in (("negative_size", negative), ("zero_area", zero), ("outside_image", outside),
-                           ("clipped", reaching_out)):
-            for k in np.flatnonzero(mask):
-                i, j = refs[k]
-                report.add(kind, i, _annotation_name(dataset_dicts[i], j, dataset_dicts[i]["annotations"][j]))
+    refs = [(i, j) for i, r in enumerate(dataset_dicts) for j in range(len(r.get("annotations", ())))]
+    report.num_annotations = len(refs)
+    if not refs:
+        return
+    anns = [dataset_dicts[i]["annotations"][j] for i, j in refs]
+
+    def name(k):
+        i, j = refs[k]
+        return _annotation_name(dataset_dicts[i], j, anns[k])
+
+    if num_classes is not None:
+        cats = [a.get("category_id") for a in anns]
+        try:
+            ids = np.asarray(cats, dtype=np.int64)
+            exact = np.asarray(cats, dtype=np.float64) == ids  # 1.5 is not a category
+        except (TypeError, ValueError):
+            ids, exact = np.full(len(cats), -1), np.zeros(len(cats), dtype=bool)
+        for k in np.flatnonzero(~exact | (ids < 0) | (ids >= num_classes)):
+            report.add("unknown_category", refs[k][0], name(k), cats[k])
+
+    has_box = np.asarray([a.get("bbox") is not None for a in anns])  # a segmentation-only annotation has none
+    boxes, malformed = _box_array([a["bbox"] if a.get("bbox") is not None else (0, 0, 0, 0) for a in anns])
+    malformed &= has_box
+    for k in np.flatnonzero(malformed):
+        report.add("malformed_box", refs[k][0], name(k))
+    modes = np.fromiter((a.get("bbox_mode", BoxMode.XYWH_ABS) for a in anns), dtype=np.int64, count=len(anns))
+    xyxy = boxes.copy()
+    for mode in np.unique(modes):
+        if mode != BoxMode.XYXY_ABS:
+            rows = modes == mode
+            xyxy[rows] = BoxMode.convert(boxes[rows], BoxMode(int(mode)), BoxMode.XYXY_ABS)
+    image_sizes = np.asarray(
+        [(r.get("width", np.inf), r.get("height", np.inf)) for r in dataset_dicts], dtype=np.float64
+    )
+    sizes = image_sizes[np.asarray([i for i, _ in refs])]
+    w, h = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
+    # detectron2's transform_instance_annotations: clip to [0, width] x [0, height]
+    clipped = np.stack([np.maximum(xyxy[:, 0], 0), np.maximum(xyxy[:, 1], 0),
+                        np.minimum(xyxy[:, 2], sizes[:, 0]), np.minimum(xyxy[:, 3], sizes[:, 1])], axis=1)
+    # ... then filter_empty_instances: a side <= the threshold
+    empty_after_clip = ((clipped[:, 2] - clipped[:, 0]) <= EMPTY_BOX_THRESHOLD) | (
+        (clipped[:, 3] - clipped[:, 1]) <= EMPTY_BOX_THRESHOLD
+    )
+    checked = has_box & ~malformed
+    negative = checked & ((w < 0) | (h < 0))
+    zero = checked & ~negative & ((w <= EMPTY_BOX_THRESHOLD) | (h <= EMPTY_BOX_THRESHOLD))
+    outside = checked & ~negative & ~zero & empty_after_clip
+    reaching_out = checked & ~negative & ~zero & ~outside & np.any(clipped != xyxy, axis=1)
+    for kind, mask in (("negative_size", negative), ("zero_area", zero), ("outside_image", outside),
+                       ("clipped", reaching_out)):
+        for k in np.flatnonzero(mask):
+            report.add(kind, refs[k][0], name(k))
 
 
 def _decode(item):

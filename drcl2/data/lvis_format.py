@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "register_lvis_format",
     "load_lvis_format_json",
+    "read_lvis_format_json",
     "lvis_format_metadata",
     "frequency_group",
     "lvis_v1_rank_image_counts",
@@ -157,7 +158,14 @@ def lvis_format_metadata(lvis_dict: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def _read_lvis_json(json_file: str) -> Dict[str, Any]:
+def read_lvis_format_json(json_file: str) -> Dict[str, Any]:
+    """
+    The parsed ``json_file``, checked by :func:`validate_lvis_format`.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message says where to look).
+        ValueError: not JSON, or not in LVIS format (the message names the entry and field).
+    """
     if not PathManager.exists(json_file):
         raise FileNotFoundError(
             f"LVIS-format annotation file '{json_file}' does not exist. Put the file there, or set "
@@ -201,7 +209,7 @@ def load_lvis_format_json(
         lvis_dict: the already parsed ``json_file``, to avoid reading it twice.
     """
     if lvis_dict is None:
-        lvis_dict = _read_lvis_json(json_file)
+        lvis_dict = read_lvis_format_json(json_file)
     if dataset_name is not None and MetadataCatalog.get(dataset_name).get(
         "thing_dataset_id_to_contiguous_id"
     ):
@@ -262,7 +270,7 @@ def register_lvis_format(name: str, json_file: str, image_root: str) -> None:
             f"Image folder '{image_root}' of dataset '{name}' does not exist. Put the images there, "
             f"or set $DETECTRON2_DATASETS to the folder that holds your datasets (see {README_SECTION})."
         )
-    metadata = lvis_format_metadata(_read_lvis_json(json_file))
+    metadata = lvis_format_metadata(read_lvis_format_json(json_file))
     DatasetCatalog.register(name, lambda: load_lvis_format_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="lvis", **metadata

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     import drcl2  # noqa: F401  registers drcl2's datasets (and, through detectron2, its builtin ones)
     from drcl2.data.dataset_check import check_dataset_dicts
     from drcl2.data.datasets import check_dataset_files
-    from drcl2.data.lvis_format import _read_lvis_json, load_lvis_format_json
+    from drcl2.data.lvis_format import read_lvis_format_json, load_lvis_format_json
 
     try:
         if args.dataset in DatasetCatalog.list():
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                 parser.error(f"{args.dataset} is a json: give --image-root, the folder its images' file_name are relative to")
             if not os.path.isdir(args.image_root):
                 raise FileNotFoundError(f"--image-root '{args.image_root}' is not a folder.")
-            lvis_dict = _read_lvis_json(args.dataset)  # refuses unknown category ids, counted
+            lvis_dict = read_lvis_format_json(args.dataset)  # refuses unknown category ids, counted
             dicts = load_lvis_format_json(args.dataset, args.image_root, lvis_dict=lvis_dict)
             classes = lvis_dict["categories"]
             source = args.dataset
