@@ -149,7 +149,8 @@ def complete_lvis_ground_truth(lvis_dataset, train_image_counts=None, train_sour
             modified in place, so an ``lvis.LVIS`` index built on it sees the new fields.
         train_image_counts (dict[int, int] or None): {dataset category id: training images}, e.g.
             :func:`training_image_counts`.
-        train_source (str or None): where ``train_image_counts`` come from, for the log.
+        train_source (str or list[str] or None): where ``train_image_counts`` come from (e.g. the
+            training dataset names), for the log.
         source (str): where the json came from, for the log.
     """
     images = lvis_dataset["images"]
