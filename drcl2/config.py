@@ -153,5 +153,7 @@ def add_drcl2_config(cfg):
     # ---------------------------------------------------------------------------------------------
     cfg.DATASETS.DRCL2 = CN()
     # Also decode every image at start (truncated files, sizes that differ from the json), with
-    # DATALOADER.NUM_WORKERS processes: reads the whole dataset. Off: files, categories, boxes only.
+    # DATALOADER.NUM_WORKERS processes, in every training process: reads the whole dataset (for
+    # several GPUs, run `python -m drcl2.tools.check_dataset --images` once instead). Off: files,
+    # categories and boxes only.
     cfg.DATASETS.DRCL2.CHECK_IMAGES = False
