@@ -158,7 +158,9 @@ def test_existence_takes_one_listing_per_folder(tmp_path, monkeypatch):
     listings = []
     real_scandir = os.scandir
     monkeypatch.setattr(dc.os, "scandir", lambda p: listings.append(p) or real_scandir(p))
-    monkeypatch.setattr(dc.os.path, "exists", lambda p: pytest.fail("stat per file"))
+    for stat_like in ("exists", "isfile", "lexists"):
+        monkeypatch.setattr(dc.os.path, stat_like, lambda p: pytest.fail("stat per file"))
+    monkeypatch.setattr(dc.os, "stat", lambda p, **kw: pytest.fail("stat per file"))
     monkeypatch.setattr(dc.PathManager, "exists", lambda p: pytest.fail("stat per file"))
     report = check_dataset_dicts(dicts)
     assert sorted(listings) == [str(tmp_path / "a"), str(tmp_path / "b")]
