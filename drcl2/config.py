@@ -147,3 +147,13 @@ def add_drcl2_config(cfg):
     cfg.TEST.DRCL2 = CN()
     # LVIS scoring backend: "faster" (faster-coco-eval's C++ LVIS mode) or "lvis" (reference lvis API).
     cfg.TEST.DRCL2.LVIS_BACKEND = "faster"
+
+    # ---------------------------------------------------------------------------------------------
+    # Dataset checks before the first step (drcl2.data.dataset_check; DATASETS.TRAIN and .TEST).
+    # ---------------------------------------------------------------------------------------------
+    cfg.DATASETS.DRCL2 = CN()
+    # Also decode every image at start (truncated files, sizes that differ from the json), with
+    # DATALOADER.NUM_WORKERS processes, in every training process: reads the whole dataset (for
+    # several GPUs, run `python -m drcl2.tools.check_dataset --images` once instead). Off: files,
+    # categories and boxes only.
+    cfg.DATASETS.DRCL2.CHECK_IMAGES = False

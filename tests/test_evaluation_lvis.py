@@ -308,9 +308,10 @@ def test_evaluator_backends_agree_on_generated_set(lvis_case, tmp_path):
         with open(tmp_path / "faster" / "per_class_ap.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == len(ids)
-        # No class_frequency / class_image_count in this metadata: groups come from the json.
+        # No class_frequency / class_image_count in this metadata: groups and training image counts
+        # come from the json's categories (LVIS files carry the training counts in val files too).
         assert [r["frequency_group"] for r in rows] == [c["frequency"] for c in gt["categories"]]
-        assert all(r["train_image_count"] == "" for r in rows)
+        assert [int(r["train_image_count"]) for r in rows] == [c["image_count"] for c in gt["categories"]]
     finally:
         MetadataCatalog.remove(name)
 

@@ -343,7 +343,10 @@ def test_trainer_uses_sampler_logs_lambda_and_resumes(dicts, tmp_path):
 
     if "_DRBRecordingModel" not in META_ARCH_REGISTRY:
         META_ARCH_REGISTRY.register(_DRBRecordingModel)
-    records = [dict(d, file_name=f"img{d['image_id']}.jpg", width=64, height=48) for d in dicts]
+    # the mapper reads no image, but the Trainer's dataset check wants the files to exist
+    records = [dict(d, file_name=str(tmp_path / f"img{d['image_id']}.jpg"), width=64, height=48) for d in dicts]
+    for r in records:
+        open(r["file_name"], "wb").close()
     name = "drb_test_trainer_train"
     if name not in DatasetCatalog:
         DatasetCatalog.register(name, lambda: records)
@@ -398,7 +401,8 @@ def test_trainer_without_dynamic_sampler_has_no_lambda_hook(dicts, tmp_path):
         META_ARCH_REGISTRY.register(_DRBRecordingModel)
     name = "drb_test_trainer_train_plain"
     if name not in DatasetCatalog:
-        records = [dict(d, file_name="x.jpg", width=64, height=48) for d in dicts]
+        (tmp_path / "x.jpg").touch()  # read by no mapper here; the Trainer's dataset check wants it to exist
+        records = [dict(d, file_name=str(tmp_path / "x.jpg"), width=64, height=48) for d in dicts]
         DatasetCatalog.register(name, lambda: records)
     cfg = _drb_trainer_cfg(tmp_path, name)
     cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"

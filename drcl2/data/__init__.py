@@ -1,5 +1,6 @@
 from . import datasets  # registers lvis_v1_toy_*, lvis_v1_gen_large_*, toy_source_* (generated on first use)
 from . import coco_lt  # registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
+from .dataset_check import check_dataset_dicts, check_datasets  # the check before the first step
 from .lvis_format import load_lvis_format_json, register_lvis_format
 from .rebalance import (
     RebalanceSchedule,
@@ -16,6 +17,8 @@ from .two_view_mapper import TwoViewDatasetMapper
 __all__ = [
     "register_lvis_format",
     "load_lvis_format_json",
+    "check_dataset_dicts",
+    "check_datasets",
     "ToyLVISSpec",
     "LVIS_GEN_LARGE",
     "generate_toy_lvis",

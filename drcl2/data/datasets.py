@@ -1,4 +1,5 @@
-"""Datasets drcl2 registers on import (the generated LVIS-format sets), and a check of dataset files.
+"""Datasets drcl2 registers on import (the generated LVIS-format sets), and the checks of datasets
+that drcl2's Trainer runs before the first step.
 
 Two generated sets (:mod:`drcl2.data.toy_lvis`), each with three splits: ``train``, ``val`` (choose
 and tune on it) and ``test`` (held out: drawn like val from its own seeds, for reported results only):
@@ -16,6 +17,7 @@ from typing import Iterable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 
+from .dataset_check import check_datasets
 from .lvis_format import load_lvis_format_json, lvis_format_metadata
 from .toy_lvis import (
     GENERATED_SETS,
@@ -34,6 +36,8 @@ __all__ = [
     "TOY_SOURCE_DATASETS",
     "GENERATED_DATASETS",
     "check_dataset_files",
+    "check_datasets_before_training",
+    "check_test_dataset",
 ]
 
 
@@ -137,6 +141,46 @@ def check_dataset_files(dataset_names: Iterable[str]) -> None:
                     f"$DETECTRON2_DATASETS (now '{os.getenv('DETECTRON2_DATASETS', 'datasets')}'); "
                     f"see datasets/README.md, section '{_readme_section(name)}'."
                 )
+
+
+def _check_hint(names) -> str:
+    sections = sorted({_readme_section(n) for n in names})
+    return (
+        f"See datasets/README.md, section(s) {sections}; `python -m drcl2.tools.check_dataset NAME` "
+        "lists the same findings (with --images it also decodes every image)."
+    )
+
+
+def check_datasets_before_training(cfg, train_dicts) -> None:
+    """
+    The check drcl2's Trainer runs before the first step (:mod:`drcl2.data.dataset_check`): the
+    training dicts (``train_dicts``, as loaded and filtered from ``cfg.DATASETS.TRAIN``) and every
+    dataset of ``cfg.DATASETS.TEST`` (loaded now, so that a broken test set is found before training
+    rather than after it). Images are decoded only with ``cfg.DATASETS.DRCL2.CHECK_IMAGES``.
+
+    Raises:
+        FileNotFoundError: a test set's annotation file or image folder is missing.
+        DatasetCheckError: errors in a dataset (missing image files, unknown categories, ...); the
+            warnings (boxes detectron2 drops) are logged.
+    """
+    options = dict(decode_images=cfg.DATASETS.DRCL2.CHECK_IMAGES, num_workers=cfg.DATALOADER.NUM_WORKERS)
+    check_datasets(cfg.DATASETS.TRAIN, train_dicts, hint=_check_hint(cfg.DATASETS.TRAIN), **options)
+    for name in cfg.DATASETS.TEST:
+        check_test_dataset(cfg, name)
+
+
+def check_test_dataset(cfg, dataset_name: str) -> None:
+    """
+    :func:`check_dataset_files` and :func:`~drcl2.data.dataset_check.check_datasets` on one test
+    dataset, once per process (the Trainer builds a test loader at every evaluation).
+    """
+    check_dataset_files([dataset_name])
+    check_datasets(
+        [dataset_name],
+        decode_images=cfg.DATASETS.DRCL2.CHECK_IMAGES,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        hint=_check_hint([dataset_name]),
+    )
 
 
 # Like detectron2's builtin datasets: under $DETECTRON2_DATASETS, default ./datasets

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "register_lvis_format",
     "load_lvis_format_json",
+    "read_lvis_format_json",
     "lvis_format_metadata",
     "frequency_group",
     "lvis_v1_rank_image_counts",
@@ -111,12 +112,16 @@ def validate_lvis_format(lvis_dict: Dict[str, Any], json_file: str) -> None:
     if len(cat_ids) != len(lvis_dict["categories"]):
         raise ValueError(f"'{json_file}': category ids are not unique.")
     img_ids = {img["id"] for img in lvis_dict["images"]}
+    unknown = [i for i, ann in enumerate(lvis_dict["annotations"]) if ann["category_id"] not in cat_ids]
+    if unknown:
+        anns = [lvis_dict["annotations"][i] for i in unknown]
+        raise ValueError(
+            f"'{json_file}': {len(unknown)} annotations in {len({a['image_id'] for a in anns})} images have "
+            f"category ids {sorted({a['category_id'] for a in anns}, key=str)[:10]} that are not in "
+            f"'categories' (first: annotations[{unknown[0]}], id {anns[0]['id']}, image_id "
+            f"{anns[0]['image_id']}). Add the categories, or remove the annotations (see {README_SECTION})."
+        )
     for i, ann in enumerate(lvis_dict["annotations"]):
-        if ann["category_id"] not in cat_ids:
-            raise ValueError(
-                f"'{json_file}': annotations[{i}] has category_id {ann['category_id']}, which is not "
-                "in 'categories'."
-            )
         if ann["image_id"] not in img_ids:
             raise ValueError(
                 f"'{json_file}': annotations[{i}] has image_id {ann['image_id']}, which is not in "
@@ -153,7 +158,14 @@ def lvis_format_metadata(lvis_dict: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def _read_lvis_json(json_file: str) -> Dict[str, Any]:
+def read_lvis_format_json(json_file: str) -> Dict[str, Any]:
+    """
+    The parsed ``json_file``, checked by :func:`validate_lvis_format`.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message says where to look).
+        ValueError: not JSON, or not in LVIS format (the message names the entry and field).
+    """
     if not PathManager.exists(json_file):
         raise FileNotFoundError(
             f"LVIS-format annotation file '{json_file}' does not exist. Put the file there, or set "
@@ -186,7 +198,8 @@ def load_lvis_format_json(
     """
     Load an LVIS-format JSON into detectron2's dataset dicts (``file_name``, ``height``, ``width``,
     ``image_id``, ``neg_category_ids``, ``not_exhaustive_category_ids``, ``annotations`` with
-    ``bbox`` (XYWH_ABS), ``category_id`` (contiguous) and ``segmentation`` (polygons) if present).
+    ``id`` (the json's), ``bbox`` (XYWH_ABS), ``category_id`` (contiguous) and ``segmentation``
+    (polygons) if present).
 
     Args:
         json_file: the annotation file.
@@ -196,7 +209,7 @@ def load_lvis_format_json(
         lvis_dict: the already parsed ``json_file``, to avoid reading it twice.
     """
     if lvis_dict is None:
-        lvis_dict = _read_lvis_json(json_file)
+        lvis_dict = read_lvis_format_json(json_file)
     if dataset_name is not None and MetadataCatalog.get(dataset_name).get(
         "thing_dataset_id_to_contiguous_id"
     ):
@@ -222,6 +235,7 @@ def load_lvis_format_json(
         objs = []
         for ann in sorted(anns_per_image.get(img["id"], []), key=lambda a: a["id"]):
             obj = {
+                "id": ann["id"],  # names the annotation in drcl2.data.dataset_check's reports
                 "bbox": ann["bbox"],
                 "bbox_mode": BoxMode.XYWH_ABS,
                 "category_id": id_map[ann["category_id"]],
@@ -256,7 +270,7 @@ def register_lvis_format(name: str, json_file: str, image_root: str) -> None:
             f"Image folder '{image_root}' of dataset '{name}' does not exist. Put the images there, "
             f"or set $DETECTRON2_DATASETS to the folder that holds your datasets (see {README_SECTION})."
         )
-    metadata = lvis_format_metadata(_read_lvis_json(json_file))
+    metadata = lvis_format_metadata(read_lvis_format_json(json_file))
     DatasetCatalog.register(name, lambda: load_lvis_format_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="lvis", **metadata

@@ -16,7 +16,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import COCOEvaluator
 
 from ..checkpoint import AtomicDetectionCheckpointer, DRCL2Checkpointer
-from ..data.datasets import check_dataset_files
+from ..data.datasets import check_dataset_files, check_datasets_before_training, check_test_dataset
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.samplers import DynamicRepeatFactorTrainingSampler
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
@@ -209,9 +209,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_dataset(cls, cfg):
-        """The training dataset dicts of ``cfg.DATASETS.TRAIN``, filtered as detectron2 does."""
+        """
+        The training dataset dicts of ``cfg.DATASETS.TRAIN``, filtered as detectron2 does; they and
+        the test datasets are checked first (:func:`~drcl2.data.datasets.check_datasets_before_training`).
+        """
         check_dataset_files(cfg.DATASETS.TRAIN)
-        return get_detection_dataset_dicts(
+        dicts = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
@@ -219,6 +222,8 @@ class Trainer(DefaultTrainer):
             else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
+        check_datasets_before_training(cfg, dicts)
+        return dicts
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0, dataset=None, *, seed=None, state=None):
@@ -257,7 +262,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        check_dataset_files([dataset_name])
+        check_test_dataset(cfg, dataset_name)  # once per process (see build_train_dataset)
         return super().build_test_loader(cfg, dataset_name)
 
     @classmethod
@@ -313,6 +318,7 @@ class Trainer(DefaultTrainer):
                 output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
                 backend=cfg.TEST.DRCL2.LVIS_BACKEND,
+                train_dataset_names=cfg.DATASETS.TRAIN,  # r/c/f groups a json lacks: training counts
             )
         if evaluator_type == "coco_lt":
             return COCOLTEvaluator(

@@ -43,6 +43,7 @@ from detectron2.evaluation import LVISEvaluator as _D2LVISEvaluator
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..data.lvis_format import frequency_group
 from .lvis_compat import patch_lvis_numpy
 from .per_class import lvis_per_class_rows, write_per_class_report
 
@@ -53,6 +54,8 @@ __all__ = [
     "LVIS_METRICS",
     "LVIS_BACKENDS",
     "evaluate_lvis",
+    "complete_lvis_ground_truth",
+    "training_image_counts",
     "faster_lvis_ground_truth",
     "federated_filter",
     "limit_dets_per_image",
@@ -88,6 +91,115 @@ def limit_dets_per_image(results, max_dets):
     return [ann for anns in by_image.values() for ann in anns]
 
 
+def training_image_counts(train_dataset_names):
+    """
+    The training image count of each category, summed over the registered training datasets.
+
+    Args:
+        train_dataset_names (list[str]): registered datasets whose metadata ``class_image_count``
+            (``[{"id": dataset category id, "image_count": n}, ...]``, as set by
+            :func:`~drcl2.data.register_lvis_format` and by detectron2 for LVIS) holds their counts.
+
+    Returns:
+        dict[int, int] or None: {dataset category id: images}; None when ``train_dataset_names`` is
+        empty or one of them has no ``class_image_count``.
+    """
+    from detectron2.data import MetadataCatalog
+
+    if not train_dataset_names:
+        return None
+    counts = defaultdict(int)
+    for name in train_dataset_names:
+        class_image_count = MetadataCatalog.get(name).get("class_image_count", None)
+        if not class_image_count:
+            return None
+        for c in class_image_count:
+            counts[c["id"]] += int(c["image_count"])
+    return dict(counts)
+
+
+def _annotation_area(ann, height, width):
+    """An LVIS annotation's area as LVIS files hold it: its polygons' area, else its box's."""
+    if ann.get("segmentation"):
+        import pycocotools.mask as mask_util
+
+        rles = mask_util.frPyObjects(ann["segmentation"], height, width)
+        return float(mask_util.area(mask_util.merge(rles)))
+    return float(ann["bbox"][2] * ann["bbox"][3])
+
+
+def complete_lvis_ground_truth(lvis_dataset, train_image_counts=None, train_source=None, source="the LVIS json"):
+    """
+    Fill in, in place, the LVIS fields that a custom LVIS-format json may leave out and that both
+    backends read: each category's ``frequency``, each annotation's ``area`` (its polygons' area, as
+    in LVIS files, or its box's without a segmentation) and each image's ``neg_category_ids`` /
+    ``not_exhaustive_category_ids`` (missing ones become empty lists: the image's unannotated
+    categories are then not judged, the federated rule's reading of "nothing known"). Fields the
+    json has are never changed.
+
+    A missing ``frequency`` is LVIS's rule (:func:`~drcl2.data.lvis_format.frequency_group`: r 1-10
+    training images, c 11-100, f > 100) on the category's training image count: from
+    ``train_image_counts`` when given (a category absent from it has 0, hence "r"), otherwise, with
+    a warning, from the json's own annotations (what an evaluated set's counts are not meant to be).
+    The category also gets ``image_count`` (the training count) when it comes from
+    ``train_image_counts`` and the json has none. Each derivation is logged.
+
+    Args:
+        lvis_dataset (dict): the loaded LVIS json (``images``, ``annotations``, ``categories``);
+            modified in place, so an ``lvis.LVIS`` index built on it sees the new fields.
+        train_image_counts (dict[int, int] or None): {dataset category id: training images}, e.g.
+            :func:`training_image_counts`.
+        train_source (str or list[str] or None): where ``train_image_counts`` come from (e.g. the
+            training dataset names), for the log.
+        source (str): where the json came from, for the log.
+    """
+    images = lvis_dataset["images"]
+    no_area = [ann for ann in lvis_dataset["annotations"] if "area" not in ann]
+    if no_area:
+        sizes = {img["id"]: (img["height"], img["width"]) for img in images}
+        for ann in no_area:
+            ann["area"] = _annotation_area(ann, *sizes[ann["image_id"]])
+        logger.info(
+            f"{source}: {len(no_area)} of {len(lvis_dataset['annotations'])} annotations have no 'area'; "
+            "using their polygons' area (their box's without a segmentation)."
+        )
+    for field in ("neg_category_ids", "not_exhaustive_category_ids"):
+        missing = [img for img in images if field not in img]
+        for img in missing:
+            img[field] = []
+        if missing:
+            logger.info(f"{source}: {len(missing)} of {len(images)} images have no '{field}'; using [] for them.")
+
+    no_frequency = [c for c in lvis_dataset["categories"] if c.get("frequency") not in _FREQUENCY_GROUPS]
+    if not no_frequency:
+        return
+    if train_image_counts is not None:
+        counts = train_image_counts
+        origin = f"the training image counts of {train_source or 'the training set'}"
+        for c in no_frequency:
+            c.setdefault("image_count", int(counts.get(c["id"], 0)))
+        log = logger.info
+    else:
+        images_per_category = defaultdict(set)
+        for ann in lvis_dataset["annotations"]:
+            images_per_category[ann["category_id"]].add(ann["image_id"])
+        counts = {cat_id: len(ids) for cat_id, ids in images_per_category.items()}
+        origin = (
+            f"the image counts of {source} itself, as no training counts are known (the groups should "
+            "come from the training set: pass train_dataset_names to LVISEvaluator, as drcl2's "
+            "Trainer does with DATASETS.TRAIN)"
+        )
+        log = logger.warning
+    for c in no_frequency:
+        c["frequency"] = frequency_group(int(counts.get(c["id"], 0)))
+    groups = {g: sum(c["frequency"] == g for c in no_frequency) for g in _FREQUENCY_GROUPS}
+    log(
+        f"{source}: {len(no_frequency)} of {len(lvis_dataset['categories'])} categories have no 'frequency'; "
+        f"derived their r/c/f groups with LVIS's rule (r <= 10 < c <= 100 < f images) from {origin}: "
+        f"{groups['r']} r, {groups['c']} c, {groups['f']} f."
+    )
+
+
 def faster_lvis_ground_truth(lvis_dataset, source="the LVIS json"):
     """
     A faster-coco-eval ``COCO`` index of an LVIS json, set up as the lvis API evaluates it.
@@ -106,7 +218,8 @@ def faster_lvis_ground_truth(lvis_dataset, source="the LVIS json"):
     if no_frequency:
         raise ValueError(
             f"{source}: categories {no_frequency[:10]} have no 'frequency' in {_FREQUENCY_GROUPS}; "
-            "LVIS evaluation groups APr/APc/APf by it. Add it to the json's categories."
+            "LVIS evaluation groups APr/APc/APf by it. Add it to the json's categories, or derive it "
+            "from training image counts with complete_lvis_ground_truth (LVISEvaluator does)."
         )
     annotations = []
     for ann in lvis_dataset["annotations"]:
@@ -352,6 +465,7 @@ class LVISEvaluator(_D2LVISEvaluator):
         *,
         max_dets_per_image=None,
         backend="faster",
+        train_dataset_names=None,
     ):
         """
         Args:
@@ -359,6 +473,12 @@ class LVISEvaluator(_D2LVISEvaluator):
                 LVISEvaluator (``max_dets_per_image`` None means LVIS's 300).
             backend (str): "faster" (faster-coco-eval's C++ LVIS mode) or "lvis" (the reference
                 ``lvis`` API); config key ``TEST.DRCL2.LVIS_BACKEND``.
+            train_dataset_names (list[str] or None): the training datasets (drcl2's Trainer passes
+                ``DATASETS.TRAIN``). Categories of the evaluated json without ``frequency`` get
+                their r/c/f group from these datasets' training image counts (metadata
+                ``class_image_count``); default: the evaluated dataset's metadata
+                ``train_dataset_name``, if set; without either, from the json's own image counts
+                (with a warning). See :func:`complete_lvis_ground_truth`.
         """
         if backend not in LVIS_BACKENDS:
             raise ValueError(
@@ -371,6 +491,17 @@ class LVISEvaluator(_D2LVISEvaluator):
         self._backend = backend
         self._faster_gt = None
         self._dataset_name = dataset_name
+        if train_dataset_names is None and self._metadata.get("train_dataset_name", None):
+            train_dataset_names = [self._metadata.train_dataset_name]
+        train_dataset_names = list(train_dataset_names or [])
+        # A custom json may lack the frequency groups and the federated fields: complete the ground
+        # truth in place, before either backend (or the per-class report) reads it.
+        complete_lvis_ground_truth(
+            self._lvis_api.dataset,
+            training_image_counts(train_dataset_names),
+            train_source=train_dataset_names,
+            source=self._metadata.json_file,
+        )
 
     def _eval_predictions(self, predictions):
         """Fill ``self._results`` with the metrics of each task and write the per-class report."""

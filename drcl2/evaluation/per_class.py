@@ -43,12 +43,16 @@ def lvis_per_class_rows(metadata, categories, per_class_ap):
             contiguous id = dataset id - 1, detectron2's LVIS convention), ``class_image_count``
             (list of {"id", "image_count"}: the training image counts) and ``class_frequency``
             ("r"/"c"/"f" per contiguous id).
-        categories (list[dict]): the json's categories (``id``, ``name``, optionally ``frequency``).
+        categories (list[dict]): the evaluated json's categories (``id``, ``name``, optionally
+            ``frequency`` and ``image_count``, the training image count, as LVIS files carry them
+            and as :func:`~drcl2.evaluation.lvis_evaluation.complete_lvis_ground_truth` derives them).
         per_class_ap (dict[str, dict[int, float]]): task ("bbox"/"segm") -> dataset category id -> AP.
 
     Returns:
-        list[dict]: rows sorted by dataset category id. The frequency group is ``class_frequency``,
-        else the json's ``frequency``, else LVIS's rule on the image count (r <= 10 < c <= 100 < f).
+        list[dict]: rows sorted by dataset category id. The frequency group is the json's
+        ``frequency`` (the group the evaluation used), else ``class_frequency``, else LVIS's rule on
+        the image count (r <= 10 < c <= 100 < f); the image count is the json's ``image_count``, else
+        ``class_image_count``'s.
     """
     id_map = metadata.get("thing_dataset_id_to_contiguous_id", None)
     thing_classes = metadata.get("thing_classes", None)
@@ -61,11 +65,11 @@ def lvis_per_class_rows(metadata, categories, per_class_ap):
         name = cat.get("name", str(cat_id))
         if thing_classes is not None and 0 <= contiguous < len(thing_classes):
             name = thing_classes[contiguous]
-        count = image_counts.get(cat_id)
-        if class_frequency is not None and 0 <= contiguous < len(class_frequency):
-            group = class_frequency[contiguous]
-        elif cat.get("frequency"):
+        count = cat["image_count"] if "image_count" in cat else image_counts.get(cat_id)
+        if cat.get("frequency"):
             group = cat["frequency"]
+        elif class_frequency is not None and 0 <= contiguous < len(class_frequency):
+            group = class_frequency[contiguous]
         elif count is not None:
             group = frequency_group(count)
         else:
