@@ -4,6 +4,7 @@ set is generated there once and reused, as by ``make demo``) unless $DETECTRON2_
 must be set before drcl2 is imported, since drcl2 registers its datasets on import.
 """
 import json
+import logging
 import os
 import sys
 
@@ -88,3 +89,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def drcl2_log(caplog):
+    """caplog on drcl2's loggers, even when a detectron2 setup_logger stopped their propagation."""
+    logger = logging.getLogger("drcl2")
+    logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="drcl2"):
+        yield caplog
+    logger.removeHandler(caplog.handler)

@@ -84,7 +84,7 @@ def _save(checkpointer, iteration):
 
 
 @pytest.mark.parametrize("damage", ["empty", "missing", "names_a_cut_short_file", "names_a_missing_file"])
-def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, damage, caplog):
+def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, damage, drcl2_log):
     checkpointer = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
     _save(checkpointer, 3)
     _save(checkpointer, 7)
@@ -102,10 +102,9 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, damage, c
         tag.write_text("model_0000011.pth")
     fresh = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
     assert fresh.has_checkpoint()
-    with caplog.at_level("WARNING", logger="drcl2"):
-        path = fresh.get_checkpoint_file()
+    path = fresh.get_checkpoint_file()
     assert path == str(tmp_path / f"model_{newest:07d}.pth")
-    assert "resuming from the newest complete checkpoint" in caplog.text
+    assert "resuming from the newest complete checkpoint" in drcl2_log.text
     assert fresh.resume_or_load("", resume=True)["iteration"] == newest
 
 

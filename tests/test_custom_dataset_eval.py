@@ -79,15 +79,6 @@ class _FixedDetections(torch.nn.Module):
         return outputs
 
 
-@pytest.fixture
-def drcl2_log(caplog):
-    logger = logging.getLogger("drcl2")
-    logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.INFO, logger="drcl2"):
-        yield caplog
-    logger.removeHandler(caplog.handler)
-
-
 @pytest.mark.parametrize("backend", ["faster", "lvis"])
 def test_readme_minimal_layout_evaluates_with_training_groups(my_data, tmp_path, backend, drcl2_log, one_thread):
     from detectron2.config import get_cfg

@@ -203,16 +203,6 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
     assert "category ids [7] that are not in 'categories'" in capsys.readouterr().err
 
 
-@pytest.fixture
-def drcl2_log(caplog):
-    """caplog on drcl2's loggers, even when a detectron2 setup_logger stopped their propagation."""
-    logger = logging.getLogger("drcl2")
-    logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.INFO, logger="drcl2"):
-        yield caplog
-    logger.removeHandler(caplog.handler)
-
-
 def _cfg(train, test):
     from detectron2.config import get_cfg
 
