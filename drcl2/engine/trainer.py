@@ -17,6 +17,7 @@ from detectron2.evaluation import COCOEvaluator
 
 from ..checkpoint import DRCL2Checkpointer
 from ..data.datasets import check_dataset_files
+from ..data.proposals import check_proposal_files
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ class Trainer(DefaultTrainer):
     def build_train_dataset(cls, cfg):
         """The training dataset dicts of ``cfg.DATASETS.TRAIN``, filtered as detectron2 does."""
         check_dataset_files(cfg.DATASETS.TRAIN)
+        if cfg.MODEL.LOAD_PROPOSALS:  # fail naming the file, not with detectron2's bare KeyError
+            check_proposal_files(cfg.DATASETS.TRAIN, cfg.DATASETS.PROPOSAL_FILES_TRAIN)
         return get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,

@@ -16,7 +16,7 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from ..data.rebalance import RebalanceSchedule, class_weights, sample_instances
+from ..data.rebalance import RebalanceSchedule, class_weights, instance_class_weights, sample_instances
 from .distributed import all_gather_counts, all_gather_rows, batch_norm_trains, ddp_normalizer
 from .ema import cosine_momentum, make_target, momentum_update
 from .heads import AppearanceDecoder, BoxFeatureHead, MLPHead, SemanticPredictors
@@ -34,6 +34,7 @@ from .masking import box_guided_patch_mask, mask_at_stride, patch_mask_to_pixels
 __all__ = ["DRCL2", "check_drcl2_config"]
 
 HCL_LOSSES = ("byol", "infonce")
+BOX_SOURCES = ("gt", "proposals")  # MODEL.DRCL2.LCL.BOX_SOURCE
 DRB_TERMS = ("instances", "sup", "masking")  # where the class weights w_c(lambda) act in the model
 
 
@@ -51,7 +52,9 @@ class DRCL2(nn.Module):
 
     Input: a list of dicts from :class:`drcl2.data.TwoViewDatasetMapper`, each with ``"view1"`` and
     ``"view2"`` = ``{"image": Tensor[3, H, W], "instances": Instances(gt_boxes, gt_classes, ...)}``,
-    instances row-aligned across the views, and the dataset's ``"image_id"``. Output (training
+    instances row-aligned across the views, and the dataset's ``"image_id"``; with
+    ``lcl_box_source="proposals"`` each view also holds ``"proposals"`` = ``Instances(proposal_boxes,
+    gt_classes)`` (class -1: unlabelled), LCL's and box-guided masking's boxes. Output (training
     only): a dict of losses with one key per enabled term: ``loss_hcl``, ``loss_lcl_inst``,
     ``loss_lcl_sup``, ``loss_ar``, ``loss_sr``, ``loss_rpn_cls``, ``loss_rpn_loc``.
 
@@ -112,6 +115,7 @@ class DRCL2(nn.Module):
         lcl_supervised: bool = True,
         lcl_sup_weight: float = 0.5,
         lcl_weight: float = 1.0,
+        lcl_box_source: str = "gt",
         rebalance_schedule: Optional[RebalanceSchedule] = None,
         drb_apply_to: Sequence[str] = DRB_TERMS,
         repeat_thresh: float = 0.001,
@@ -150,6 +154,10 @@ class DRCL2(nn.Module):
             lcl_supervised: compute the balanced supervised-contrastive term.
             lcl_sup_weight: beta.
             lcl_weight: w_lcl.
+            lcl_box_source: where LCL's (and box-guided masking's) boxes come from: "gt" (the
+                views' annotated ``instances``) or "proposals" (the views' ``proposals``; an
+                unlabelled one, class -1, weighs 1 in the draws and masking and is left out of
+                L_sup). The RPN term always uses the annotated boxes.
             rebalance_schedule: lambda(progress) of DRB; None disables DRB (uniform class weights).
             drb_apply_to: where the class weights w_c(lambda) act inside the model, among
                 ``DRB_TERMS``: "instances" (which K instances LCL draws), "sup" (the L_sup weights),
@@ -182,6 +190,8 @@ class DRCL2(nn.Module):
             raise ValueError("DRCL2: give both HCL MLPs (hcl_projector, hcl_predictor) or neither.")
         if (roi_heads is None) != (lcl_projector is None) or (roi_heads is None) != (lcl_predictor is None):
             raise ValueError("DRCL2: give roi_heads, lcl_projector and lcl_predictor together or none.")
+        if lcl_box_source not in BOX_SOURCES:
+            raise ValueError(f"DRCL2: lcl_box_source must be one of {BOX_SOURCES}; got {lcl_box_source!r}.")
         if hcl_loss not in HCL_LOSSES:
             raise ValueError(f"DRCL2: hcl_loss must be one of {HCL_LOSSES}; got {hcl_loss!r}.")
         # Strides of the levels, from the backbone (never inferred from feature sizes: a level whose
@@ -204,6 +214,7 @@ class DRCL2(nn.Module):
         self.lcl_supervised = lcl_supervised
         self.lcl_sup_weight = lcl_sup_weight
         self.lcl_weight = lcl_weight
+        self.lcl_box_source = lcl_box_source
         self.rebalance_schedule = rebalance_schedule
         if not set(drb_apply_to) <= set(DRB_TERMS):
             raise ValueError(f"DRCL2: drb_apply_to must be among {DRB_TERMS}; got {tuple(drb_apply_to)}.")
@@ -285,6 +296,7 @@ class DRCL2(nn.Module):
             "mask_patch_size": d.MASK.PATCH_SIZE,
             "mask_ratio": d.MASK.RATIO,
             "mask_box_guided": d.MASK.BOX_GUIDED,
+            "lcl_box_source": d.LCL.BOX_SOURCE,
             "seed": cfg.SEED if cfg.SEED >= 0 else None,
         }
         if d.RPN.ENABLED:
@@ -482,6 +494,7 @@ class DRCL2(nn.Module):
             storage.put_scalar("drcl2/momentum", momentum, smoothing_hint=False)
 
         images, instances1, instances2 = self.preprocess(batched_inputs)
+        boxes1, boxes2 = self._lcl_instances(batched_inputs, instances1, instances2)
         N = len(batched_inputs)
         image_sizes = images.image_sizes
         padded_size = tuple(images.tensor.shape[-2:])
@@ -489,7 +502,7 @@ class DRCL2(nn.Module):
 
         with record_function("drcl2.masking"):
             sampled, pixel_mask = self._draw(
-                batched_inputs, term_weights["instances"], term_weights["masking"], image_sizes[:N], padded_size,
+                batched_inputs, boxes1, term_weights["instances"], term_weights["masking"], image_sizes[:N], padded_size,
                 iteration,
             )
             online_input = x1
@@ -545,7 +558,7 @@ class DRCL2(nn.Module):
                 lcl_heads = (self.lcl_projector, self.lcl_predictor, self.target_network["lcl_projector"])
                 if batch_norm_trains(instance_counts, *lcl_heads):
                     inst, sup = self._lcl_losses(
-                        online1, online2, target1, target2, instances1, instances2, sampled, term_weights["sup"],
+                        online1, online2, target1, target2, boxes1, boxes2, sampled, term_weights["sup"],
                         instance_counts,
                     )
                 else:
@@ -635,6 +648,32 @@ class DRCL2(nn.Module):
                 raise ValueError("DRCL2: the two views of an image must hold the same instances.")
         return images, instances[:N], instances[N:]
 
+    def _lcl_instances(self, batched_inputs: List[Dict], instances1: List[Instances], instances2: List[Instances]):
+        """
+        The boxes LCL and box-guided masking draw from (``lcl_box_source``), as two lists of N
+        ``Instances(gt_boxes, gt_classes)`` (v1, v2; rows aligned; class -1: unlabelled proposal).
+        """
+        if self.lcl_box_source == "gt":
+            return instances1, instances2
+        views = []
+        for v in ("view1", "view2"):
+            out = []
+            for i, x in enumerate(batched_inputs):
+                if "proposals" not in x[v]:
+                    raise ValueError(
+                        f"DRCL2: MODEL.DRCL2.LCL.BOX_SOURCE is 'proposals' but input {i} "
+                        f"(image {x.get('image_id')!r}) has no {v} 'proposals'. Build the data with "
+                        "TwoViewDatasetMapper from the same config (it carries the proposals of "
+                        "DATASETS.PROPOSAL_FILES_TRAIN when MODEL.LOAD_PROPOSALS is True)."
+                    )
+                p = x[v]["proposals"].to(self.device)
+                out.append(Instances(p.image_size, gt_boxes=p.proposal_boxes, gt_classes=p.gt_classes))
+            views.append(out)
+        for a, b in zip(*views):
+            if len(a) != len(b):
+                raise ValueError("DRCL2: the two views of an image must hold the same proposals.")
+        return views[0], views[1]
+
     def _valid_pixels(self, image_sizes, padded_size) -> torch.Tensor:
         """BoolTensor[N, H, W]: True inside each image, False on padding."""
         valid = torch.zeros((len(image_sizes), *padded_size), dtype=torch.bool, device=self.device)
@@ -642,7 +681,7 @@ class DRCL2(nn.Module):
             valid[i, :h, :w] = True
         return valid
 
-    def _draw(self, batched_inputs, instance_weights, mask_weights, image_sizes, padded_size, iteration):
+    def _draw(self, batched_inputs, lcl_instances, instance_weights, mask_weights, image_sizes, padded_size, iteration):
         """
         The random draws of one step, each image from its own generator seeded by
         ``(seed, iteration, image_id)``: K instances of v1 (LCL, box-guided masking) with
@@ -651,6 +690,7 @@ class DRCL2(nn.Module):
 
         Args:
             batched_inputs: the N input dicts.
+            lcl_instances: N Instances of v1 to draw from (:meth:`_lcl_instances`).
             instance_weights, mask_weights: Tensor[C], w_c(lambda) (or 1 where DRB.APPLY_TO
                 leaves the term out).
             image_sizes: N (h, w) of v1 without padding.
@@ -667,18 +707,18 @@ class DRCL2(nn.Module):
             return [None] * len(batched_inputs), None
         instance_weights, mask_weights = instance_weights.cpu(), mask_weights.cpu()
         sampled, masks, occurrences = [], [], {}
-        for i, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
+        for i, (x, inst, size) in enumerate(zip(batched_inputs, lcl_instances, image_sizes)):
             key = _image_key(x, i, len(batched_inputs))
             occurrences[key] = occurrences.get(key, -1) + 1  # an image repeated in the batch
             generator = torch.Generator().manual_seed(_mix_seed(self.seed, iteration, key, occurrences[key]))
-            inst = x["view1"]["instances"]
             classes = inst.gt_classes.cpu()
             idx = None
             if need_sampled:
                 idx = sample_instances(classes, instance_weights, self.lcl_num_instances, generator)
             if self.masking_enabled:
                 if idx is not None and len(idx):
-                    boxes, box_weights = inst.gt_boxes.tensor.cpu()[idx], mask_weights[classes[idx]]
+                    boxes = inst.gt_boxes.tensor.cpu()[idx]
+                    box_weights = instance_class_weights(classes[idx], mask_weights)
                 else:
                     boxes, box_weights = torch.zeros(0, 4), torch.zeros(0)
                 patches = box_guided_patch_mask(
@@ -782,6 +822,8 @@ class DRCL2(nn.Module):
     ):
         """
         Args:
+            instances1, instances2: N Instances(gt_boxes, gt_classes) of the views (class -1: an
+                unlabelled proposal, in L_inst only).
             sampled: N LongTensor, the sampled rows of each image's instances (both views).
             weights: Tensor[C], w_c(lambda).
             instance_counts: sampled instances of every rank.
@@ -821,17 +863,24 @@ class DRCL2(nn.Module):
         gathered = all_gather_rows(torch.cat(payload, dim=1), instance_counts)
         dim = t2.shape[1]
         all_classes = gathered[:, 0].round().long()
+        # L_sup is over labelled instances only (unlabelled proposals have class -1): anchors of
+        # this rank and keys of the global batch alike.
+        labelled, all_labelled = classes >= 0, all_classes >= 0
+        gathered, all_classes = gathered[all_labelled], all_classes[all_labelled]
+        if not bool(all_labelled.any()):  # no labelled instance anywhere: a zero reaching e1
+            return inst, e1.sum() * 0.0
         sup_normalizer = ddp_normalizer(weights[all_classes].sum())
-        instance_weights = weights[classes]
+        anchor_classes = classes[labelled]
+        instance_weights = weights[anchor_classes]
         sup = balanced_supervised_contrastive_loss(
-            e1, classes, instance_weights, gathered[:, 1 : 1 + dim], all_classes, self.lcl_temperature,
-            sup_normalizer,
+            e1[labelled], anchor_classes, instance_weights, gathered[:, 1 : 1 + dim], all_classes,
+            self.lcl_temperature, sup_normalizer,
         )
         if self.symmetric:
             sup = 0.5 * (
                 sup
                 + balanced_supervised_contrastive_loss(
-                    e2, classes, instance_weights, gathered[:, 1 + dim :], all_classes,
+                    e2[labelled], anchor_classes, instance_weights, gathered[:, 1 + dim :], all_classes,
                     self.lcl_temperature, sup_normalizer,
                 )
             )
@@ -916,6 +965,26 @@ def check_drcl2_config(cfg) -> None:
             fail(f"MODEL.DRCL2.{key}", d[group][name], "must be > 0.")
     if int(d.LCL.NUM_INSTANCES) != d.LCL.NUM_INSTANCES or d.LCL.NUM_INSTANCES < 1:
         fail("MODEL.DRCL2.LCL.NUM_INSTANCES", d.LCL.NUM_INSTANCES, "K must be an integer >= 1.")
+    if d.LCL.BOX_SOURCE not in BOX_SOURCES:
+        fail("MODEL.DRCL2.LCL.BOX_SOURCE", d.LCL.BOX_SOURCE, f"must be one of {BOX_SOURCES}.")
+    if d.LCL.BOX_SOURCE == "proposals":
+        if not cfg.MODEL.LOAD_PROPOSALS:
+            fail(
+                "MODEL.LOAD_PROPOSALS", cfg.MODEL.LOAD_PROPOSALS,
+                "MODEL.DRCL2.LCL.BOX_SOURCE 'proposals' reads precomputed proposals: set it True and "
+                "DATASETS.PROPOSAL_FILES_TRAIN to one file per training set "
+                "(python -m drcl2.tools.dump_proposals writes them).",
+            )
+        if len(cfg.DATASETS.PROPOSAL_FILES_TRAIN) != len(cfg.DATASETS.TRAIN):
+            fail(
+                "DATASETS.PROPOSAL_FILES_TRAIN", tuple(cfg.DATASETS.PROPOSAL_FILES_TRAIN),
+                f"MODEL.DRCL2.LCL.BOX_SOURCE 'proposals' needs one proposal file per dataset of "
+                f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}.",
+            )
+    if int(d.LCL.PROPOSAL_TOPK) != d.LCL.PROPOSAL_TOPK or d.LCL.PROPOSAL_TOPK < 1:
+        fail("MODEL.DRCL2.LCL.PROPOSAL_TOPK", d.LCL.PROPOSAL_TOPK, "must be an integer >= 1.")
+    if not 0.0 < d.LCL.PROPOSAL_MATCH_IOU <= 1.0:
+        fail("MODEL.DRCL2.LCL.PROPOSAL_MATCH_IOU", d.LCL.PROPOSAL_MATCH_IOU, "must lie in (0, 1].")
     if not 0.0 <= d.MASK.RATIO < 1.0:
         fail("MODEL.DRCL2.MASK.RATIO", d.MASK.RATIO, "the masked fraction must lie in [0, 1).")
     if not 0.0 <= d.MASK.BOX_GUIDED <= 1.0:
