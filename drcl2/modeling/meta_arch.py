@@ -502,8 +502,8 @@ class DRCL2(nn.Module):
 
         with record_function("drcl2.masking"):
             sampled, pixel_mask = self._draw(
-                batched_inputs, boxes1, term_weights["instances"], term_weights["masking"], image_sizes[:N], padded_size,
-                iteration,
+                batched_inputs, term_weights["instances"], term_weights["masking"], image_sizes[:N], padded_size,
+                iteration, lcl_instances=boxes1,
             )
             online_input = x1
             if pixel_mask is not None:
@@ -681,7 +681,9 @@ class DRCL2(nn.Module):
             valid[i, :h, :w] = True
         return valid
 
-    def _draw(self, batched_inputs, lcl_instances, instance_weights, mask_weights, image_sizes, padded_size, iteration):
+    def _draw(
+        self, batched_inputs, instance_weights, mask_weights, image_sizes, padded_size, iteration, lcl_instances=None
+    ):
         """
         The random draws of one step, each image from its own generator seeded by
         ``(seed, iteration, image_id)``: K instances of v1 (LCL, box-guided masking) with
@@ -690,12 +692,13 @@ class DRCL2(nn.Module):
 
         Args:
             batched_inputs: the N input dicts.
-            lcl_instances: N Instances of v1 to draw from (:meth:`_lcl_instances`).
             instance_weights, mask_weights: Tensor[C], w_c(lambda) (or 1 where DRB.APPLY_TO
                 leaves the term out).
             image_sizes: N (h, w) of v1 without padding.
             padded_size: (H, W) of the padded batch.
             iteration: the training iteration.
+            lcl_instances: N Instances of v1 to draw from (:meth:`_lcl_instances`); default: those
+                of ``batched_inputs``.
 
         Returns:
             list of N LongTensor[K_i] on the model's device (indices into the image's instances,
@@ -706,6 +709,11 @@ class DRCL2(nn.Module):
         if not (need_sampled or self.masking_enabled):
             return [None] * len(batched_inputs), None
         instance_weights, mask_weights = instance_weights.cpu(), mask_weights.cpu()
+        if lcl_instances is None:
+            lcl_instances = self._lcl_instances(
+                batched_inputs, [x["view1"]["instances"] for x in batched_inputs],
+                [x["view2"]["instances"] for x in batched_inputs],
+            )[0]
         sampled, masks, occurrences = [], [], {}
         for i, (x, inst, size) in enumerate(zip(batched_inputs, lcl_instances, image_sizes)):
             key = _image_key(x, i, len(batched_inputs))
