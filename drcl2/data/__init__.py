@@ -1,6 +1,7 @@
 from . import datasets  # registers lvis_v1_toy_*, lvis_v1_gen_large_*, toy_source_* (generated on first use)
 from . import coco_lt  # registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
 from .lvis_format import load_lvis_format_json, register_lvis_format
+from .proposals import check_proposal_files, label_proposals, read_proposal_file, top_proposals
 from .rebalance import (
     RebalanceSchedule,
     class_statistics,
@@ -30,4 +31,8 @@ __all__ = [
     "RebalanceSchedule",
     "DynamicRepeatFactorTrainingSampler",
     "TwoViewDatasetMapper",
+    "read_proposal_file",
+    "check_proposal_files",
+    "top_proposals",
+    "label_proposals",
 ]
