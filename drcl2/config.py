@@ -112,6 +112,9 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.SR.VISIBLE_WEIGHT = 0.1
     # Weight w_sr of L_SR in the total loss.
     cfg.MODEL.DRCL2.SR.WEIGHT = 1.0
+    # Names of further pretext heads (registered in drcl2.modeling.DRCL2_HEAD_REGISTRY) to train
+    # besides the built-in ones switched on below (HCL, LCL, AR, SR, RPN).
+    cfg.MODEL.DRCL2.EXTRA_HEADS = []
     cfg.MODEL.DRCL2.RPN = CN()
     # Class-agnostic RPN loss on the boxes of v1 (pre-trains the RPN) on/off.
     cfg.MODEL.DRCL2.RPN.ENABLED = True
