@@ -221,3 +221,39 @@ def test_proposal_box_source_needs_the_proposal_keys():
     with pytest.raises(ValueError, match="no view2 'proposals'"):
         with EventStorage(0):
             model(data)
+
+
+def test_unlabelled_proposals_weigh_one_in_box_guided_masking(monkeypatch, one_thread):
+    """With DRB weights far from 1 (iteration 8 of 10, a rare class), the masking weight of an
+    unlabelled proposal is 1 and that of a labelled one w_c(lambda). Catches: class -1 indexing the
+    last class's weight."""
+    from drcl2.modeling import meta_arch
+    from test_modeling import STATS
+
+    calls = []
+    original = meta_arch.box_guided_patch_mask
+    monkeypatch.setattr(meta_arch, "box_guided_patch_mask",
+                        lambda *a, **k: calls.append(a) or original(*a, **k))
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(
+        "DATALOADER.DRCL2.REPEAT_THRESHOLD", 0.5, "MODEL.LOAD_PROPOSALS", True,
+        "MODEL.DRCL2.LCL.BOX_SOURCE", "proposals", "DATASETS.PROPOSAL_FILES_TRAIN", ("unused.pkl",),
+        "MODEL.DRCL2.HCL.ENABLED", False, "MODEL.DRCL2.SR.ENABLED", False, "MODEL.DRCL2.RPN.ENABLED", False,
+        "MODEL.DRCL2.LCL.NUM_INSTANCES", 8))
+    model.train()
+    model.set_class_statistics(STATS)
+    data = proposal_batch()
+    for item in data:  # the last class (4) is the rare one: a -1 read as index -1 would take its weight
+        for v in ("view1", "view2"):
+            item[v]["proposals"].gt_classes[0] = 4
+    with EventStorage(8):
+        model(data)
+    w = model.class_weights_at(0.8)
+    assert w[4] > 2.5
+    assert len(calls) == 2
+    for args, item in zip(calls, data):
+        classes = item["view1"]["proposals"].gt_classes  # K = 8 >= 5 proposals: all drawn, in order
+        box_weights = args[4]
+        expected = torch.where(classes >= 0, w[classes.clamp(min=0)], torch.ones(()))
+        assert sorted(box_weights.tolist()) == pytest.approx(sorted(expected.tolist()))
+        assert (box_weights == 1).sum() >= 2  # the two unlabelled proposals
