@@ -61,6 +61,17 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.LCL.SUP_WEIGHT = 0.5
     # Weight w_lcl of L_LCL (both terms) in the total loss.
     cfg.MODEL.DRCL2.LCL.WEIGHT = 1.0
+    # LCL's boxes (also those of box-guided masking): "gt" (annotated boxes with their classes;
+    # [ours], the default) or "proposals" (the paper's: a class-agnostic detector's proposals, read
+    # from DATASETS.PROPOSAL_FILES_TRAIN with MODEL.LOAD_PROPOSALS True; the RPN term keeps the
+    # annotated boxes either way).
+    cfg.MODEL.DRCL2.LCL.BOX_SOURCE = "gt"
+    # With "proposals": the proposals of highest objectness kept per image before the views are
+    # cut, from which the K instances are drawn ([ours]).
+    cfg.MODEL.DRCL2.LCL.PROPOSAL_TOPK = 50
+    # A proposal takes the class of the annotated box it overlaps most if IoU >= this; otherwise it
+    # is unlabelled: in L_inst and masking with weight 1, left out of L_sup ([ours]).
+    cfg.MODEL.DRCL2.LCL.PROPOSAL_MATCH_IOU = 0.5
     cfg.MODEL.DRCL2.DRB = CN()
     # Dynamic rebalancing of instance selection / class weights w_c(lambda) (off: uniform weights).
     # Its image half is the sampler: True requires DATALOADER.SAMPLER_TRAIN
@@ -101,6 +112,9 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.SR.VISIBLE_WEIGHT = 0.1
     # Weight w_sr of L_SR in the total loss.
     cfg.MODEL.DRCL2.SR.WEIGHT = 1.0
+    # Names of further pretext heads (registered in drcl2.modeling.DRCL2_HEAD_REGISTRY) to train
+    # besides the built-in ones switched on below (HCL, LCL, AR, SR, RPN).
+    cfg.MODEL.DRCL2.EXTRA_HEADS = []
     cfg.MODEL.DRCL2.RPN = CN()
     # Class-agnostic RPN loss on the boxes of v1 (pre-trains the RPN) on/off.
     cfg.MODEL.DRCL2.RPN.ENABLED = True

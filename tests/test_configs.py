@@ -111,3 +111,21 @@ def test_large_pretraining_builds_the_fine_tuning_detector():
     assert supervised.SOLVER == pretrain.SOLVER  # same solver and sampler as the 2DRCL pre-training
     assert supervised.DATALOADER.SAMPLER_TRAIN == pretrain.DATALOADER.SAMPLER_TRAIN
     assert supervised.DATALOADER.DRCL2.REPEAT_THRESHOLD == pretrain.DATALOADER.DRCL2.REPEAT_THRESHOLD
+
+
+@pytest.mark.parametrize("rpn,pretrain", [
+    ("configs/proposals/rpn_R_50_FPN_1x.yaml", "configs/pretrain_2drcl_proposals.yaml"),
+    ("configs/toy/rpn_R18_FPN.yaml", "configs/toy/pretrain_2drcl_proposals.yaml"),
+])
+def test_proposal_configs(rpn, pretrain):
+    """The proposal path's pairs: an RPN-only detector on the set that the proposal pre-training
+    reads its proposals for, and a pre-training config that reads them (detectron2's keys)."""
+    from drcl2.modeling.meta_arch import check_drcl2_config
+
+    rpn_cfg, pre = _merged(rpn), _merged(pretrain)
+    assert rpn_cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork" and rpn_cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"
+    assert rpn_cfg.DATASETS.TRAIN == pre.DATASETS.TRAIN
+    assert rpn_cfg.MODEL.RPN.POST_NMS_TOPK_TEST >= pre.MODEL.DRCL2.LCL.PROPOSAL_TOPK  # enough written
+    assert pre.MODEL.DRCL2.LCL.BOX_SOURCE == "proposals" and pre.MODEL.LOAD_PROPOSALS
+    assert len(pre.DATASETS.PROPOSAL_FILES_TRAIN) == len(pre.DATASETS.TRAIN)
+    check_drcl2_config(pre)

@@ -2,6 +2,7 @@ from . import datasets  # registers lvis_v1_toy_*, lvis_v1_gen_large_*, toy_sour
 from . import coco_lt  # registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
 from .dataset_check import check_dataset_dicts, check_datasets  # the check before the first step
 from .lvis_format import load_lvis_format_json, register_lvis_format
+from .proposals import check_proposal_files, label_proposals, read_proposal_file, top_proposals
 from .rebalance import (
     RebalanceSchedule,
     class_statistics,
@@ -33,4 +34,8 @@ __all__ = [
     "RebalanceSchedule",
     "DynamicRepeatFactorTrainingSampler",
     "TwoViewDatasetMapper",
+    "read_proposal_file",
+    "check_proposal_files",
+    "top_proposals",
+    "label_proposals",
 ]

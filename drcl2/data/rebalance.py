@@ -33,6 +33,7 @@ __all__ = [
     "repeat_factors",
     "class_weights",
     "sample_instances",
+    "instance_class_weights",
     "RebalanceSchedule",
     "chunked_lambda",
 ]
@@ -269,10 +270,11 @@ def sample_instances(
 ) -> torch.Tensor:
     """
     Draw k instances of an image without replacement, with probability proportional to the weight
-    of each instance's class.
+    of each instance's class (:func:`instance_class_weights`: 1 for an unlabelled instance).
 
     Args:
-        gt_classes (Tensor[R] int64): class id of each instance of the image.
+        gt_classes (Tensor[R] int64): class id of each instance of the image; -1 (any negative
+            id) for an unlabelled one (a proposal that matches no annotated box).
         class_weights (Tensor[C]): positive w_c, e.g. from :func:`class_weights`; on the same device
             as ``gt_classes``.
         k (int): number of instances to draw (>= 0).
@@ -290,8 +292,24 @@ def sample_instances(
         return torch.arange(num, device=gt_classes.device)
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=gt_classes.device)
-    probs = class_weights.to(device=gt_classes.device, dtype=torch.float32)[gt_classes.long()]
+    probs = instance_class_weights(gt_classes, class_weights.to(device=gt_classes.device, dtype=torch.float32))
     return torch.multinomial(probs, k, replacement=False, generator=generator)
+
+
+def instance_class_weights(gt_classes: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """
+    The weight of each instance's class, 1 for an unlabelled instance (negative class id).
+
+    Args:
+        gt_classes (Tensor[R] int64): class ids, negative for unlabelled instances.
+        class_weights (Tensor[C]): w_c, on the device of ``gt_classes``.
+
+    Returns:
+        Tensor[R] of ``class_weights``'s dtype.
+    """
+    classes = gt_classes.long()
+    weights = class_weights[classes.clamp(min=0)]
+    return torch.where(classes >= 0, weights, torch.ones_like(weights))
 
 
 class RebalanceSchedule:

@@ -4,7 +4,7 @@ The two-view mapper of 2DRCL pre-training (METHOD.md, "Data flow of one pre-trai
 import copy
 import logging
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,6 +14,8 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
+
+from .proposals import label_proposals, top_proposals
 
 __all__ = ["RandomResizedCropAugmentation", "TwoViewDatasetMapper", "build_view_photometric"]
 
@@ -102,6 +104,13 @@ class TwoViewDatasetMapper:
     order, so row i of both views' ``instances`` is the same object (``gt_ids`` = its index in the
     dict's ``annotations``). An image with no kept instance yields empty ``instances``.
 
+    With ``proposal_topk`` set (LCL's ``BOX_SOURCE: "proposals"``), the dict's precomputed proposals
+    (detectron2's ``proposal_boxes`` fields, ``MODEL.LOAD_PROPOSALS``) are used too: the
+    ``proposal_topk`` of highest objectness, each labelled with the class of the annotated box it
+    overlaps with IoU >= ``proposal_match_iou`` (else -1, unlabelled), carried into both views with
+    the same survival rule as the annotations. Each view then also holds ``"proposals"``:
+    ``Instances(proposal_boxes, gt_classes)``, rows aligned across the views.
+
     Output dict: the input's ``file_name``, ``image_id``, ``height``, ``width`` and
     ``"view1"`` / ``"view2"``: ``{"image": Tensor[3, H_v, W_v] uint8 in ``image_format``,
     "instances": Instances(gt_boxes, gt_classes, gt_ids)}``.
@@ -119,6 +128,8 @@ class TwoViewDatasetMapper:
         image_format: str = "BGR",
         min_visible: float = 0.3,
         min_side: float = 4.0,
+        proposal_topk: Optional[int] = None,
+        proposal_match_iou: float = 0.5,
     ):
         """
         Args:
@@ -130,6 +141,9 @@ class TwoViewDatasetMapper:
             image_format: detectron2 image format of the output images (``INPUT.FORMAT``).
             min_visible: the fraction of a box's area that must survive each view's crop.
             min_side: the smallest side (pixels, in the view) of a kept box.
+            proposal_topk: carry this many precomputed proposals per image (by objectness) into
+                the views as ``"proposals"``; None: proposals are not used.
+            proposal_match_iou: the IoU with an annotated box from which a proposal takes its class.
         """
         if not is_train:
             raise ValueError("TwoViewDatasetMapper is for training only (is_train=True).")
@@ -140,6 +154,10 @@ class TwoViewDatasetMapper:
         self.image_format = image_format
         self.min_visible = min_visible
         self.min_side = min_side
+        if proposal_topk is not None and proposal_topk < 1:
+            raise ValueError(f"MODEL.DRCL2.LCL.PROPOSAL_TOPK must be >= 1; got {proposal_topk}.")
+        self.proposal_topk = proposal_topk
+        self.proposal_match_iou = proposal_match_iou
         logger.info(f"[TwoViewDatasetMapper] view 1: {geometric1} {photometric1}")
         logger.info(f"[TwoViewDatasetMapper] view 2: {geometric2} {photometric2}")
 
@@ -147,6 +165,7 @@ class TwoViewDatasetMapper:
     def from_config(cls, cfg, is_train: bool = True):
         d = cfg.INPUT.DRCL2
         _check_view_config(d)
+        lcl = cfg.MODEL.DRCL2.LCL
         crop = lambda: RandomResizedCropAugmentation(tuple(d.CROP_SCALE), tuple(d.CROP_RATIO))  # noqa
         common = dict(
             color_jitter_prob=d.COLOR_JITTER_PROB,
@@ -171,6 +190,8 @@ class TwoViewDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "min_visible": d.MIN_VISIBLE,
             "min_side": d.MIN_SIDE,
+            "proposal_topk": lcl.PROPOSAL_TOPK if lcl.BOX_SOURCE == "proposals" else None,
+            "proposal_match_iou": lcl.PROPOSAL_MATCH_IOU,
         }
 
     def make_view(self, image: np.ndarray, boxes: np.ndarray, view: int):
@@ -233,16 +254,21 @@ class TwoViewDatasetMapper:
             [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], dtype=np.float64
         ).reshape(-1, 4)
         classes = np.array([a["category_id"] for a in annos], dtype=np.int64)
+        # Proposals (if used) ride along with the annotations: rows [len(boxes):] of every view.
+        proposals, proposal_classes = self._proposals(dataset_dict, boxes, classes)
+        num_gt = len(boxes)
 
-        views = [self.make_view(image, boxes, v) for v in (0, 1)]
-        keep = np.ones(len(boxes), dtype=bool)
+        views = [self.make_view(image, np.concatenate([boxes, proposals]), v) for v in (0, 1)]
+        keep = np.ones(num_gt + len(proposals), dtype=bool)
         for _, view_boxes, visible, _ in views:
             sides = np.minimum(view_boxes[:, 2] - view_boxes[:, 0], view_boxes[:, 3] - view_boxes[:, 1])
             keep &= (visible >= self.min_visible) & (sides >= self.min_side)
+        keep_proposals, keep = keep[num_gt:], keep[:num_gt]
 
         out = {k: dataset_dict[k] for k in ("file_name", "image_id", "height", "width") if k in dataset_dict}
         for v, (view_image, view_boxes, _, _) in enumerate(views):
             view_image = self._photometric(view_image, v)
+            view_boxes, view_proposals = view_boxes[:num_gt], view_boxes[num_gt:]
             instances = Instances(view_image.shape[:2])
             instances.gt_boxes = Boxes(torch.as_tensor(view_boxes[keep], dtype=torch.float32))
             instances.gt_classes = torch.as_tensor(classes[keep], dtype=torch.int64)
@@ -251,7 +277,34 @@ class TwoViewDatasetMapper:
                 "image": torch.as_tensor(np.ascontiguousarray(view_image.transpose(2, 0, 1))),
                 "instances": instances,
             }
+            if self.proposal_topk is not None:
+                out[f"view{v + 1}"]["proposals"] = Instances(
+                    view_image.shape[:2],
+                    proposal_boxes=Boxes(torch.as_tensor(view_proposals[keep_proposals], dtype=torch.float32)),
+                    gt_classes=torch.as_tensor(proposal_classes[keep_proposals], dtype=torch.int64),
+                )
         return out
+
+    def _proposals(self, dataset_dict, gt_boxes: np.ndarray, gt_classes: np.ndarray):
+        """
+        The proposals of one image carried into the views: the top ``proposal_topk`` by
+        objectness, labelled by the annotated boxes (:func:`label_proposals`).
+
+        Returns:
+            ndarray[P, 4] XYXY_ABS in the original image, ndarray[P] int64 classes (-1: unlabelled);
+            P = 0 when proposals are not used.
+        """
+        if self.proposal_topk is None:
+            return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+        if "proposal_boxes" not in dataset_dict:
+            raise ValueError(
+                f"TwoViewDatasetMapper: image {dataset_dict.get('image_id')!r} ({dataset_dict.get('file_name')}) "
+                "has no precomputed proposals, but MODEL.DRCL2.LCL.BOX_SOURCE is 'proposals'. Set "
+                "MODEL.LOAD_PROPOSALS True and DATASETS.PROPOSAL_FILES_TRAIN to one proposal file per "
+                "training set (python -m drcl2.tools.dump_proposals writes them)."
+            )
+        proposals = top_proposals(dataset_dict, self.proposal_topk)
+        return proposals, label_proposals(proposals, gt_boxes, gt_classes, self.proposal_match_iou)
 
 
 def _check_view_config(d) -> None:

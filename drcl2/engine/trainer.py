@@ -17,6 +17,7 @@ from detectron2.evaluation import COCOEvaluator
 
 from ..checkpoint import AtomicDetectionCheckpointer, DRCL2Checkpointer
 from ..data.datasets import check_dataset_files, check_datasets_before_training, check_test_dataset
+from ..data.proposals import check_proposal_files
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.samplers import DynamicRepeatFactorTrainingSampler
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
@@ -214,6 +215,8 @@ class Trainer(DefaultTrainer):
         the test datasets are checked first (:func:`~drcl2.data.datasets.check_datasets_before_training`).
         """
         check_dataset_files(cfg.DATASETS.TRAIN)
+        if cfg.MODEL.LOAD_PROPOSALS:  # fail naming the file, not with detectron2's bare KeyError
+            check_proposal_files(cfg.DATASETS.TRAIN, cfg.DATASETS.PROPOSAL_FILES_TRAIN)
         dicts = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,

@@ -1,7 +1,7 @@
 """
 The small heads of 2DRCL (METHOD.md): projector / predictor MLPs, the appearance-reconstruction
 decoder and the semantic-reconstruction predictors. Each is @configurable-free plain nn.Module with
-typed arguments; the meta-architecture builds them from the config.
+typed arguments; the pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them from the config.
 """
 from typing import Dict, List
 

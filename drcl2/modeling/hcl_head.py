@@ -1,0 +1,161 @@
+"""HCL, holistic (image-level) contrastive learning (METHOD.md): ``loss_hcl``."""
+import math
+from typing import Dict, Sequence
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.utils import comm
+
+from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
+from .heads import MLPHead
+from .losses import at_least_float32, byol_loss, info_nce_loss
+from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext, feature_channels
+
+__all__ = ["HolisticContrastiveHead", "HCL_LOSSES", "check_images_per_batch"]
+
+HCL_LOSSES = ("byol", "infonce")
+
+
+@DRCL2_HEAD_REGISTRY.register()
+class HolisticContrastiveHead(PretextHead):
+    """
+    L_HCL between the online image vector of the (masked) view 1, through projector and predictor,
+    and the target image vector of view 2 through the target projector (symmetrised when the model
+    is). The image vector is the mean over ``in_features`` of padding-aware global average pooling.
+    Modules: ``hcl_projector``, ``hcl_predictor``; target copy: ``hcl_projector``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        projector: nn.Module,
+        predictor: nn.Module,
+        strides: Dict[str, int],
+        in_features: Sequence[str] = ("p2", "p3", "p4", "p5", "p6"),
+        loss: str = "byol",
+        temperature: float = 0.2,
+        weight: float = 1.0,
+        symmetric: bool = False,
+    ):
+        """
+        Args:
+            projector, predictor: the HCL MLPs.
+            strides: level -> stride of the backbone's outputs.
+            in_features: levels averaged into the image vector.
+            loss: "byol" or "infonce".
+            temperature: InfoNCE temperature.
+            weight: w_hcl.
+            symmetric: also train the swapped pair (online v2 vs target v1).
+        """
+        if loss not in HCL_LOSSES:
+            raise ValueError(f"DRCL2: hcl_loss must be one of {HCL_LOSSES}; got {loss!r}.")
+        super().__init__(in_features=in_features, target_views=(1, 2) if symmetric else (2,))
+        self.projector, self.predictor = projector, predictor
+        self.strides = dict(strides)
+        self.loss, self.temperature, self.weight, self.symmetric = loss, temperature, weight, symmetric
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        d = cfg.MODEL.DRCL2
+        channels = feature_channels(input_shape)
+        projector = MLPHead(channels, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM)
+        predictor = MLPHead(d.MLP_OUT_DIM, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM)
+        check_images_per_batch(cfg, projector, comm.get_world_size())
+        return {
+            "projector": projector,
+            "predictor": predictor,
+            "strides": {k: v.stride for k, v in input_shape.items()},
+            "in_features": d.HCL.IN_FEATURES,
+            "loss": d.HCL.LOSS,
+            "temperature": d.HCL.TEMPERATURE,
+            "weight": d.HCL.WEIGHT,
+            "symmetric": d.SYMMETRIC,
+        }
+
+    def online_modules(self):
+        return {"hcl_projector": self.projector, "hcl_predictor": self.predictor}
+
+    def target_modules(self):
+        return {"hcl_projector": "hcl_projector"}
+
+    def image_vector(self, features: Dict[str, torch.Tensor], image_sizes) -> torch.Tensor:
+        """
+        h: the mean over ``in_features`` of global average pooling over the image (padding
+        excluded: a location counts when its stride cell starts inside the image).
+
+        Args:
+            features: level -> Tensor[N, C, H_l, W_l].
+            image_sizes: N (h, w) of the unpadded images.
+
+        Returns:
+            Tensor[N, C], float32 or wider.
+        """
+        pooled = []
+        for name in self.in_features:
+            f = at_least_float32(features[name])
+            n, _, fh, fw = f.shape
+            stride = self.strides[name]
+            valid = torch.zeros((n, 1, fh, fw), dtype=f.dtype, device=f.device)
+            for i, (h, w) in enumerate(image_sizes):
+                valid[i, :, : math.ceil(h / stride), : math.ceil(w / stride)] = 1
+            pooled.append((f * valid).sum(dim=(2, 3)) / valid.sum(dim=(2, 3)))
+        return torch.stack(pooled).mean(dim=0)
+
+    def losses(self, ctx: StepContext, normalizers):
+        projector, predictor = ctx.module("hcl_projector"), ctx.module("hcl_predictor")
+        target_projector = ctx.target_module("hcl_projector")
+        image_counts = ctx.image_counts
+        if not batch_norm_trains(image_counts, projector, predictor, target_projector):
+            raise ValueError(
+                f"DRCL2: the HCL MLPs' batch norm (MODEL.DRCL2.HEAD_NORM) cannot train on "
+                f"{image_counts} image(s) per process. Use more images per batch "
+                "(SOLVER.IMS_PER_BATCH; per process: IMS_PER_BATCH / number of processes) or a "
+                "HEAD_NORM without batch statistics ('GN', 'LN', '')."
+            )
+        sizes1, sizes2 = ctx.image_sizes1, ctx.image_sizes2
+        z1 = predictor(projector(self.image_vector(ctx.online1, sizes1)))
+        with torch.no_grad():
+            if self.symmetric:  # one batched call over both views (BN statistics over 2N)
+                t = target_projector(
+                    torch.cat([self.image_vector(ctx.target1, sizes1), self.image_vector(ctx.target2, sizes2)])
+                )
+                t1, t2 = t[: len(z1)], t[len(z1):]
+            else:
+                t2 = target_projector(self.image_vector(ctx.target2, sizes2))
+        if self.symmetric:
+            z2 = predictor(projector(self.image_vector(ctx.online2, sizes2)))
+        normalizer = ddp_normalizer(sum(image_counts))
+        if self.loss == "byol":
+            loss = byol_loss(z1, t2, normalizer)
+            if self.symmetric:
+                loss = 0.5 * (loss + byol_loss(z2, t1, normalizer))
+            return {"loss_hcl": self.weight * loss}
+        # InfoNCE against the keys of the global batch: one gather (both views' keys if symmetric).
+        keys = all_gather_rows(torch.cat([t2, t1], dim=1) if self.symmetric else t2, image_counts)
+        dim = t2.shape[1]
+        positives = torch.arange(len(z1), device=z1.device) + sum(image_counts[: comm.get_rank()])
+        loss = info_nce_loss(z1, keys[:, :dim], positives, self.temperature, normalizer)
+        if self.symmetric:
+            loss = 0.5 * (loss + info_nce_loss(z2, keys[:, dim:], positives, self.temperature, normalizer))
+        return {"loss_hcl": self.weight * loss}
+
+
+def check_images_per_batch(cfg, hcl_projector: nn.Module, world_size: int) -> None:
+    """
+    Raise ValueError naming ``SOLVER.IMS_PER_BATCH`` when the per-process batch
+    (IMS_PER_BATCH / world size) is too small for the batch norm of the HCL MLPs
+    (:func:`batch_norm_trains`), e.g. one image per GPU with a plain ``BN`` head norm.
+    """
+    total = cfg.SOLVER.IMS_PER_BATCH
+    per_process = total // max(world_size, 1)
+    if not batch_norm_trains([per_process] * world_size, hcl_projector):
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH = {total}: {per_process} image(s) per process "
+            f"(IMS_PER_BATCH / {world_size} processes) is too few for the batch norm of the HCL "
+            f"MLPs (MODEL.DRCL2.HEAD_NORM = {cfg.MODEL.DRCL2.HEAD_NORM!r}), which needs at least "
+            "2 images per batch (per process with 'BN'). Raise SOLVER.IMS_PER_BATCH or use a "
+            "HEAD_NORM without batch statistics ('GN', 'LN', '')."
+        )
