@@ -32,13 +32,13 @@ def _boxes(*squares):
 # Adaptive training sample selection, on hand-built cases
 # ------------------------------------------------------------------------------------------------
 def test_atss_iou_threshold_is_mean_plus_std_of_the_candidates():
-    # GT [0, 0, 20, 20]; anchors of side 20. The 3 closest centres (distances 0, 4, 7) are the
-    # candidates, IoUs 1, 2/3, 0.4815: threshold = mean 0.7161 + std 0.2627 = 0.9788, so only the
-    # first is positive (a fixed IoU threshold of 0.5, as RetinaNet's, would take the second too).
-    # The 4th and 5th anchors (distances 20, 15) are not candidates.
-    anchors = _boxes((10, 10, 20), (14, 10, 20), (10, 17, 20), (30, 10, 20), (10, 25, 20))
+    # GT [0, 0, 20, 20]; anchors of side 20. The 4 closest centres (distances 0, 2, 4, 7) are the
+    # candidates, IoUs 1, 0.818, 2/3, 0.4815: threshold = mean 0.7416 + std 0.2205 = 0.962, so only
+    # the first is positive (the mean alone would take the second too, a fixed IoU threshold of
+    # 0.5 as RetinaNet's the third as well). The last two (distances 20, 15) are not candidates.
+    anchors = _boxes((10, 10, 20), (12, 10, 20), (14, 10, 20), (10, 17, 20), (30, 10, 20), (10, 25, 20))
     gt = Boxes(torch.tensor([[0.0, 0.0, 20.0, 20.0]]))
-    assert atss_match([anchors], gt, topk=3).tolist() == [0, -1, -1, -1, -1]
+    assert atss_match([anchors], gt, topk=4).tolist() == [0, -1, -1, -1, -1, -1]
 
 
 def test_atss_candidates_are_the_k_closest_of_each_level():
@@ -63,16 +63,18 @@ def test_atss_positive_centre_must_lie_inside_the_box():
     assert atss_match([anchors], gt, topk=3).tolist() == [-1, -1, -1, -1]
 
 
-def test_atss_anchor_claimed_by_two_boxes_takes_the_higher_iou():
-    # a 16 x 16 grid of 32 px anchors, stride 8, and two heavily overlapping boxes
+@pytest.mark.parametrize("order", [[0, 1], [1, 0]])
+def test_atss_anchor_claimed_by_two_boxes_takes_the_higher_iou(order):
+    # a 16 x 16 grid of 32 px anchors, stride 8, and two overlapping boxes of different sizes
     centers = [(4 + 8 * i, 4 + 8 * j) for j in range(16) for i in range(16)]
     anchors = _boxes(*[(x, y, 32) for x, y in centers])
-    gts = Boxes(torch.tensor([[20.0, 20.0, 60.0, 60.0], [28.0, 20.0, 68.0, 60.0]]))
+    gts = Boxes(torch.tensor([[20.0, 20.0, 60.0, 60.0], [24.0, 20.0, 56.0, 52.0]])[order])
     alone = [atss_match([anchors], gts[[i]], topk=9) >= 0 for i in range(2)]  # selection per box
     both = alone[0] & alone[1]
-    assert both.any()  # the case exists
-    matched = atss_match([anchors], gts, topk=9)
     ious = pairwise_iou(anchors, gts)
+    assert both.any()  # the case exists: anchors positive for both boxes, here with IoU 0.64 / 0.78
+    assert (ious[both].max(dim=1).values > ious[both].min(dim=1).values).all()
+    matched = atss_match([anchors], gts, topk=9)
     assert torch.equal(matched[both], ious[both].argmax(dim=1))
     assert (matched[alone[0] & ~alone[1]] == 0).all() and (matched[alone[1] & ~alone[0]] == 1).all()
     assert (matched[~alone[0] & ~alone[1]] == -1).all()
