@@ -142,7 +142,8 @@ def test_atss_box_loss_is_centerness_weighted_giou_times_two(toy_atss, one_threa
     expected = 2.0 * (giou_loss(pred, matched[0][pos]) * w).sum() / w.sum()
     assert shifted["loss_box_reg"].item() == pytest.approx(expected.item(), rel=1e-4)
     # centerness: BCE of logit 0 (p = 0.5) against the targets, over the number of positives
-    expected_ctr = torch.nn.functional.binary_cross_entropy(torch.full_like(w, 0.5), w, reduction="sum") / pos.sum()
+    bce = torch.nn.functional.binary_cross_entropy(torch.full_like(w, 0.5), w, reduction="sum")
+    expected_ctr = bce / pos.sum()
     assert perfect["loss_centerness"].item() == pytest.approx(expected_ctr.item(), rel=1e-4)
 
 
@@ -182,9 +183,11 @@ def test_atss_inference_thresholds_probability_and_scores_sqrt_of_centerness(toy
     assert torch.allclose(out.scores, expected)
     assert torch.allclose(out.pred_boxes.tensor[:2], anchors[0].tensor[[1, 0]])  # zero deltas
     monkeypatch.setattr(model, "test_topk_candidates", 2)  # ranked by probability x centerness
-    assert model.inference_single_image(anchors, probs, deltas, ctr, (100, 100)).pred_classes.tolist() == [1, 0]
+    out = model.inference_single_image(anchors, probs, deltas, ctr, (100, 100))
+    assert out.pred_classes.tolist() == [1, 0]
     monkeypatch.setattr(model, "max_detections_per_image", 1)
-    assert model.inference_single_image(anchors, probs, deltas, ctr, (100, 100)).pred_classes.tolist() == [1]
+    out = model.inference_single_image(anchors, probs, deltas, ctr, (100, 100))
+    assert out.pred_classes.tolist() == [1]
 
 
 @pytest.mark.parametrize(

@@ -180,7 +180,8 @@ class ATSSHead(RetinaNetHead):
         num_anchors = build_anchor_generator(cfg, input_shape).num_cell_anchors
         if len(set(num_anchors)) != 1:
             raise ValueError(
-                f"ATSS needs the same number of anchors at every level; MODEL.ANCHOR_GENERATOR gives {num_anchors}."
+                "ATSS needs the same number of anchors at every level; MODEL.ANCHOR_GENERATOR "
+                f"gives {num_anchors}."
             )
         return {
             "input_shape": input_shape,
@@ -334,7 +335,9 @@ class ATSS(DenseDetector):
             matched_boxes.append(boxes_i)
         return labels, matched_boxes
 
-    def losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, pred_centerness) -> Dict[str, Tensor]:
+    def losses(
+        self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, pred_centerness
+    ) -> Dict[str, Tensor]:
         """
         Args:
             anchors: per level, ``Boxes[R_l]``.
@@ -432,7 +435,8 @@ class ATSS(DenseDetector):
             candidates = keep.nonzero()  # (P, 2): location, class
             scores, order = scores.topk(min(len(scores), self.test_topk_candidates))
             location, classes = candidates[order].unbind(dim=1)
-            boxes_all.append(self.box2box_transform.apply_deltas(deltas_l[location], anchors_l.tensor[location]))
+            boxes = self.box2box_transform.apply_deltas(deltas_l[location], anchors_l.tensor[location])
+            boxes_all.append(boxes)
             scores_all.append(torch.sqrt(scores))
             classes_all.append(classes)
         boxes, scores, classes = cat(boxes_all), cat(scores_all), cat(classes_all)
