@@ -305,3 +305,30 @@ def test_toy_atss_finetune_and_evaluate(exports, toy_val_mini, tmp_path, one_thr
     key = "backbone.bottom_up.res2.0.conv1.weight"
     assert (trained[key] - exports["toy"][key]).abs().max() < 1e-3
     assert (tmp_path / "inference" / "lvis_instances_results.json").is_file()
+
+
+def _mean_over_two_workers(rank, init_file, results):
+    import torch.distributed as dist
+
+    from drcl2.modeling.atss import _mean_over_workers
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results[rank] = _mean_over_workers(float(rank * 4 + 1))  # 1 and 5
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this torch build has no gloo backend, so CPU processes cannot form a process group",
+)
+def test_atss_normalizers_are_averaged_over_processes(tmp_path):
+    """The loss normalisers (positives, centerness sum) are the mean over the processes, as the
+    paper's code: each process gets the same normaliser."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_mean_over_two_workers, args=(str(tmp_path / "init"), results), nprocs=2)
+        assert dict(results) == {0: 3.0, 1: 3.0}
