@@ -8,12 +8,13 @@ Where things live:
     drcl2.engine       Trainer: DefaultTrainer for 2DRCL pre-training and long-tail fine-tuning
     drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report), COCOLTEvaluator (AP1-AP4)
     drcl2.modeling     the DRCL2 pre-training meta-architecture (EMA target) and its pretext heads
-                       (HCL, LCL, AR, SR, RPN term; DRCL2_HEAD_REGISTRY for your own)
+                       (HCL, LCL, AR, SR, RPN term; DRCL2_HEAD_REGISTRY for your own); the one-stage
+                       fine-tuning detectors ATSS and FCOS (yacs-configurable)
     drcl2.checkpoint   export_finetune_weights(src, dst): DRCL2 checkpoint -> fine-tuning weights
     drcl2.tools        command lines: python -m drcl2.tools.<name> (export_weights, dump_proposals, ...)
 """
 from . import data  # registers the generated LVIS-format sets and COCO-LT
-from . import modeling  # registers the DRCL2 meta-architecture
+from . import modeling  # registers the DRCL2, ATSS and FCOS meta-architectures
 from .checkpoint import export_finetune_weights
 from .config import add_drcl2_config
 from .data import register_lvis_format

@@ -156,6 +156,67 @@ def add_drcl2_config(cfg):
     cfg.INPUT.DRCL2.MIN_SIDE = 4.0
 
     # ---------------------------------------------------------------------------------------------
+    # One-stage fine-tuning detectors. RetinaNet is detectron2's, with its own MODEL.RETINANET keys.
+    # ---------------------------------------------------------------------------------------------
+    # ATSS (drcl2.modeling.atss), MODEL.META_ARCHITECTURE == "ATSS". The defaults are the ATSS
+    # paper's (Zhang et al., CVPR 2020); its anchors come from MODEL.ANCHOR_GENERATOR (the paper:
+    # one square anchor per location, 8 x the level's stride; configs/Base-ATSS.yaml).
+    cfg.MODEL.ATSS = CN()
+    # Number of foreground classes.
+    cfg.MODEL.ATSS.NUM_CLASSES = 80
+    # Backbone levels the head reads (P3-P7 of build_fcos_resnet_fpn_backbone).
+    cfg.MODEL.ATSS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Conv-norm-ReLU layers in each head tower (classification, box).
+    cfg.MODEL.ATSS.NUM_CONVS = 4
+    # Norm of the tower convs (detectron2 get_norm name; the paper: GroupNorm, 32 groups).
+    cfg.MODEL.ATSS.NORM = "GN"
+    # Initial foreground probability of the classifier (sets its bias).
+    cfg.MODEL.ATSS.PRIOR_PROB = 0.01
+    # k of the adaptive training sample selection: candidates per level and GT box (x anchors per location).
+    cfg.MODEL.ATSS.TOPK = 9
+    # Focal loss alpha.
+    cfg.MODEL.ATSS.FOCAL_LOSS_ALPHA = 0.25
+    # Focal loss gamma.
+    cfg.MODEL.ATSS.FOCAL_LOSS_GAMMA = 2.0
+    # Weights of the anchor -> box deltas (dx, dy, dw, dh).
+    cfg.MODEL.ATSS.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    # Weight of the (centerness-weighted) GIoU box loss.
+    cfg.MODEL.ATSS.REG_LOSS_WEIGHT = 2.0
+    # Inference: class probability a location needs to be a candidate (before centerness).
+    cfg.MODEL.ATSS.SCORE_THRESH_TEST = 0.05
+    # Inference: candidates kept per level before NMS (by probability x centerness).
+    cfg.MODEL.ATSS.TOPK_CANDIDATES_TEST = 1000
+    # Inference: IoU threshold of the per-class NMS.
+    cfg.MODEL.ATSS.NMS_THRESH_TEST = 0.6
+
+    # detectron2's FCOS (drcl2.modeling.fcos, a registered subclass with from_config; detectron2
+    # builds it from lazy configs only), MODEL.META_ARCHITECTURE == "FCOS". Defaults: those of
+    # detectron2's FCOS (configs/common/models/fcos.py).
+    cfg.MODEL.FCOS = CN()
+    # Number of foreground classes.
+    cfg.MODEL.FCOS.NUM_CLASSES = 80
+    # Backbone levels the head reads (P3-P7 of build_fcos_resnet_fpn_backbone).
+    cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Conv-norm-ReLU layers in each head tower.
+    cfg.MODEL.FCOS.NUM_CONVS = 4
+    # Norm of the tower convs (detectron2 get_norm name).
+    cfg.MODEL.FCOS.NORM = "GN"
+    # Initial foreground probability of the classifier.
+    cfg.MODEL.FCOS.PRIOR_PROB = 0.01
+    # Centre sampling: a location is positive within this many strides of the box centre.
+    cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    # Focal loss alpha.
+    cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    # Focal loss gamma.
+    cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    # Inference: score (sqrt(probability x centerness)) a location needs to be a candidate.
+    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
+    # Inference: candidates kept per level before NMS.
+    cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    # Inference: IoU threshold of the per-class NMS.
+    cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+
+    # ---------------------------------------------------------------------------------------------
     # Evaluation (drcl2.evaluation).
     # ---------------------------------------------------------------------------------------------
     cfg.TEST.DRCL2 = CN()

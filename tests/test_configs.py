@@ -64,6 +64,57 @@ def test_lvis_recipe():
     assert cfg.DATASETS.TRAIN == ("lvis_v1_train",)
 
 
+@pytest.mark.parametrize(
+    "arch, key", [("atss", "ATSS"), ("retinanet", "RETINANET"), ("fcos", "FCOS")]
+)
+def test_lvis_recipe_one_stage(arch, key):
+    """The one-stage LVIS configs: the LVIS recipe of the Mask R-CNN ones, and their detector."""
+    cfg = _merged(f"configs/LVISv1/{arch}_R_50_FPN_1x.yaml")
+    lvis = _merged("configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml")
+    assert cfg.MODEL.META_ARCHITECTURE == {"atss": "ATSS", "retinanet": "RetinaNet", "fcos": "FCOS"}[arch]
+    assert cfg.MODEL[key].NUM_CLASSES == 1203
+    assert cfg.MODEL[key].SCORE_THRESH_TEST == pytest.approx(1e-4)
+    for name in ("TEST", "DATALOADER", "DATASETS"):
+        assert cfg[name] == lvis[name], name
+    assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
+    assert cfg.INPUT.MIN_SIZE_TRAIN == lvis.INPUT.MIN_SIZE_TRAIN
+    for name in ("WEIGHTS", "PIXEL_MEAN", "PIXEL_STD"):  # the export's backbone, as fine-tuned
+        assert cfg.MODEL[name] == lvis.MODEL[name], name
+    for name in ("DEPTH", "NORM", "STRIDE_IN_1X1", "RES2_OUT_CHANNELS"):
+        assert cfg.MODEL.RESNETS[name] == lvis.MODEL.RESNETS[name], name
+    assert cfg.MODEL.FPN.IN_FEATURES == ["res3", "res4", "res5"]
+    assert cfg.SOLVER.BASE_LR == 0.01 and cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.MAX_ITER == 90000
+
+
+def test_atss_paper_defaults():
+    """ATSS as the paper: one anchor of 8 x stride per location of P3-P7 (P6/P7 from P5), k = 9,
+    focal loss (0.25, 2), GIoU weight 2, GN towers of 4 convs, NMS 0.6, top-1000 per level."""
+    cfg = _merged("configs/LVISv1/atss_R_50_FPN_1x.yaml")
+    assert cfg.MODEL.BACKBONE.NAME == "build_fcos_resnet_fpn_backbone"
+    assert cfg.MODEL.ATSS.IN_FEATURES == ["p3", "p4", "p5", "p6", "p7"]
+    assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[8 * s] for s in (8, 16, 32, 64, 128)]
+    assert cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == [[1.0]]
+    a = cfg.MODEL.ATSS
+    assert (a.TOPK, a.FOCAL_LOSS_ALPHA, a.FOCAL_LOSS_GAMMA, a.REG_LOSS_WEIGHT) == (9, 0.25, 2.0, 2.0)
+    assert (a.NUM_CONVS, a.NORM, a.PRIOR_PROB, a.NMS_THRESH_TEST, a.TOPK_CANDIDATES_TEST) == (4, "GN", 0.01, 0.6, 1000)
+    assert tuple(a.BBOX_REG_WEIGHTS) == (10.0, 10.0, 5.0, 5.0)
+    assert _merged("configs/Base-ATSS.yaml").MODEL.ATSS.SCORE_THRESH_TEST == 0.05  # COCO: the paper's
+
+
+@pytest.mark.parametrize("arch", ["atss", "retinanet", "fcos"])
+def test_toy_one_stage_keeps_the_toy_recipe(arch):
+    """The toy one-stage configs change the detector only: the backbone that loads the toy export,
+    the sampler, solver and evaluation are the toy Mask R-CNN's."""
+    cfg = _merged(f"configs/toy/{arch}_finetune.yaml")
+    toy = _merged("configs/toy/mask_rcnn_finetune.yaml")
+    for name in ("SOLVER", "TEST", "DATALOADER", "DATASETS", "INPUT", "SEED"):
+        assert cfg[name] == toy[name], name
+    for name in ("DEPTH", "NORM", "RES2_OUT_CHANNELS"):
+        assert cfg.MODEL.RESNETS[name] == toy.MODEL.RESNETS[name], name
+    assert cfg.MODEL.FPN.NORM == toy.MODEL.FPN.NORM and cfg.MODEL.FPN.OUT_CHANNELS == toy.MODEL.FPN.OUT_CHANNELS
+    assert not cfg.MODEL.MASK_ON
+
+
 def test_unknown_key_fails_with_detectron2_error(tmp_path):
     with pytest.raises(AssertionError, match="Non-existent key: MODEL.NO_SUCH_KEY"):  # yacs
         _setup("configs/toy/mask_rcnn_finetune.yaml", tmp_path, "MODEL.NO_SUCH_KEY", "1")

@@ -11,6 +11,8 @@ NUM_CLASSES_KEYS = {
     "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
     "DRCL2": "MODEL.ROI_HEADS.NUM_CLASSES",
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "ATSS": "MODEL.ATSS.NUM_CLASSES",
+    "FCOS": "MODEL.FCOS.NUM_CLASSES",
 }
 """The config key of each meta-architecture's number of classes (others are not checked)."""
 

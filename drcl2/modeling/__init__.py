@@ -1,4 +1,8 @@
-"""2DRCL modeling: the DRCL2 meta-architecture, its pretext heads, losses, masking and EMA target network."""
+"""
+2DRCL modeling: the DRCL2 meta-architecture, its pretext heads (DRCL2_HEAD_REGISTRY), losses, masking
+and EMA target network; the one-stage fine-tuning detectors ATSS and (detectron2's) FCOS, and their
+P3-P7 backbone.
+"""
 from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext, build_pretext_heads
 from . import hcl_head, lcl_head, reconstruction_heads, rpn_loss_head  # register the built-in heads
 from .hcl_head import HolisticContrastiveHead
@@ -6,6 +10,9 @@ from .lcl_head import LocalContrastiveHead
 from .reconstruction_heads import AppearanceReconstructionHead, SemanticReconstructionHead
 from .rpn_loss_head import RPNLossHead
 from .meta_arch import DRCL2, check_drcl2_config  # registers the DRCL2 meta-architecture
+from .atss import ATSS  # registers the ATSS meta-architecture
+from .fcos import FCOS  # registers detectron2's FCOS for yacs configs
+from .backbone import build_fcos_resnet_fpn_backbone  # registers the P6/P7-from-P5 ResNet-FPN
 
 __all__ = [
     "DRCL2",
@@ -19,4 +26,7 @@ __all__ = [
     "AppearanceReconstructionHead",
     "SemanticReconstructionHead",
     "RPNLossHead",
+    "ATSS",
+    "FCOS",
+    "build_fcos_resnet_fpn_backbone",
 ]
