@@ -41,6 +41,8 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from .backbone import backbone_feature_shapes
+
 __all__ = ["ATSS", "ATSSHead", "atss_match", "centerness_targets"]
 
 logger = logging.getLogger(__name__)
@@ -272,15 +274,8 @@ class ATSS(DenseDetector):
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
-        backbone_shape = backbone.output_shape()
         in_features = list(cfg.MODEL.ATSS.IN_FEATURES)
-        missing = [f for f in in_features if f not in backbone_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.ATSS.IN_FEATURES {in_features} names {missing}, which the backbone "
-                f"({cfg.MODEL.BACKBONE.NAME}) does not output; it outputs {sorted(backbone_shape)}."
-            )
-        feature_shapes = [backbone_shape[f] for f in in_features]
+        feature_shapes = backbone_feature_shapes(cfg, backbone, in_features, "MODEL.ATSS.IN_FEATURES")
         return {
             "backbone": backbone,
             "head": ATSSHead(cfg, feature_shapes),

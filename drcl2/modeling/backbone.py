@@ -12,7 +12,23 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-__all__ = ["build_fcos_resnet_fpn_backbone"]
+__all__ = ["build_fcos_resnet_fpn_backbone", "backbone_feature_shapes"]
+
+
+def backbone_feature_shapes(cfg, backbone, in_features, key: str):
+    """
+    The :class:`ShapeSpec` of each of ``in_features`` in ``backbone``'s outputs, in order; a
+    feature the backbone does not output raises ValueError naming the config ``key``.
+    """
+    shapes = backbone.output_shape()
+    in_features = list(in_features)
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"{key} {in_features} names {missing}, which the backbone "
+            f"({cfg.MODEL.BACKBONE.NAME}) does not output; it outputs {sorted(shapes)}."
+        )
+    return [shapes[f] for f in in_features]
 
 
 @BACKBONE_REGISTRY.register()

@@ -10,6 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS as _FCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
 
+from .backbone import backbone_feature_shapes
+
 __all__ = ["FCOS"]
 
 
@@ -25,15 +27,8 @@ class FCOS(_FCOS):
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
-        backbone_shape = backbone.output_shape()
         in_features = list(cfg.MODEL.FCOS.IN_FEATURES)
-        missing = [f for f in in_features if f not in backbone_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.FCOS.IN_FEATURES {in_features} names {missing}, which the backbone "
-                f"({cfg.MODEL.BACKBONE.NAME}) does not output; it outputs {sorted(backbone_shape)}."
-            )
-        feature_shapes = [backbone_shape[f] for f in in_features]
+        feature_shapes = backbone_feature_shapes(cfg, backbone, in_features, "MODEL.FCOS.IN_FEATURES")
         head = FCOSHead(
             input_shape=feature_shapes,
             num_classes=cfg.MODEL.FCOS.NUM_CLASSES,
