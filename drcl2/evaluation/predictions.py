@@ -105,52 +105,61 @@ def _window_counts(m: np.ndarray, windows: np.ndarray):
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     buf = np.zeros(int(offsets[-1]), np.uint8)
-    for i in range(n):
-        if lengths[i] == 0:
+    for i, (a, b, c, d, o, pad) in enumerate(zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(),
+                                                 offsets.tolist(), padded.tolist())):
+        if a == c or b == d:
             continue
-        crop = m[i, y0[i] : y1[i], x0[i] : x1[i]]
-        dst = buf[offsets[i] : offsets[i + 1]].reshape(int(wb[i]), int(col[i]))
-        if padded[i]:
-            dst[:, : hb[i]] = cv2.transpose(crop)  # the last element of each row stays 0
+        dst = buf[o : o + (c - a) * (d - b + pad)].reshape(c - a, d - b + pad)
+        if pad:
+            dst[:, :-1] = cv2.transpose(m[i, b:d, a:c])  # the last element of each row stays 0
         else:
-            out = cv2.transpose(crop, dst)
+            out = cv2.transpose(m[i, b:d, a:c], dst)
             if not np.shares_memory(out, dst):
                 dst[...] = out
     # A run starts where the value changes or a window's buffer starts.
     starts = np.flatnonzero(buf[1:] != buf[:-1]) + 1 if buf.size > 1 else np.zeros(0, np.int64)
     starts = np.union1d(starts, offsets[:-1][lengths > 0]).astype(np.int64)
     run_len = np.diff(np.append(starts, buf.size))
-    run_val = buf[starts] if buf.size else np.zeros(0, np.uint8)
+    run_val = buf[starts].astype(np.int64) if buf.size else np.zeros(0, np.int64)
     owner = np.searchsorted(offsets, starts, side="right") - 1
     # Zero runs: add the skipped rows of every column end (padding zero) they contain.
     local = starts - offsets[owner]
     c, hbo = col[owner], hb[owner]
     pads = (local + run_len - 1 - hbo) // c - (local - 1 - hbo) // c
-    skip = np.where(padded[owner] & (run_val == 0), pads * (h - hbo - 1), 0)
-    run_len = run_len + skip
-    ones = np.bincount(owner, weights=run_len * run_val, minlength=n).astype(np.int64) if len(owner) else np.zeros(n, np.int64)
-    bounds = np.searchsorted(owner, np.arange(n + 1), side="left")
+    run_len = run_len + np.where(padded[owner] & (run_val == 0), pads * (h - hbo - 1), 0)
+    ones = np.bincount(owner, weights=run_len * run_val, minlength=n).astype(np.int64)
+
+    # Per mask: the zeros before the window go into the first run (or a zero run put before a
+    # first run of ones: an RLE starts with zeros); what is left of H * W after the runs goes
+    # into the last zero run (or after a last run of ones); a zero-length last run is dropped.
     total = h * w
-    out = []
-    for i in range(n):
-        lo, hi = bounds[i], bounds[i + 1]
-        if lo == hi:  # empty window
-            out.append(np.array([total], np.uint32))
-            continue
-        cnt = run_len[lo:hi].astype(np.int64)  # alternating runs, the first of value run_val[lo]
-        head = int(x0[i]) * h + int(y0[i])  # zeros before the window's first pixel
-        if run_val[lo]:
-            cnt = np.concatenate([[head], cnt])  # an RLE starts with a (possibly empty) zero run
-        else:
-            cnt[0] += head
-        rest = total - int(cnt.sum())  # zeros after the window (negative: a padding zero too many)
-        if run_val[hi - 1] and rest > 0:
-            cnt = np.append(cnt, rest)
-        elif not run_val[hi - 1]:
-            cnt[-1] += rest
-            if cnt[-1] == 0:
-                cnt = cnt[:-1]
-        out.append(cnt.astype(np.uint32))
+    bounds = np.searchsorted(owner, np.arange(n + 1), side="left")
+    first, last = bounds[:-1], bounds[1:] - 1
+    nonempty = bounds[1:] > first
+    head = x0 * h + y0
+    sums = np.add.reduceat(run_len, first[nonempty]) if nonempty.any() else np.zeros(0, np.int64)
+    run_sum = np.zeros(n, np.int64)
+    run_sum[nonempty] = sums
+    rest = total - head - run_sum
+    first_val = np.where(nonempty, run_val[np.minimum(first, len(run_val) - 1)] if len(run_val) else 0, 0)
+    last_val = np.where(nonempty, run_val[np.maximum(last, 0)] if len(run_val) else 0, 0)
+    add_head = nonempty & (first_val == 0)
+    np.add.at(run_len, first[add_head], head[add_head])
+    add_rest = nonempty & (last_val == 0)
+    np.add.at(run_len, last[add_rest], rest[add_rest])
+    keep = np.ones(len(run_len), bool)
+    keep[last[add_rest]] = run_len[last[add_rest]] > 0
+    prepend = nonempty & (first_val == 1)
+    append = nonempty & (last_val == 1) & (rest > 0)
+    empty = ~nonempty
+    # Inserted values in mask order (prepend, empty, append of mask i at bounds[i] / bounds[i + 1]):
+    # np.insert keeps the given order for equal indices.
+    kinds = np.stack([prepend, empty, append], axis=1)  # [n, 3]
+    where = np.stack([first, first, bounds[1:]], axis=1)[kinds]
+    values = np.stack([head, np.full(n, total), rest], axis=1)[kinds]
+    flat = np.insert(run_len[keep], np.searchsorted(np.flatnonzero(keep), where), values)
+    per_mask = (bounds[1:] - first) - np.bincount(owner[~keep], minlength=n) + kinds.sum(axis=1)
+    out = np.split(flat.astype(np.uint32), np.cumsum(per_mask)[:-1])
     return out, ones
 
 

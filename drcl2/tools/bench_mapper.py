@@ -95,6 +95,15 @@ def synthetic_lvis_jpegs(folder, num_images, width, height, *, instances=12, num
     return records
 
 
+def _config_path(path):
+    """A config of the repository: relative to the working directory, else to drcl2's checkout."""
+    if os.path.exists(path):
+        return path
+    import drcl2
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(drcl2.__file__))), path)
+
+
 def _cfg(path, *opts):
     from detectron2.config import get_cfg
 
@@ -102,7 +111,7 @@ def _cfg(path, *opts):
 
     cfg = get_cfg()
     add_drcl2_config(cfg)
-    cfg.merge_from_file(path)
+    cfg.merge_from_file(_config_path(path))
     cfg.merge_from_list(list(opts))
     return cfg
 
