@@ -117,8 +117,15 @@ def _window_counts(m: np.ndarray, windows: np.ndarray):
             if not np.shares_memory(out, dst):
                 dst[...] = out
     # A run starts where the value changes or a window's buffer starts.
-    starts = np.flatnonzero(buf[1:] != buf[:-1]) + 1 if buf.size > 1 else np.zeros(0, np.int64)
-    starts = np.union1d(starts, offsets[:-1][lengths > 0]).astype(np.int64)
+    if buf.size > 1:
+        change = np.not_equal(buf[1:], buf[:-1])
+        inner = offsets[1:-1]
+        change[inner[(inner > 0) & (inner < buf.size)] - 1] = True
+        starts = np.flatnonzero(change) + 1
+    else:
+        starts = np.zeros(0, np.int64)
+    if buf.size:
+        starts = np.concatenate([[0], starts])
     run_len = np.diff(np.append(starts, buf.size))
     run_val = buf[starts].astype(np.int64) if buf.size else np.zeros(0, np.int64)
     owner = np.searchsorted(offsets, starts, side="right") - 1

@@ -89,7 +89,9 @@ def synthetic_lvis_jpegs(folder, num_images, width, height, *, instances=12, num
                 "segmentation": [poly.ravel().tolist()],
             })
         path = os.path.join(folder, f"{width}x{height}_{i:04d}.jpg")
-        cv2.imwrite(path, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        tmp = os.path.join(folder, f".{os.getpid()}_{width}x{height}_{i:04d}.jpg")
+        cv2.imwrite(tmp, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        os.replace(tmp, path)  # atomic: processes generating the same set at once never see half a file
         records.append({"file_name": path, "image_id": len(records) + 1, "height": height, "width": width,
                         "annotations": annotations})
     return records
