@@ -13,6 +13,7 @@ Two backends (``INPUT.DRCL2.AUG_BACKEND``) draw the same augmentations from the 
 import copy
 import logging
 import math
+import os
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -224,6 +225,7 @@ class TwoViewDatasetMapper:
                     f"cannot augment INPUT.FORMAT {image_format!r} images."
                 )
         self.backend = backend
+        self._threads_pid = None
         self.timings: Optional[Dict[str, List[float]]] = None
         self.geometric = (T.AugmentationList(geometric1), T.AugmentationList(geometric2))
         self.photometric = (photometric1, photometric2)
@@ -345,6 +347,12 @@ class TwoViewDatasetMapper:
         return rgb
 
     def __call__(self, dataset_dict):
+        if self._threads_pid != os.getpid():
+            # In a DataLoader worker torch runs one thread; so should OpenCV (its own pool would put
+            # cores x workers threads on the machine). Checked once per process.
+            if torch.utils.data.get_worker_info() is not None:
+                cv2.setNumThreads(1)
+            self._threads_pid = os.getpid()
         start = time.perf_counter()
         dataset_dict = copy.deepcopy(dataset_dict)
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
