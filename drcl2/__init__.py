@@ -4,8 +4,10 @@ Where things live:
     drcl2.config       add_drcl2_config(cfg): every drcl2 config key, with its default
     drcl2.data         LVIS-format datasets (register_lvis_format), the generated LVIS-format sets
                        (toy and large), COCO-LT, the dynamic rebalancing sampler and maths, TwoViewDatasetMapper
+                       (its OpenCV / NumPy augmentation ops: drcl2.data.view_ops)
     drcl2.engine       Trainer: DefaultTrainer for 2DRCL pre-training and long-tail fine-tuning
-    drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report), COCOLTEvaluator (AP1-AP4)
+    drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report, columnar predictions:
+                       load_predictions), COCOLTEvaluator (AP1-AP4)
     drcl2.modeling     the DRCL2 pre-training meta-architecture (HCL, LCL, AR, SR, RPN, EMA target)
     drcl2.checkpoint   export_finetune_weights(src, dst): DRCL2 checkpoint -> fine-tuning weights
     drcl2.tools        command lines: python -m drcl2.tools.<name>
