@@ -38,6 +38,7 @@ def encode_masks(masks, boxes_xyxy=None, pixel_counts=None) -> List[bytes]:
     outside it they are zeros that need no reading, and the RLE's zero runs are lengthened by the
     rows and columns skipped. Each mask's pixel count is checked against the ones found; a mask
     with pixels outside its box is read whole instead, so the boxes are a hint, never a condition.
+    The counts are taken on a second thread (OpenCV, without the GIL) while the windows are encoded.
 
     Args:
         masks (Tensor or ndarray[N, H, W]): bool or uint8 (0 / 1), on the CPU.
@@ -71,10 +72,15 @@ def encode_masks(masks, boxes_xyxy=None, pixel_counts=None) -> List[bytes]:
         hi = np.ceil(b[:, 2:]) + 2
         windows = np.concatenate([np.clip(lo, 0, [w, h]), np.clip(hi, 0, [w, h])], axis=1).astype(np.int64)
         windows[:, 2:] = np.maximum(windows[:, 2:], windows[:, :2])
+    counting = None
     if pixel_counts is None:
-        pixel_counts = [cv2.countNonZero(m[i]) for i in range(n)]
-    pixel_counts = np.asarray(pixel_counts, dtype=np.int64).reshape(n)
+        # Counting reads every mask whole (memory-bound, GIL released): on a second thread, while
+        # this one encodes the windows.
+        counting = _counter().submit(lambda: [cv2.countNonZero(m[i]) for i in range(n)])
     counts, ones = _window_counts(m, windows)
+    if counting is not None:
+        pixel_counts = counting.result()
+    pixel_counts = np.asarray(pixel_counts, dtype=np.int64).reshape(n)
     missed = np.flatnonzero(ones != pixel_counts)  # pixels outside the box: read the whole mask
     if len(missed):
         redo, _ = _window_counts(m[missed], whole[missed])
@@ -82,6 +88,19 @@ def encode_masks(masks, boxes_xyxy=None, pixel_counts=None) -> List[bytes]:
             counts[i] = c
     rles = _mask.frUncompressedRLE([{"size": [h, w], "counts": c} for c in counts], h, w)
     return [r["counts"] for r in rles]
+
+
+_COUNTER = None
+
+
+def _counter():
+    """One worker thread for :func:`encode_masks`' pixel counts (created on first use)."""
+    global _COUNTER
+    if _COUNTER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _COUNTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drcl2-mask-count")
+    return _COUNTER
 
 
 def _window_counts(m: np.ndarray, windows: np.ndarray):
