@@ -24,6 +24,8 @@ setup(
         "pycocotools>=2.0.2",
         "lvis>=0.5.3",
         "faster-coco-eval>=1.6",
+        # LVISEvaluator writes lvis_instances_results.json with it (10x json's speed).
+        "orjson>=3.9",
         "matplotlib",
         "Pillow",
         "tabulate",

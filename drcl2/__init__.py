@@ -3,10 +3,12 @@
 Where things live:
     drcl2.config       add_drcl2_config(cfg): every drcl2 config key, with its default
     drcl2.data         LVIS-format datasets (register_lvis_format), the generated LVIS-format sets
-                       (toy and large), COCO-LT, the dynamic rebalancing sampler and maths, TwoViewDatasetMapper,
-                       precomputed proposals as LCL's boxes (proposals.py)
+                       (toy and large), COCO-LT, the dynamic rebalancing sampler and maths, TwoViewDatasetMapper
+                       (its OpenCV / NumPy augmentation ops: drcl2.data.view_ops), precomputed proposals as
+                       LCL's boxes (proposals.py), the resumable training loader
     drcl2.engine       Trainer: DefaultTrainer for 2DRCL pre-training and long-tail fine-tuning
-    drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report), COCOLTEvaluator (AP1-AP4)
+    drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report, columnar predictions:
+                       load_predictions), COCOLTEvaluator (AP1-AP4)
     drcl2.modeling     the DRCL2 pre-training meta-architecture (EMA target) and its pretext heads
                        (HCL, LCL, AR, SR, RPN term; DRCL2_HEAD_REGISTRY for your own); the one-stage
                        fine-tuning detectors ATSS and FCOS (yacs-configurable)

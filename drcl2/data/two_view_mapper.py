@@ -1,11 +1,23 @@
 """
 The two-view mapper of 2DRCL pre-training (METHOD.md, "Data flow of one pre-training step").
+
+Two backends (``INPUT.DRCL2.AUG_BACKEND``) draw the same augmentations from the same random streams:
+
+* ``"opencv"`` (default): crop + resize + flip rendered with OpenCV on the decoded uint8 image
+  (bilinear upscaling equals PIL's to 1 grey level; a resize that shrinks an axis still goes
+  through detectron2's PIL resize), photometric ops of :mod:`drcl2.data.view_ops` on uint8 in the
+  image's own channel order.
+* ``"torchvision"``: the reference: each detectron2 transform's ``apply_image`` and torchvision v2's
+  photometric transforms on a uint8 RGB tensor (:func:`build_view_photometric`); about 10x slower.
 """
 import copy
 import logging
 import math
-from typing import List, Optional, Tuple
+import os
+import time
+from typing import Dict, List, Optional, Tuple
 
+import cv2
 import numpy as np
 import torch
 from torchvision.transforms import v2 as TV
@@ -16,8 +28,17 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from .proposals import label_proposals, top_proposals
+from .view_ops import FastViewPhotometric
 
-__all__ = ["RandomResizedCropAugmentation", "TwoViewDatasetMapper", "build_view_photometric"]
+__all__ = [
+    "AUG_BACKENDS",
+    "RandomResizedCropAugmentation",
+    "TwoViewDatasetMapper",
+    "build_view_photometric",
+    "render_geometric",
+]
+
+AUG_BACKENDS = ("opencv", "torchvision")
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +113,61 @@ def build_view_photometric(
     return TV.Compose(ops) if ops else None
 
 
+class _ShapeInput:
+    """
+    Stands in for detectron2's ``AugInput`` when only the transforms are wanted: it carries the
+    image *shape* through the augmentations' ``get_transform`` (as a zero-stride array, so nothing
+    is allocated or resampled) and leaves the pixels to :func:`render_geometric`.
+    """
+
+    def __init__(self, shape):
+        self.image = _shape_only(shape)
+
+    def transform(self, tfm):
+        h, w = self.image.shape[:2]
+        if isinstance(tfm, T.CropTransform):
+            h, w = tfm.h, tfm.w
+        elif isinstance(tfm, T.ResizeTransform):
+            h, w = tfm.new_h, tfm.new_w
+        elif not isinstance(tfm, (T.HFlipTransform, T.VFlipTransform, T.NoOpTransform)):
+            h, w = tfm.apply_image(np.zeros(self.image.shape, np.uint8)).shape[:2]
+        self.image = _shape_only((h, w) + self.image.shape[2:])
+
+
+def _shape_only(shape):
+    return np.broadcast_to(np.zeros((1,) * len(shape), np.uint8), shape)
+
+
+def render_geometric(image: np.ndarray, transforms) -> np.ndarray:
+    """
+    ``transforms.apply_image(image)`` for a crop / resize / flip chain, with OpenCV: the crop is a
+    view, a bilinear resize that enlarges both axes is ``cv2.resize`` (PIL's bilinear upscaling to
+    1 grey level), a flip is ``cv2.flip``. Any other transform, and a resize that shrinks an axis
+    (where PIL's bilinear filter antialiases and OpenCV's does not), uses the transform's own
+    ``apply_image``.
+    """
+    out = image
+    for t in transforms.transforms:
+        if isinstance(t, T.CropTransform):
+            out = out[t.y0 : t.y0 + t.h, t.x0 : t.x0 + t.w]
+        elif isinstance(t, T.NoOpTransform):
+            continue
+        elif (
+            isinstance(t, T.ResizeTransform)
+            and out.dtype == np.uint8
+            and out.ndim == 3
+            and t.interp == T.Resize((1, 1)).interp  # bilinear
+            and t.new_h >= t.h
+            and t.new_w >= t.w
+        ):
+            out = cv2.resize(out, (t.new_w, t.new_h), interpolation=cv2.INTER_LINEAR)
+        elif isinstance(t, (T.HFlipTransform, T.VFlipTransform)) and out.ndim == 3:
+            out = cv2.flip(np.ascontiguousarray(out), 1 if isinstance(t, T.HFlipTransform) else 0)
+        else:
+            out = t.apply_image(np.ascontiguousarray(out))
+    return np.ascontiguousarray(out)
+
+
 class TwoViewDatasetMapper:
     """
     Maps one detectron2 dataset dict to the two augmented views of 2DRCL pre-training.
@@ -130,25 +206,40 @@ class TwoViewDatasetMapper:
         min_side: float = 4.0,
         proposal_topk: Optional[int] = None,
         proposal_match_iou: float = 0.5,
+        backend: str = "opencv",
     ):
         """
         Args:
             is_train: must be True (two views are a training-time construct).
             geometric1, geometric2: detectron2 augmentations of each view; at most one
                 :class:`CropTransform` per view is expected to drop pixels (used for ``min_visible``).
-            photometric1, photometric2: callables on a uint8 RGB Tensor[3, H, W] (e.g. from
-                :func:`build_view_photometric`), or None.
+            photometric1, photometric2: a :class:`~drcl2.data.view_ops.FastViewPhotometric` (on
+                the uint8 HWC image in ``image_format``), callables on a uint8 RGB
+                Tensor[3, H, W] (e.g. from :func:`build_view_photometric`), or None.
             image_format: detectron2 image format of the output images (``INPUT.FORMAT``).
             min_visible: the fraction of a box's area that must survive each view's crop.
             min_side: the smallest side (pixels, in the view) of a kept box.
             proposal_topk: carry this many precomputed proposals per image (by objectness) into
                 the views as ``"proposals"``; None: proposals are not used.
             proposal_match_iou: the IoU with an annotated box from which a proposal takes its class.
+            backend: "opencv" renders the geometric transforms with :func:`render_geometric`;
+                "torchvision" with each transform's ``apply_image`` (the reference).
         """
         if not is_train:
             raise ValueError("TwoViewDatasetMapper is for training only (is_train=True).")
         if not 0.0 <= min_visible <= 1.0:
             raise ValueError(f"INPUT.DRCL2.MIN_VISIBLE must lie in [0, 1]; got {min_visible}.")
+        if backend not in AUG_BACKENDS:
+            raise ValueError(f"INPUT.DRCL2.AUG_BACKEND must be one of {AUG_BACKENDS}; got {backend!r}.")
+        for op in (photometric1, photometric2):
+            if isinstance(op, FastViewPhotometric) and op.channel_order != image_format:
+                raise ValueError(
+                    f"TwoViewDatasetMapper: a FastViewPhotometric for {op.channel_order!r} images "
+                    f"cannot augment INPUT.FORMAT {image_format!r} images."
+                )
+        self.backend = backend
+        self._threads_pid = None
+        self.timings: Optional[Dict[str, List[float]]] = None
         self.geometric = (T.AugmentationList(geometric1), T.AugmentationList(geometric2))
         self.photometric = (photometric1, photometric2)
         self.image_format = image_format
@@ -158,7 +249,7 @@ class TwoViewDatasetMapper:
             raise ValueError(f"MODEL.DRCL2.LCL.PROPOSAL_TOPK must be >= 1; got {proposal_topk}.")
         self.proposal_topk = proposal_topk
         self.proposal_match_iou = proposal_match_iou
-        logger.info(f"[TwoViewDatasetMapper] view 1: {geometric1} {photometric1}")
+        logger.info(f"[TwoViewDatasetMapper] backend {backend}; view 1: {geometric1} {photometric1}")
         logger.info(f"[TwoViewDatasetMapper] view 2: {geometric2} {photometric2}")
 
     @classmethod
@@ -167,6 +258,15 @@ class TwoViewDatasetMapper:
         _check_view_config(d)
         lcl = cfg.MODEL.DRCL2.LCL
         crop = lambda: RandomResizedCropAugmentation(tuple(d.CROP_SCALE), tuple(d.CROP_RATIO))  # noqa
+        if d.AUG_BACKEND == "opencv":
+            if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
+                raise ValueError(
+                    f"INPUT.DRCL2.AUG_BACKEND 'opencv' augments INPUT.FORMAT 'BGR' or 'RGB' images; "
+                    f"got {cfg.INPUT.FORMAT!r}."
+                )
+            photometric = lambda **kw: FastViewPhotometric(channel_order=cfg.INPUT.FORMAT, **kw)  # noqa
+        else:
+            photometric = build_view_photometric
         common = dict(
             color_jitter_prob=d.COLOR_JITTER_PROB,
             brightness=d.BRIGHTNESS,
@@ -181,18 +281,34 @@ class TwoViewDatasetMapper:
             "is_train": is_train,
             "geometric1": [crop()] + utils.build_augmentation(cfg, True),
             "geometric2": [crop()] + utils.build_augmentation(cfg, True),
-            "photometric1": build_view_photometric(
-                blur_prob=d.BLUR_PROB[0], solarize_prob=d.SOLARIZE_PROB[0], **common
-            ),
-            "photometric2": build_view_photometric(
-                blur_prob=d.BLUR_PROB[1], solarize_prob=d.SOLARIZE_PROB[1], **common
-            ),
+            "photometric1": photometric(blur_prob=d.BLUR_PROB[0], solarize_prob=d.SOLARIZE_PROB[0], **common),
+            "photometric2": photometric(blur_prob=d.BLUR_PROB[1], solarize_prob=d.SOLARIZE_PROB[1], **common),
             "image_format": cfg.INPUT.FORMAT,
             "min_visible": d.MIN_VISIBLE,
             "min_side": d.MIN_SIDE,
             "proposal_topk": lcl.PROPOSAL_TOPK if lcl.BOX_SOURCE == "proposals" else None,
             "proposal_match_iou": lcl.PROPOSAL_MATCH_IOU,
+            "backend": d.AUG_BACKEND,
         }
+
+    def enable_timings(self) -> Dict[str, List[float]]:
+        """
+        Collect the seconds of each part of every call from now on (decode, geometric, each
+        photometric op, to tensor; for ``python -m drcl2.tools.benchmark mapper``) and return the
+        dict they go to: ``{part: [seconds, ...]}``. Photometric ops are split only for
+        :class:`FastViewPhotometric`; torchvision's pipeline is one "photometric" part.
+        """
+        self.timings = {}
+        for op in self.photometric:
+            if isinstance(op, FastViewPhotometric):
+                op.timings = self.timings
+        return self.timings
+
+    def _tick(self, name: str, start: float) -> float:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings.setdefault(name, []).append(now - start)
+        return now
 
     def make_view(self, image: np.ndarray, boxes: np.ndarray, view: int):
         """
@@ -208,8 +324,13 @@ class TwoViewDatasetMapper:
             visible (ndarray[R], fraction of each box's area inside the crop),
             transforms (TransformList: original image -> view; ``.inverse()`` undoes it).
         """
-        aug_input = T.AugInput(image)
-        transforms = self.geometric[view](aug_input)
+        if self.backend == "opencv":
+            transforms = self.geometric[view](_ShapeInput(image.shape))
+            view_image = render_geometric(image, transforms)
+        else:
+            aug_input = T.AugInput(image)
+            transforms = self.geometric[view](aug_input)
+            view_image = aug_input.image
         visible = np.ones(len(boxes), dtype=np.float64)
         clipped = boxes.astype(np.float64).copy()
         for t in transforms.transforms:
@@ -222,15 +343,17 @@ class TwoViewDatasetMapper:
                 visible = visible * np.where(before > 0, _area(clipped) / np.maximum(before, 1e-12), 0.0)
             clipped = t.apply_box(clipped) if len(clipped) else clipped
         view_boxes = clipped.reshape(-1, 4)
-        h, w = aug_input.image.shape[:2]
+        h, w = view_image.shape[:2]
         view_boxes[:, [0, 2]] = view_boxes[:, [0, 2]].clip(0, w)
         view_boxes[:, [1, 3]] = view_boxes[:, [1, 3]].clip(0, h)
-        return aug_input.image, view_boxes, visible, transforms
+        return view_image, view_boxes, visible, transforms
 
     def _photometric(self, image: np.ndarray, view: int) -> np.ndarray:
         op = self.photometric[view]
         if op is None:
             return image
+        if isinstance(op, FastViewPhotometric):
+            return op(image)
         rgb = utils.convert_image_to_rgb(image, self.image_format) if self.image_format != "RGB" else image
         rgb = torch.from_numpy(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)))
         rgb = op(rgb).permute(1, 2, 0).numpy()
@@ -244,9 +367,17 @@ class TwoViewDatasetMapper:
         return rgb
 
     def __call__(self, dataset_dict):
+        if self._threads_pid != os.getpid():
+            # In a DataLoader worker torch runs one thread; so should OpenCV (its own pool would put
+            # cores x workers threads on the machine). Checked once per process.
+            if torch.utils.data.get_worker_info() is not None:
+                cv2.setNumThreads(1)
+            self._threads_pid = os.getpid()
+        start = time.perf_counter()
         dataset_dict = copy.deepcopy(dataset_dict)
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
+        start = self._tick("decode", start)
 
         annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
         ids = np.array([i for i, _ in enumerate(annos)], dtype=np.int64)
@@ -259,6 +390,7 @@ class TwoViewDatasetMapper:
         num_gt = len(boxes)
 
         views = [self.make_view(image, np.concatenate([boxes, proposals]), v) for v in (0, 1)]
+        start = self._tick("geometric (2 views)", start)
         keep = np.ones(num_gt + len(proposals), dtype=bool)
         for _, view_boxes, visible, _ in views:
             sides = np.minimum(view_boxes[:, 2] - view_boxes[:, 0], view_boxes[:, 3] - view_boxes[:, 1])
@@ -267,7 +399,11 @@ class TwoViewDatasetMapper:
 
         out = {k: dataset_dict[k] for k in ("file_name", "image_id", "height", "width") if k in dataset_dict}
         for v, (view_image, view_boxes, _, _) in enumerate(views):
+            start = time.perf_counter()
             view_image = self._photometric(view_image, v)
+            if not isinstance(self.photometric[v], FastViewPhotometric):
+                self._tick("photometric", start)
+            start = time.perf_counter()
             view_boxes, view_proposals = view_boxes[:num_gt], view_boxes[num_gt:]
             instances = Instances(view_image.shape[:2])
             instances.gt_boxes = Boxes(torch.as_tensor(view_boxes[keep], dtype=torch.float32))
@@ -283,6 +419,7 @@ class TwoViewDatasetMapper:
                     proposal_boxes=Boxes(torch.as_tensor(view_proposals[keep_proposals], dtype=torch.float32)),
                     gt_classes=torch.as_tensor(proposal_classes[keep_proposals], dtype=torch.int64),
                 )
+            self._tick("to tensor + instances", start)
         return out
 
     def _proposals(self, dataset_dict, gt_boxes: np.ndarray, gt_classes: np.ndarray):
@@ -312,6 +449,8 @@ def _check_view_config(d) -> None:
     def fail(key, why):
         raise ValueError(f"INPUT.DRCL2.{key} = {d[key]!r}: {why}")
 
+    if d.AUG_BACKEND not in AUG_BACKENDS:
+        fail("AUG_BACKEND", f"must be one of {AUG_BACKENDS}.")
     for key in ("COLOR_JITTER_PROB", "GRAYSCALE_PROB"):
         if not 0.0 <= d[key] <= 1.0:
             fail(key, "a probability must lie in [0, 1].")

@@ -161,6 +161,8 @@ def _plot(rows, path, *, x_key, x_label, title, group_order):
             ax.text(0.5, 0.5, "no class has both an AP and a training count", ha="center",
                     va="center", transform=ax.transAxes)
     fig.suptitle(title)
-    fig.tight_layout()
+    # Fixed margins: tight_layout measured every tick label and took longer than the evaluation.
+    width = 6 * len(columns)  # inches
+    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.12, top=0.9, wspace=0.2)
     with PathManager.open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)

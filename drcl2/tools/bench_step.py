@@ -55,8 +55,9 @@ def add_arguments(parser):
     parser.add_argument("--config-file", default="configs/toy/pretrain_2drcl.yaml", help="DRCL2 config")
     parser.add_argument("--baseline-config", default=None,
                         help="supervised Mask R-CNN config (default: the matching fine-tuning config)")
-    parser.add_argument("--dataset", default=None, help="registered dataset for the batch "
-                        "(default: the DRCL2 config's first DATASETS.TRAIN)")
+    parser.add_argument("--dataset", default=None, help="registered dataset for the batch, or "
+                        f"'{GENERATED}' (default: the DRCL2 config's first DATASETS.TRAIN; when that is "
+                        "not on disk, e.g. LVIS v1, generated 640x480 JPEGs with its number of classes)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step")
     parser.add_argument("--iters", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -87,16 +88,48 @@ def _cfg(path, args):
     return cfg
 
 
+GENERATED = "generated"
+
+
+def _generated_dicts(cfg, args):
+    """
+    LVIS-resolution JPEGs (640x480, 12 polygons each, ``cfg.MODEL.ROI_HEADS.NUM_CLASSES`` classes)
+    generated once into the temp folder: the batch when the config's dataset is not on disk.
+    """
+    import tempfile
+
+    from drcl2.tools.bench_mapper import synthetic_lvis_jpegs
+
+    n = max(4, args.batch_size * args.num_processes)
+    folder = os.path.join(tempfile.gettempdir(), f"drcl2_bench_step_{n}x640x480")
+    os.makedirs(folder, exist_ok=True)  # same seed: every process writes the same files
+    return synthetic_lvis_jpegs(folder, n, 640, 480, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES, seed=args.seed)
+
+
+def _dataset_dicts(cfg, args):
+    """The dataset the batch comes from: --dataset, else the config's first DATASETS.TRAIN, else
+    (not on disk) generated LVIS-resolution images; returns (dicts, its name)."""
+    from detectron2.data import DatasetCatalog
+
+    name = args.dataset or cfg.DATASETS.TRAIN[0]
+    if name != GENERATED:
+        try:
+            return DatasetCatalog.get(name), name
+        except (FileNotFoundError, OSError, AssertionError, KeyError):
+            if args.dataset:
+                raise
+    return _generated_dicts(cfg, args), "generated 640x480 JPEGs"
+
+
 def _batch(cfg, args, two_views: bool, rank: int = 0):
-    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.data import DatasetMapper
 
     from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 
     import numpy as np
 
-    name = args.dataset or cfg.DATASETS.TRAIN[0]
     first = rank * args.batch_size
-    dicts = [d for d in DatasetCatalog.get(name) if d.get("annotations")][first : first + args.batch_size]
+    dicts = [d for d in _dataset_dicts(cfg, args)[0] if d.get("annotations")][first : first + args.batch_size]
     mapper = TwoViewDatasetMapper(cfg, True) if two_views else DatasetMapper(cfg, True)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -133,9 +166,7 @@ def _prepare(kind, args, ddp: bool = False):
     model.train()
     is_drcl2 = kind == "DRCL2"
     if is_drcl2:
-        from detectron2.data import DatasetCatalog
-
-        model.set_class_statistics(DatasetCatalog.get(args.dataset or cfg.DATASETS.TRAIN[0]))
+        model.set_class_statistics(_dataset_dicts(cfg, args)[0])
     data = _batch(cfg, args, two_views=is_drcl2, rank=comm.get_rank())
     params = [p for p in model.parameters() if p.requires_grad]
     wrapped = Trainer.build_ddp_model(cfg, model) if ddp else model
@@ -242,7 +273,7 @@ def run(args):
         r50 = copy.copy(args)
         r50.config_file, r50.baseline_config = "configs/pretrain_2drcl.yaml", None
         r50.batch_size, r50.amp = 2, True
-        r50.dataset = args.dataset or "lvis_v1_toy_train"  # LVIS v1 itself may not be on disk
+        r50.dataset = args.dataset or GENERATED  # LVIS v1 itself may not be on disk
         print()
         print("R-50-FPN, batch 2, AMP:")
         _compare(r50)
@@ -297,6 +328,53 @@ def _compare(args):
     print()
     print("Mask R-CNN step split (ms):")
     print(tabulate(base_split, headers=["part", "ms"], tablefmt="github"))
+    _workers_needed(args, interleaved["DRCL2"])
+
+
+def _workers_needed(args, step_s, rounds=3):
+    """
+    How fast the data must come at this step time: DRCL2 takes ``batch_size / step_s`` images/s
+    per device; the two-view mapper's per-image time on one thread (median over the batch's
+    images, ``rounds`` passes) gives the data-loader worker processes one device needs.
+    """
+    import math
+
+    import numpy as np
+
+    import drcl2  # noqa: F401  registers the datasets
+    from drcl2.data.two_view_mapper import TwoViewDatasetMapper
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        import cv2
+
+        cv2_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        cfg = _cfg(args.config_file, args)
+        dicts, source = _dataset_dicts(cfg, args)
+        dicts = [d for d in dicts if d.get("annotations")][: max(args.batch_size, 4)]
+        mapper = TwoViewDatasetMapper(cfg, True)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        mapper(dicts[0])
+        times = []
+        for _ in range(rounds):
+            for d in dicts:
+                t = time.perf_counter()
+                mapper(d)
+                times.append(time.perf_counter() - t)
+        cv2.setNumThreads(cv2_threads)
+    finally:
+        torch.set_num_threads(previous)
+    per_image = statistics.median(times)
+    need = args.batch_size / step_s
+    print()
+    print(f"data for DRCL2 at this step time: {need:.2f} images/s per device; TwoViewDatasetMapper "
+          f"(INPUT.DRCL2.AUG_BACKEND {cfg.INPUT.DRCL2.AUG_BACKEND!r}, {source}) maps one image in "
+          f"{per_image * 1000:.0f} ms on one thread = {1 / per_image:.1f} images/s per worker -> "
+          f">= {max(1, math.ceil(need * per_image))} DATALOADER.NUM_WORKERS per device "
+          f"({need * per_image:.2f} workers fully busy)")
 
 
 class _FileQueue:

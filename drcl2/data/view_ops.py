@@ -1,0 +1,268 @@
+"""
+Fast per-view augmentation of 2DRCL pre-training on uint8 images (OpenCV / NumPy), a stand-in for
+the torchvision v2 pipeline of :func:`drcl2.data.two_view_mapper.build_view_photometric` with the
+same parameters, the same probabilities and the same random draws.
+
+Every op works on an ``ndarray[H, W, 3]`` uint8 image in ``"RGB"`` or ``"BGR"`` channel order (so
+the mapper never converts the decoded BGR image), returns uint8, and does no float round trip of
+the whole image except the hue rotation (OpenCV's float32 HSV: the uint8 HSV of OpenCV quantises
+hue to 1.4 degrees and saturation to 1/255, several grey levels off). Against torchvision's
+functional op on the same image and parameter (``tests/test_view_ops.py``):
+
+=============== ======================================== =======================================
+op              how                                       largest difference to torchvision
+=============== ======================================== =======================================
+brightness      256-entry LUT, torchvision's formula      0 (exact)
+contrast        LUT around the mean of the floored grey   1 grey level
+saturation      one 3x3 colour matrix (cv2.transform)     1 grey level
+hue             float32 HSV (cv2.cvtColor), truncation    1 grey level, on < 1% of the pixels
+grey            cv2.transform, floor                      1 grey level (ties only)
+Gaussian blur   separable, fixed point (cv2.GaussianBlur) 1 grey level
+                kernel cut where its tails < 1e-4
+solarization    LUT                                       0 (exact)
+=============== ======================================== =======================================
+
+Random draws: :class:`FastViewPhotometric` takes its parameters from torch's global generator in
+the order torchvision's ``Compose`` of ``RandomApply(ColorJitter)``, ``RandomGrayscale``,
+``RandomApply(GaussianBlur)`` and ``RandomSolarize`` takes them, so for the same torch seed both
+pipelines pick the same ops and parameters, and their outputs differ only by the table above,
+compounded along the chain (a whole view: at most 4 levels, on ~7% of the pixels; per-channel
+means and stds of the views within 1 level; ``tests/test_view_ops.py``).
+"""
+import time
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+__all__ = [
+    "FastViewPhotometric",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "grayscale",
+    "solarize",
+]
+
+# torchvision's grey weights (rgb_to_grayscale): 0.2989 R + 0.587 G + 0.114 B.
+_GREY_RGB = np.array([0.2989, 0.587, 0.114], dtype=np.float64)
+# Tail mass of the Gaussian kernel that may be cut (both sides together): at most 1e-4 * 255 =
+# 0.026 grey levels before rounding.
+_BLUR_TAIL = 1e-4
+
+
+def _grey_weights(order: str) -> np.ndarray:
+    if order == "RGB":
+        return _GREY_RGB
+    if order == "BGR":
+        return _GREY_RGB[::-1].copy()
+    raise ValueError(f"channel order must be 'RGB' or 'BGR', got {order!r}")
+
+
+def _lut(values: np.ndarray) -> np.ndarray:
+    """A uint8 LUT from float values: clamp to [0, 255], then truncate (torch's float -> uint8 cast)."""
+    return np.clip(values, 0, 255).astype(np.uint8)
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    """``torchvision.transforms.v2.functional.adjust_brightness``: trunc(clamp(x * factor))."""
+    x = np.arange(256, dtype=np.float32)
+    return cv2.LUT(image, _lut(x * np.float32(factor)))
+
+
+def _floor_grey_mean(image: np.ndarray, order: str) -> float:
+    """Mean over the image of floor(0.2989 R + 0.587 G + 0.114 B) (torchvision's contrast mean)."""
+    w = _grey_weights(order)
+    # cv2.transform rounds to nearest; the -0.5 offset turns that into a floor (up to exact ties).
+    grey = cv2.transform(image, np.array([[w[0], w[1], w[2], -0.5]], dtype=np.float32))
+    return float(cv2.mean(grey)[0])
+
+
+def adjust_contrast(image: np.ndarray, factor: float, order: str = "RGB") -> np.ndarray:
+    """``adjust_contrast``: trunc(clamp(factor * x + (1 - factor) * mean(floor(grey(x)))))."""
+    mean = np.float32(_floor_grey_mean(image, order))
+    f = np.float32(factor)
+    x = np.arange(256, dtype=np.float32)
+    return cv2.LUT(image, _lut(x * f + mean * (np.float32(1.0) - f)))
+
+
+def adjust_saturation(image: np.ndarray, factor: float, order: str = "RGB") -> np.ndarray:
+    """
+    ``adjust_saturation``: trunc(clamp(factor * x + (1 - factor) * floor(grey(x)))), as one colour
+    matrix ``factor * I + (1 - factor) * 1 w^T`` (the grey is not floored inside: < 0.2 levels at
+    the default factors, then the same truncation).
+    """
+    w = _grey_weights(order)
+    m = (1.0 - factor) * np.tile(w, (3, 1)) + factor * np.eye(3)
+    m = np.concatenate([m, np.full((3, 1), -0.5)], axis=1).astype(np.float32)
+    return cv2.transform(image, m)
+
+
+def grayscale(image: np.ndarray, order: str = "RGB") -> np.ndarray:
+    """``rgb_to_grayscale(num_output_channels=3)``: floor(grey(x)) in all three channels."""
+    w = _grey_weights(order)
+    m = np.tile(np.array([w[0], w[1], w[2], -0.5]), (3, 1)).astype(np.float32)
+    return cv2.transform(image, m)
+
+
+def adjust_hue(image: np.ndarray, factor: float, order: str = "RGB") -> np.ndarray:
+    """
+    ``adjust_hue``: rotate the hue by ``factor`` turns in float32 HSV (OpenCV's conversions, which
+    are scale-free in hue and saturation, so the image stays in [0, 255]), back to uint8 with
+    torchvision's ``x / 255 * (255 + 1 - 1e-3)`` truncation.
+    """
+    if factor == 0:
+        return image.copy()
+    hsv = cv2.cvtColor(image.astype(np.float32), cv2.COLOR_RGB2HSV if order == "RGB" else cv2.COLOR_BGR2HSV)
+    # Hue in degrees; OpenCV's HSV -> RGB wraps hues >= 360 itself.
+    hsv = cv2.add(hsv, ((factor % 1.0) * 360.0, 0.0, 0.0, 0.0))
+    out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB if order == "RGB" else cv2.COLOR_HSV2BGR)
+    # round(x * a - 0.5) = floor(x * a) (up to exact ties); x >= 0, so the "Abs" does nothing.
+    return cv2.convertScaleAbs(out, alpha=(255.0 + 1.0 - 1e-3) / 255.0, beta=-0.5)
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: float) -> np.ndarray:
+    """torchvision's 1-D Gaussian kernel (``_get_gaussian_kernel1d``), in float64."""
+    x = np.arange(kernel_size, dtype=np.float64) - (kernel_size - 1) / 2.0
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(image: np.ndarray, kernel_size: int, sigma: float) -> np.ndarray:
+    """
+    ``gaussian_blur(kernel_size, sigma)`` (reflect padding, rounding): separable, in fixed point,
+    with the kernel cut to the smallest odd size whose cut tails hold < 1e-4 of its mass (a 23-tap
+    kernel at sigma 0.5 needs 5 taps; a kernel of 1 tap returns a copy).
+    """
+    k = gaussian_kernel1d(kernel_size, sigma)
+    c = kernel_size // 2
+    radius = c
+    # tails[r] = mass outside [c - r, c + r]
+    for r in range(c + 1):
+        if 1.0 - k[c - r : c + r + 1].sum() < _BLUR_TAIL:
+            radius = r
+            break
+    if radius == 0:
+        return image.copy()
+    k = k[c - radius : c + radius + 1]
+    k = (k / k.sum()).reshape(-1, 1)
+    h, w = image.shape[:2]
+    if radius >= min(h, w):  # reflect-101 padding needs the image wider than the radius
+        image = cv2.copyMakeBorder(image, radius, radius, radius, radius, cv2.BORDER_REFLECT_101)
+        out = cv2.sepFilter2D(image, -1, k, k, borderType=cv2.BORDER_REFLECT_101)
+        return out[radius : radius + h, radius : radius + w].copy()
+    return cv2.sepFilter2D(image, -1, k, k, borderType=cv2.BORDER_REFLECT_101)
+
+
+def solarize(image: np.ndarray, threshold: float) -> np.ndarray:
+    """``solarize``: 255 - x where x >= threshold."""
+    x = np.arange(256)
+    return cv2.LUT(image, np.where(x >= threshold, 255 - x, x).astype(np.uint8))
+
+
+def _jitter_range(value: float, center: float, clip_first_on_zero: bool) -> Optional[Tuple[float, float]]:
+    """torchvision ColorJitter._check_input for a single number; None when the op is a no-op."""
+    lo, hi = center - value, center + value
+    if clip_first_on_zero:
+        lo = max(lo, 0.0)
+    return None if lo == hi == center else (float(lo), float(hi))
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return float(torch.empty(1).uniform_(lo, hi).item())
+
+
+class FastViewPhotometric:
+    """
+    MoCo/BYOL photometric augmentation of one view on a uint8 ``ndarray[H, W, 3]`` in
+    ``channel_order``: colour jitter (prob; brightness, contrast, saturation, hue in a random
+    order), grey (prob), Gaussian blur (prob), solarization (prob). Same arguments, probabilities,
+    parameter ranges and torch random draws as :func:`build_view_photometric` (torchvision v2);
+    the ops of this module instead of torchvision's.
+
+    ``timings``: set to a dict to collect each op's seconds (``{op: [seconds, ...]}``), e.g. for
+    ``python -m drcl2.tools.benchmark mapper``; None (default) times nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        color_jitter_prob: float,
+        brightness: float,
+        contrast: float,
+        saturation: float,
+        hue: float,
+        grayscale_prob: float,
+        blur_prob: float,
+        blur_kernel_size: int,
+        blur_sigma: Tuple[float, float],
+        solarize_prob: float,
+        solarize_threshold: int = 128,
+        channel_order: str = "RGB",
+    ):
+        _grey_weights(channel_order)  # validates
+        self.channel_order = channel_order
+        self.color_jitter_prob = color_jitter_prob
+        self.ranges = (
+            _jitter_range(brightness, 1.0, True),
+            _jitter_range(contrast, 1.0, True),
+            _jitter_range(saturation, 1.0, True),
+            _jitter_range(hue, 0.0, False),
+        )
+        self.grayscale_prob = grayscale_prob
+        self.blur_prob = blur_prob
+        self.blur_kernel_size = int(blur_kernel_size)
+        self.blur_sigma = tuple(float(s) for s in blur_sigma)
+        self.solarize_prob = solarize_prob
+        self.solarize_threshold = solarize_threshold
+        self.timings: Optional[Dict[str, List[float]]] = None
+
+    def __repr__(self):
+        return (
+            f"FastViewPhotometric(color_jitter_prob={self.color_jitter_prob}, ranges={self.ranges}, "
+            f"grayscale_prob={self.grayscale_prob}, blur_prob={self.blur_prob}, "
+            f"blur_kernel_size={self.blur_kernel_size}, blur_sigma={self.blur_sigma}, "
+            f"solarize_prob={self.solarize_prob}, channel_order={self.channel_order!r})"
+        )
+
+    def _timed(self, name, fn, *args):
+        if self.timings is None:
+            return fn(*args)
+        start = time.perf_counter()
+        out = fn(*args)
+        self.timings.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        order = self.channel_order
+        # The draws below mirror torchvision v2: RandomApply / _RandomApplyTransform draw
+        # torch.rand(1) and skip when it is >= p; ColorJitter draws randperm(4), then one uniform
+        # per op that is not a no-op; GaussianBlur draws sigma.
+        if self.color_jitter_prob > 0 and not torch.rand(1) >= self.color_jitter_prob:
+            fn_idx = torch.randperm(4).tolist()
+            factors = [None if r is None else _uniform(*r) for r in self.ranges]
+            for fn_id in fn_idx:
+                f = factors[fn_id]
+                if f is None:
+                    continue
+                if fn_id == 0:
+                    image = self._timed("brightness", adjust_brightness, image, f)
+                elif fn_id == 1:
+                    image = self._timed("contrast", adjust_contrast, image, f, order)
+                elif fn_id == 2:
+                    image = self._timed("saturation", adjust_saturation, image, f, order)
+                else:
+                    image = self._timed("hue", adjust_hue, image, f, order)
+        if self.grayscale_prob > 0 and not torch.rand(1) >= self.grayscale_prob:
+            image = self._timed("grey", grayscale, image, order)
+        if self.blur_prob > 0 and not torch.rand(1) >= self.blur_prob:
+            sigma = _uniform(*self.blur_sigma)
+            image = self._timed("blur", gaussian_blur, image, self.blur_kernel_size, sigma)
+        if self.solarize_prob > 0 and not torch.rand(1) >= self.solarize_prob:
+            image = self._timed("solarize", solarize, image, self.solarize_threshold)
+        return image
+

@@ -1,0 +1,256 @@
+"""Data pipeline: TwoViewDatasetMapper (two views) vs detectron2's DatasetMapper (one view, masks).
+
+    python -m drcl2.tools.benchmark mapper
+    python -m drcl2.tools.benchmark mapper --sizes 640x480 --rounds 20 --loader-batches 0
+
+Generates LVIS-like JPEGs (smooth colour fields, textured shapes, JPEG quality 90) at each
+``--sizes`` (default 640x480 and 1024x768, LVIS's typical sources), each with ``--instances``
+polygon annotations (LVIS v1 train averages ~12), and maps them with
+
+    detectron2  : ``detectron2.data.DatasetMapper`` of configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml
+                  (the LVIS fine-tuning recipe: shortest side 640-800, flip, polygon masks on)
+    two-view    : ``TwoViewDatasetMapper`` of configs/pretrain_2drcl.yaml (the same resize and flip
+                  after a random resized crop, then each view's colour jitter / grey / blur /
+                  solarization; view 1 always blurred), ``INPUT.DRCL2.AUG_BACKEND "opencv"``
+    before      : the same with ``AUG_BACKEND "torchvision"`` (the reference pipeline)
+
+on one thread (torch and OpenCV), the calls of the two mappers alternating image by image so that
+a busy machine slows both alike. Reported per size: the per-image median of each, the ratio
+(target: two-view <= 2.5x detectron2's time, two views for one), the split of the two-view time
+per op (median per call, and mean per image: an op that runs on some views only counts by how
+often it runs), and, with ``--loader-batches`` > 0, images/s through detectron2's
+``build_detection_train_loader`` with ``DATALOADER.NUM_WORKERS`` = ``--workers`` (default 2).
+"""
+import contextlib
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+__all__ = ["add_arguments", "run", "synthetic_lvis_jpegs"]
+
+TARGET_RATIO = 2.5
+D2_CONFIG = "configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml"
+TWO_VIEW_CONFIG = "configs/pretrain_2drcl.yaml"
+
+
+def add_arguments(parser):
+    parser.add_argument("--sizes", nargs="+", default=["640x480", "1024x768"], help="WxH of the JPEGs")
+    parser.add_argument("--images", type=int, default=8, help="generated images per size")
+    parser.add_argument("--instances", type=int, default=12, help="polygon annotations per image")
+    parser.add_argument("--rounds", type=int, default=6, help="timed passes over the images (per mapper)")
+    parser.add_argument("--before-rounds", type=int, default=1,
+                        help="timed passes of the torchvision (reference) backend; 0: skip it")
+    parser.add_argument("--loader-batches", type=int, default=40,
+                        help="timed batches through detectron2's loader per mapper; 0: skip the loader")
+    parser.add_argument("--workers", type=int, default=2, help="DATALOADER.NUM_WORKERS of the loader run")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per batch of the loader run")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def synthetic_lvis_jpegs(folder, num_images, width, height, *, instances=12, num_classes=1203, seed=0):
+    """
+    Write ``num_images`` LVIS-like JPEGs of ``width`` x ``height`` into ``folder`` and return their
+    detectron2 dataset dicts (``annotations``: ``instances`` polygons of 12-24 vertices with their
+    boxes, ``category_id`` in [0, num_classes)). Deterministic in ``seed``.
+    """
+    import cv2
+    from detectron2.structures import BoxMode
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(num_images):
+        field = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+        image = cv2.resize(field, (width, height), interpolation=cv2.INTER_CUBIC)
+        noise = rng.normal(0, 12, image.shape)
+        image = np.clip(image.astype(np.float64) + noise, 0, 255).astype(np.uint8)
+        annotations = []
+        for _ in range(instances):
+            cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
+            rx, ry = rng.uniform(0.02, 0.25) * width, rng.uniform(0.02, 0.25) * height
+            n = int(rng.integers(12, 25))
+            t = np.sort(rng.uniform(0, 2 * np.pi, n))
+            r = rng.uniform(0.7, 1.0, n)
+            poly = np.stack([cx + rx * r * np.cos(t), cy + ry * r * np.sin(t)], 1)
+            poly = poly.clip(0, [width - 1, height - 1])
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            cv2.fillPoly(image, [poly.round().astype(np.int32)], colour)
+            x0, y0 = poly.min(0)
+            x1, y1 = poly.max(0)
+            annotations.append({
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": int(rng.integers(0, num_classes)),
+                "iscrowd": 0,
+                "segmentation": [poly.ravel().tolist()],
+            })
+        path = os.path.join(folder, f"{width}x{height}_{i:04d}.jpg")
+        tmp = os.path.join(folder, f".{os.getpid()}_{width}x{height}_{i:04d}.jpg")
+        cv2.imwrite(tmp, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        os.replace(tmp, path)  # atomic: processes generating the same set at once never see half a file
+        records.append({"file_name": path, "image_id": len(records) + 1, "height": height, "width": width,
+                        "annotations": annotations})
+    return records
+
+
+def _config_path(path):
+    """A config of the repository: relative to the working directory, else to drcl2's checkout."""
+    if os.path.exists(path):
+        return path
+    import drcl2
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(drcl2.__file__))), path)
+
+
+def _cfg(path, *opts):
+    from detectron2.config import get_cfg
+
+    from drcl2.config import add_drcl2_config
+
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(_config_path(path))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def _mappers():
+    from detectron2.data import DatasetMapper
+
+    from drcl2.data.two_view_mapper import TwoViewDatasetMapper
+
+    d2 = DatasetMapper(_cfg(D2_CONFIG), True)
+    assert d2.use_instance_mask, "the LVIS fine-tuning config must load masks"
+    ours = TwoViewDatasetMapper(_cfg(TWO_VIEW_CONFIG, "INPUT.DRCL2.AUG_BACKEND", "opencv"), True)
+    before = TwoViewDatasetMapper(_cfg(TWO_VIEW_CONFIG, "INPUT.DRCL2.AUG_BACKEND", "torchvision"), True)
+    return d2, ours, before
+
+
+def _per_image(mappers, records, rounds, seed):
+    """{name: [seconds per call]}: the mappers' calls alternate image by image (order flipped each round)."""
+    names = list(mappers)
+    times = {name: [] for name in names}
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    for k in range(rounds):
+        order = names if k % 2 == 0 else names[::-1]
+        for record in records:
+            for name in order:
+                start = time.perf_counter()
+                mappers[name](record)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _loader_rate(mapper, records, args):
+    """Images/s through detectron2's train loader (``num_workers`` processes, batch ``batch_size``)."""
+    from detectron2.data import build_detection_train_loader
+    from detectron2.data.samplers import TrainingSampler
+
+    loader = build_detection_train_loader(
+        dataset=records, mapper=mapper, sampler=TrainingSampler(len(records), seed=args.seed),
+        total_batch_size=args.batch_size, num_workers=args.workers, aspect_ratio_grouping=False,
+    )
+    it = iter(loader)
+    for _ in range(max(2, args.workers * 2)):  # workers started, first batches out
+        next(it)
+    start = time.perf_counter()
+    for _ in range(args.loader_batches):
+        next(it)
+    rate = args.loader_batches * args.batch_size / (time.perf_counter() - start)
+    del it, loader
+    return rate
+
+
+def _device():
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return f"CPU: {cpu}, os.cpu_count()={os.cpu_count()}"
+
+
+def _verdict(ratio):
+    return "ok" if ratio <= TARGET_RATIO else "MISSED"
+
+
+def run(args):
+    import cv2
+    from tabulate import tabulate
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="detectron2", abbrev_name="d2")
+    import logging
+
+    logging.getLogger("detectron2").setLevel(logging.WARNING)
+    logging.getLogger("drcl2").setLevel(logging.WARNING)
+
+    d2, ours, before = _mappers()
+    print(f"mapper benchmark — {_device()}; one thread (torch and OpenCV); torch {torch.__version__}, "
+          f"OpenCV {cv2.__version__}")
+    print(f"detectron2: DatasetMapper of {D2_CONFIG} (masks on); two-view: TwoViewDatasetMapper of "
+          f"{TWO_VIEW_CONFIG}; {args.images} JPEGs per size, {args.instances} polygons each; "
+          f"{args.rounds} rounds, per-image median")
+    summary = []
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            width, height = (int(v) for v in size.lower().split("x"))
+            records = synthetic_lvis_jpegs(tmp, args.images, width, height, instances=args.instances,
+                                           seed=args.seed + width)
+            for mapper in (d2, ours):  # warm-up: first-call costs (imports, caches)
+                mapper(records[0])
+            timings = ours.enable_timings()
+            times = _per_image({"detectron2": d2, "two-view": ours}, records, args.rounds, args.seed)
+            ours.timings = None
+            for op in ours.photometric:
+                if op is not None and hasattr(op, "timings"):
+                    op.timings = None
+            med = {k: statistics.median(v) for k, v in times.items()}
+            ratio = med["two-view"] / med["detectron2"]
+            before_ms = ""
+            if args.before_rounds > 0:
+                before(records[0])
+                old = _per_image({"before": before}, records, args.before_rounds, args.seed)["before"]
+                med["before"] = statistics.median(old)
+                before_ms = f"{med['before'] * 1e3:.1f}"
+            row = [f"{width}x{height}", f"{med['detectron2'] * 1e3:.1f}", f"{med['two-view'] * 1e3:.1f}",
+                   before_ms, f"{ratio:.2f}x", f"<= {TARGET_RATIO:.1f}x", _verdict(ratio)]
+            if args.loader_batches > 0:
+                rates = {name: _loader_rate(m, records, args) for name, m in (("detectron2", d2), ("two-view", ours))}
+                row[4:4] = [f"{rates['detectron2']:.1f}", f"{rates['two-view']:.1f}"]
+                med.update({f"{k} images/s": v for k, v in rates.items()})
+            summary.append(row)
+            results[size] = dict(med, ratio=ratio)
+
+            n_images = len(times["two-view"])
+            split = []
+            for part, v in timings.items():
+                split.append([part, f"{len(v) / n_images:.2f}", f"{statistics.median(v) * 1e3:.2f}",
+                              f"{sum(v) / n_images * 1e3:.2f}"])
+            total = sum(sum(v) for v in timings.values()) / n_images
+            split.append(["sum of the parts", "", "", f"{total * 1e3:.2f}"])
+            print(f"\ntwo-view split at {width}x{height} (ms; 'calls' per image: an op that runs on some "
+                  "views only counts by how often it ran)")
+            print(tabulate(split, headers=["part", "calls/image", "ms per call (median)", "ms per image (mean)"],
+                           tablefmt="github"))
+
+    headers = ["size", "detectron2 ms", "two-view ms", "before ms (torchvision)"]
+    if args.loader_batches > 0:
+        headers += [f"detectron2 images/s ({args.workers} workers)", f"two-view images/s ({args.workers} workers)"]
+    headers += ["two-view / detectron2", "target", "verdict"]
+    print("\nper image (median), one thread" + (
+        f"; images/s through build_detection_train_loader, NUM_WORKERS {args.workers}, batch {args.batch_size}"
+        if args.loader_batches > 0 else ""))
+    print(tabulate(summary, headers=headers, tablefmt="github"))
+    return results
