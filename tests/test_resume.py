@@ -42,6 +42,9 @@ class _RecordingLoader:
     def state_dict(self):
         return self.loader.state_dict()
 
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
 
 def _cfg(kind, output_dir, workers):
     common = [
@@ -187,3 +190,15 @@ def test_check_resume_command_reports_zero_differences(tmp_path, capsys):
     ])
     assert set(worst) >= {"loss_cls", "loss_box_reg", "loss_mask"} and max(worst.values()) < 1e-5
     assert "loss_mask" in capsys.readouterr().out
+
+
+def test_a_drawn_seed_is_kept_by_the_checkpoint(tmp_path):
+    """SEED -1: the seed drawn at start is saved, and the resumed run takes it (and rebuilds its loader with it)."""
+    cfg = _cfg("finetune", tmp_path, 0)
+    cfg.merge_from_list(["SEED", -1, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1])
+    cut, _, _ = _train(cfg, resume=False, stop_after=0)
+    resumed = Trainer(cfg)
+    drawn_again = resumed.seed
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 1 and resumed.seed == cut.seed != drawn_again
+    assert resumed._trainer.data_loader.seed == cut.seed

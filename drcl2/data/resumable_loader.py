@@ -172,10 +172,7 @@ class ResumableTrainLoader:
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.rank = int(rank)
-        self._state = self._checked_state(state) if state is not None else self._initial_state()
-
-    def _initial_state(self) -> Dict:
-        return {"next_position": 0, "buckets": [[] for _ in range(self._num_buckets)]}
+        self._state = self._checked_state(state if state is not None else self.state_at_iteration(0))
 
     @property
     def _num_buckets(self) -> int:
@@ -205,8 +202,16 @@ class ResumableTrainLoader:
         aspect-ratio grouping; with it, the batches are regrouped from there.
         """
         loader = cls(*args, **kwargs)
-        loader._state["next_position"] = int(start_iter) * loader.batch_size
+        loader.load_state_dict(loader.state_at_iteration(start_iter))
         return loader
+
+    def state_at_iteration(self, iteration: int) -> Dict:
+        """The state of a stream restarted at ``iteration`` (position ``iteration * batch_size``)."""
+        return {"next_position": int(iteration) * self.batch_size, "buckets": [[] for _ in range(self._num_buckets)]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Go on from ``state`` (a :meth:`state_dict`) at the next ``iter()``."""
+        self._state = self._checked_state(state)
 
     def state_dict(self) -> Dict:
         """

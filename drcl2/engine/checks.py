@@ -1,6 +1,4 @@
 """Config mistakes that detectron2 lets through, caught when the Trainer starts."""
-from typing import List
-
 from detectron2.data import MetadataCatalog
 
 from ..data.rebalance import RebalanceSchedule
@@ -35,7 +33,7 @@ def check_training_config(cfg) -> None:
         RebalanceSchedule.from_config(cfg)
 
 
-def check_num_classes(cfg, dataset_dicts: List[dict] = None) -> None:
+def check_num_classes(cfg) -> None:
     """
     Refuse to train a detector whose number of classes is not the training set's: detectron2
     trains and evaluates such a model silently (a class the data never has scores 0, or a class id

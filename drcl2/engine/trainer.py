@@ -98,7 +98,7 @@ class Trainer(DefaultTrainer):
             model.seed = self.seed  # DRCL2's per-image draws (instances, masks) follow the run's seed
         optimizer = self.build_optimizer(cfg, model)
         train_dataset = self.build_train_dataset(cfg)
-        check_num_classes(cfg, train_dataset)
+        check_num_classes(cfg)
         data_loader = self.build_train_loader(cfg, dataset=train_dataset, seed=self.seed)
         if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
             # DRB's class weights need the training set's class statistics; build_model does not
@@ -140,7 +140,7 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         """
         detectron2's resume_or_load. A resumed run (iteration k > 0) also gets back the run's seed
-        and rebuilds its data loader (built in ``__init__``, before the checkpoint was read) from the
+        and moves its data loader (built in ``__init__``, before the checkpoint was read) to the
         checkpoint's loader state: the same batches, views and step random numbers as the
         uninterrupted run. A checkpoint without loader state (or from another number of processes)
         resumes the stream at image ``k * batch`` instead, with a warning.
@@ -149,6 +149,7 @@ class Trainer(DefaultTrainer):
         if self.start_iter == 0:
             return
         saved = self._loader_state_hook.loaded or {}
+        seed_restored = False
         if "seed" in saved and saved["seed"] != self.seed:
             if self.cfg.SEED >= 0:
                 logger.warning(
@@ -156,7 +157,7 @@ class Trainer(DefaultTrainer):
                     f"{self.cfg.SEED}: the resumed run is not the continuation of the interrupted one."
                 )
             else:
-                self.seed = int(saved["seed"])
+                self.seed, seed_restored = int(saved["seed"]), True
                 model = unwrap_model(self.model)
                 if hasattr(model, "seed"):
                     model.seed = self.seed  # DRCL2's per-image draws
@@ -168,11 +169,15 @@ class Trainer(DefaultTrainer):
                 f"stream goes on at image {self.start_iter} x batch, and aspect-ratio buckets start "
                 "empty (the batches differ from the uninterrupted run's)."
             )
-        self._trainer.reset_data_loader(
-            lambda: self.build_train_loader(
-                self.cfg, start_iter=self.start_iter, seed=self.seed, state=state
+        loader = self._trainer.data_loader
+        if seed_restored or not hasattr(loader, "load_state_dict"):
+            # the sampler and the images' seeds follow the run's seed: a new loader
+            self._trainer.reset_data_loader(
+                lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter, seed=self.seed, state=state)
             )
-        )
+            return
+        loader.load_state_dict(state if state is not None else loader.state_at_iteration(self.start_iter))
+        self._trainer.reset_data_loader(lambda: loader)  # a new iterator, from that state
 
     def build_hooks(self):
         ret = super().build_hooks()
