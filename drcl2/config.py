@@ -135,6 +135,14 @@ def add_drcl2_config(cfg):
     # Resize and flip follow INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN / RANDOM_FLIP.
     # ---------------------------------------------------------------------------------------------
     cfg.INPUT.DRCL2 = CN()
+    # Probability that each view (v1, v2) takes the random resized crop (else the whole image).
+    cfg.INPUT.DRCL2.CROP_PROB = (1.0, 1.0)
+    # Both views take view 1's crop, resize and flip: boxes correspond exactly, only the photometric
+    # augmentations differ (AlignDet's views).
+    cfg.INPUT.DRCL2.SHARED_GEOMETRY = False
+    # Photometric augmentation of view 1 (colour jitter, grey, blur, solarization) on/off; off makes
+    # view 1 a detector's training input (resize + flip, and the crop of CROP_PROB).
+    cfg.INPUT.DRCL2.VIEW1_PHOTOMETRIC = True
     # Random resized crop: range of the fraction of the image area kept.
     cfg.INPUT.DRCL2.CROP_SCALE = (0.3, 1.0)
     # Random resized crop: range of the aspect ratio (w / h), sampled log-uniformly.
