@@ -57,6 +57,18 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.LCL.TEMPERATURE = 0.2
     # Supervised (class) term L_sup on/off; off leaves only the instance term.
     cfg.MODEL.DRCL2.LCL.SUPERVISED = True
+    # Keep the last this many target embeddings of every class and use them as L_sup's keys besides
+    # the batch's, so that an instance has positives when its class appears once in a batch
+    # (2DRCL v1: 0, no memory; L_sup then degenerated to instance discrimination at small batches).
+    cfg.MODEL.DRCL2.LCL.MEMORY_PER_CLASS = 16
+    # The instance term L_inst: "byol" (2 - 2 cos to the target embedding of the same instance) or
+    # "infonce" (against the target embeddings of every instance of the global batch; AlignDet's).
+    cfg.MODEL.DRCL2.LCL.LOSS = "byol"
+    # Temperature of the "infonce" instance term (AlignDet: 0.5).
+    cfg.MODEL.DRCL2.LCL.INST_TEMPERATURE = 0.5
+    # Factor on the gradient LCL sends into the backbone and FPN, in [0, 1] (0: LCL trains only the
+    # box head and its MLPs, as AlignDet's box-domain pre-training on a frozen backbone).
+    cfg.MODEL.DRCL2.LCL.BACKBONE_GRAD = 1.0
     # beta: weight of L_sup relative to the instance term.
     cfg.MODEL.DRCL2.LCL.SUP_WEIGHT = 0.5
     # Weight w_lcl of L_LCL (both terms) in the total loss.
@@ -88,6 +100,11 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.MASK.RATIO = 0.5
     # Fraction of the masked patches drawn inside the sampled instance boxes, in [0, 1].
     cfg.MODEL.DRCL2.MASK.BOX_GUIDED = 0.5
+    # Which heads read the masked view: "reconstruction" (AR and SR; the others read view 1
+    # unmasked, the online backbone runs on both in one batch) or "all" (2DRCL v1: the online
+    # backbone sees only the masked view; where the masks fall then tells the RPN and LCL where the
+    # objects are, a cue fine-tuning never has).
+    cfg.MODEL.DRCL2.MASK.ONLINE_VIEW = "reconstruction"
     cfg.MODEL.DRCL2.AR = CN()
     # Appearance reconstruction (pixels of x1 from the masked view) on/off.
     cfg.MODEL.DRCL2.AR.ENABLED = True
@@ -129,6 +146,15 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.RPN.ENABLED = True
     # Weight w_rpn of both RPN losses in the total loss.
     cfg.MODEL.DRCL2.RPN.WEIGHT = 1.0
+    # The RPN's targets: "view" (every object visible in v1, detectron2's rule) or "pairs" (2DRCL
+    # v1: only the objects that survive both views, so an object cut from v2 is a negative in v1).
+    cfg.MODEL.DRCL2.RPN.TARGETS = "view"
+    cfg.MODEL.DRCL2.DET = CN()
+    # Supervised detection losses in pre-training (detectron2's ROI heads on v1: box classification
+    # and regression, the mask head with MODEL.MASK_ON) on/off; needs the RPN term (its proposals).
+    cfg.MODEL.DRCL2.DET.ENABLED = False
+    # Weight w_det of the ROI heads' losses in the total loss.
+    cfg.MODEL.DRCL2.DET.WEIGHT = 1.0
 
     # ---------------------------------------------------------------------------------------------
     # The two views of 2DRCL pre-training (drcl2.data.TwoViewDatasetMapper). Pairs are (v1, v2).

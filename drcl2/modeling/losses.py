@@ -21,6 +21,7 @@ __all__ = [
     "appearance_reconstruction_loss",
     "semantic_reconstruction_loss",
     "semantic_reconstruction_weights",
+    "scale_gradient",
 ]
 
 
@@ -210,6 +211,15 @@ def semantic_reconstruction_weights(masked: torch.Tensor, valid: torch.Tensor, v
     visible, 0 on padding. BoolTensor[N, H, W] x 2 -> Tensor[N, H, W] float32.
     """
     return (masked & valid).float() + visible_weight * ((~masked) & valid).float()
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass (0: none)."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return x * scale + x.detach() * (1.0 - scale)
 
 
 def _matmul_no_autocast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
