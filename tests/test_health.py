@@ -186,6 +186,6 @@ def test_health_hook_logs_without_changing_the_run(toy_val_mini, tmp_path):
 def test_health_hook_needs_a_dataset():
     from drcl2.engine.hooks import HealthProbeHook
 
-    cfg = cfg_from("configs/toy/pretrain_2drcl.yaml", "MODEL.DRCL2.HEALTH.PERIOD", 10)
+    cfg = cfg_from("configs/toy/pretrain_2drcl.yaml", "MODEL.DRCL2.HEALTH.PERIOD", 10, "MODEL.DRCL2.HEALTH.DATASET", "")
     with pytest.raises(ValueError, match="MODEL.DRCL2.HEALTH.DATASET"):
         HealthProbeHook.from_config(cfg)

@@ -22,10 +22,12 @@ LOSS_KEYS = {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar", "loss_sr", 
 
 
 def tiny_cfg(*opts):
+    """The toy 2DRCL config, tiny; the supervised detection head off (its tests switch it on)."""
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", 5,
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", 5, "MODEL.DRCL2.DET.ENABLED", False,
+                         "MODEL.MASK_ON", False,
                          "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.DRCL2.MLP_HIDDEN_DIM", 32,
                          "MODEL.DRCL2.MLP_OUT_DIM", 16, "MODEL.DRCL2.AR.HIDDEN_DIM", 16,
                          "MODEL.DRCL2.SR.HIDDEN_DIM", 16, "SOLVER.MAX_ITER", 10, *opts])

@@ -49,7 +49,7 @@ from ..checkpoint import finetune_state_dict
 from ..config import add_drcl2_config
 from ..evaluation.health import class_groups, extract_box_features, feature_health, stage_changes
 
-__all__ = ["probe_weights", "main", "probe_modules"]
+__all__ = ["probe_weights", "probe_study_exports", "write_probe_report", "main", "probe_modules"]
 
 logger = logging.getLogger("drcl2.probe")
 
@@ -178,6 +178,65 @@ def tables(rows: List[Dict]) -> Tuple[str, str]:
     return main, change
 
 
+def load_config(config_file: str, opts=()):
+    """The probe's config: drcl2's keys, the file, the overrides, on CUDA when there is one, no MODEL.WEIGHTS."""
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(config_file)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", *opts])
+    return cfg
+
+
+def probe_markdown(rows: List[Dict], header: str) -> str:
+    """The header and both tables of ``rows``, in markdown."""
+    main_table, change_table = tables(rows)
+    stage_note = "Per stage: weight norm ratio / weight change / norm-affine change against the random init."
+    return "\n\n".join([header, main_table, stage_note, change_table]) + "\n"
+
+
+def write_probe_report(rows: List[Dict], header: str, output_dir: str) -> str:
+    """Write ``probe.csv`` and ``probe.md`` (:func:`probe_markdown`) to ``output_dir``; return the markdown."""
+    text = probe_markdown(rows, header)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "probe.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(output_dir, "probe.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def probe_study_exports(study, report_dir: str, seed: int, max_train_images: int = 2000, max_images: int = 1000) -> str:
+    """
+    Probe the exported weights of every arm of ``study`` that pre-trains (seed ``seed``, finished
+    runs only) beside the fine-tuning config's random initialisation: scored on the study's val
+    split, trained on its train split, with the first arm's fine-tuning config. Writes probe.csv /
+    probe.md into ``report_dir`` (the study report's summary.md then includes the table).
+    """
+    finetune_config = next(iter(study.arms.values())).finetune.config
+    cfg = load_config(finetune_config, ["SEED", str(seed)])
+    weights, seen = ["random"], set()
+    for arm in study.arms.values():
+        if arm.pretrain is None or arm.pretrain_from or seed not in arm.seeds:
+            continue
+        path = os.path.join(study.stage_dir(arm, seed, arm.pretrain), "model_final_finetune.pth")
+        if os.path.isfile(path) and path not in seen:
+            seen.add(path)
+            weights.append(f"{arm.name}={path}")
+    rows, chance = probe_weights(
+        cfg, weights, study.datasets["train"], study.datasets["val"], max_train_images, max_images
+    )
+    header = (
+        f"Exported weights of seed {seed} before fine-tuning (`python -m drcl2.tools.probe`; `random` = "
+        f"the initialisation of {finetune_config} at seed {seed}, what `scratch` fine-tunes): probe trained "
+        f"on {study.datasets['train']} (<= {max_train_images} images), scored on {study.datasets['val']} "
+        f"(<= {max_images} images, {int(rows[0]['boxes'])} boxes); balanced-probe chance {chance:.3f}."
+    )
+    return write_probe_report(rows, header, report_dir)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m drcl2.tools.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,12 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("weights", nargs="+", help="'random', a weights file, or NAME=FILE")
     args = parser.parse_args(argv)
     setup_logger(name="drcl2")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", *args.opts])
+    cfg = load_config(args.config_file, args.opts)
     train_dataset = args.train_dataset or cfg.DATASETS.TRAIN[0]
     import drcl2  # noqa: F401  (registers the datasets)
 
@@ -206,23 +260,15 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    main_table, change_table = tables(rows)
     header = (
         f"Probe of {len(rows)} weights: config {args.config_file}, trained on {train_dataset} "
         f"(<= {args.max_train_images} images), scored on {args.dataset} (<= {args.max_images} images, "
-        f"{int(rows[0]['boxes'])} boxes); balanced-probe chance {chance:.3f}; device {device}."
+        f"{int(rows[0]['boxes'])} boxes); balanced-probe chance {chance:.3f}; device {cfg.MODEL.DEVICE}."
     )
-    stage_note = "Per stage: weight norm ratio / weight change / norm-affine change against the random init."
-    print(header, main_table, stage_note, change_table, sep="\n\n")
+    print(probe_markdown(rows, header))
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "probe.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(args.output_dir, "probe.md"), "w") as f:
-            f.write("\n\n".join([header, main_table, stage_note, change_table]) + "\n")
-        print(f"\nwrote {args.output_dir}/probe.csv and probe.md")
+        write_probe_report(rows, header, args.output_dir)
+        print(f"wrote {args.output_dir}/probe.csv and probe.md")
     return 0
 
 
