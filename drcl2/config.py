@@ -5,7 +5,7 @@ from detectron2.config import CfgNode as CN
 def add_drcl2_config(cfg):
     """Add drcl2's keys (with their defaults) to a detectron2 ``cfg``, in place."""
     # ---------------------------------------------------------------------------------------------
-    # Dynamic rebalancing sampler (METHOD.md, DRB). Used when
+    # Dynamic rebalancing sampler (docs/method.md, DRB). Used when
     # DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler" (for DRCL2 pre-training,
     # exactly when MODEL.DRCL2.DRB.ENABLED is True: the two halves of DRB are switched together).
     # ---------------------------------------------------------------------------------------------
@@ -23,7 +23,7 @@ def add_drcl2_config(cfg):
     cfg.DATALOADER.DRCL2.CHUNK_ITERS = 10
 
     # ---------------------------------------------------------------------------------------------
-    # 2DRCL pre-training model (METHOD.md), MODEL.META_ARCHITECTURE == "DRCL2". The box pooler and
+    # 2DRCL pre-training model (docs/method.md), MODEL.META_ARCHITECTURE == "DRCL2". The box pooler and
     # box head follow MODEL.ROI_HEADS / MODEL.ROI_BOX_HEAD, the RPN MODEL.RPN, as in fine-tuning.
     # ---------------------------------------------------------------------------------------------
     cfg.MODEL.DRCL2 = CN()

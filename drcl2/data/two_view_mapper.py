@@ -1,5 +1,5 @@
 """
-The two-view mapper of 2DRCL pre-training (METHOD.md, "Data flow of one pre-training step").
+The two-view mapper of 2DRCL pre-training (docs/method.md, "One pre-training step, as implemented").
 
 Two backends (``INPUT.DRCL2.AUG_BACKEND``) draw the same augmentations from the same random streams:
 

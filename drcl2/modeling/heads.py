@@ -1,5 +1,5 @@
 """
-The small heads of 2DRCL (METHOD.md): projector / predictor MLPs, the appearance-reconstruction
+The small heads of 2DRCL (docs/method.md): projector / predictor MLPs, the appearance-reconstruction
 decoder and the semantic-reconstruction predictors. Each is @configurable-free plain nn.Module with
 typed arguments; the pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them from the config.
 """

@@ -1,5 +1,5 @@
 """
-The 2DRCL loss terms (METHOD.md), as pure functions of tensors so each can be unit-tested without a
+The 2DRCL loss terms (docs/method.md), as pure functions of tensors so each can be unit-tested without a
 model. Every function computes in float32 or wider whatever its input dtype (safe under AMP; float64
 inputs stay float64).
 
@@ -92,7 +92,7 @@ def balanced_supervised_contrastive_loss(
     normalizer: Optional[float] = None,
 ) -> torch.Tensor:
     """
-    The class-balanced supervised-contrastive term L_sup of METHOD.md (LCL):
+    The class-balanced supervised-contrastive term L_sup of docs/method.md (LCL):
 
     ``D_i = sum_c (1/|A_c|) sum_{j in A_c} exp(u_i.v_j/tau)``,
     ``l_i = -(1/|P(i)|) sum_{p in P(i)} log(exp(u_i.v_p/tau) / D_i)`` with ``P(i) = A_{y_i}``,

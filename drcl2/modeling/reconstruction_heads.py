@@ -1,5 +1,5 @@
 """
-Dual reconstruction (METHOD.md): AR, appearance reconstruction (``loss_ar``), and SR, semantic
+Dual reconstruction (docs/method.md): AR, appearance reconstruction (``loss_ar``), and SR, semantic
 reconstruction (``loss_sr``), both from the online features of the masked view 1.
 """
 import math
