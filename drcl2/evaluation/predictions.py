@@ -128,13 +128,11 @@ def _window_counts(m: np.ndarray, windows: np.ndarray):
                                                  offsets.tolist(), padded.tolist())):
         if a == c or b == d:
             continue
-        dst = buf[o : o + (c - a) * (d - b + pad)].reshape(c - a, d - b + pad)
-        if pad:
-            dst[:, :-1] = cv2.transpose(m[i, b:d, a:c])  # the last element of each row stays 0
-        else:
-            out = cv2.transpose(m[i, b:d, a:c], dst)
-            if not np.shares_memory(out, dst):
-                dst[...] = out
+        # cv2 writes straight into the strided view (the padding zero of each row stays 0).
+        dst = buf[o : o + (c - a) * (d - b + pad)].reshape(c - a, d - b + pad)[:, : d - b]
+        out = cv2.transpose(m[i, b:d, a:c], dst)
+        if not np.shares_memory(out, dst):  # pragma: no cover - cv2 gave a new array after all
+            dst[...] = out
     # A run starts where the value changes or a window's buffer starts.
     if buf.size > 1:
         change = np.not_equal(buf[1:], buf[:-1])
