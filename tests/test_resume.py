@@ -161,6 +161,31 @@ def test_mapping_keeps_the_callers_random_state():
     assert (np.random.rand(), float(torch.rand(()))) == expected
 
 
+def test_mapping_keeps_the_callers_cuda_random_state(monkeypatch):
+    """CPU half: where CUDA is initialised, the CUDA generators' states are saved before the image's
+    seed and given back after it (faked here: the calls are recorded)."""
+    calls = []
+    cuda_states = [torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # manual_seed's CUDA part seeds nothing
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("get") or cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set", states)))
+    with seeded_random_state(derived_seed(1, 2, 3)):
+        assert calls == ["get"]
+    assert calls == ["get", ("set", cuda_states)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mapping_keeps_the_callers_cuda_random_state_on_gpu():
+    """GPU half: the CUDA stream after a seeded mapping is the one without it (the step's sampling)."""
+    torch.manual_seed(0)
+    expected = torch.rand(4, device="cuda")
+    torch.manual_seed(0)
+    with seeded_random_state(derived_seed(1, 2, 3)):
+        torch.rand(5, device="cuda")
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
 def test_a_truncated_image_names_its_file(tmp_path):
     from PIL import Image
 

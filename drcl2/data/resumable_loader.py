@@ -57,8 +57,15 @@ def seeded_random_state(seed: int):
     """
     Run the block with python's, numpy's and torch's global random state seeded from ``seed``, and
     give the caller's random state back afterwards (so mapping in the main process,
-    ``NUM_WORKERS == 0``, does not disturb the training step's random numbers).
+    ``NUM_WORKERS == 0``, or the images re-mapped at a resume, do not disturb the training step's
+    random numbers).
+
+    ``torch.manual_seed`` also reseeds every CUDA generator, so their states are saved and given
+    back too where CUDA is initialised (the main process of a GPU run). Elsewhere (a CPU run, a
+    DataLoader worker, which must not initialise CUDA) torch only queues that seed for a later CUDA
+    start, and the step's own seeding queues its seed after it.
     """
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     seed_global_random_state(seed)
     try:
@@ -67,6 +74,8 @@ def seeded_random_state(seed: int):
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _identity(x):
