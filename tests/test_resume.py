@@ -175,6 +175,21 @@ def test_two_views_are_grouped_by_their_own_orientation():
     assert [[d["image_id"] for d in b] for b in (next(resumed) for _ in range(4))] == [[d["image_id"] for d in b] for b in rest]
 
 
+def test_padding_benchmark_groups_by_the_views():
+    """`benchmark padding` (not a timed test): grouping by the views pads less than by the original."""
+    import contextlib
+    import io
+
+    from drcl2.tools import benchmark
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        benchmark.main(["padding", "--images", "1000", "--batch-sizes", "4"])
+    row = [line.split() for line in out.getvalue().splitlines() if line.split()[:1] == ["4"]][-1]
+    none, original, views = (float(x.rstrip("%")) for x in row[1:])
+    assert views < original - 2 and views < none - 2
+
+
 def test_a_two_bucket_state_is_regrouped():
     """A state written before mixed views had their own bucket (2 buckets) is taken: its waiting
     images are mapped again and grouped by the current rule."""
