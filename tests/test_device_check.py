@@ -17,7 +17,7 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path, capsys):
     for name in device_check.STEPS:
         assert f"| {name} | ok |" in report
     # the figures each step is there for
-    assert "| DRCL2 / Mask R-CNN |" in report and "images/s per worker" in report  # step benchmark
+    assert "| DRCL2 / Mask R-CNN " in report and "images/s per worker" in report  # step benchmark
     assert "| loss_hcl | 0 | 0 |" in report  # killed and resumed: the same losses
     assert "| scratch | val | bbox |" in report and "| 2drcl | val | bbox |" in report  # the study slice
     assert "1 passed" in report  # the CPU half of the CUDA random-state test ran

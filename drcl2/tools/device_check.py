@@ -127,7 +127,10 @@ def _markdown_tables(text: str) -> List[str]:
     """The markdown table lines (``|...|``) and their captions in a tool's output."""
     out = []
     for line in text.splitlines():
-        if line.startswith("|") or line.startswith(("device:", "data for DRCL2", "DRCL2 step split", "Mask R-CNN step")):
+        table = line.startswith("|")
+        if table or line.startswith(("device:", "data for DRCL2", "DRCL2 step split", "Mask R-CNN step")):
+            if out and out[-1] and out[-1].startswith("|") != table:
+                out.append("")  # a table starts (or ends) a block of its own
             out.append(line)
         elif out and out[-1] != "":
             out.append("")
