@@ -39,7 +39,7 @@ $(STAMP): setup.py Makefile
 # detectron2 is not on PyPI from its authors; sal-detectron2 0.7.2 is a faithful copy of its main
 # branch, tagged for CPython 3.10 only. Its pure-Python part runs on 3.11: install it with `installer`,
 # which does not check the interpreter tag (the 3.10 _C extension is then never loaded, and detectron2
-# falls back to torchvision's RoIAlign / NMS). See ../shared/docs/INSTALL-NOTES.md.
+# falls back to torchvision's RoIAlign / NMS). See README.md, "Two commands".
 detectron2:
 	@echo "[install] detectron2 from the PyPI copy sal-detectron2==0.7.2 (pure Python)"
 	@mkdir -p $(VENV)/wheels

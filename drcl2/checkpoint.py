@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 FINETUNE_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.box_head.")
 """The online modules kept for fine-tuning; the target network, projectors, predictors and
-decoders are dropped (METHOD.md, Transfer)."""
+decoders are dropped (docs/method.md, "Transfer")."""
 
 
 def finetune_state_dict(model_state: Mapping[str, torch.Tensor], source: str = "state dict") -> Dict:

@@ -5,7 +5,7 @@ from detectron2.config import CfgNode as CN
 def add_drcl2_config(cfg):
     """Add drcl2's keys (with their defaults) to a detectron2 ``cfg``, in place."""
     # ---------------------------------------------------------------------------------------------
-    # Dynamic rebalancing sampler (METHOD.md, DRB). Used when
+    # Dynamic rebalancing sampler (docs/method.md, DRB). Used when
     # DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler" (for DRCL2 pre-training,
     # exactly when MODEL.DRCL2.DRB.ENABLED is True: the two halves of DRB are switched together).
     # ---------------------------------------------------------------------------------------------
@@ -23,7 +23,7 @@ def add_drcl2_config(cfg):
     cfg.DATALOADER.DRCL2.CHUNK_ITERS = 10
 
     # ---------------------------------------------------------------------------------------------
-    # 2DRCL pre-training model (METHOD.md), MODEL.META_ARCHITECTURE == "DRCL2". The box pooler and
+    # 2DRCL pre-training model (docs/method.md), MODEL.META_ARCHITECTURE == "DRCL2". The box pooler and
     # box head follow MODEL.ROI_HEADS / MODEL.ROI_BOX_HEAD, the RPN MODEL.RPN, as in fine-tuning.
     # ---------------------------------------------------------------------------------------------
     cfg.MODEL.DRCL2 = CN()
@@ -57,6 +57,18 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.LCL.TEMPERATURE = 0.2
     # Supervised (class) term L_sup on/off; off leaves only the instance term.
     cfg.MODEL.DRCL2.LCL.SUPERVISED = True
+    # Keep the last this many target embeddings of every class and use them as L_sup's keys besides
+    # the batch's, so that an instance has positives when its class appears once in a batch
+    # (2DRCL v1: 0, no memory; L_sup then degenerated to instance discrimination at small batches).
+    cfg.MODEL.DRCL2.LCL.MEMORY_PER_CLASS = 16
+    # The instance term L_inst: "byol" (2 - 2 cos to the target embedding of the same instance) or
+    # "infonce" (against the target embeddings of every instance of the global batch; AlignDet's).
+    cfg.MODEL.DRCL2.LCL.LOSS = "byol"
+    # Temperature of the "infonce" instance term (AlignDet: 0.5).
+    cfg.MODEL.DRCL2.LCL.INST_TEMPERATURE = 0.5
+    # Factor on the gradient LCL sends into the backbone and FPN, in [0, 1] (0: LCL trains only the
+    # box head and its MLPs, as AlignDet's box-domain pre-training on a frozen backbone).
+    cfg.MODEL.DRCL2.LCL.BACKBONE_GRAD = 1.0
     # beta: weight of L_sup relative to the instance term.
     cfg.MODEL.DRCL2.LCL.SUP_WEIGHT = 0.5
     # Weight w_lcl of L_LCL (both terms) in the total loss.
@@ -88,6 +100,11 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.MASK.RATIO = 0.5
     # Fraction of the masked patches drawn inside the sampled instance boxes, in [0, 1].
     cfg.MODEL.DRCL2.MASK.BOX_GUIDED = 0.5
+    # Which heads read the masked view: "reconstruction" (AR and SR; the others read view 1
+    # unmasked, the online backbone runs on both in one batch) or "all" (2DRCL v1: the online
+    # backbone sees only the masked view; where the masks fall then tells the RPN and LCL where the
+    # objects are, a cue fine-tuning never has).
+    cfg.MODEL.DRCL2.MASK.ONLINE_VIEW = "reconstruction"
     cfg.MODEL.DRCL2.AR = CN()
     # Appearance reconstruction (pixels of x1 from the masked view) on/off.
     cfg.MODEL.DRCL2.AR.ENABLED = True
@@ -115,17 +132,43 @@ def add_drcl2_config(cfg):
     # Names of further pretext heads (registered in drcl2.modeling.DRCL2_HEAD_REGISTRY) to train
     # besides the built-in ones switched on below (HCL, LCL, AR, SR, RPN).
     cfg.MODEL.DRCL2.EXTRA_HEADS = []
+    cfg.MODEL.DRCL2.HEALTH = CN()
+    # Every this many iterations (and before the first), log the representation's health to the
+    # EventStorage (drcl2.engine.hooks.HealthProbeHook: linear-probe accuracy, effective ranks,
+    # collapse check, on MAX_IMAGES images of DATASET); 0: off. Works for DRCL2 and R-CNN runs.
+    cfg.MODEL.DRCL2.HEALTH.PERIOD = 0
+    # The held-out dataset (registered name, with box annotations) the health probe reads.
+    cfg.MODEL.DRCL2.HEALTH.DATASET = ""
+    # How many of its images (the first ones); the probe trains on the even ones, scores the odd.
+    cfg.MODEL.DRCL2.HEALTH.MAX_IMAGES = 100
     cfg.MODEL.DRCL2.RPN = CN()
     # Class-agnostic RPN loss on the boxes of v1 (pre-trains the RPN) on/off.
     cfg.MODEL.DRCL2.RPN.ENABLED = True
     # Weight w_rpn of both RPN losses in the total loss.
     cfg.MODEL.DRCL2.RPN.WEIGHT = 1.0
+    # The RPN's targets: "view" (every object visible in v1, detectron2's rule) or "pairs" (2DRCL
+    # v1: only the objects that survive both views, so an object cut from v2 is a negative in v1).
+    cfg.MODEL.DRCL2.RPN.TARGETS = "view"
+    cfg.MODEL.DRCL2.DET = CN()
+    # Supervised detection losses in pre-training (detectron2's ROI heads on v1: box classification
+    # and regression, the mask head with MODEL.MASK_ON) on/off; needs the RPN term (its proposals).
+    cfg.MODEL.DRCL2.DET.ENABLED = False
+    # Weight w_det of the ROI heads' losses in the total loss.
+    cfg.MODEL.DRCL2.DET.WEIGHT = 1.0
 
     # ---------------------------------------------------------------------------------------------
     # The two views of 2DRCL pre-training (drcl2.data.TwoViewDatasetMapper). Pairs are (v1, v2).
     # Resize and flip follow INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN / RANDOM_FLIP.
     # ---------------------------------------------------------------------------------------------
     cfg.INPUT.DRCL2 = CN()
+    # Probability that each view (v1, v2) takes the random resized crop (else the whole image).
+    cfg.INPUT.DRCL2.CROP_PROB = (1.0, 1.0)
+    # Both views take view 1's crop, resize and flip: boxes correspond exactly, only the photometric
+    # augmentations differ (AlignDet's views).
+    cfg.INPUT.DRCL2.SHARED_GEOMETRY = False
+    # Photometric augmentation of view 1 (colour jitter, grey, blur, solarization) on/off; off makes
+    # view 1 a detector's training input (resize + flip, and the crop of CROP_PROB).
+    cfg.INPUT.DRCL2.VIEW1_PHOTOMETRIC = True
     # Random resized crop: range of the fraction of the image area kept.
     cfg.INPUT.DRCL2.CROP_SCALE = (0.3, 1.0)
     # Random resized crop: range of the aspect ratio (w / h), sampled log-uniformly.

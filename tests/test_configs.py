@@ -31,7 +31,10 @@ def test_configs_are_found():
     assert "configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml" in CONFIGS
     assert "configs/toy/mask_rcnn_finetune.yaml" in CONFIGS
     assert "configs/large/pretrain_2drcl_R_50_FPN.yaml" in CONFIGS
-    assert STUDIES == ["configs/study/large.yaml", "configs/study/toy.yaml", "configs/study/toy_explore.yaml"]
+    assert STUDIES == [
+        "configs/study/large.yaml", "configs/study/toy.yaml", "configs/study/toy_explore.yaml",
+        "configs/study/toy_init.yaml", "configs/study/toy_screen.yaml",
+    ]
 
 
 @pytest.mark.parametrize("config_file", CONFIGS)

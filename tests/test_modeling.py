@@ -22,10 +22,12 @@ LOSS_KEYS = {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar", "loss_sr", 
 
 
 def tiny_cfg(*opts):
+    """The toy 2DRCL config, tiny; the supervised detection head off (its tests switch it on)."""
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", TEST_DEVICE, "MODEL.ROI_HEADS.NUM_CLASSES", 5,
+    cfg.merge_from_list(["MODEL.DEVICE", TEST_DEVICE, "MODEL.ROI_HEADS.NUM_CLASSES", 5, "MODEL.DRCL2.DET.ENABLED", False,
+                         "MODEL.MASK_ON", False,
                          "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.DRCL2.MLP_HIDDEN_DIM", 32,
                          "MODEL.DRCL2.MLP_OUT_DIM", 16, "MODEL.DRCL2.AR.HIDDEN_DIM", 16,
                          "MODEL.DRCL2.SR.HIDDEN_DIM", 16, "SOLVER.MAX_ITER", 10, *opts])
@@ -42,7 +44,9 @@ def view(seed, size, boxes, classes):
     inst.gt_ids = torch.arange(len(classes))
     blobs = torch.nn.functional.interpolate(torch.rand((1, 3, 4, 4), generator=g), size=size, mode="bilinear")[0]
     image = (blobs * 200 + torch.rand((3, *size), generator=g) * 55).to(torch.uint8)
-    return {"image": image, "instances": inst}
+    # the view's own detection targets (read for view 1): here the same objects
+    targets = Instances(size, gt_boxes=Boxes(inst.gt_boxes.tensor.clone()), gt_classes=inst.gt_classes.clone())
+    return {"image": image, "instances": inst, "targets": targets}
 
 
 def batch():
@@ -232,11 +236,17 @@ def record_outputs(module, calls):
     return module.register_forward_hook(lambda m, args, out: calls.append(out.detach()))
 
 
+@pytest.mark.parametrize("online_view", ["reconstruction", "all"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric):
-    """Catches: the online network on the unmasked view, the target on the masked one, views swapped."""
+def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric, online_view):
+    """
+    The online network sees x1 unmasked (HCL) and masked (SR) in one batch, or, in 2DRCL v1's
+    "all" mode, only the masked x1; the target sees x1 and x2 unmasked. Catches: the online network
+    without the masked view, the target on the masked one, views swapped.
+    """
     # SR on: the target reads x1 (SR's targets) and x2 (HCL's); masking is on with SR.
-    model = build("MODEL.DRCL2.SYMMETRIC", symmetric, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_RPN)
+    model = build("MODEL.DRCL2.SYMMETRIC", symmetric, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_RPN,
+                  "MODEL.DRCL2.MASK.ONLINE_VIEW", online_view)
     inputs = {}
     model.backbone.register_forward_pre_hook(lambda m, args: inputs.setdefault("online", args[0]))
     model.target_network["backbone"].register_forward_pre_hook(lambda m, args: inputs.setdefault("target", args[0]))
@@ -249,7 +259,8 @@ def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric):
         assert 0.3 < mask[i, :h, :w].float().mean() < 0.7
     masked_x1 = x1 * ~mask[:, None]
     assert not torch.equal(masked_x1, x1)
-    assert torch.equal(inputs["online"], torch.cat([masked_x1, x2]) if symmetric else masked_x1)
+    online = [x1, masked_x1] if online_view == "reconstruction" else [masked_x1]
+    assert torch.equal(inputs["online"], torch.cat(online + ([x2] if symmetric else [])))
     assert torch.equal(inputs["target"], torch.cat([x1, x2]))
 
 
@@ -282,20 +293,20 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
     At iteration 8 of 10 (lambda = 0.8), the weights of instance selection, box-guided masking and
     L_sup are (r_c^ins)^0.8. Catches: lambda stuck at 0, the statistics not used, a stale lambda.
     """
-    from drcl2.modeling import meta_arch
+    from drcl2.modeling import lcl_head, meta_arch
 
     calls = {}
 
-    def spy(fn):
+    def spy(module, fn):
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
             calls.setdefault(fn.__name__, []).append((args, out))
             return out
-        monkeypatch.setattr(meta_arch, fn.__name__, wrapped)
+        monkeypatch.setattr(module, fn.__name__, wrapped)
 
-    for fn in (meta_arch.sample_instances, meta_arch.box_guided_patch_mask,
-               meta_arch.balanced_supervised_contrastive_loss):
-        spy(fn)
+    for module, fn in ((meta_arch, meta_arch.sample_instances), (meta_arch, meta_arch.box_guided_patch_mask),
+                       (lcl_head, lcl_head.balanced_supervised_contrastive_loss)):
+        spy(module, fn)
     model = build(*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)
     _, storage = step(model, 8)
     assert storage.latest()["drcl2/lambda"][0] == pytest.approx(0.8)
@@ -434,11 +445,11 @@ def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
     (box-guided into the only box), lies in column 0. Catches: a stride taken from the feature
     width (96 // 2 = 48), which puts it in column 1.
     """
-    from drcl2.modeling import meta_arch
+    from drcl2.modeling import reconstruction_heads
 
     seen = []
-    original = meta_arch.semantic_reconstruction_loss
-    monkeypatch.setattr(meta_arch, "semantic_reconstruction_loss",
+    original = reconstruction_heads.semantic_reconstruction_loss
+    monkeypatch.setattr(reconstruction_heads, "semantic_reconstruction_loss",
                         lambda pred, target, masked, *a, **k: seen.append(masked) or original(pred, target, masked, *a, **k))
     model = build("MODEL.DRCL2.SR.IN_FEATURES", ["p3", "p6"], "MODEL.DRCL2.MASK.RATIO", 0.05,
                   "MODEL.DRCL2.MASK.BOX_GUIDED", 1.0, "MODEL.DRCL2.HCL.ENABLED", False,

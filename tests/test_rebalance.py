@@ -38,7 +38,7 @@ def chi2_critical(dof, z=3.09):
 
 
 def brute_force(dicts, t):
-    """METHOD.md's DRB formulas written out literally, in Python floats."""
+    """docs/method.md's DRB formulas written out literally, in Python floats."""
     num_images = len(dicts)
     all_classes = [a["category_id"] for d in dicts for a in d["annotations"]]
     img_count = Counter(c for d in dicts for c in {a["category_id"] for a in d["annotations"]})

@@ -57,7 +57,7 @@ def test_shipped_study_files_parse(path, monkeypatch):
     from detectron2.data import MetadataCatalog
 
     study = load_study(path)
-    if study.datasets["test"]:  # a reporting study (not an exploration on val): the main arms, 3 seeds
+    if path in ("configs/study/toy.yaml", "configs/study/large.yaml"):  # the main studies: main arms, 3 seeds
         assert {"scratch", "scratch_long", "supervised_pretrain", "2drcl"} <= set(study.arms)
         assert len(study.seeds) == 3
         assert study.arms["2drcl"].iters == study.arms["scratch_long"].iters  # equal compute
@@ -316,6 +316,13 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     assert study_tool.main(["--summarize", str(out)]) == 2
     assert "holds the studies ['other', 'tiny']: choose one with --name" in capsys.readouterr().err
     assert study_tool.main(["--summarize", str(out), "--name", "tiny", "--report-dir", str(report)]) == 0
+    # --probe: the exported weights of a seed, probed before fine-tuning, join the report
+    assert study_tool.main(["--summarize", str(out), "--name", "tiny", "--report-dir", str(report),
+                            "--probe", "5", "--probe-max-images", "4"]) == 0  # fmt: skip
+    probe = {r["weights"]: r for r in read_csv(report / "probe.csv")}
+    assert set(probe) == {"random", "sup"}  # scratch has no export; sup_backbone reuses sup's
+    assert float(probe["sup"]["res2_weight_change"]) > 0 == float(probe["random"]["res2_weight_change"])
+    assert "## Probe of the exported weights" in (report / "summary.md").read_text()
 
 
 def test_summarize_prints_a_committed_study_beside_a_run(tmp_path, capsys):

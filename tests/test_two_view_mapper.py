@@ -7,6 +7,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
+from detectron2.structures.masks import polygons_to_bitmask
 
 from conftest import REPO_ROOT
 from drcl2.config import add_drcl2_config
@@ -146,3 +147,86 @@ def test_photometric_views_differ_and_keep_format(tmp_path):
 def test_invalid_view_config_names_the_key(key, value):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         toy_mapper(**{key: value})
+
+
+def square_polygons(record_dict):
+    """The record with each box's square as its polygon."""
+    for a in record_dict["annotations"]:
+        x0, y0, x1, y1 = a["bbox"]
+        a["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    return record_dict
+
+
+def test_an_object_visible_only_in_view1_is_a_detection_target(tmp_path):
+    """View 1's targets are its own survivors (detectron2's rule), not the pairs that also survive
+    view 2: box 1 is 10% inside view 1 (a target, clipped; not a pair), box 3 is outside it."""
+    path, _ = write_image(tmp_path)
+    mapper = TwoViewDatasetMapper(
+        geometric1=[FixedCrop(0, 0, 64, 128)], geometric2=[FixedCrop(0, 0, 128, 100)], min_visible=0.3, min_side=4
+    )
+    out = mapper(record(path))
+    assert out["view1"]["instances"].gt_ids.tolist() == [0, 2]
+    targets = out["view1"]["targets"]
+    assert targets.gt_classes.tolist() == [0, 1, 2]
+    assert targets.gt_boxes.tensor.tolist() == [[8, 8, 40, 40], [60, 10, 64, 50], [20, 70, 64, 110]]
+    assert targets.image_size == (128, 64) and "targets" not in out["view2"]
+    # with view 2 uncropped every view-1 survivor is also a pair (boxes 0 and 2 at >= 30%)
+    mapper = TwoViewDatasetMapper(geometric1=[FixedCrop(0, 0, 64, 128)], geometric2=[], min_visible=0.3)
+    assert mapper(record(path))["view1"]["instances"].gt_ids.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_view1_targets_carry_masks(tmp_path, crop):
+    """With masks on, view 1's targets hold each object's mask in the view (polygons; bitmasks when
+    the view is cropped): it covers its box and nothing far outside it."""
+    path, _ = write_image(tmp_path)
+    geometric = [FixedCrop(0, 0, 64, 128)] if crop else []
+    mapper = TwoViewDatasetMapper(
+        geometric1=geometric + [T.Resize((96, 96 if not crop else 48))], geometric2=[], mask_on=True
+    )
+    targets = mapper(square_polygons(record(path)))["view1"]["targets"]
+    h, w = targets.image_size
+    masks = targets.gt_masks
+    assert len(masks) == len(targets) == (3 if crop else 4)
+    if hasattr(masks, "tensor"):
+        bitmasks = masks.tensor
+    else:
+        bitmasks = torch.stack([torch.as_tensor(polygons_to_bitmask(p, h, w)) for p in masks.polygons])
+    assert type(masks).__name__ == ("BitMasks" if crop else "PolygonMasks")
+    for box, mask in zip(targets.gt_boxes.tensor, bitmasks):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        x0, y0, x1, y1 = box.tolist()
+        assert xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
+        assert mask.sum() >= 0.8 * (x1 - x0) * (y1 - y0)
+
+
+def test_shared_geometry_views_differ_only_in_colour(tmp_path):
+    path, image = write_image(tmp_path)
+    mapper = toy_mapper(**{"INPUT.DRCL2.SHARED_GEOMETRY": True, "INPUT.DRCL2.COLOR_JITTER_PROB": 1.0})
+    np.random.seed(0)
+    torch.manual_seed(0)
+    for _ in range(4):
+        out = mapper(record(path))
+        i1, i2 = out["view1"]["instances"], out["view2"]["instances"]
+        assert torch.equal(i1.gt_boxes.tensor, i2.gt_boxes.tensor)
+        assert out["view1"]["image"].shape == out["view2"]["image"].shape
+        assert not torch.equal(out["view1"]["image"], out["view2"]["image"])
+
+
+def test_view1_without_photometric_augmentation_keeps_the_colours(tmp_path):
+    path, _ = write_image(tmp_path)
+    mapper = toy_mapper(**{
+        "INPUT.DRCL2.VIEW1_PHOTOMETRIC": False, "INPUT.DRCL2.COLOR_JITTER_PROB": 1.0,
+        "INPUT.DRCL2.CROP_PROB": (0.0, 1.0),
+    })  # fmt: skip
+    np.random.seed(1)
+    torch.manual_seed(1)
+    out = mapper(record(path))
+    img = out["view1"]["image"].permute(1, 2, 0).numpy().astype(float)
+    assert len(out["view1"]["targets"]) == 4  # uncropped: every object is a target
+    for box, cls in zip(out["view1"]["targets"].gt_boxes.tensor.tolist(), out["view1"]["targets"].gt_classes):
+        x0, y0, x1, y1 = [int(round(c)) for c in box]
+        inner = img[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].reshape(-1, 3)
+        assert np.abs(inner.mean(0) - np.array(COLOURS[int(cls)])).max() < 1.0
+    with pytest.raises(ValueError, match="CROP_PROB"):
+        toy_mapper(**{"INPUT.DRCL2.CROP_PROB": (0.5,)})

@@ -1,6 +1,6 @@
 """
 Dynamic rebalancing (DRB): class statistics, repeat factors and class weights that move from
-image-level to instance-level resampling as the progress λ goes from 0 to 1 (METHOD.md, "DRB").
+image-level to instance-level resampling as the progress λ goes from 0 to 1 (docs/method.md, "DRB").
 
 With f_c^img the fraction of images that contain class c, f_c^ins the fraction of all instances
 that are of class c and t the repeat threshold:

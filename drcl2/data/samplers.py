@@ -1,4 +1,4 @@
-"""The dynamic rebalancing training sampler (METHOD.md, "DRB")."""
+"""The dynamic rebalancing training sampler (docs/method.md, "DRB")."""
 
 import logging
 import numbers

@@ -1,5 +1,5 @@
 """
-The two-view mapper of 2DRCL pre-training (METHOD.md, "Data flow of one pre-training step").
+The two-view mapper of 2DRCL pre-training (docs/method.md, "One pre-training step, as implemented").
 
 Two backends (``INPUT.DRCL2.AUG_BACKEND``) draw the same augmentations from the same random streams:
 
@@ -180,6 +180,16 @@ class TwoViewDatasetMapper:
     order, so row i of both views' ``instances`` is the same object (``gt_ids`` = its index in the
     dict's ``annotations``). An image with no kept instance yields empty ``instances``.
 
+    View 1 also carries the detection targets of its own: ``"targets"`` = ``Instances(gt_boxes,
+    gt_classes[, gt_masks])`` of every non-crowd annotation that survives view 1 alone, by detectron2's
+    rule (``transform_instance_annotations`` + ``filter_empty_instances``: the box clipped to the
+    view, kept if not empty), as detectron2's ``DatasetMapper`` would give a detector. The RPN and
+    the supervised detection losses of pre-training train on these: an object visible in view 1 is
+    a target there whether or not it survives view 2's crop.
+
+    With ``shared_geometry`` both views take the same crop, resize and flip (only the photometric
+    augmentations differ), so every box corresponds exactly across the views.
+
     With ``proposal_topk`` set (LCL's ``BOX_SOURCE: "proposals"``), the dict's precomputed proposals
     (detectron2's ``proposal_boxes`` fields, ``MODEL.LOAD_PROPOSALS``) are used too: the
     ``proposal_topk`` of highest objectness, each labelled with the class of the annotated box it
@@ -189,7 +199,7 @@ class TwoViewDatasetMapper:
 
     Output dict: the input's ``file_name``, ``image_id``, ``height``, ``width`` and
     ``"view1"`` / ``"view2"``: ``{"image": Tensor[3, H_v, W_v] uint8 in ``image_format``,
-    "instances": Instances(gt_boxes, gt_classes, gt_ids)}``.
+    "instances": Instances(gt_boxes, gt_classes, gt_ids)}``, and ``view1["targets"]``.
     """
 
     @configurable
@@ -207,6 +217,9 @@ class TwoViewDatasetMapper:
         proposal_topk: Optional[int] = None,
         proposal_match_iou: float = 0.5,
         backend: str = "opencv",
+        shared_geometry: bool = False,
+        mask_on: bool = False,
+        mask_format: str = "polygon",
     ):
         """
         Args:
@@ -224,6 +237,9 @@ class TwoViewDatasetMapper:
             proposal_match_iou: the IoU with an annotated box from which a proposal takes its class.
             backend: "opencv" renders the geometric transforms with :func:`render_geometric`;
                 "torchvision" with each transform's ``apply_image`` (the reference).
+            shared_geometry: view 2 takes view 1's geometric transforms (``geometric2`` unused).
+            mask_on: view 1's ``targets`` carry ``gt_masks`` (``mask_format``, as detectron2's
+                ``INPUT.MASK_FORMAT``; polygons cut by a crop become bitmasks).
         """
         if not is_train:
             raise ValueError("TwoViewDatasetMapper is for training only (is_train=True).")
@@ -249,6 +265,9 @@ class TwoViewDatasetMapper:
             raise ValueError(f"MODEL.DRCL2.LCL.PROPOSAL_TOPK must be >= 1; got {proposal_topk}.")
         self.proposal_topk = proposal_topk
         self.proposal_match_iou = proposal_match_iou
+        self.shared_geometry = shared_geometry
+        self.mask_on = mask_on
+        self.mask_format = mask_format
         logger.info(f"[TwoViewDatasetMapper] backend {backend}; view 1: {geometric1} {photometric1}")
         logger.info(f"[TwoViewDatasetMapper] view 2: {geometric2} {photometric2}")
 
@@ -257,7 +276,14 @@ class TwoViewDatasetMapper:
         d = cfg.INPUT.DRCL2
         _check_view_config(d)
         lcl = cfg.MODEL.DRCL2.LCL
-        crop = lambda: RandomResizedCropAugmentation(tuple(d.CROP_SCALE), tuple(d.CROP_RATIO))  # noqa
+        def crop(view):
+            """The random resized crop of a view, taken with probability CROP_PROB[view]."""
+            prob = d.CROP_PROB[view]
+            if prob <= 0:
+                return []
+            aug = RandomResizedCropAugmentation(tuple(d.CROP_SCALE), tuple(d.CROP_RATIO))
+            return [aug] if prob >= 1 else [T.RandomApply(aug, prob)]
+
         if d.AUG_BACKEND == "opencv":
             if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
                 raise ValueError(
@@ -279,9 +305,10 @@ class TwoViewDatasetMapper:
         )
         return {
             "is_train": is_train,
-            "geometric1": [crop()] + utils.build_augmentation(cfg, True),
-            "geometric2": [crop()] + utils.build_augmentation(cfg, True),
-            "photometric1": photometric(blur_prob=d.BLUR_PROB[0], solarize_prob=d.SOLARIZE_PROB[0], **common),
+            "geometric1": crop(0) + utils.build_augmentation(cfg, True),
+            "geometric2": crop(1) + utils.build_augmentation(cfg, True),
+            "photometric1": photometric(blur_prob=d.BLUR_PROB[0], solarize_prob=d.SOLARIZE_PROB[0], **common)
+            if d.VIEW1_PHOTOMETRIC else None,
             "photometric2": photometric(blur_prob=d.BLUR_PROB[1], solarize_prob=d.SOLARIZE_PROB[1], **common),
             "image_format": cfg.INPUT.FORMAT,
             "min_visible": d.MIN_VISIBLE,
@@ -289,6 +316,9 @@ class TwoViewDatasetMapper:
             "proposal_topk": lcl.PROPOSAL_TOPK if lcl.BOX_SOURCE == "proposals" else None,
             "proposal_match_iou": lcl.PROPOSAL_MATCH_IOU,
             "backend": d.AUG_BACKEND,
+            "shared_geometry": d.SHARED_GEOMETRY,
+            "mask_on": cfg.MODEL.MASK_ON,
+            "mask_format": cfg.INPUT.MASK_FORMAT,
         }
 
     def enable_timings(self) -> Dict[str, List[float]]:
@@ -310,7 +340,7 @@ class TwoViewDatasetMapper:
             self.timings.setdefault(name, []).append(now - start)
         return now
 
-    def make_view(self, image: np.ndarray, boxes: np.ndarray, view: int):
+    def make_view(self, image: np.ndarray, boxes: np.ndarray, view: int, transforms=None):
         """
         Geometric augmentation of one view.
 
@@ -318,13 +348,16 @@ class TwoViewDatasetMapper:
             image: ndarray[H, W, 3] uint8 in ``image_format``.
             boxes: ndarray[R, 4] XYXY_ABS in the original image.
             view: 0 or 1.
+            transforms: apply these (a TransformList of another view) instead of drawing new ones.
 
         Returns:
             image (ndarray[H_v, W_v, 3]), boxes (ndarray[R, 4] in the view, clipped to it),
             visible (ndarray[R], fraction of each box's area inside the crop),
             transforms (TransformList: original image -> view; ``.inverse()`` undoes it).
         """
-        if self.backend == "opencv":
+        if transforms is not None:
+            view_image = render_geometric(image, transforms) if self.backend == "opencv" else transforms.apply_image(image)
+        elif self.backend == "opencv":
             transforms = self.geometric[view](_ShapeInput(image.shape))
             view_image = render_geometric(image, transforms)
         else:
@@ -389,7 +422,9 @@ class TwoViewDatasetMapper:
         proposals, proposal_classes = self._proposals(dataset_dict, boxes, classes)
         num_gt = len(boxes)
 
-        views = [self.make_view(image, np.concatenate([boxes, proposals]), v) for v in (0, 1)]
+        all_boxes = np.concatenate([boxes, proposals])
+        views = [self.make_view(image, all_boxes, 0)]
+        views.append(self.make_view(image, all_boxes, 1, views[0][3] if self.shared_geometry else None))
         start = self._tick("geometric (2 views)", start)
         keep = np.ones(num_gt + len(proposals), dtype=bool)
         for _, view_boxes, visible, _ in views:
@@ -413,6 +448,8 @@ class TwoViewDatasetMapper:
                 "image": torch.as_tensor(np.ascontiguousarray(view_image.transpose(2, 0, 1))),
                 "instances": instances,
             }
+            if v == 0:
+                out["view1"]["targets"] = self._view_targets(annos, views[0][3], image.shape[:2], view_image.shape[:2])
             if self.proposal_topk is not None:
                 out[f"view{v + 1}"]["proposals"] = Instances(
                     view_image.shape[:2],
@@ -421,6 +458,33 @@ class TwoViewDatasetMapper:
                 )
             self._tick("to tensor + instances", start)
         return out
+
+    def _view_targets(self, annos: List[dict], transforms, original_size, image_size) -> Instances:
+        """
+        The detection targets of one view: every annotation in ``annos`` carried through the view's
+        ``transforms`` as detectron2's ``DatasetMapper`` does, those left empty by the crop dropped.
+
+        Args:
+            annos: the image's non-crowd annotations (detectron2 dicts).
+            transforms: the view's TransformList.
+            original_size, image_size: (h, w) of the image and of the view.
+
+        Returns:
+            Instances(gt_boxes, gt_classes[, gt_masks]) of size ``image_size``.
+        """
+        mask_format = self.mask_format
+        if self.mask_on and any(isinstance(t, T.CropTransform) for t in transforms.transforms):
+            mask_format = "bitmask"  # detectron2 crops polygons with shapely; a bitmask needs nothing more
+        carried = []
+        for anno in annos:
+            anno = {k: v for k, v in anno.items() if k != "keypoints"}
+            if not self.mask_on:
+                anno.pop("segmentation", None)
+            elif mask_format == "bitmask" and isinstance(anno.get("segmentation"), list):
+                anno["segmentation"] = _polygons_to_rle(anno["segmentation"], original_size)
+            carried.append(utils.transform_instance_annotations(anno, transforms, image_size))
+        targets = utils.annotations_to_instances(carried, image_size, mask_format=mask_format)
+        return utils.filter_empty_instances(targets)
 
     def _proposals(self, dataset_dict, gt_boxes: np.ndarray, gt_classes: np.ndarray):
         """
@@ -470,10 +534,20 @@ def _check_view_config(d) -> None:
         fail("CROP_SCALE", "expected (min, max) area fractions with 0 < min <= max <= 1.")
     if len(d.CROP_RATIO) != 2 or not 0 < d.CROP_RATIO[0] <= d.CROP_RATIO[1]:
         fail("CROP_RATIO", "expected (min, max) aspect ratios with 0 < min <= max.")
+    if len(d.CROP_PROB) != 2 or not all(0.0 <= p <= 1.0 for p in d.CROP_PROB):
+        fail("CROP_PROB", "expected two probabilities in [0, 1], for (view 1, view 2).")
     if not 0.0 <= d.MIN_VISIBLE <= 1.0:
         fail("MIN_VISIBLE", "must lie in [0, 1].")
     if d.MIN_SIDE < 0:
         fail("MIN_SIDE", "must be >= 0 pixels.")
+
+
+def _polygons_to_rle(polygons, size) -> dict:
+    """COCO RLE of the union of ``polygons`` (lists of x, y) in an image of ``size`` (h, w)."""
+    from pycocotools import mask as mask_util
+
+    h, w = size
+    return mask_util.merge(mask_util.frPyObjects([np.asarray(p, dtype=np.float64).tolist() for p in polygons], h, w))
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:

@@ -1,15 +1,19 @@
 """Training hooks of drcl2."""
 
 import logging
-from typing import Callable
+import time
+from typing import Callable, List, Sequence
+
+import torch
 
 from detectron2.engine import HookBase
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.utils import comm
 
 from ..data.rebalance import RebalanceSchedule, chunked_lambda
 from ..data.resumable_loader import STEP_STREAM, derived_seed, seed_global_random_state
 
-__all__ = ["RebalanceLambdaHook", "StepSeedHook", "LoaderStateHook"]
+__all__ = ["RebalanceLambdaHook", "StepSeedHook", "LoaderStateHook", "HealthProbeHook"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +123,121 @@ class LoaderStateHook(HookBase):
 
     def load_state_dict(self, state_dict):
         self.loaded = dict(state_dict)
+
+
+class HealthProbeHook(HookBase):
+    """
+    Watches the representation while it trains (``MODEL.DRCL2.HEALTH.PERIOD``): before the first
+    iteration and every ``period`` iterations, on a fixed held-out set of images, the main process
+    pools the ground-truth boxes from the model's online ``backbone`` (and ``roi_heads.box_head``
+    when the model has one) and puts into the :class:`EventStorage` (TensorBoard, ``metrics.json``):
+
+    * ``health/probe_roi``, ``health/probe_box``: class-balanced accuracy of a linear probe trained
+      on the boxes of the set's even images and scored on its odd ones (RoI features / box-head
+      embeddings; chance 1 / classes);
+    * ``health/rank_roi``, ``health/rank_box``, ``health/rank_<level>``: RankMe effective ranks;
+    * ``health/std_box``, ``health/box_norm``: collapse check and box-head output norm.
+
+    A falling rank or a probe sinking to chance is collapse, seen while it happens
+    (:mod:`drcl2.evaluation.health`; ``python -m drcl2.tools.probe`` measures exported weights). It
+    draws no random numbers from the global generators, so the run's losses are the same with
+    the hook on or off, and a resumed run stays exact.
+    """
+
+    def __init__(
+        self,
+        period: int,
+        dataset_dicts: List[dict],
+        *,
+        num_classes: int,
+        in_features: Sequence[str],
+        pooler_resolution: int,
+        pooler_sampling_ratio: int,
+        pooler_type: str,
+        min_size: int,
+        max_size: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        image_format: str,
+    ):
+        self._period = int(period)
+        self._dicts = dataset_dicts
+        self._num_classes = num_classes
+        self._in_features = list(in_features)
+        self._pooler_args = (pooler_resolution, pooler_sampling_ratio, pooler_type)
+        self._extract_args = dict(
+            min_size=min_size, max_size=max_size, pixel_mean=pixel_mean, pixel_std=pixel_std, image_format=image_format
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        from detectron2.data import DatasetCatalog
+
+        h = cfg.MODEL.DRCL2.HEALTH
+        if not h.DATASET:
+            raise ValueError(
+                f"MODEL.DRCL2.HEALTH.PERIOD = {h.PERIOD} needs MODEL.DRCL2.HEALTH.DATASET: a registered "
+                "held-out dataset with box annotations (e.g. the val split), or set PERIOD 0."
+            )
+        if h.MAX_IMAGES < 4:
+            raise ValueError(f"MODEL.DRCL2.HEALTH.MAX_IMAGES = {h.MAX_IMAGES}: the probe needs at least 4 images.")
+        return cls(
+            h.PERIOD,
+            DatasetCatalog.get(h.DATASET)[: h.MAX_IMAGES],
+            num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            in_features=cfg.MODEL.ROI_HEADS.IN_FEATURES,
+            pooler_resolution=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
+            pooler_sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+            pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+            min_size=cfg.INPUT.MIN_SIZE_TEST,
+            max_size=cfg.INPUT.MAX_SIZE_TEST,
+            pixel_mean=cfg.MODEL.PIXEL_MEAN,
+            pixel_std=cfg.MODEL.PIXEL_STD,
+            image_format=cfg.INPUT.FORMAT,
+        )
+
+    def measure(self, model) -> dict:
+        """The health figures of ``model`` (a DRCL2 model or a detectron2 R-CNN) on the set."""
+        from ..evaluation.health import feature_health
+        from ..evaluation.health import extract_box_features
+
+        roi_heads = getattr(model, "roi_heads", None)
+        pooler = getattr(roi_heads, "box_pooler", None)
+        if pooler is None:  # e.g. DRCL2 without a box head: pool with a parameter-free pooler of the config
+            strides = {k: v.stride for k, v in model.backbone.output_shape().items()}
+            resolution, ratio, kind = self._pooler_args
+            pooler = ROIPooler(
+                (resolution, resolution), tuple(1.0 / strides[f] for f in self._in_features), ratio, kind
+            )
+        features = extract_box_features(
+            model.backbone, pooler, getattr(roi_heads, "box_head", None), self._in_features, self._dicts,
+            **self._extract_args,
+        )
+        even = features.images % 2 == 0
+        figures = feature_health(features.subset(even), features.subset(~even), self._num_classes)
+        names = {"probe_roi_balanced": "probe_roi", "probe_box_balanced": "probe_box", "rank_roi": "rank_roi",
+                 "rank_box": "rank_box", "std_box": "std_box", "box_norm": "box_norm"}  # fmt: skip
+        out = {f"health/{short}": figures[key] for key, short in names.items()}
+        out.update({f"health/{k}": v for k, v in figures.items() if k.startswith("rank_p")})
+        return {k: v for k, v in out.items() if v == v}  # NaN: not measured (no box head)
+
+    def _log(self):
+        from .pretrain_hooks import unwrap_model
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            figures = self.measure(unwrap_model(self.trainer.model))
+        self.trainer.storage.put_scalars(**figures, smoothing_hint=False)
+        logger.info(
+            f"health at iteration {self.trainer.iter}: "
+            + ", ".join(f"{k[len('health/'):]} {v:.3g}" for k, v in figures.items())
+            + f" ({time.perf_counter() - start:.1f} s)"
+        )
+
+    def before_train(self):
+        if self.trainer.iter == self.trainer.start_iter == 0 and comm.is_main_process():
+            self._log()
+
+    def after_step(self):
+        if (self.trainer.iter + 1) % self._period == 0 and comm.is_main_process():
+            self._log()

@@ -22,7 +22,7 @@ from ..data.resumable_loader import ResumableTrainLoader
 from ..data.samplers import DynamicRepeatFactorTrainingSampler
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
 from .checks import check_num_classes, check_training_config
-from .hooks import LoaderStateHook, RebalanceLambdaHook, StepSeedHook
+from .hooks import HealthProbeHook, LoaderStateHook, RebalanceLambdaHook, StepSeedHook
 from .pretrain_hooks import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,10 @@ class Trainer(DefaultTrainer):
         ret.insert(at, self._loader_state_hook)
         if self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
             ret.insert(0, RebalanceLambdaHook.from_config(self.cfg))  # logs drb/lambda each step
+        if self.cfg.MODEL.DRCL2.HEALTH.PERIOD > 0 and comm.is_main_process():
+            # before the writers, so that its figures are written at the step they are measured
+            writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
+            ret.insert(writer, HealthProbeHook.from_config(self.cfg))
         if self.cfg.MODEL.META_ARCHITECTURE == "DRCL2":
             ret = self._add_drcl2_hooks(ret)
         return ret

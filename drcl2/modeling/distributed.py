@@ -1,5 +1,5 @@
 """
-The collectives of DRCL2's training step (METHOD.md: across GPUs every loss is the global mean).
+The collectives of DRCL2's training step (docs/method.md: across GPUs every loss is the global mean).
 
 Each is a ``torch.distributed`` collective of tensors on the default process group (NCCL on GPU,
 gloo on CPU), on the caller's device: nothing is pickled, and no tensor on another rank's device is

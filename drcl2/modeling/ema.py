@@ -1,5 +1,5 @@
 """
-The momentum (EMA) target network of 2DRCL (METHOD.md): ``xi <- m xi + (1 - m) theta`` with the
+The momentum (EMA) target network of 2DRCL (docs/method.md): ``xi <- m xi + (1 - m) theta`` with the
 cosine schedule ``m(k) = 1 - (1 - m0) (cos(pi k / K) + 1) / 2``.
 """
 import copy

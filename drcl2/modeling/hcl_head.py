@@ -1,4 +1,4 @@
-"""HCL, holistic (image-level) contrastive learning (METHOD.md): ``loss_hcl``."""
+"""HCL, holistic (image-level) contrastive learning (docs/method.md): ``loss_hcl``."""
 import math
 from typing import Dict, Sequence
 

@@ -1,5 +1,5 @@
 """
-The small heads of 2DRCL (METHOD.md): projector / predictor MLPs, the appearance-reconstruction
+The small heads of 2DRCL (docs/method.md): projector / predictor MLPs, the appearance-reconstruction
 decoder and the semantic-reconstruction predictors. Each is @configurable-free plain nn.Module with
 typed arguments; the pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them from the config.
 """
@@ -13,7 +13,7 @@ from detectron2.layers import Conv2d, get_norm
 
 from .losses import at_least_float32
 
-__all__ = ["MLPHead", "AppearanceDecoder", "SemanticPredictors", "BoxFeatureHead"]
+__all__ = ["MLPHead", "AppearanceDecoder", "SemanticPredictors", "BoxFeatureHead", "box_features", "ClassMemory"]
 
 
 class MLPHead(nn.Module):
@@ -80,8 +80,65 @@ class BoxFeatureHead(nn.Module):
         Returns:
             Tensor[R, D]: the box-head feature of every box, images in order.
         """
-        pooled = self.box_pooler([features[f] for f in self.box_in_features], boxes)
-        return (box_head if box_head is not None else self.box_head)(pooled)
+        return box_features(self, features, boxes, box_head)
+
+
+def box_features(roi_heads: nn.Module, features: Dict[str, torch.Tensor], boxes, box_head: nn.Module = None):
+    """
+    The box-head feature of every box, with the ``box_pooler`` / ``box_head`` / ``box_in_features``
+    of ``roi_heads`` (a :class:`BoxFeatureHead` or detectron2's ``StandardROIHeads``).
+
+    Args:
+        features: level name -> Tensor[N, C, H_l, W_l].
+        boxes: list of N :class:`Boxes` (image coordinates), one per image.
+        box_head: run this box head instead of ``roi_heads.box_head`` (the target network's copy).
+
+    Returns:
+        Tensor[R, D], images in order.
+    """
+    pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
+    return (box_head if box_head is not None else roi_heads.box_head)(pooled)
+
+
+class ClassMemory(nn.Module):
+    """
+    The last ``size`` embeddings of every class, first in, first out (buffers: saved in checkpoints,
+    so a resumed run goes on with the same memory). Used by L_sup so that an instance has positives
+    of its class when the class appears once in a batch. Update it with the same embeddings on
+    every process (e.g. all-gathered ones), so that every process keeps the same memory.
+    """
+
+    def __init__(self, num_classes: int, size: int, dim: int):
+        """
+        Args:
+            num_classes: C; size: M, embeddings kept per class; dim: D.
+        """
+        super().__init__()
+        self.size = size
+        self.register_buffer("embeddings", torch.zeros(num_classes, size, dim))
+        self.register_buffer("filled", torch.zeros(num_classes, dtype=torch.int64))  # valid entries
+        self.register_buffer("next", torch.zeros(num_classes, dtype=torch.int64))  # where to write
+
+    def entries(self):
+        """Tensor[E, D] of every valid entry and LongTensor[E] of their classes."""
+        valid = torch.arange(self.size, device=self.filled.device)[None, :] < self.filled[:, None]  # [C, M]
+        classes = torch.arange(len(self.filled), device=valid.device)[:, None].expand_as(valid)
+        return self.embeddings[valid], classes[valid]
+
+    @torch.no_grad()
+    def push(self, embeddings: torch.Tensor, classes: torch.Tensor) -> None:
+        """
+        Add ``embeddings`` (Tensor[R, D], l2-normalised here) of ``classes`` (LongTensor[R], in
+        [0, C)), in row order: a class's oldest entries are replaced once it holds ``size``.
+        """
+        z = F.normalize(at_least_float32(embeddings.detach()), dim=1).to(self.embeddings)
+        for c in torch.unique(classes).tolist():
+            rows = z[classes == c][-self.size :]
+            n = len(rows)
+            slots = (self.next[c] + torch.arange(n, device=z.device)) % self.size
+            self.embeddings[c, slots] = rows
+            self.next[c] = (self.next[c] + n) % self.size
+            self.filled[c] = torch.clamp(self.filled[c] + n, max=self.size)
 
 
 class AppearanceDecoder(nn.Module):

@@ -1,5 +1,5 @@
 """
-The 2DRCL loss terms (METHOD.md), as pure functions of tensors so each can be unit-tested without a
+The 2DRCL loss terms (docs/method.md), as pure functions of tensors so each can be unit-tested without a
 model. Every function computes in float32 or wider whatever its input dtype (safe under AMP; float64
 inputs stay float64).
 
@@ -21,6 +21,7 @@ __all__ = [
     "appearance_reconstruction_loss",
     "semantic_reconstruction_loss",
     "semantic_reconstruction_weights",
+    "scale_gradient",
 ]
 
 
@@ -91,7 +92,7 @@ def balanced_supervised_contrastive_loss(
     normalizer: Optional[float] = None,
 ) -> torch.Tensor:
     """
-    The class-balanced supervised-contrastive term L_sup of METHOD.md (LCL):
+    The class-balanced supervised-contrastive term L_sup of docs/method.md (LCL):
 
     ``D_i = sum_c (1/|A_c|) sum_{j in A_c} exp(u_i.v_j/tau)``,
     ``l_i = -(1/|P(i)|) sum_{p in P(i)} log(exp(u_i.v_p/tau) / D_i)`` with ``P(i) = A_{y_i}``,
@@ -210,6 +211,15 @@ def semantic_reconstruction_weights(masked: torch.Tensor, valid: torch.Tensor, v
     visible, 0 on padding. BoolTensor[N, H, W] x 2 -> Tensor[N, H, W] float32.
     """
     return (masked & valid).float() + visible_weight * ((~masked) & valid).float()
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass (0: none)."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return x * scale + x.detach() * (1.0 - scale)
 
 
 def _matmul_no_autocast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """
-Box-guided patch masking for dual reconstruction (METHOD.md, DRC): pure functions of tensors.
+Box-guided patch masking for dual reconstruction (docs/method.md, "Masking"): pure functions of tensors.
 """
 import math
 from typing import Optional, Tuple

@@ -1,5 +1,5 @@
 """
-The 2DRCL pre-training meta-architecture (METHOD.md): ``MODEL.META_ARCHITECTURE: "DRCL2"``.
+The 2DRCL pre-training meta-architecture (docs/method.md): ``MODEL.META_ARCHITECTURE: "DRCL2"``.
 """
 import math
 import zlib
@@ -19,18 +19,17 @@ from ..data.rebalance import RebalanceSchedule, class_weights, instance_class_we
 from .distributed import all_gather_counts, ddp_normalizer
 from .ema import cosine_momentum, make_target, momentum_update
 from .hcl_head import HCL_LOSSES, check_images_per_batch  # noqa: F401 (re-exported)
-# The heads call these two through this module's namespace (lcl_head, reconstruction_heads), where
-# DRCL2 called them before the heads were split out and where tests wrap them.
-from .losses import balanced_supervised_contrastive_loss, semantic_reconstruction_loss  # noqa: F401
+from .lcl_head import LCL_LOSSES
 from .masking import box_guided_patch_mask, patch_mask_to_pixels
 from .pretext_head import PretextHead, StepContext, build_pretext_heads, feature_channels
 from .reconstruction_heads import check_ar_level  # noqa: F401 (re-exported)
-from .rpn_loss_head import rpn_losses_only  # noqa: F401 (re-exported)
+from .rpn_loss_head import RPN_TARGETS, rpn_losses_only  # noqa: F401 (re-exported)
 
 __all__ = ["DRCL2", "check_drcl2_config"]
 
 BOX_SOURCES = ("gt", "proposals")  # MODEL.DRCL2.LCL.BOX_SOURCE
 DRB_TERMS = ("instances", "sup", "masking")  # where the class weights w_c(lambda) act in the model
+ONLINE_VIEWS = ("reconstruction", "all")  # MODEL.DRCL2.MASK.ONLINE_VIEW: which heads see the masked view
 
 
 @META_ARCH_REGISTRY.register()
@@ -106,6 +105,7 @@ class DRCL2(nn.Module):
         mask_patch_size: int = 32,
         mask_ratio: float = 0.5,
         mask_box_guided: float = 0.5,
+        mask_online_view: str = "reconstruction",
         seed: Optional[int] = None,
     ):
         """
@@ -131,6 +131,10 @@ class DRCL2(nn.Module):
             repeat_thresh: t of the class repeat factors (``DATALOADER.DRCL2.REPEAT_THRESHOLD``).
             mask_patch_size, mask_ratio, mask_box_guided: patch masking of x1 (used when a head
                 has ``masks_input``: AR, SR).
+            mask_online_view: "reconstruction": only the heads with ``masks_input`` read the
+                masked view 1 (the online backbone runs on x1 and on the masked x1 in one batch);
+                "all": the online backbone sees only the masked view, every head reads it (2DRCL
+                v1: the mask's placement then tells the RPN and LCL where the objects are).
             seed: base seed of the per-image random draws (instances, masked patches); None: a
                 seed drawn from torch's generator when the model is built.
         """
@@ -139,6 +143,8 @@ class DRCL2(nn.Module):
             raise ValueError("DRCL2: give at least one pretext head.")
         if lcl_box_source not in BOX_SOURCES:
             raise ValueError(f"DRCL2: lcl_box_source must be one of {BOX_SOURCES}; got {lcl_box_source!r}.")
+        if mask_online_view not in ONLINE_VIEWS:
+            raise ValueError(f"DRCL2: mask_online_view must be one of {ONLINE_VIEWS}; got {mask_online_view!r}.")
         if not set(drb_apply_to) <= set(DRB_TERMS):
             raise ValueError(f"DRCL2: drb_apply_to must be among {DRB_TERMS}; got {tuple(drb_apply_to)}.")
         self.backbone = backbone
@@ -165,6 +171,7 @@ class DRCL2(nn.Module):
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
         self.mask_box_guided = mask_box_guided
+        self.mask_online_view = mask_online_view
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
 
         # Target network: EMA copies of exactly the modules the heads declare (the backbone when a
@@ -223,6 +230,7 @@ class DRCL2(nn.Module):
             "mask_patch_size": d.MASK.PATCH_SIZE,
             "mask_ratio": d.MASK.RATIO,
             "mask_box_guided": d.MASK.BOX_GUIDED,
+            "mask_online_view": d.MASK.ONLINE_VIEW,
             "seed": cfg.SEED if cfg.SEED >= 0 else None,
         }
         if d.DRB.ENABLED:
@@ -357,6 +365,9 @@ class DRCL2(nn.Module):
             storage.put_scalar("drcl2/momentum", momentum, smoothing_hint=False)
 
         images, instances1, instances2 = self.preprocess(batched_inputs)
+        targets1 = None
+        if all("targets" in x["view1"] for x in batched_inputs):
+            targets1 = [x["view1"]["targets"].to(self.device) for x in batched_inputs]
         boxes1, boxes2 = self._lcl_instances(batched_inputs, instances1, instances2)
         N = len(batched_inputs)
         image_sizes = images.image_sizes
@@ -378,6 +389,7 @@ class DRCL2(nn.Module):
                 model=self, x1=x1, image_sizes1=image_sizes[:N], image_sizes2=image_sizes[N:],
                 padded_size=padded_size, instances1=instances1, instances2=instances2, boxes1=boxes1,
                 boxes2=boxes2, sampled=sampled, class_weights=term_weights, masked=masked, valid=valid,
+                targets1=targets1,
             )
             head_sums = [head.counts(ctx) for head in self.heads]
 
@@ -388,12 +400,20 @@ class DRCL2(nn.Module):
             )
 
         with record_function("drcl2.online_forward"):
+            # One batched online forward: view 1 (masked for every head in "all" mode), the masked
+            # view 1 for the reconstruction heads when other heads read it unmasked, view 2 when
+            # symmetric.
+            clean_readers = any(not h.masks_input for h in self.heads)
+            legacy = self.mask_online_view == "all"
+            separate_masked = pixel_mask is not None and clean_readers and not legacy
+            parts = [online_input if legacy or not clean_readers else x1]
+            parts += [online_input] if separate_masked else []
+            parts += [x2] if self.symmetric else []
+            feats = self.backbone(torch.cat(parts)) if len(parts) > 1 else self.backbone(parts[0])
+            ctx.online1 = {k: v[:N] for k, v in feats.items()} if len(parts) > 1 else feats
+            ctx.online_masked = {k: v[N : 2 * N] for k, v in feats.items()} if separate_masked else ctx.online1
             if self.symmetric:
-                feats = self.backbone(torch.cat([online_input, x2]))
-                ctx.online1 = {k: v[:N] for k, v in feats.items()}
-                ctx.online2 = {k: v[N:] for k, v in feats.items()}
-            else:
-                ctx.online1 = self.backbone(online_input)
+                ctx.online2 = {k: v[-N:] for k, v in feats.items()}
 
         # One batched no-grad target forward over the views the heads need.
         need_t1 = any(1 in h.target_views for h in self.heads)
@@ -598,13 +618,13 @@ def check_drcl2_config(cfg) -> None:
     def fail(key, value, why):
         raise ValueError(f"{key} = {value!r}: {why}")
 
-    parts = {k: d[k].ENABLED for k in ("HCL", "LCL", "AR", "SR", "RPN")}
+    parts = {k: d[k].ENABLED for k in ("HCL", "LCL", "AR", "SR", "RPN", "DET")}
     if not any(parts.values()) and not d.EXTRA_HEADS:
         fail(
-            "MODEL.DRCL2.{HCL,LCL,AR,SR,RPN}.ENABLED", parts,
+            "MODEL.DRCL2.{HCL,LCL,AR,SR,RPN,DET}.ENABLED", parts,
             "every part is off and MODEL.DRCL2.EXTRA_HEADS is empty; enable at least one head.",
         )
-    for key in ("HCL.WEIGHT", "LCL.WEIGHT", "LCL.SUP_WEIGHT", "AR.WEIGHT", "SR.WEIGHT", "RPN.WEIGHT",
+    for key in ("HCL.WEIGHT", "LCL.WEIGHT", "LCL.SUP_WEIGHT", "AR.WEIGHT", "SR.WEIGHT", "RPN.WEIGHT", "DET.WEIGHT",
                 "AR.VISIBLE_WEIGHT", "SR.VISIBLE_WEIGHT"):
         group, name = key.split(".")
         value = d[group][name]
@@ -612,9 +632,24 @@ def check_drcl2_config(cfg) -> None:
             fail(f"MODEL.DRCL2.{key}", value, "must be a finite number >= 0.")
     if not 0.0 <= d.BASE_MOMENTUM <= 1.0:
         fail("MODEL.DRCL2.BASE_MOMENTUM", d.BASE_MOMENTUM, "must lie in [0, 1].")
+    if d.MASK.ONLINE_VIEW not in ONLINE_VIEWS:
+        fail("MODEL.DRCL2.MASK.ONLINE_VIEW", d.MASK.ONLINE_VIEW, f"must be one of {ONLINE_VIEWS}.")
+    if d.RPN.TARGETS not in RPN_TARGETS:
+        fail("MODEL.DRCL2.RPN.TARGETS", d.RPN.TARGETS, f"must be one of {RPN_TARGETS}.")
+    if d.DET.ENABLED and not d.RPN.ENABLED:
+        fail(
+            "MODEL.DRCL2.DET.ENABLED", True,
+            "the supervised detection head trains on the RPN's proposals: set MODEL.DRCL2.RPN.ENABLED True.",
+        )
+    if d.LCL.LOSS not in LCL_LOSSES:
+        fail("MODEL.DRCL2.LCL.LOSS", d.LCL.LOSS, f"must be one of {LCL_LOSSES}.")
+    if int(d.LCL.MEMORY_PER_CLASS) != d.LCL.MEMORY_PER_CLASS or d.LCL.MEMORY_PER_CLASS < 0:
+        fail("MODEL.DRCL2.LCL.MEMORY_PER_CLASS", d.LCL.MEMORY_PER_CLASS, "must be an integer >= 0 (0: no memory).")
+    if not 0.0 <= d.LCL.BACKBONE_GRAD <= 1.0:
+        fail("MODEL.DRCL2.LCL.BACKBONE_GRAD", d.LCL.BACKBONE_GRAD, "must lie in [0, 1].")
     if d.HCL.LOSS not in HCL_LOSSES:
         fail("MODEL.DRCL2.HCL.LOSS", d.HCL.LOSS, f"must be one of {HCL_LOSSES}.")
-    for key in ("HCL.TEMPERATURE", "LCL.TEMPERATURE"):
+    for key in ("HCL.TEMPERATURE", "LCL.TEMPERATURE", "LCL.INST_TEMPERATURE"):
         group, name = key.split(".")
         if not d[group][name] > 0:
             fail(f"MODEL.DRCL2.{key}", d[group][name], "must be > 0.")

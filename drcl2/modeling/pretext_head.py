@@ -62,6 +62,7 @@ Registry for DRCL2's pretext heads (:class:`PretextHead` subclasses). Each is bu
 # same initial weights as before the heads were split out), with the switch that enables each.
 BUILTIN_HEADS = (
     ("RPN", "RPNLossHead"),
+    ("DET", "SupervisedDetectionHead"),
     ("HCL", "HolisticContrastiveHead"),
     ("LCL", "LocalContrastiveHead"),
     ("AR", "AppearanceReconstructionHead"),
@@ -79,16 +80,24 @@ class StepContext:
         x1: Tensor[N, 3, H, W], view 1 normalised and padded (unmasked).
         image_sizes1, image_sizes2: N (h, w) of the views without padding.
         padded_size: (H, W).
-        instances1, instances2: N Instances(gt_boxes, gt_classes) of the annotated boxes of v1 / v2.
+        instances1, instances2: N Instances(gt_boxes, gt_classes) of the annotated boxes that
+            survive both views (rows aligned: row i of v1 and v2 is the same object).
+        targets1: N Instances(gt_boxes, gt_classes[, gt_masks]) of the annotated boxes that survive
+            view 1 alone (detectron2's rule): the detection targets of view 1 (RPN, DET), or None
+            when the inputs carry none.
         boxes1, boxes2: N Instances(gt_boxes, gt_classes) LCL draws from (annotations or
             proposals, ``LCL.BOX_SOURCE``; class -1: unlabelled), rows aligned across the views.
         sampled: N LongTensor[K_i], the drawn rows of ``boxes1`` / ``boxes2``, or N None.
         class_weights: DRB term ("instances", "sup", "masking") -> Tensor[C], w_c(lambda) or 1.
         masked: BoolTensor[N, H, W], masked pixels of x1 inside the images (all False without
             masking); valid: BoolTensor[N, H, W], pixels inside the images.
+        targets1: see above.
         image_counts, instance_counts: images / drawn instances of every rank (rank order).
-        online1, online2: level -> Tensor[N, C, H_l, W_l], online features of the (masked) view 1
-            and of view 2 (``None`` unless the model is symmetric).
+        online1, online2: level -> Tensor[N, C, H_l, W_l], online features of view 1 and of view 2
+            (``None`` unless the model is symmetric). View 1 is unmasked unless the model's
+            ``MASK.ONLINE_VIEW`` is "all" (then every head sees the masked view, 2DRCL v1).
+        online_masked: the online features of the masked view 1, which the heads with
+            ``masks_input`` (AR, SR) read; ``online1`` itself when nothing is masked.
         target1, target2: the same from the target backbone, for the views some head asked for
             (else None); no gradient.
         state: per-step scratch of the heads (e.g. masks computed in ``counts`` for ``losses``).
@@ -107,10 +116,12 @@ class StepContext:
     class_weights: Dict[str, torch.Tensor]
     masked: torch.Tensor
     valid: torch.Tensor
+    targets1: Optional[List[Instances]] = None
     image_counts: List[int] = field(default_factory=list)
     instance_counts: List[int] = field(default_factory=list)
     online1: Optional[Dict[str, torch.Tensor]] = None
     online2: Optional[Dict[str, torch.Tensor]] = None
+    online_masked: Optional[Dict[str, torch.Tensor]] = None
     target1: Optional[Dict[str, torch.Tensor]] = None
     target2: Optional[Dict[str, torch.Tensor]] = None
     state: Dict[str, Any] = field(default_factory=dict)
@@ -141,8 +152,8 @@ class PretextHead:
         in_features: the online feature levels the head reads.
         target_views: which views' target-backbone features it reads: a subset of (1, 2).
         needs_instances: it uses the K drawn instances (``ctx.sampled``).
-        masks_input: the online network sees the masked view 1 when this head is on (the
-            reconstruction heads).
+        masks_input: the head reads the online features of the masked view 1
+            (``ctx.online_masked``; the reconstruction heads); the others read view 1 unmasked.
     """
 
     def __init__(

@@ -1,5 +1,5 @@
 """
-Dual reconstruction (METHOD.md): AR, appearance reconstruction (``loss_ar``), and SR, semantic
+Dual reconstruction (docs/method.md): AR, appearance reconstruction (``loss_ar``), and SR, semantic
 reconstruction (``loss_sr``), both from the online features of the masked view 1.
 """
 import math
@@ -10,7 +10,7 @@ import torch
 from detectron2.config import configurable
 
 from .heads import AppearanceDecoder, SemanticPredictors
-from .losses import appearance_reconstruction_loss, semantic_reconstruction_weights
+from .losses import appearance_reconstruction_loss, semantic_reconstruction_loss, semantic_reconstruction_weights
 from .masking import mask_at_stride
 from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext, feature_channels
 
@@ -76,7 +76,7 @@ class AppearanceReconstructionHead(PretextHead):
 
     def losses(self, ctx: StepContext, normalizers):
         x1 = ctx.x1
-        prediction = ctx.module("ar_decoder")(ctx.online1[self.in_feature])
+        prediction = ctx.module("ar_decoder")(ctx.online_masked[self.in_feature])
         if prediction.shape[-2:] != x1.shape[-2:]:
             raise ValueError(
                 f"DRCL2: the AR decoder predicts {tuple(prediction.shape[-2:])} pixels for a "
@@ -140,10 +140,8 @@ class SemanticReconstructionHead(PretextHead):
         return sums
 
     def losses(self, ctx: StepContext, normalizers):
-        from . import meta_arch  # L_SR through meta_arch's namespace (see the note there)
-
         masks = ctx.state[self.name]
-        predictions = ctx.module("sr_predictors")(ctx.online1)
+        predictions = ctx.module("sr_predictors")(ctx.online_masked)
         level_losses = []
         for (name, prediction), normalizer in zip(predictions.items(), normalizers):
             level_masked, level_valid = masks[name]
@@ -154,7 +152,7 @@ class SemanticReconstructionHead(PretextHead):
                     f"{self.strides[name]}); check MODEL.DRCL2.SR.IN_FEATURES."
                 )
             level_losses.append(
-                meta_arch.semantic_reconstruction_loss(
+                semantic_reconstruction_loss(
                     prediction, ctx.target1[name], level_masked, level_valid, self.visible_weight,
                     normalizer=normalizer,
                 )

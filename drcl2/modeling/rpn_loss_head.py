@@ -1,4 +1,4 @@
-"""The detector-aligned RPN term (METHOD.md): ``loss_rpn_cls``, ``loss_rpn_loc`` on view 1's annotated boxes."""
+"""The detector-aligned RPN term (docs/method.md): ``loss_rpn_cls``, ``loss_rpn_loc`` on view 1's annotated boxes."""
 from typing import Dict, List
 
 import torch
@@ -6,41 +6,72 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.modeling import build_proposal_generator
-from detectron2.structures import Instances
+from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
 
 from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext
 
-__all__ = ["RPNLossHead", "rpn_losses_only"]
+__all__ = ["RPNLossHead", "rpn_losses_only", "RPN_TARGETS"]
+
+RPN_TARGETS = ("view", "pairs")  # MODEL.DRCL2.RPN.TARGETS
 
 
 @DRCL2_HEAD_REGISTRY.register()
 class RPNLossHead(PretextHead):
     """
     detectron2's RPN losses (class-agnostic) on the annotated boxes of view 1, from the online
-    features of the (masked) view 1, so that the RPN arrives pre-trained. Module:
-    ``proposal_generator`` (exported).
+    features of view 1, so that the RPN arrives pre-trained. Its targets are view 1's own
+    (``targets="view"``: every object visible in view 1, ``ctx.targets1``), or, as 2DRCL v1 had it,
+    the objects that survive both views (``"pairs"``: an object cut from view 2 is then a
+    negative in view 1). With ``proposals`` it also gives the proposals of view 1 (detectron2's
+    ``RPN.forward``) to the supervised detection head (``ctx.state["proposals"]``).
+    Module: ``proposal_generator`` (exported).
     """
 
     @configurable
-    def __init__(self, *, proposal_generator: nn.Module, weight: float = 1.0):
+    def __init__(self, *, proposal_generator: nn.Module, weight: float = 1.0, targets: str = "view", proposals: bool = False):
         """
         Args:
             proposal_generator: a detectron2 ``RPN``.
             weight: w_rpn.
+            targets: "view" or "pairs" (see the class doc).
+            proposals: also compute view 1's proposals (for :class:`SupervisedDetectionHead`).
         """
+        if targets not in RPN_TARGETS:
+            raise ValueError(f"RPNLossHead: targets must be one of {RPN_TARGETS}; got {targets!r}.")
         super().__init__(in_features=proposal_generator.in_features)
         self.proposal_generator, self.weight = proposal_generator, weight
+        self.targets, self.proposals = targets, proposals
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        return {"proposal_generator": build_proposal_generator(cfg, input_shape), "weight": cfg.MODEL.DRCL2.RPN.WEIGHT}
+        d = cfg.MODEL.DRCL2
+        return {
+            "proposal_generator": build_proposal_generator(cfg, input_shape),
+            "weight": d.RPN.WEIGHT,
+            "targets": d.RPN.TARGETS,
+            "proposals": d.DET.ENABLED,
+        }
 
     def online_modules(self):
         return {"proposal_generator": self.proposal_generator}
 
     def losses(self, ctx: StepContext, normalizers):
-        losses = rpn_losses_only(ctx.module("proposal_generator"), ctx.online1, ctx.instances1)
+        rpn = ctx.module("proposal_generator")
+        if self.targets == "view":
+            if ctx.targets1 is None:
+                raise ValueError(
+                    "DRCL2: MODEL.DRCL2.RPN.TARGETS is 'view' but the inputs carry no view1 'targets'; "
+                    "build them with drcl2's TwoViewDatasetMapper (or set RPN.TARGETS 'pairs')."
+                )
+            targets = ctx.targets1
+        else:
+            targets = ctx.instances1
+        if self.proposals:
+            images = ImageList(ctx.x1, ctx.image_sizes1)
+            ctx.state["proposals"], losses = rpn(images, ctx.online1, targets)
+        else:
+            losses = rpn_losses_only(rpn, ctx.online1, targets)
         # detectron2 averages the RPN losses over this rank's images: rescale to the global
         # per-image mean (see DRCL2's class doc).
         scale = self.weight * comm.get_world_size() * len(ctx.instances1) / sum(ctx.image_counts)

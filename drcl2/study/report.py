@@ -312,6 +312,9 @@ def write_report(study, report_dir: str, meta: Optional[dict] = None, rows=None,
     if notes:
         text += (f"\n## Plots\n\n- `groups.png`: {split} box APr / APc / APf per arm (mean ± std over seeds)\n"
                  + "\n".join(notes) + "\n")
+    probe = os.path.join(report_dir, "probe.md")  # python -m drcl2.tools.study ... --probe SEED
+    if os.path.isfile(probe):
+        text += "\n## Probe of the exported weights (before fine-tuning)\n\n" + open(probe).read()
     with open(paths["summary.md"], "w") as f:
         f.write(text)
     return paths

@@ -4,7 +4,7 @@ val and test) and write its report:
 
     python -m drcl2.tools.study --config-file configs/study/toy.yaml [--dry-run]
         [--arms scratch,2drcl] [--seeds 1,2] [--jobs 2] [--report-dir docs/study/toy]
-    python -m drcl2.tools.study --summarize output/study/toy [--name toy] [--report-dir DIR]
+    python -m drcl2.tools.study --summarize output/study/toy [--name toy] [--report-dir DIR] [--probe 1]
 
 Runs land in OUTPUT_DIR/<arm>/seed<k>/{pretrain,finetune} (OUTPUT_DIR from the study file or
 --output-dir). Finished runs are skipped, interrupted ones resume from their last checkpoint, so the
@@ -12,7 +12,9 @@ same command continues a study. The report (results.csv, per_class.csv, summary.
 per_class_delta.png) goes to --report-dir (default OUTPUT_DIR/report_<name>) after the runs, and
 --summarize rebuilds it from whatever has finished (several studies may share an OUTPUT_DIR and
 its finished runs, e.g. an exploration beside the main study: --name picks one). See
-drcl2/study/spec.py for the study file.
+drcl2/study/spec.py for the study file. --probe SEED also probes every arm's exported weights of
+that seed before fine-tuning (python -m drcl2.tools.probe; probe.csv / probe.md in the report, whose
+summary.md then shows the table).
 """
 import argparse
 import json
@@ -65,6 +67,14 @@ def _study_copy(output_dir: str, name=None) -> str:
     return os.path.join(output_dir, f"{name}.study.yaml")
 
 
+def _probe(study, report_dir: str, seed: int, max_images: int) -> None:
+    import drcl2  # noqa: F401  (registers the datasets)
+
+    from .probe import probe_study_exports
+
+    print(probe_study_exports(study, report_dir, seed, max_train_images=2 * max_images, max_images=max_images))
+
+
 def _int_list(text):
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -84,6 +94,10 @@ def main(argv=None) -> int:
                         help="runs at a time (default: the study file's jobs; CPU: cores are shared out)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and the estimated time; train nothing")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep periodic checkpoints of finished stages")
+    parser.add_argument("--probe", type=int, metavar="SEED", default=None,
+                        help="probe the exported weights of this seed into the report (drcl2.tools.probe)")
+    parser.add_argument("--probe-max-images", type=int, default=1000,
+                        help="val images the probe scores (twice as many training images train it)")
     args = parser.parse_args(argv)
 
     from ..study import StudyFileError, StudyRunner, load_study, write_report
@@ -106,6 +120,8 @@ def main(argv=None) -> int:
 
     if args.summarize:
         meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        if args.probe is not None:
+            _probe(study, report_dir, args.probe, args.probe_max_images)
         paths = write_report(study, report_dir, meta)
         print(open(paths["summary.md"]).read())
         print(f"report: {report_dir}")
@@ -131,6 +147,8 @@ def main(argv=None) -> int:
         json.dump(meta, f, indent=1)
     try:
         runner.run(runs)
+        if args.probe is not None:
+            _probe(study, report_dir, args.probe, args.probe_max_images)
     finally:
         paths = write_report(study, report_dir, meta)
         print(f"report: {report_dir} ({', '.join(sorted(os.path.basename(p) for p in paths.values()))})")
