@@ -20,7 +20,7 @@ D2_DEPS := "numpy<2" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" "pycocotools>=2.0.2
 
 DEMO_OUT ?= output/demo
 
-.PHONY: install detectron2 demo test study clean-demo
+.PHONY: install detectron2 demo test study clean-demo device-check install-wheels device-wheels
 
 install: $(STAMP)
 
@@ -75,3 +75,36 @@ STUDY_REPORT ?= docs/study/toy
 study: install
 	@$(PY) datasets/prepare_toy_lvis.py
 	@$(PY) -m drcl2.tools.study --config-file $(STUDY) --report-dir $(STUDY_REPORT)
+
+# ---- the GPU day (README, "Device check") -------------------------------------------------------
+# make device-check: install, then python -m drcl2.tools.device_check (report in docs/device/).
+# On a GPU machine that reaches no package index, bring the wheels: `make device-wheels` here fills
+# .whl/ (Python $(DEVICE_PYTHON), manylinux x86_64, about 9 MB), and there `make device-check WHEELS=.whl`
+# makes .venv on the machine's own python3 and torch (--system-site-packages) and installs drcl2's
+# other dependencies from the folder, offline.
+WHEELS ?=
+DEVICE_PYTHON ?= 3.12
+DEVICE_CHECK_ARGS ?=
+DEVICE_BINARY := pycocotools faster-coco-eval orjson
+DEVICE_PURE := fvcore iopath yacs "omegaconf>=2.1,<2.4" "hydra-core>=1.1" lvis termcolor installer \
+	"antlr4-python3-runtime==4.9.3"
+
+device-check:
+	@if [ -n "$(WHEELS)" ]; then $(MAKE) --no-print-directory install-wheels; else $(MAKE) --no-print-directory install; fi
+	@$(PY) -m drcl2.tools.device_check $(DEVICE_CHECK_ARGS)
+
+install-wheels:
+	@test -x $(PY) || { echo "[install] creating $(VENV) on python3 (its torch)"; python3 -m venv --system-site-packages $(VENV); }
+	@$(PIP) install -q --no-index --no-deps --no-build-isolation $$(ls $(WHEELS)/*.whl $(WHEELS)/*.tar.gz | grep -v sal_detectron2)
+	@$(PY) -c "import detectron2" 2>/dev/null || $(PY) -m installer $(WHEELS)/$(D2_WHEEL)
+	@$(PIP) install -q --no-index --no-deps --no-build-isolation -e .
+	@$(PY) -c "import torch, detectron2, drcl2; print('[install] ok: torch', torch.__version__, 'CUDA', torch.cuda.is_available(), 'detectron2', detectron2.__version__)"
+
+device-wheels: install
+	@mkdir -p .whl
+	@$(PIP) download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(DEVICE_BINARY) 2>&1 | $(QUIET)
+	@$(PIP) download -q --no-deps -d .whl $(DEVICE_PURE) 2>&1 | $(QUIET)
+	@$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.10 -d .whl sal-detectron2==0.7.2 2>&1 | $(QUIET)
+	@du -sh .whl

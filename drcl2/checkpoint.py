@@ -13,10 +13,12 @@ import glob
 import logging
 import os
 import re
+import socket
+import time
 import uuid
 import zipfile
 from collections import OrderedDict
-from typing import IO, Callable, Dict, List, Mapping
+from typing import IO, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -29,7 +31,9 @@ __all__ = [
     "AtomicDetectionCheckpointer",
     "DRCL2Checkpointer",
     "atomic_write",
+    "checkpoint_iteration",
     "is_complete_checkpoint",
+    "stale_tmp_reason",
     "finetune_state_dict",
     "export_finetune_weights",
 ]
@@ -111,13 +115,58 @@ def save_finetune_weights(state: Mapping, dst: str, source: str = "", iteration=
 
 
 _TMP_SUFFIX = ".tmp"
+# .<name>.<host>-<pid>-<12 hex>.tmp: who is writing it, so another process can tell a live write
+# from one left by a killed run.
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)-[0-9a-f]{12}\.tmp$")
+STALE_TMP_SECONDS = 3600
+"""A temporary file not written to for this long is taken as left by a killed run, whoever wrote it
+(a checkpoint write that stalls for an hour has failed anyway)."""
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def _tmp_path(path: str) -> str:
+    """A temporary name for ``path`` in its folder, naming this host and process."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def stale_tmp_reason(path: str, now: Optional[float] = None) -> Optional[str]:
+    """
+    Why the temporary file ``path`` (written by :func:`atomic_write`) was left by a writer that
+    will not finish it, or None while it may still be written: its writer, a process of this host,
+    is gone; or nobody has written to it for :data:`STALE_TMP_SECONDS` (a writer on another host,
+    or a name from before writers were recorded). A live write in progress is never stale.
+    """
+    try:
+        age = (time.time() if now is None else now) - os.path.getmtime(path)
+    except OSError:
+        return None  # gone already (renamed into place or removed)
+    m = _TMP_NAME.match(os.path.basename(path))
+    if m and m["host"] == _host() and not _process_exists(int(m["pid"])):
+        return f"its writer (process {m['pid']} on this host) is gone"
+    if age > STALE_TMP_SECONDS:
+        return f"nobody has written to it for {age / 60:.0f} min"
+    return None
 
 
 def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
     """
     Write a file so that ``path`` holds either its old content or the complete new one, never a
-    part: ``write(f)`` fills a temporary file in the same folder (``.<name>.<unique>.tmp``), which is
-    flushed to disk and renamed over ``path``. Paths with a URI scheme (``s3://``, ...) that
+    part: ``write(f)`` fills a temporary file in the same folder (``.<name>.<host>-<pid>-<unique>.tmp``),
+    which is flushed to disk and renamed over ``path``. Paths with a URI scheme (``s3://``, ...) that
     iopath handles are written directly (no rename there).
     """
     if "://" in path:
@@ -126,7 +175,7 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> No
         return
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+    tmp = _tmp_path(os.path.join(folder, name))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, mode) as f:
@@ -176,6 +225,20 @@ def is_complete_checkpoint(path: str) -> bool:
 _CHECKPOINT_NAME = re.compile(r"^model_(\d+|final)\.pth$")
 
 
+def checkpoint_iteration(path: str) -> Optional[int]:
+    """The ``iteration`` a detectron2 checkpoint file holds, or None (memory-mapped: no tensor is read)."""
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError:  # not the zip format: no memory map
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        logger.warning(f"Could not read the iteration of {path}: {e}")
+        return None
+    iteration = checkpoint.get("iteration") if isinstance(checkpoint, Mapping) else None
+    return int(iteration) if iteration is not None else None
+
+
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
     """
     detectron2's :class:`DetectionCheckpointer` with safe writes and a safe resume:
@@ -188,7 +251,9 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
       else (no, empty or damaged ``last_checkpoint``, or it names a missing or cut-short file) the
       newest complete ``model_<iteration>.pth`` / ``model_final.pth``, with a log line;
     * temporary files left by a run killed while saving are removed (with a log line) when the
-      main process builds its checkpointer.
+      main process builds its checkpointer — only those (:func:`stale_tmp_reason`): a file that
+      another live process (a running training, an export, an evaluation in the same folder) is
+      writing at that moment stays.
     """
 
     def __init__(self, *args, **kwargs):
@@ -196,8 +261,14 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         self._last_save = None  # (iteration, path) of this checkpointer's last save
         if self.save_dir and self.save_to_disk and "://" not in self.save_dir:
             for tmp in glob.glob(os.path.join(self.save_dir, f".*{_TMP_SUFFIX}")):
-                logger.warning(f"Removing {tmp}: an incomplete write left by a run killed while saving.")
-                os.remove(tmp)
+                reason = stale_tmp_reason(tmp)
+                if reason is None:
+                    continue
+                logger.warning(f"Removing {tmp}: an incomplete write left by a run killed while saving ({reason}).")
+                try:
+                    os.remove(tmp)
+                except FileNotFoundError:  # another process cleaned it up first
+                    pass
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -229,7 +300,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         """Hard-link ``src`` to ``dst`` atomically; False where the file system refuses."""
         if "://" in dst:
             return False
-        tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+        tmp = _tmp_path(dst)
         try:
             os.link(src, tmp)
             os.replace(tmp, dst)
@@ -245,7 +316,12 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         )
 
     def complete_checkpoints(self) -> List[str]:
-        """The complete ``model_<iteration>.pth`` / ``model_final.pth`` in the folder, oldest first."""
+        """
+        The complete ``model_<iteration>.pth`` / ``model_final.pth`` in the folder, by iteration,
+        oldest first: ``model_final.pth`` ranks by the iteration it holds (an extended run's
+        ``model_0000599.pth`` is newer than the ``model_final.pth`` of iteration 499), before
+        any other at that iteration, and first of all if it holds none.
+        """
         if not self.save_dir or not os.path.isdir(self.save_dir):
             return []
         found = []
@@ -253,8 +329,10 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             m = _CHECKPOINT_NAME.match(name)
             path = os.path.join(self.save_dir, name)
             if m and is_complete_checkpoint(path):
-                found.append((float("inf") if m.group(1) == "final" else int(m.group(1)), path))
-        return [p for _, p in sorted(found)]
+                final = m.group(1) == "final"
+                iteration = checkpoint_iteration(path) if final else int(m.group(1))
+                found.append((-1 if iteration is None else iteration, final, path))
+        return [p for *_, p in sorted(found)]
 
     def has_checkpoint(self) -> bool:
         return super().has_checkpoint() or bool(self.complete_checkpoints())

@@ -16,8 +16,13 @@ if REPO_ROOT not in sys.path:  # train_net.py lives at the top of the repository
     sys.path.insert(0, REPO_ROOT)
 
 
+# The model tests' device: the CPU, or "cuda" where python -m drcl2.tools.device_check runs them
+# on a GPU (DRCL2_TEST_DEVICE=cuda).
+TEST_DEVICE = os.environ.get("DRCL2_TEST_DEVICE", "cpu")
+
+
 def cfg_from(path, *opts):
-    """A drcl2 config from a file of the repository, on the CPU, with no initial weights."""
+    """A drcl2 config from a file of the repository, on TEST_DEVICE (the CPU), with no initial weights."""
     from detectron2.config import get_cfg
 
     from drcl2.config import add_drcl2_config
@@ -25,7 +30,7 @@ def cfg_from(path, *opts):
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, path))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", TEST_DEVICE, *opts])
     return cfg
 
 

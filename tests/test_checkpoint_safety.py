@@ -63,6 +63,10 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_resumable(tmp_path)
         assert child.stdout.readline().strip() == "STALLED"
         partial = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
         assert len(partial) == 1 and os.path.getsize(tmp_path / partial[0]) > 0  # killed mid-write
+        # another process (an export, an evaluation) building a checkpointer on the same folder
+        # leaves the live write alone
+        AtomicDetectionCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
+        assert (tmp_path / partial[0]).exists()
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -106,6 +110,44 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, damage, d
     assert path == str(tmp_path / f"model_{newest:07d}.pth")
     assert "resuming from the newest complete checkpoint" in drcl2_log.text
     assert fresh.resume_or_load("", resume=True)["iteration"] == newest
+
+
+def test_fallback_ranks_model_final_by_its_iteration(tmp_path):
+    """A run extended after its model_final (iteration 9): the fallback takes the newer model_0000014."""
+    checkpointer = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
+    _save(checkpointer, 9)
+    checkpointer.save("model_final", iteration=9)
+    extended = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
+    _save(extended, 14)
+    (tmp_path / "last_checkpoint").write_text("")
+    fresh = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
+    assert [os.path.basename(p) for p in fresh.complete_checkpoints()] == [
+        "model_0000009.pth", "model_final.pth", "model_0000014.pth"
+    ]
+    assert fresh.get_checkpoint_file() == str(tmp_path / "model_0000014.pth")
+    # a model_final that holds no iteration ranks first
+    torch.save({"model": _model().state_dict()}, tmp_path / "model_final.pth")
+    assert os.path.basename(fresh.complete_checkpoints()[0]) == "model_final.pth"
+
+
+def test_only_stale_temporary_files_are_removed(tmp_path, drcl2_log):
+    from drcl2.checkpoint import STALE_TMP_SECONDS, _tmp_path
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = _tmp_path(str(tmp_path / "model_0000002.pth"))  # this process: alive
+    dead = live.replace(f"-{os.getpid()}-", f"-{int(done.stdout)}-")  # a process that has exited
+    other_host = str(tmp_path / ".model_0000003.pth.elsewhere-1-0123456789ab.tmp")
+    old_other_host = str(tmp_path / ".model_0000004.pth.elsewhere-1-0123456789ab.tmp")
+    legacy_old = str(tmp_path / ".last_checkpoint.0123456789ab.tmp")  # the name before writers were recorded
+    for path in (live, dead, other_host, old_other_host, legacy_old):
+        open(path, "wb").close()
+    long_ago = time.time() - STALE_TMP_SECONDS - 60
+    for path in (old_other_host, legacy_old):
+        os.utime(path, (long_ago, long_ago))
+    AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
+    left = {f for f in os.listdir(tmp_path) if f.endswith(".tmp")}
+    assert left == {os.path.basename(live), os.path.basename(other_host)}
+    assert "its writer (process" in drcl2_log.text and "nobody has written to it for" in drcl2_log.text
 
 
 def test_an_intact_last_checkpoint_is_followed(tmp_path):

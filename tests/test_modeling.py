@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TEST_DEVICE
 from drcl2.config import add_drcl2_config
 from drcl2.modeling import DRCL2
 from drcl2.modeling.ema import cosine_momentum
@@ -26,7 +26,7 @@ def tiny_cfg(*opts):
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", 5, "MODEL.DRCL2.DET.ENABLED", False,
+    cfg.merge_from_list(["MODEL.DEVICE", TEST_DEVICE, "MODEL.ROI_HEADS.NUM_CLASSES", 5, "MODEL.DRCL2.DET.ENABLED", False,
                          "MODEL.MASK_ON", False,
                          "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.DRCL2.MLP_HIDDEN_DIM", 32,
                          "MODEL.DRCL2.MLP_OUT_DIM", 16, "MODEL.DRCL2.AR.HIDDEN_DIM", 16,

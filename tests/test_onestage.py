@@ -7,7 +7,8 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
-from detectron2.modeling import build_model
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_anchor_generator, build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 from fvcore.nn import giou_loss
@@ -104,6 +105,17 @@ def toy_atss():
     model = build_model(cfg_from(TOY_ATSS))
     assert isinstance(model, ATSS)
     return model
+
+
+@pytest.mark.parametrize("config", [TOY_ATSS, "configs/LVISv1/atss_R_50_FPN_1x.yaml"])
+def test_atss_anchors_are_centred_in_their_cells(config):
+    # ATSS selects candidates by the distance of anchor centres to box centres and keeps those
+    # whose centre lies inside the box: a corner offset (detectron2's default) moves both by half
+    # a stride (4 px at P3).
+    cfg = cfg_from(config)
+    anchors = build_anchor_generator(cfg, [ShapeSpec(channels=8, stride=s) for s in (8, 16, 32, 64, 128)])
+    p3 = anchors([torch.zeros(1, 8, 4, 4)] + [torch.zeros(1, 8, 1, 1)] * 4)[0]
+    assert p3.get_centers()[:2].tolist() == [[4.0, 4.0], [12.0, 4.0]]
 
 
 def _gt(boxes, classes, size=(128, 128)):

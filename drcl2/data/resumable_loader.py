@@ -10,11 +10,12 @@ image of a rank's stream has a **position** (0, 1, 2, ... in the order the sampl
   the same views whichever worker maps it, for any ``DATALOADER.NUM_WORKERS``;
 * workers take positions round robin (worker w of W: p ≡ w mod W) and the DataLoader returns them
   in position order, so the main process sees the images in stream order;
-* aspect-ratio grouping (detectron2's rule: ``width > height`` or not) runs in the main process,
-  and :meth:`ResumableTrainLoader.state_dict` records, after each batch, the next position and the
-  positions still waiting in the buckets. A loader built from that state maps the waiting images
-  again (same seeds, same views) and goes on from the next position: the batches that follow are
-  those of the uninterrupted run.
+* aspect-ratio grouping runs in the main process, on the images a batch pads (:func:`orientation_bucket`:
+  the mapped image's orientation, or for two views whether both are landscape, both portrait or
+  mixed), and :meth:`ResumableTrainLoader.state_dict` records, after each batch, the next position
+  and the positions still waiting in the buckets. A loader built from that state maps the waiting
+  images again (same seeds, same views) and goes on from the next position: the batches that
+  follow are those of the uninterrupted run.
 
 The training step's own randomness (RPN / ROI sampling, 2DRCL's masking) is seeded per iteration
 by :class:`drcl2.engine.hooks.StepSeedHook`.
@@ -31,7 +32,7 @@ import torch.utils.data as torchdata
 
 from detectron2.data.common import DatasetFromList
 
-__all__ = ["ResumableTrainLoader", "derived_seed", "seeded_random_state"]
+__all__ = ["ResumableTrainLoader", "derived_seed", "orientation_bucket", "seeded_random_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,15 @@ def seeded_random_state(seed: int):
     """
     Run the block with python's, numpy's and torch's global random state seeded from ``seed``, and
     give the caller's random state back afterwards (so mapping in the main process,
-    ``NUM_WORKERS == 0``, does not disturb the training step's random numbers).
+    ``NUM_WORKERS == 0``, or the images re-mapped at a resume, do not disturb the training step's
+    random numbers).
+
+    ``torch.manual_seed`` also reseeds every CUDA generator, so their states are saved and given
+    back too where CUDA is initialised (the main process of a GPU run). Elsewhere (a CPU run, a
+    DataLoader worker, which must not initialise CUDA) torch only queues that seed for a later CUDA
+    start, and the step's own seeding queues its seed after it.
     """
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     seed_global_random_state(seed)
     try:
@@ -67,10 +75,39 @@ def seeded_random_state(seed: int):
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _identity(x):
     return x
+
+
+ORIENTATION_BUCKETS = 3  # landscape, portrait, mixed
+
+
+def orientation_bucket(mapped: dict) -> int:
+    """
+    The aspect-ratio group of a mapped dict: 0 when every image a batch pads from it is landscape
+    (width > height), 1 when every one is portrait (or square), 2 when they differ.
+
+    Those images are its two views' (``"view1"`` / ``"view2"``, :class:`TwoViewDatasetMapper`: each view is
+    cropped on its own, so the original's orientation says nothing of theirs), else its
+    ``"image"``, else the original's ``width`` / ``height`` (detectron2's rule).
+    """
+    views = [mapped[k]["image"] for k in ("view1", "view2") if isinstance(mapped.get(k), dict) and "image" in mapped[k]]
+    if views or "image" in mapped:
+        landscape = {int(t.shape[-1]) > int(t.shape[-2]) for t in views or [mapped["image"]]}
+    else:
+        try:
+            landscape = {mapped["width"] > mapped["height"]}
+        except KeyError as e:
+            raise KeyError(
+                "DATALOADER.ASPECT_RATIO_GROUPING needs images ('image', or 'view1' / 'view2' with "
+                "an 'image') or 'width' and 'height' in the mapper's output dicts; this mapper's has "
+                f"keys {sorted(mapped)}. Keep them, or set DATALOADER.ASPECT_RATIO_GROUPING False."
+            ) from e
+    return 2 if len(landscape) > 1 else 0 if landscape.pop() else 1
 
 
 class _PositionedStream(torchdata.IterableDataset):
@@ -126,9 +163,10 @@ class ResumableTrainLoader:
     An iterable of training batches (lists of mapped dicts, ``batch_size`` per rank) whose stream is
     reproducible and resumable. Use it where detectron2's ``build_detection_train_loader`` is used.
 
-    The batches are those of detectron2's loader in structure (aspect-ratio groups by
-    ``width > height``); they differ in random numbers only (each image's are seeded from its
-    position, not from a worker's global state).
+    The batches are those of detectron2's loader in structure (aspect-ratio groups), with two
+    differences: the groups are by the orientation of the images a batch pads
+    (:func:`orientation_bucket`: a two-view dict's views, not its original), and each image's
+    random numbers are seeded from its position, not from a worker's global state.
     """
 
     def __init__(
@@ -156,7 +194,7 @@ class ResumableTrainLoader:
                 TwoViewDatasetMapper.
             batch_size: images per batch on this rank.
             aspect_ratio_grouping: batch images of the same orientation together (detectron2's
-                ``DATALOADER.ASPECT_RATIO_GROUPING``; needs ``width`` / ``height`` in the mapped dicts).
+                ``DATALOADER.ASPECT_RATIO_GROUPING``; by :func:`orientation_bucket`).
             num_workers: DataLoader worker processes (0: map in the main process).
             seed: the run's seed; image at position p is mapped under ``derived_seed(seed, 0, rank, p)``.
             rank: this process's rank.
@@ -176,22 +214,26 @@ class ResumableTrainLoader:
 
     @property
     def _num_buckets(self) -> int:
-        return 2 if self.aspect_ratio_grouping else 1
+        return ORIENTATION_BUCKETS if self.aspect_ratio_grouping else 1
 
     def _checked_state(self, state: Dict) -> Dict:
+        # Grouping on: 3 buckets, or 2 from checkpoints written before mixed views had their own
+        # (their waiting images are grouped again when mapped; see __iter__).
+        counts = (2, ORIENTATION_BUCKETS) if self.aspect_ratio_grouping else (1,)
         if (
             not isinstance(state, dict)
             or not isinstance(state.get("next_position"), int)
-            or len(state.get("buckets", ())) != self._num_buckets
+            or len(state.get("buckets", ())) not in counts
         ):
             raise ValueError(
                 f"Not a data loader state of this configuration (aspect-ratio grouping "
                 f"{self.aspect_ratio_grouping}: {self._num_buckets} bucket(s)): {state!r:.200}. "
                 "Was DATALOADER.ASPECT_RATIO_GROUPING changed since the checkpoint was written?"
             )
+        buckets = [[(int(p), int(i)) for p, i in bucket] for bucket in state["buckets"]]
         return {
             "next_position": state["next_position"],
-            "buckets": [[(int(p), int(i)) for p, i in bucket] for bucket in state["buckets"]],
+            "buckets": buckets + [[] for _ in range(self._num_buckets - len(buckets))],
         }
 
     @classmethod
@@ -224,27 +266,18 @@ class ResumableTrainLoader:
         }
 
     def _bucket_of(self, mapped: dict) -> int:
-        if not self.aspect_ratio_grouping:
-            return 0
-        try:
-            return 0 if mapped["width"] > mapped["height"] else 1
-        except KeyError as e:
-            raise KeyError(
-                "DATALOADER.ASPECT_RATIO_GROUPING needs 'width' and 'height' in the mapper's output "
-                f"dicts; this mapper's has keys {sorted(mapped)}. Keep them, or set "
-                "DATALOADER.ASPECT_RATIO_GROUPING False."
-            ) from e
+        return orientation_bucket(mapped) if self.aspect_ratio_grouping else 0
 
     def __len__(self):
         raise TypeError("ResumableTrainLoader is infinite.")
 
     def __iter__(self):
-        # Images waiting in the buckets at the state's batch: mapped again, with their own seeds.
+        # Images waiting in the buckets at the state's batch: mapped again, with their own seeds,
+        # and grouped again in stream order (each bucket's order, which is also stream order).
         buckets: List[List] = [[] for _ in range(self._num_buckets)]
-        for b, bucket in enumerate(self._state["buckets"]):
-            for position, index in bucket:
-                mapped = map_at_position(self.dataset, self.mapper, index, position, self.seed, self.rank)
-                buckets[b].append((position, index, mapped))
+        for position, index in sorted(e for bucket in self._state["buckets"] for e in bucket):
+            mapped = map_at_position(self.dataset, self.mapper, index, position, self.seed, self.rank)
+            buckets[self._bucket_of(mapped)].append((position, index, mapped))
         stream = _PositionedStream(
             self.dataset, self.sampler, self.mapper, self.seed, self.rank, self._state["next_position"]
         )

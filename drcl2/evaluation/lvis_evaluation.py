@@ -359,6 +359,13 @@ def _evaluate_faster(gt, results, iou_type, max_dets_per_image):
     dt = _faster_results(gt, federated_filter(gt, results), iou_type)
     coco_eval = COCOeval_faster(gt, dt, iou_type, lvis_style=True, print_function=logger.debug)
     coco_eval.params.maxDets = [max_dets_per_image]
+    # Only categories with ground truth can score: LVISEval leaves the others' precision at -1, which
+    # every summary skips. Evaluating them anyway costs a (image, category) pair each, which on LVIS
+    # with 1,203 categories is most of the C++ time. Their per-class AP is NaN, as the lvis API's.
+    all_cat_ids = sorted(gt.cats)
+    with_gt = sorted({ann["category_id"] for ann in gt.dataset["annotations"]})
+    if with_gt:
+        coco_eval.params.catIds = with_gt
     # summarize_lvis_precision indexes area ranges by position, as LVISEval lays them out.
     assert tuple(coco_eval.params.areaRngLbl) == _AREA_LABELS, coco_eval.params.areaRngLbl
     coco_eval.evaluate()
@@ -367,7 +374,9 @@ def _evaluate_faster(gt, results, iou_type, max_dets_per_image):
     cat_ids = coco_eval.params.catIds
     frequencies = [gt.cats[c]["frequency"] for c in cat_ids]
     metrics = summarize_lvis_precision(precision, coco_eval.params.iouThrs, frequencies)
-    return metrics, dict(zip(cat_ids, per_category_ap(precision)))
+    ap = dict.fromkeys(all_cat_ids, float("nan"))
+    ap.update(zip(cat_ids, per_category_ap(precision)))
+    return metrics, ap
 
 
 def _evaluate_lvis_api(lvis_gt, results, iou_type, max_dets_per_image):
@@ -505,6 +514,7 @@ class LVISEvaluator(_D2LVISEvaluator):
         )
         self._backend = backend
         self._faster_gt = None
+        self._first_instances = None
         self._dataset_name = dataset_name
         if train_dataset_names is None and self._metadata.get("train_dataset_name", None):
             train_dataset_names = [self._metadata.train_dataset_name]
@@ -518,12 +528,40 @@ class LVISEvaluator(_D2LVISEvaluator):
             source=self._metadata.json_file,
         )
 
+    def reset(self):
+        super().reset()
+        self._first_instances = None  # (image id, has masks) of the first image with instances
+
+    def _check_masks(self, image_id, has_masks):
+        """Masks for every image or for none: fail at the first image that breaks the rule."""
+        if self._tasks is not None and "segm" in self._tasks and not has_masks:
+            raise ValueError(
+                f"LVISEvaluator of {self._dataset_name}: tasks include 'segm' but the model gave no "
+                f"'pred_masks' for image {image_id}. Evaluate boxes only (tasks=('bbox',)) or check "
+                "the model's mask head (MODEL.MASK_ON)."
+            )
+        if self._first_instances is None:
+            self._first_instances = (image_id, has_masks)
+        elif self._first_instances[1] != has_masks:
+            first_id, first_has = self._first_instances
+            with_masks, without = (first_id, image_id) if first_has else (image_id, first_id)
+            raise ValueError(
+                f"LVISEvaluator of {self._dataset_name}: the model gave 'pred_masks' for image "
+                f"{with_masks} but not for image {without}. Mask evaluation needs a mask for every "
+                "detection of every image: a model must give masks for all images or for none."
+            )
+
     def process(self, inputs, outputs):
-        """As detectron2's, but each image's instances are kept as columns (:func:`instances_to_columns`)."""
+        """
+        As detectron2's, but each image's instances are kept as columns (:func:`instances_to_columns`).
+        A model that gives masks for some images and not for others is refused at the first such
+        image (ValueError naming both), not when the segm evaluation meets it at the end.
+        """
         for input, output in zip(inputs, outputs):
             prediction = {"image_id": input["image_id"]}
             if "instances" in output:
                 instances = output["instances"]
+                self._check_masks(input["image_id"], instances.has("pred_masks"))
                 pixel_counts = None
                 if instances.has("pred_masks") and instances.pred_masks.device.type != "cpu":
                     # counted where the masks are (free on a GPU); the encoder checks them
@@ -586,11 +624,18 @@ class LVISEvaluator(_D2LVISEvaluator):
         predictions = [_as_columns(p) for p in predictions]
         to_dataset = self._category_id_map()
         lvis_results = []
-        has_masks = False
+        masks_of = {}  # has masks -> an image id (a gathered or loaded set can mix them, too)
         for p in predictions:
             columns = p["instances"]
-            has_masks |= columns["rles"] is not None and len(columns["scores"]) > 0
+            masks_of.setdefault(columns["rles"] is not None, p["image_id"])
             lvis_results.extend(columns_to_coco_json(columns, p["image_id"], to_dataset(columns["classes"])))
+        if len(masks_of) == 2:
+            raise ValueError(
+                f"LVISEvaluator of {self._dataset_name}: the predictions have masks for image "
+                f"{masks_of[True]} but not for image {masks_of[False]}. Mask evaluation needs a mask "
+                "for every detection of every image: a model must give masks for all images or for none."
+            )
+        has_masks = True in masks_of and any(len(p["instances"]["scores"]) for p in predictions)
         tasks = self._tasks or (("bbox", "segm") if has_masks else ("bbox",))
 
         if self._output_dir:

@@ -109,84 +109,61 @@ def _window_counts(m: np.ndarray, windows: np.ndarray):
     [N, H, W] that is zero outside ``windows[i]`` = (x0, y0, x1, y1), reading the window only; and
     the number of ones found in each window.
 
-    Each window is transposed (cv2) into one buffer, column after column, with one zero after
-    each column where the window is shorter than the image: that zero stands for the rows skipped
-    between two columns, so a zero run that contains k of them is k * (H - h_window - 1) longer.
+    Each window is transposed (cv2) into one buffer, column after column, followed by one zero
+    that stands for the pixel after the column (row y1, or the top of the next column when the
+    window is as tall as the image; then one zero after the window instead): every buffer element
+    is then a pixel of the image, in column-major order, and the pixels skipped between two of
+    them are zeros. So the value changes in the buffer are the mask's, at known pixel indices, and
+    the RLE counts are the differences of those indices.
     """
     import cv2
 
     n, h, w = m.shape
     x0, y0, x1, y1 = windows.T
     wb, hb = x1 - x0, y1 - y0
-    padded = (hb < h) & (wb > 0) & (hb > 0)
+    nonempty = (wb > 0) & (hb > 0)
+    padded = (hb < h) & nonempty
     col = hb + padded  # buffer length of one column
-    lengths = wb * col * (hb > 0)
+    lengths = (wb * col + (nonempty & ~padded)) * nonempty
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     buf = np.zeros(int(offsets[-1]), np.uint8)
-    for i, (a, b, c, d, o, pad) in enumerate(zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(),
-                                                 offsets.tolist(), padded.tolist())):
+    for i, (a, b, c, d, o) in enumerate(zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(), offsets.tolist())):
         if a == c or b == d:
             continue
-        dst = buf[o : o + (c - a) * (d - b + pad)].reshape(c - a, d - b + pad)
-        if pad:
-            dst[:, :-1] = cv2.transpose(m[i, b:d, a:c])  # the last element of each row stays 0
-        else:
-            out = cv2.transpose(m[i, b:d, a:c], dst)
-            if not np.shares_memory(out, dst):
-                dst[...] = out
-    # A run starts where the value changes or a window's buffer starts.
-    if buf.size > 1:
-        change = np.not_equal(buf[1:], buf[:-1])
-        inner = offsets[1:-1]
-        change[inner[(inner > 0) & (inner < buf.size)] - 1] = True
-        starts = np.flatnonzero(change) + 1
-    else:
-        starts = np.zeros(0, np.int64)
+        # cv2 writes straight into the strided view; the zero after each column stays 0.
+        cols = buf[o : o + (c - a) * (d - b + (d - b < h))].reshape(c - a, -1)[:, : d - b]
+        out = cv2.transpose(m[i, b:d, a:c], cols)
+        if not np.shares_memory(out, cols):  # pragma: no cover - cv2 gave a new array after all
+            cols[...] = out
+    # A change at p: buf[p] differs from the pixel before it (0 before a window's first element).
+    change = np.empty(buf.size, bool)
     if buf.size:
-        starts = np.concatenate([[0], starts])
-    run_len = np.diff(np.append(starts, buf.size))
-    run_val = buf[starts].astype(np.int64) if buf.size else np.zeros(0, np.int64)
-    owner = np.searchsorted(offsets, starts, side="right") - 1
-    # Zero runs: add the skipped rows of every column end (padding zero) they contain.
-    local = starts - offsets[owner]
-    c, hbo = col[owner], hb[owner]
-    pads = (local + run_len - 1 - hbo) // c - (local - 1 - hbo) // c
-    run_len = run_len + np.where(padded[owner] & (run_val == 0), pads * (h - hbo - 1), 0)
-    ones = np.bincount(owner, weights=run_len * run_val, minlength=n).astype(np.int64)
-
-    # Per mask: the zeros before the window go into the first run (or a zero run put before a
-    # first run of ones: an RLE starts with zeros); what is left of H * W after the runs goes
-    # into the last zero run (or after a last run of ones); a zero-length last run is dropped.
-    total = h * w
-    bounds = np.searchsorted(owner, np.arange(n + 1), side="left")
-    first, last = bounds[:-1], bounds[1:] - 1
-    nonempty = bounds[1:] > first
-    head = x0 * h + y0
-    sums = np.add.reduceat(run_len, first[nonempty]) if nonempty.any() else np.zeros(0, np.int64)
-    run_sum = np.zeros(n, np.int64)
-    run_sum[nonempty] = sums
-    rest = total - head - run_sum
-    first_val = np.where(nonempty, run_val[np.minimum(first, len(run_val) - 1)] if len(run_val) else 0, 0)
-    last_val = np.where(nonempty, run_val[np.maximum(last, 0)] if len(run_val) else 0, 0)
-    add_head = nonempty & (first_val == 0)
-    np.add.at(run_len, first[add_head], head[add_head])
-    add_rest = nonempty & (last_val == 0)
-    np.add.at(run_len, last[add_rest], rest[add_rest])
-    keep = np.ones(len(run_len), bool)
-    keep[last[add_rest]] = run_len[last[add_rest]] > 0
-    prepend = nonempty & (first_val == 1)
-    append = nonempty & (last_val == 1) & (rest > 0)
-    empty = ~nonempty
-    # Inserted values in mask order (prepend, empty, append of mask i at bounds[i] / bounds[i + 1]):
-    # np.insert keeps the given order for equal indices.
-    kinds = np.stack([prepend, empty, append], axis=1)  # [n, 3]
-    where = np.stack([first, first, bounds[1:]], axis=1)[kinds]
-    values = np.stack([head, np.full(n, total), rest], axis=1)[kinds]
-    flat = np.insert(run_len[keep], np.searchsorted(np.flatnonzero(keep), where), values)
-    per_mask = (bounds[1:] - first) - np.bincount(owner[~keep], minlength=n) + kinds.sum(axis=1)
-    out = np.split(flat.astype(np.uint32), np.cumsum(per_mask)[:-1])
-    return out, ones
+        change[0] = buf[0] != 0
+        np.not_equal(buf[1:], buf[:-1], out=change[1:])
+        firsts = offsets[:-1][lengths > 0]
+        change[firsts] = buf[firsts] != 0
+    p = np.flatnonzero(change)
+    owner = np.searchsorted(offsets, p, side="right") - 1
+    q, r = np.divmod(p - offsets[owner], col[owner])
+    t = (x0[owner] + q) * h + y0[owner] + r  # pixel index (column-major) where the new run starts
+    # Changes alternate 0 -> 1, 1 -> 0 and every window ends on a zero: the ones are the sum of
+    # the 1 -> 0 indices minus the 0 -> 1 ones.
+    rising = buf[p] != 0
+    ones = np.bincount(owner, weights=np.where(rising, -t, t), minlength=n).round().astype(np.int64)
+    # counts = differences of [0, changes..., H * W]; a change at H * W (the zero after a last
+    # column that ends the image) ends nothing.
+    keep = t < h * w
+    t, owner = t[keep], owner[keep]
+    k = np.bincount(owner, minlength=n)
+    ends = np.cumsum(k + 2)
+    starts = ends - (k + 2)
+    seq = np.zeros(int(ends[-1]) if n else 0, np.int64)
+    seq[ends - 1] = h * w
+    rank = np.arange(len(t)) - (np.cumsum(k) - k)[owner]
+    seq[starts[owner] + 1 + rank] = t
+    diffs = np.diff(seq).astype(np.uint32)
+    return [diffs[s : s + c] for s, c in zip(starts.tolist(), (k + 1).tolist())], ones
 
 
 def instances_to_columns(instances, with_masks: Optional[bool] = None, pixel_counts=None) -> Dict:
