@@ -60,7 +60,7 @@ demo: install
 		MODEL.DEVICE $$dev MODEL.WEIGHTS $(DEMO_OUT)/pretrain/model_final_finetune.pth \
 		OUTPUT_DIR $(DEMO_OUT)/finetune
 	@$(PY) -m drcl2.tools.summarize $(DEMO_OUT)/finetune --study docs/study/toy/results.csv \
-		--arms scratch,scratch_long,supervised_pretrain,2drcl,init,init_2drcl
+		--arms scratch,scratch_long,supervised_pretrain,2drcl,2drcl_v1
 
 test: install
 	@$(PY) -m pytest -q tests
