@@ -176,7 +176,8 @@ def test_two_views_are_grouped_by_their_own_orientation():
 
 
 def test_padding_benchmark_groups_by_the_views():
-    """`benchmark padding` (not a timed test): grouping by the views pads less than by the original."""
+    """`benchmark padding` (not a timed test): with both views cropped (2DRCL v1's views), grouping
+    by the views pads less than by the original."""
     import contextlib
     import io
 
@@ -184,7 +185,8 @@ def test_padding_benchmark_groups_by_the_views():
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        benchmark.main(["padding", "--images", "1000", "--batch-sizes", "4"])
+        benchmark.main(["padding", "--images", "1000", "--batch-sizes", "4", "--opts", "INPUT.DRCL2.CROP_PROB", "(1.0, 1.0)"])
+    assert "with INPUT.DRCL2.CROP_PROB (1.0, 1.0)" in out.getvalue()
     row = [line.split() for line in out.getvalue().splitlines() if line.split()[:1] == ["4"]][-1]
     none, original, views = (float(x.rstrip("%")) for x in row[1:])
     assert views < original - 2 and views < none - 2

@@ -9,9 +9,9 @@ polygon annotations (LVIS v1 train averages ~12), and maps them with
 
     detectron2  : ``detectron2.data.DatasetMapper`` of configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml
                   (the LVIS fine-tuning recipe: shortest side 640-800, flip, polygon masks on)
-    two-view    : ``TwoViewDatasetMapper`` of configs/pretrain_2drcl.yaml (the same resize and flip
-                  after a random resized crop, then each view's colour jitter / grey / blur /
-                  solarization; view 1 always blurred), ``INPUT.DRCL2.AUG_BACKEND "opencv"``
+    two-view    : ``TwoViewDatasetMapper`` of configs/pretrain_2drcl.yaml (2DRCL v2: view 1 the
+                  whole image with the same resize and flip; view 2 a random resized crop, then
+                  colour jitter / grey / blur / solarization), ``INPUT.DRCL2.AUG_BACKEND "opencv"``
     before      : the same with ``AUG_BACKEND "torchvision"`` (the reference pipeline)
 
 on one thread (torch and OpenCV), the calls of the two mappers alternating image by image so that

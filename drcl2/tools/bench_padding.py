@@ -1,6 +1,6 @@
 """Padding of the two views' batches under each aspect-ratio grouping rule (no pixels are decoded).
 
-    python -m drcl2.tools.benchmark padding [--config-file configs/pretrain_2drcl.yaml] [--images 20000]
+    python -m drcl2.tools.benchmark padding [--config-file configs/pretrain_2drcl.yaml] [--images 20000] [--opts KEY VALUE ...]
 
 Draws each view's size as TwoViewDatasetMapper does (its geometric augmentations of the config,
 applied to image shapes only) for generated COCO/LVIS-like originals (640 px long side, 2/3
@@ -24,6 +24,7 @@ def add_arguments(parser):
     parser.add_argument("--images", type=int, default=20000, help="images drawn")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4], help="images per GPU")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides")
 
 
 def _view_shapes(mapper, h, w):
@@ -53,6 +54,7 @@ def run(args):
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
     mapper = TwoViewDatasetMapper(cfg, is_train=True)
     rng = np.random.default_rng(args.seed)
     np.random.seed(args.seed)  # the augmentations draw from numpy's global generator
@@ -69,7 +71,8 @@ def run(args):
         "original": lambda im: orientation_bucket({"height": im[0][0], "width": im[0][1]}),
         "views": lambda im: orientation_bucket({f"view{k + 1}": {"image": shape_only(*s)} for k, s in enumerate(im[1])}),
     }
-    print(f"{args.images} generated images, views of {args.config_file}; padding of a batch's ImageList "
+    overrides = f" with {' '.join(args.opts)}" if args.opts else ""
+    print(f"{args.images} generated images, views of {args.config_file}{overrides}; padding of a batch's ImageList "
           "over its views' own pixels:")
     print(f"{'images/GPU':>10} " + " ".join(f"{name:>10}" for name in rules))
     for batch_size in args.batch_sizes:
