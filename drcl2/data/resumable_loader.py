@@ -83,31 +83,37 @@ def _identity(x):
     return x
 
 
-ORIENTATION_BUCKETS = 3  # landscape, portrait, mixed
+ORIENTATION_BUCKETS = 4  # landscape, portrait; two views: landscape/portrait, portrait/landscape
 
 
 def orientation_bucket(mapped: dict) -> int:
     """
-    The aspect-ratio group of a mapped dict: 0 when every image a batch pads from it is landscape
-    (width > height), 1 when every one is portrait (or square), 2 when they differ.
+    The aspect-ratio group of a mapped dict, by the orientation (landscape: width > height) of the
+    images a batch pads from it: 0 all landscape, 1 all portrait (or square); for two views,
+    2 when view 1 is landscape and view 2 portrait, 3 the other way round.
 
     Those images are its two views' (``"view1"`` / ``"view2"``, :class:`TwoViewDatasetMapper`: each view is
     cropped on its own, so the original's orientation says nothing of theirs), else its
-    ``"image"``, else the original's ``width`` / ``height`` (detectron2's rule).
+    ``"image"``, else the original's ``width`` / ``height`` (detectron2's rule). Mixed pairs are
+    split by which view is landscape: measured by ``python -m drcl2.tools.benchmark padding``, one
+    bucket for all mixed pairs padded more than detectron2's rule when view 1 is the whole image
+    (2DRCL v2), two buckets pad less than either, with or without view 1 cropped (README, "Long runs").
     """
     views = [mapped[k]["image"] for k in ("view1", "view2") if isinstance(mapped.get(k), dict) and "image" in mapped[k]]
     if views or "image" in mapped:
-        landscape = {int(t.shape[-1]) > int(t.shape[-2]) for t in views or [mapped["image"]]}
+        landscape = [int(t.shape[-1]) > int(t.shape[-2]) for t in views or [mapped["image"]]]
     else:
         try:
-            landscape = {mapped["width"] > mapped["height"]}
+            landscape = [mapped["width"] > mapped["height"]]
         except KeyError as e:
             raise KeyError(
                 "DATALOADER.ASPECT_RATIO_GROUPING needs images ('image', or 'view1' / 'view2' with "
                 "an 'image') or 'width' and 'height' in the mapper's output dicts; this mapper's has "
                 f"keys {sorted(mapped)}. Keep them, or set DATALOADER.ASPECT_RATIO_GROUPING False."
             ) from e
-    return 2 if len(landscape) > 1 else 0 if landscape.pop() else 1
+    if len(set(landscape)) == 1:
+        return 0 if landscape[0] else 1
+    return 2 if landscape[0] else 3
 
 
 class _PositionedStream(torchdata.IterableDataset):
@@ -217,9 +223,9 @@ class ResumableTrainLoader:
         return ORIENTATION_BUCKETS if self.aspect_ratio_grouping else 1
 
     def _checked_state(self, state: Dict) -> Dict:
-        # Grouping on: 3 buckets, or 2 from checkpoints written before mixed views had their own
+        # Grouping on: 4 buckets, or 2 / 3 from checkpoints written before mixed views had their own
         # (their waiting images are grouped again when mapped; see __iter__).
-        counts = (2, ORIENTATION_BUCKETS) if self.aspect_ratio_grouping else (1,)
+        counts = (2, 3, ORIENTATION_BUCKETS) if self.aspect_ratio_grouping else (1,)
         if (
             not isinstance(state, dict)
             or not isinstance(state.get("next_position"), int)

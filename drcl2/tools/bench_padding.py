@@ -11,6 +11,7 @@ height and width, rounded up to 32): the cost that grouping saves.
     none        one bucket
     original    detectron2's rule: the original image's orientation
     views       drcl2's rule (orientation_bucket): both views landscape, both portrait, or mixed
+                (view 1 landscape and view 2 portrait, or the other way round)
 """
 import math
 
