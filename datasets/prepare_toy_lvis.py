@@ -15,7 +15,7 @@ import dataclasses
 import os
 import time
 
-from drcl2.data.toy_lvis import GENERATED_SETS, SPLITS, ensure_toy_lvis, toy_lvis_categories, toy_lvis_paths
+from drcl2.data.generated.toy_lvis import GENERATED_SETS, SPLITS, ensure_toy_lvis, toy_lvis_categories, toy_lvis_paths
 
 
 def main():

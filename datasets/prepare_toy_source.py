@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from drcl2.data.toy_source import SOURCE_CLASSES, ToySourceSpec, ensure_toy_source
+from drcl2.data.generated.toy_source import SOURCE_CLASSES, ToySourceSpec, ensure_toy_source
 
 
 def main(argv=None) -> int:

@@ -2,10 +2,12 @@
 
 Where things live:
     drcl2.config       add_drcl2_config(cfg): every drcl2 config key, with its default
-    drcl2.data         LVIS-format datasets (register_lvis_format), the generated LVIS-format sets
-                       (toy and large), COCO-LT, the dynamic rebalancing sampler and maths, TwoViewDatasetMapper
-                       (its OpenCV / NumPy augmentation ops: drcl2.data.view_ops), precomputed proposals as
-                       LCL's boxes (proposals.py), the resumable training loader
+    drcl2.data         the data path: LVIS-format datasets (register_lvis_format), the registered
+                       datasets and their checks, COCO-LT, the dynamic rebalancing sampler and maths,
+                       TwoViewDatasetMapper (its OpenCV / NumPy augmentation ops: drcl2.data.view_ops),
+                       precomputed proposals as LCL's boxes (proposals.py), the resumable training loader
+    drcl2.data.generated  generators of the demo, study and test sets (not the data path): the toy
+                       and large LVIS-format sets, the toy source set, synthetic LVIS data for tests
     drcl2.engine       Trainer: DefaultTrainer for 2DRCL pre-training and long-tail fine-tuning
     drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report, columnar predictions:
                        load_predictions), COCOLTEvaluator (AP1-AP4)
@@ -13,6 +15,8 @@ Where things live:
                        (HCL, LCL, AR, SR, RPN term; DRCL2_HEAD_REGISTRY for your own); the one-stage
                        fine-tuning detectors ATSS and FCOS (yacs-configurable)
     drcl2.checkpoint   export_finetune_weights(src, dst): DRCL2 checkpoint -> fine-tuning weights
+    drcl2.study        seeded, equal-compute studies: the study file, the runner, the report
+                       (python -m drcl2.tools.study)
     drcl2.tools        command lines: python -m drcl2.tools.<name> (export_weights, dump_proposals, ...)
 """
 from . import data  # registers the generated LVIS-format sets and COCO-LT

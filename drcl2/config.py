@@ -239,7 +239,7 @@ def add_drcl2_config(cfg):
 
     # detectron2's FCOS (drcl2.modeling.fcos, a registered subclass with from_config; detectron2
     # builds it from lazy configs only), MODEL.META_ARCHITECTURE == "FCOS". Defaults: those of
-    # detectron2's FCOS (configs/common/models/fcos.py).
+    # detectron2's FCOS (detectron2/model_zoo/configs/common/models/fcos.py, in detectron2's package).
     cfg.MODEL.FCOS = CN()
     # Number of foreground classes.
     cfg.MODEL.FCOS.NUM_CLASSES = 80

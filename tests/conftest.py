@@ -43,7 +43,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def toy_lvis_root():
     """The dataset root with the toy LVIS set generated (once per machine, then reused)."""
-    from drcl2.data import ensure_toy_lvis
+    from drcl2.data.generated import ensure_toy_lvis
 
     root = os.environ["DETECTRON2_DATASETS"]
     ensure_toy_lvis(root)

@@ -21,7 +21,7 @@ from detectron2.structures import Boxes, Instances
 
 from drcl2.evaluation import LVISEvaluator, evaluate_lvis, patch_lvis_numpy
 from drcl2.evaluation.lvis_evaluation import LVIS_METRICS, limit_dets_per_image
-from drcl2.evaluation.synthetic import synthetic_lvis_detections, synthetic_lvis_gt
+from drcl2.data.generated.synthetic_lvis import synthetic_lvis_detections, synthetic_lvis_gt
 
 TOL = 1e-4  # on metrics in percent, as detectron2 reports them
 

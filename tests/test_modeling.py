@@ -547,7 +547,7 @@ def test_one_step_on_gpu_with_amp():
 def test_rpn_losses_only_equals_detectron2_rpn_forward():
     from detectron2.structures import ImageList
 
-    from drcl2.modeling.meta_arch import rpn_losses_only
+    from drcl2.modeling.rpn_loss_head import rpn_losses_only
 
     model = build()
     images, instances1, _ = model.preprocess(batch())

@@ -25,7 +25,7 @@ from drcl2.evaluation.predictions import (
     encode_masks,
     instances_to_columns,
 )
-from drcl2.evaluation.synthetic import synthetic_lvis_detections, synthetic_lvis_gt
+from drcl2.data.generated.synthetic_lvis import synthetic_lvis_detections, synthetic_lvis_gt
 
 
 def _pycocotools(masks):

@@ -1,5 +1,5 @@
 """
-The four measured defects of 2DRCL v1's design (docs/method.md, "What changed after the study") and
+The four measured defects of 2DRCL v1's design (docs/method.md, "What changed after the first study") and
 the parts added to fix them: each test fails on v1's behaviour (kept behind config keys, so the test
 shows that it can fail) and passes on the new default.
 """

@@ -222,7 +222,7 @@ TINY = ('[MODEL.DEVICE, cpu, DATALOADER.NUM_WORKERS, "0", SOLVER.IMS_PER_BATCH, 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """A small toy set (same classes and file layout) as the runs' $DETECTRON2_DATASETS."""
-    from drcl2.data import ToyLVISSpec, generate_toy_lvis
+    from drcl2.data.generated import ToyLVISSpec, generate_toy_lvis
 
     root = str(tmp_path_factory.mktemp("tiny_toy"))
     generate_toy_lvis(root, ToyLVISSpec(num_train_images=24, num_val_images=6, num_test_images=6))

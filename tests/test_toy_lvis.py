@@ -10,9 +10,9 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from lvis import LVIS
 
-from drcl2.data import ToyLVISSpec, generate_toy_lvis
+from drcl2.data.generated import ToyLVISSpec, generate_toy_lvis
 from drcl2.data.lvis_format import frequency_group
-from drcl2.data.toy_lvis import TOY_CLASSES, toy_lvis_categories, toy_lvis_layout
+from drcl2.data.generated.toy_lvis import TOY_CLASSES, toy_lvis_categories, toy_lvis_layout
 
 
 def _all_files(root):
@@ -107,7 +107,7 @@ def test_test_split_is_held_out_from_val(demo_set):
 def test_a_set_without_test_split_gets_it_added(demo_set, tmp_path):
     import shutil
 
-    from drcl2.data import ensure_toy_lvis
+    from drcl2.data.generated import ensure_toy_lvis
 
     root = tmp_path / "old"
     shutil.copytree(os.path.dirname(demo_set["image_root"]), root)
@@ -190,7 +190,7 @@ def small_lvis_set(tmp_path_factory):
 
 
 def test_lvis_distribution_is_deterministic_with_any_number_of_workers(small_lvis_set, tmp_path, monkeypatch):
-    from drcl2.data import toy_lvis
+    from drcl2.data.generated import toy_lvis
 
     # forked rather than spawned here: the same chunking and ordering without two drcl2 imports
     # (spawning, the default, was checked the same way once: ~1 min on 2 busy cores)
@@ -236,7 +236,7 @@ def test_lvis_distribution_has_lvis_class_shares(small_lvis_set):
 
 def test_large_set_statistics_without_rendering():
     """lvis_v1_gen_large: LVIS's shares over 300 classes; its registered counts match its layout."""
-    from drcl2.data import LVIS_GEN_LARGE
+    from drcl2.data.generated import LVIS_GEN_LARGE
 
     categories = toy_lvis_categories(LVIS_GEN_LARGE)
     groups = collections.Counter(c["frequency"] for c in categories)
@@ -254,8 +254,8 @@ def test_large_set_statistics_without_rendering():
 
 
 def test_class_vocabulary_extends_the_toy_classes_and_stays_distinct():
-    from drcl2.data.toy_classes import MAX_TOY_CLASSES, toy_classes
-    from drcl2.data.toy_lvis import _render_image
+    from drcl2.data.generated.toy_classes import MAX_TOY_CLASSES, toy_classes
+    from drcl2.data.generated.toy_lvis import _render_image
 
     classes = toy_classes(MAX_TOY_CLASSES)
     assert tuple(c.name for c in classes[:30]) == TOY_CLASSES  # the toy set's, in its order
@@ -293,7 +293,7 @@ def test_bad_specs_name_the_field():
 def test_large_set_is_registered_without_generating(tmp_path):
     import dataclasses
 
-    from drcl2.data import LVIS_GEN_LARGE
+    from drcl2.data.generated import LVIS_GEN_LARGE
     from drcl2.data.datasets import GENERATED_DATASETS, check_dataset_files, register_toy_lvis
 
     for split in ("train", "val", "test"):

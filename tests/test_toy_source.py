@@ -14,10 +14,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from conftest import REPO_ROOT, cfg_from
 from drcl2.checkpoint import DRCL2Checkpointer
-from drcl2.data import ToySourceSpec, ensure_toy_source, generate_toy_source
+from drcl2.data.generated import ToySourceSpec, ensure_toy_source, generate_toy_source
 from drcl2.data.datasets import check_dataset_files, register_toy_source
-from drcl2.data.toy_lvis import TOY_CLASSES
-from drcl2.data.toy_source import SOURCE_CLASSES, SOURCE_SHAPES, toy_source_layout
+from drcl2.data.generated.toy_lvis import TOY_CLASSES
+from drcl2.data.generated.toy_source import SOURCE_CLASSES, SOURCE_SHAPES, toy_source_layout
 from drcl2.engine import Trainer
 from drcl2.modeling import DRCL2
 from drcl2.tools import source_pretrain
@@ -80,7 +80,7 @@ def test_registered_dicts_are_balanced_and_match_the_files(tiny_source):
 
 def test_objects_are_drawn_over_the_background():
     """Every object changes the pixels it covers (a pattern that paints nothing would not)."""
-    from drcl2.data import toy_source
+    from drcl2.data.generated import toy_source
 
     for layout in toy_source_layout(TINY, "val")[:25]:
         # the image's generator draws the background first, so the same seed gives the same one

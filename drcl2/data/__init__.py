@@ -1,3 +1,17 @@
+"""
+drcl2's data path: how a training batch is fed.
+
+    lvis_format        LVIS-format json -> detectron2 dicts (register_lvis_format), frequency groups
+    datasets           the datasets drcl2 registers on import, and the checks run before the first step
+    dataset_check      those checks (check_datasets): missing files, unknown categories, dropped boxes
+    coco_lt            COCO-LT (coco_lt_train / coco_lt_val)
+    rebalance          DRB's maths: class statistics, repeat factors, class weights, instance sampling
+    samplers           DynamicRepeatFactorTrainingSampler (DRB's image-level resampling)
+    two_view_mapper    TwoViewDatasetMapper: one image -> 2DRCL's two views (ops: view_ops)
+    proposals          precomputed proposals as LCL's boxes
+    resumable_loader   a training loader that a checkpoint resumes exactly (same views, same batches)
+    generated/         generators of the demo, study and test sets (not part of the data path)
+"""
 from . import datasets  # registers lvis_v1_toy_*, lvis_v1_gen_large_*, toy_source_* (generated on first use)
 from . import coco_lt  # registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
 from .dataset_check import check_dataset_dicts, check_datasets  # the check before the first step
@@ -11,8 +25,6 @@ from .rebalance import (
     sample_instances,
 )
 from .samplers import DynamicRepeatFactorTrainingSampler
-from .toy_lvis import LVIS_GEN_LARGE, ToyLVISSpec, ensure_toy_lvis, generate_toy_lvis
-from .toy_source import ToySourceSpec, ensure_toy_source, generate_toy_source
 from .two_view_mapper import TwoViewDatasetMapper
 
 __all__ = [
@@ -20,13 +32,6 @@ __all__ = [
     "load_lvis_format_json",
     "check_dataset_dicts",
     "check_datasets",
-    "ToyLVISSpec",
-    "LVIS_GEN_LARGE",
-    "generate_toy_lvis",
-    "ensure_toy_lvis",
-    "ToySourceSpec",
-    "generate_toy_source",
-    "ensure_toy_source",
     "class_statistics",
     "repeat_factors",
     "class_weights",

@@ -1,15 +1,17 @@
 """Datasets drcl2 registers on import (the generated LVIS-format sets), and the checks of datasets
 that drcl2's Trainer runs before the first step.
 
-Two generated sets (:mod:`drcl2.data.toy_lvis`), each with three splits: ``train``, ``val`` (choose
-and tune on it) and ``test`` (held out: drawn like val from its own seeds, for reported results only):
+Two generated sets (:mod:`drcl2.data.generated.toy_lvis`), each with three splits: ``train``,
+``val`` (choose and tune on it) and ``test`` (held out: drawn like val from its own seeds, for
+reported results only):
 
 * ``lvis_v1_toy_{train,val,test}``: the demo and test set (30 classes, <= 128 px, CPU-sized);
 * ``lvis_v1_gen_large_{train,val,test}``: the GPU set (300 classes in LVIS v1's rare / common /
   frequent shares, 320-480 px, 10,000 / 1,000 / 1,000 images).
 
-and the toy source classification set (:mod:`drcl2.data.toy_source`), ``toy_source_{train,val}``:
-the ImageNet stand-in that the toy backbone is pre-trained on (``python -m drcl2.tools.source_pretrain``).
+and the toy source classification set (:mod:`drcl2.data.generated.toy_source`),
+``toy_source_{train,val}``: the ImageNet stand-in that the toy backbone is pre-trained on
+(``python -m drcl2.tools.source_pretrain``).
 """
 import os
 from typing import Iterable
@@ -19,7 +21,7 @@ from detectron2.utils.file_io import PathManager
 
 from .dataset_check import check_datasets
 from .lvis_format import load_lvis_format_json, lvis_format_metadata
-from .toy_lvis import (
+from .generated.toy_lvis import (
     GENERATED_SETS,
     SPLITS,
     ToyLVISSpec,
@@ -27,7 +29,13 @@ from .toy_lvis import (
     toy_lvis_categories,
     toy_lvis_paths,
 )
-from .toy_source import SOURCE_CLASSES, ToySourceSpec, ensure_toy_source, load_toy_source, toy_source_paths
+from .generated.toy_source import (
+    SOURCE_CLASSES,
+    ToySourceSpec,
+    ensure_toy_source,
+    load_toy_source,
+    toy_source_paths,
+)
 
 __all__ = [
     "register_toy_lvis",

@@ -1,5 +1,5 @@
 """
-The supervised detection losses inside 2DRCL pre-training (docs/method.md, "Supervised detection"):
+The supervised detection losses inside 2DRCL pre-training (docs/method.md, "Heads and losses", ``DET``):
 ``loss_cls``, ``loss_box_reg`` (and ``loss_mask`` with ``MODEL.MASK_ON``) of detectron2's ROI heads
 on view 1, so that pre-training is what the paper's abstract calls it — self-supervised and
 supervised learning combined — with the contrastive and reconstruction terms as auxiliaries.

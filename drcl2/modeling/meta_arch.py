@@ -18,12 +18,11 @@ from detectron2.utils.events import get_event_storage
 from ..data.rebalance import RebalanceSchedule, class_weights, instance_class_weights, sample_instances
 from .distributed import all_gather_counts, ddp_normalizer
 from .ema import cosine_momentum, make_target, momentum_update
-from .hcl_head import HCL_LOSSES, check_images_per_batch  # noqa: F401 (re-exported)
+from .hcl_head import HCL_LOSSES
 from .lcl_head import LCL_LOSSES
 from .masking import box_guided_patch_mask, patch_mask_to_pixels
 from .pretext_head import PretextHead, StepContext, build_pretext_heads, feature_channels
-from .reconstruction_heads import check_ar_level  # noqa: F401 (re-exported)
-from .rpn_loss_head import RPN_TARGETS, rpn_losses_only  # noqa: F401 (re-exported)
+from .rpn_loss_head import RPN_TARGETS
 
 __all__ = ["DRCL2", "check_drcl2_config"]
 

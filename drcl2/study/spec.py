@@ -1,7 +1,7 @@
 """
 The study file: which arms, seeds, datasets and schedules a study runs (``configs/study/*.yaml``).
 
-A study file is YAML with these keys (``drcl2/study/README`` is this docstring)::
+A study file is YAML with these keys (this docstring is the format's reference)::
 
     name: toy                          # a label for the report
     output_dir: output/study/toy       # runs land in OUTPUT_DIR/<arm>/seed<k>/{pretrain,finetune}

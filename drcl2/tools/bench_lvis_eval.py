@@ -81,7 +81,7 @@ def run(args):
 
     from drcl2.evaluation import evaluate_lvis, patch_lvis_numpy
     from drcl2.evaluation.lvis_evaluation import LVIS_METRICS, faster_lvis_ground_truth
-    from drcl2.evaluation.synthetic import (
+    from drcl2.data.generated.synthetic_lvis import (
         lvis_v1_categories,
         synthetic_lvis_detections,
         synthetic_lvis_gt,

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["add_arguments", "run", "synthetic_lvis_jpegs"]
+__all__ = ["add_arguments", "run"]
 
 TARGET_RATIO = 2.5
 D2_CONFIG = "configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml"
@@ -50,51 +50,6 @@ def add_arguments(parser):
     parser.add_argument("--workers", type=int, default=2, help="DATALOADER.NUM_WORKERS of the loader run")
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch of the loader run")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def synthetic_lvis_jpegs(folder, num_images, width, height, *, instances=12, num_classes=1203, seed=0):
-    """
-    Write ``num_images`` LVIS-like JPEGs of ``width`` x ``height`` into ``folder`` and return their
-    detectron2 dataset dicts (``annotations``: ``instances`` polygons of 12-24 vertices with their
-    boxes, ``category_id`` in [0, num_classes)). Deterministic in ``seed``.
-    """
-    import cv2
-    from detectron2.structures import BoxMode
-
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(num_images):
-        field = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
-        image = cv2.resize(field, (width, height), interpolation=cv2.INTER_CUBIC)
-        noise = rng.normal(0, 12, image.shape)
-        image = np.clip(image.astype(np.float64) + noise, 0, 255).astype(np.uint8)
-        annotations = []
-        for _ in range(instances):
-            cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
-            rx, ry = rng.uniform(0.02, 0.25) * width, rng.uniform(0.02, 0.25) * height
-            n = int(rng.integers(12, 25))
-            t = np.sort(rng.uniform(0, 2 * np.pi, n))
-            r = rng.uniform(0.7, 1.0, n)
-            poly = np.stack([cx + rx * r * np.cos(t), cy + ry * r * np.sin(t)], 1)
-            poly = poly.clip(0, [width - 1, height - 1])
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            cv2.fillPoly(image, [poly.round().astype(np.int32)], colour)
-            x0, y0 = poly.min(0)
-            x1, y1 = poly.max(0)
-            annotations.append({
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": int(rng.integers(0, num_classes)),
-                "iscrowd": 0,
-                "segmentation": [poly.ravel().tolist()],
-            })
-        path = os.path.join(folder, f"{width}x{height}_{i:04d}.jpg")
-        tmp = os.path.join(folder, f".{os.getpid()}_{width}x{height}_{i:04d}.jpg")
-        cv2.imwrite(tmp, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        os.replace(tmp, path)  # atomic: processes generating the same set at once never see half a file
-        records.append({"file_name": path, "image_id": len(records) + 1, "height": height, "width": width,
-                        "annotations": annotations})
-    return records
 
 
 def _config_path(path):
@@ -184,6 +139,8 @@ def _verdict(ratio):
 def run(args):
     import cv2
     from tabulate import tabulate
+
+    from drcl2.data.generated.synthetic_lvis import synthetic_lvis_jpegs
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

@@ -98,7 +98,7 @@ def _generated_dicts(cfg, args):
     """
     import tempfile
 
-    from drcl2.tools.bench_mapper import synthetic_lvis_jpegs
+    from drcl2.data.generated.synthetic_lvis import synthetic_lvis_jpegs
 
     n = max(4, args.batch_size * args.num_processes)
     folder = os.path.join(tempfile.gettempdir(), f"drcl2_bench_step_{n}x640x480")

@@ -235,7 +235,7 @@ def _source_dicts(name: str, flag: str) -> List[Dict[str, Any]]:
     if not dicts or "label" not in dicts[0]:
         raise ValueError(
             f"{flag} '{name}' is not a classification dataset: its dicts need a 'label' "
-            "(see drcl2.data.toy_source.load_toy_source)."
+            "(see drcl2.data.generated.toy_source.load_toy_source)."
         )
     return dicts
 

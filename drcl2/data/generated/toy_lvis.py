@@ -3,7 +3,7 @@ Generated, deterministic, long-tailed detection sets in LVIS v1 format: the demo
 (``lvis_v1_toy``) and a larger one for GPU runs (``lvis_v1_gen_large``), both described by a
 :class:`ToyLVISSpec`.
 
-Classes are coloured, patterned shapes (:mod:`drcl2.data.toy_classes`). Two class distributions:
+Classes are coloured, patterned shapes (:mod:`drcl2.data.generated.toy_classes`). Two class distributions:
 
 * ``"zipf"`` (the toy set: 30 classes, 800 training images): each object's class is drawn from a
   Zipf-like distribution, so that by LVIS's rule on training image counts (rare <= 10 images,
@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .lvis_format import COMMON_MAX_IMAGES, frequency_group, lvis_v1_rank_image_counts
+from ..lvis_format import COMMON_MAX_IMAGES, frequency_group, lvis_v1_rank_image_counts
 from .toy_classes import COLOURS, MAX_TOY_CLASSES, paint_pattern, shape_polygon, toy_classes
 
 __all__ = [
@@ -89,7 +89,7 @@ class ToyLVISSpec:
     seed: int = 0
     # folder under the dataset root, prefix of the annotation files and of the dataset names
     name: str = "lvis_v1_toy"
-    num_classes: int = 30  # the first num_classes classes of drcl2.data.toy_classes' vocabulary
+    num_classes: int = 30  # the first num_classes classes of drcl2.data.generated.toy_classes' vocabulary
     class_distribution: str = "zipf"  # "zipf" or "lvis" (LVIS v1's r/c/f shares; module docstring)
     num_train_images: int = 800
     num_val_images: int = 200

@@ -1,6 +1,6 @@
 """
-The class vocabulary of the generated LVIS-format sets (:mod:`drcl2.data.toy_lvis`): what each class
-looks like, and how an instance of it is drawn.
+The class vocabulary of the generated LVIS-format sets (:mod:`drcl2.data.generated.toy_lvis`): what
+each class looks like, and how an instance of it is drawn.
 
 A class is a (colour, shape, pattern) triple. The first 30 are the toy set's: its ten shapes in its
 three colours, solid, in the order the toy set has always had (their names, ``red_circle`` ...,

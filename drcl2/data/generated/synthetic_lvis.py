@@ -1,5 +1,7 @@
 """
-Generated LVIS-style ground truth and detections, for evaluator tests and benchmarks.
+Generated LVIS-style data for tests and benchmarks: ground truth and detections for the evaluators
+(:func:`synthetic_lvis_gt`, :func:`synthetic_lvis_detections`), and JPEGs with their dataset dicts
+for the data pipeline (:func:`synthetic_lvis_jpegs`).
 
 The ground truth is a federated LVIS v1 json (``images`` with ``neg_category_ids`` and
 ``not_exhaustive_category_ids``, polygon ``segmentation``, ``area`` = mask area, categories with
@@ -9,11 +11,12 @@ copies of ground-truth boxes plus confusions and background boxes, with scores r
 decimals so that ties (and therefore the evaluators' tie-breaking) are exercised.
 """
 import math
+import os
 
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = ["lvis_v1_categories", "synthetic_lvis_gt", "synthetic_lvis_detections"]
+__all__ = ["lvis_v1_categories", "synthetic_lvis_gt", "synthetic_lvis_detections", "synthetic_lvis_jpegs"]
 
 
 def lvis_v1_categories():
@@ -215,3 +218,48 @@ def synthetic_lvis_detections(
                 }
             results.append(result)
     return results
+
+
+def synthetic_lvis_jpegs(folder, num_images, width, height, *, instances=12, num_classes=1203, seed=0):
+    """
+    Write ``num_images`` LVIS-like JPEGs of ``width`` x ``height`` into ``folder`` and return their
+    detectron2 dataset dicts (``annotations``: ``instances`` polygons of 12-24 vertices with their
+    boxes, ``category_id`` in [0, num_classes)). Deterministic in ``seed``.
+    """
+    import cv2
+    from detectron2.structures import BoxMode
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(num_images):
+        field = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+        image = cv2.resize(field, (width, height), interpolation=cv2.INTER_CUBIC)
+        noise = rng.normal(0, 12, image.shape)
+        image = np.clip(image.astype(np.float64) + noise, 0, 255).astype(np.uint8)
+        annotations = []
+        for _ in range(instances):
+            cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
+            rx, ry = rng.uniform(0.02, 0.25) * width, rng.uniform(0.02, 0.25) * height
+            n = int(rng.integers(12, 25))
+            t = np.sort(rng.uniform(0, 2 * np.pi, n))
+            r = rng.uniform(0.7, 1.0, n)
+            poly = np.stack([cx + rx * r * np.cos(t), cy + ry * r * np.sin(t)], 1)
+            poly = poly.clip(0, [width - 1, height - 1])
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            cv2.fillPoly(image, [poly.round().astype(np.int32)], colour)
+            x0, y0 = poly.min(0)
+            x1, y1 = poly.max(0)
+            annotations.append({
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": int(rng.integers(0, num_classes)),
+                "iscrowd": 0,
+                "segmentation": [poly.ravel().tolist()],
+            })
+        path = os.path.join(folder, f"{width}x{height}_{i:04d}.jpg")
+        tmp = os.path.join(folder, f".{os.getpid()}_{width}x{height}_{i:04d}.jpg")
+        cv2.imwrite(tmp, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        os.replace(tmp, path)  # atomic: processes generating the same set at once never see half a file
+        records.append({"file_name": path, "image_id": len(records) + 1, "height": height, "width": width,
+                        "annotations": annotations})
+    return records

@@ -4,7 +4,7 @@ A generated, deterministic, class-balanced *classification* set: the toy stand-i
 The paper starts 2DRCL pre-training from supervised ImageNet weights; no weights can be downloaded
 here, so the toy backbone is first trained to recognise objects on this set
 (``python -m drcl2.tools.source_pretrain``). Its classes are disjoint from the toy detection
-classes (:data:`drcl2.data.toy_lvis.TOY_CLASSES`, ten *solid* shapes in red / green / blue): ten
+classes (:data:`drcl2.data.generated.toy_lvis.TOY_CLASSES`, ten *solid* shapes in red / green / blue): ten
 other shapes times five surface patterns (stripes, checks, dots, two halves, outline only), each
 pattern in its own hue family. What transfers is the low-level statistics: the toy set's cluttered
 backgrounds (the same renderer), its object sizes (20-48 px here, 16-44 px there), hard polygon
