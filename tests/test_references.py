@@ -38,7 +38,6 @@ ALLOWED: Dict[str, str] = {
     r"output/": "run outputs (OUTPUT_DIR, studies' runs), made at run time and git-ignored",
     r"\.venv/": "the virtual environment `make install` creates",
     r"docs/device/": "the device check's reports, written on the GPU day (drcl2/tools/device_check.py)",
-    r"docs/study/toy(/|$)": "the main study's report: until the study report is committed",
     r"drcl2/(lambda|momentum|lcl_skipped)$": "event-storage scalar names, not paths",
     r"configs/toy/no_such\.yaml$": "a test's deliberately missing config",
 }
