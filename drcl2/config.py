@@ -129,6 +129,15 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.SR.VISIBLE_WEIGHT = 0.1
     # Weight w_sr of L_SR in the total loss.
     cfg.MODEL.DRCL2.SR.WEIGHT = 1.0
+    cfg.MODEL.DRCL2.DECOR = CN()
+    # Not in the paper: penalise the correlation between FPN channels over the locations of the
+    # unmasked view 1 (drcl2.modeling.decorrelation_head), against the collapse that HCL and SR
+    # cause (docs/method.md, "Evidence").
+    cfg.MODEL.DRCL2.DECOR.ENABLED = False
+    # Levels regularised (P6 of detectron2's FPN is a max-pool of P5: nothing of its own to learn).
+    cfg.MODEL.DRCL2.DECOR.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # Weight w_decor of L_decor (in [0, 1]: mean squared channel correlation) in the total loss.
+    cfg.MODEL.DRCL2.DECOR.WEIGHT = 1.0
     # Names of further pretext heads (registered in drcl2.modeling.DRCL2_HEAD_REGISTRY) to train
     # besides the built-in ones switched on below (HCL, LCL, AR, SR, RPN).
     cfg.MODEL.DRCL2.EXTRA_HEADS = []

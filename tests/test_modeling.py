@@ -230,6 +230,32 @@ def test_switching_a_part_off_removes_its_loss_and_parameters(part, keys, prefix
     assert not missing  # what DDP without find_unused_parameters needs
 
 
+def test_decor_adds_its_loss_and_reads_view1_inside_the_images():
+    from drcl2.modeling.decorrelation_head import FeatureDecorrelationHead
+
+    model = build("MODEL.DRCL2.DECOR.ENABLED", True, *NO_AR, *NO_SR)
+    head = next(h for h in model.heads if isinstance(h, FeatureDecorrelationHead))
+    assert head.in_features == ["p2", "p3", "p4", "p5"]
+    losses, _ = step(model)
+    assert set(losses) == LOSS_KEYS - {"loss_ar", "loss_sr"} | {"loss_decor"}
+    assert 0.0 < losses["loss_decor"].item() < 1.0
+    losses["loss_decor"].backward()
+    fpn = [p for n, p in model.named_parameters() if n.startswith("backbone.fpn_output")]
+    assert fpn and all(p.grad is not None and p.grad.abs().sum() > 0 for p in fpn)
+
+    # locations: only cells holding a pixel of the image; padding never enters the loss
+    valid = torch.zeros((2, 64, 64), dtype=torch.bool)
+    valid[0] = True
+    valid[1, :40, :24] = True  # image 2 is 40 x 24 inside the padded 64 x 64
+    features = torch.randn((2, 4, 16, 16))  # stride 4
+    rows = head.locations(features, valid, 4)
+    assert rows.shape == (16 * 16 + 10 * 6, 4)
+    padded = features.clone()
+    padded[1, :, 10:, :] = 1e3
+    padded[1, :, :, 6:] = -1e3
+    assert torch.equal(head.locations(padded, valid, 4), rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tests that fail on a broken model (issue 9, item 7)
 def record_outputs(module, calls):

@@ -10,6 +10,7 @@ from drcl2.modeling.losses import (
     appearance_reconstruction_loss,
     balanced_supervised_contrastive_loss,
     byol_loss,
+    decorrelation_loss,
     info_nce_loss,
     semantic_reconstruction_loss,
 )
@@ -170,3 +171,41 @@ def test_batch_norm_trains_on_a_split_batch(norm, sizes, trains):
     from drcl2.modeling.heads import MLPHead
 
     assert batch_norm_trains(sizes, MLPHead(4, 8, 4, norm)) is trains
+
+
+def test_decorrelation_loss_hand_computed():
+    a = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    b = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    assert decorrelation_loss(torch.stack([a, b], dim=1)).item() == pytest.approx(0.0, abs=1e-6)
+    # one signal up to scale and sign: |r| = 1; eps lowers it by var / (var + eps) only
+    rank_one = torch.stack([a + 0.5 * b, -3.0 * (a + 0.5 * b)], dim=1)
+    assert decorrelation_loss(rank_one).item() == pytest.approx(1.0, abs=1e-3)
+    # r = 0.6 between the first two of three channels: 2 * 0.36 / (3 * 2)
+    c = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    x = torch.stack([a, 0.6 * a + 0.8 * b, c], dim=1)
+    assert decorrelation_loss(x).item() == pytest.approx(2 * 0.36 / 6, abs=1e-4)
+    # scale-free: per channel (within what eps leaves alone) and as a whole
+    assert decorrelation_loss(x * torch.tensor([3.0, 0.5, 2.0])).item() == pytest.approx(2 * 0.36 / 6, abs=1e-3)
+    assert decorrelation_loss(x * 1e-4).item() == pytest.approx(2 * 0.36 / 6, abs=1e-4)
+    noise = torch.randn((4000, 8), generator=torch.Generator().manual_seed(0))
+    assert decorrelation_loss(noise).item() < 0.01
+    with pytest.raises(ValueError, match="2 samples"):
+        decorrelation_loss(torch.zeros((1, 8)))
+
+
+def test_minimising_decorrelation_raises_the_effective_rank():
+    """The gradient points away from collapse: nearly rank-1 features become full-rank."""
+    from drcl2.evaluation.health import rankme
+
+    g = torch.Generator().manual_seed(0)
+    collapsed = torch.randn((256, 1), generator=g) * torch.randn((1, 16), generator=g)
+    x = (collapsed + 0.01 * torch.randn((256, 16), generator=g)).requires_grad_(True)
+    before, start = rankme(x.detach()), decorrelation_loss(x).item()
+    optimizer = torch.optim.Adam([x], lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        decorrelation_loss(x).backward()
+        optimizer.step()
+    assert before < 2.0 and start > 0.9
+    assert decorrelation_loss(x).item() < 0.05
+    assert rankme(x.detach()) > 10.0

@@ -4,7 +4,8 @@ and EMA target network; the one-stage fine-tuning detectors ATSS and (detectron2
 P3-P7 backbone.
 """
 from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext, build_pretext_heads
-from . import detection_head, hcl_head, lcl_head, reconstruction_heads, rpn_loss_head  # register the built-in heads
+from . import decorrelation_head, detection_head, hcl_head, lcl_head, reconstruction_heads, rpn_loss_head  # register the built-in heads
+from .decorrelation_head import FeatureDecorrelationHead
 from .detection_head import SupervisedDetectionHead
 from .hcl_head import HolisticContrastiveHead
 from .lcl_head import LocalContrastiveHead
@@ -28,6 +29,7 @@ __all__ = [
     "SemanticReconstructionHead",
     "RPNLossHead",
     "SupervisedDetectionHead",
+    "FeatureDecorrelationHead",
     "ATSS",
     "FCOS",
     "build_fcos_resnet_fpn_backbone",

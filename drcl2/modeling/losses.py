@@ -21,6 +21,7 @@ __all__ = [
     "appearance_reconstruction_loss",
     "semantic_reconstruction_loss",
     "semantic_reconstruction_weights",
+    "decorrelation_loss",
     "scale_gradient",
 ]
 
@@ -211,6 +212,35 @@ def semantic_reconstruction_weights(masked: torch.Tensor, valid: torch.Tensor, v
     visible, 0 on padding. BoolTensor[N, H, W] x 2 -> Tensor[N, H, W] float32.
     """
     return (masked & valid).float() + visible_weight * ((~masked) & valid).float()
+
+
+def decorrelation_loss(features: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """
+    Redundancy between channels: the mean squared off-diagonal entry of the channels' correlation
+    matrix over the M samples, ``sum_{i != j} r_ij^2 / (C (C - 1))``. 0 when the channels are
+    uncorrelated, 1 when all are one signal up to scale (rank-1 features); independent noise gives
+    about 1 / M. Scale-free (each channel is standardised), so it does not fix the features' size.
+    The anti-collapse half of VICReg's covariance term / Barlow Twins' redundancy reduction,
+    within one view.
+
+    Args:
+        features: Tensor[M, C], M samples (e.g. feature-map locations) of C >= 2 channels, M >= 2.
+        eps: times the mean channel variance, added to each channel's variance: a channel far
+            quieter than the others (or constant) counts as uncorrelated.
+
+    Returns:
+        scalar Tensor.
+    """
+    x = at_least_float32(features)
+    m, c = x.shape
+    if m < 2 or c < 2:
+        raise ValueError(f"decorrelation_loss: needs >= 2 samples and >= 2 channels; got shape {tuple(x.shape)}.")
+    x = x - x.mean(dim=0, keepdim=True)
+    variance = x.pow(2).sum(dim=0, keepdim=True) / (m - 1)
+    z = x / (variance + eps * variance.mean().detach() + 1e-12).sqrt()
+    corr = _matmul_no_autocast(z.t(), z) / (m - 1)  # [C, C]
+    off_diagonal = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
+    return off_diagonal / (c * (c - 1))
 
 
 def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -617,13 +617,13 @@ def check_drcl2_config(cfg) -> None:
     def fail(key, value, why):
         raise ValueError(f"{key} = {value!r}: {why}")
 
-    parts = {k: d[k].ENABLED for k in ("HCL", "LCL", "AR", "SR", "RPN", "DET")}
+    parts = {k: d[k].ENABLED for k in ("HCL", "LCL", "AR", "SR", "RPN", "DET", "DECOR")}
     if not any(parts.values()) and not d.EXTRA_HEADS:
         fail(
-            "MODEL.DRCL2.{HCL,LCL,AR,SR,RPN,DET}.ENABLED", parts,
+            "MODEL.DRCL2.{HCL,LCL,AR,SR,RPN,DET,DECOR}.ENABLED", parts,
             "every part is off and MODEL.DRCL2.EXTRA_HEADS is empty; enable at least one head.",
         )
-    for key in ("HCL.WEIGHT", "LCL.WEIGHT", "LCL.SUP_WEIGHT", "AR.WEIGHT", "SR.WEIGHT", "RPN.WEIGHT", "DET.WEIGHT",
+    for key in ("HCL.WEIGHT", "LCL.WEIGHT", "LCL.SUP_WEIGHT", "AR.WEIGHT", "SR.WEIGHT", "RPN.WEIGHT", "DET.WEIGHT", "DECOR.WEIGHT",
                 "AR.VISIBLE_WEIGHT", "SR.VISIBLE_WEIGHT"):
         group, name = key.split(".")
         value = d[group][name]

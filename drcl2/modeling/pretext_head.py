@@ -67,6 +67,7 @@ BUILTIN_HEADS = (
     ("LCL", "LocalContrastiveHead"),
     ("AR", "AppearanceReconstructionHead"),
     ("SR", "SemanticReconstructionHead"),
+    ("DECOR", "FeatureDecorrelationHead"),
 )
 
 
