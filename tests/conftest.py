@@ -97,8 +97,14 @@ def one_thread():
 
 
 @pytest.fixture
-def drcl2_log(caplog):
-    """caplog on drcl2's loggers, even when a detectron2 setup_logger stopped their propagation."""
+def drcl2_log(caplog, monkeypatch):
+    """
+    caplog on drcl2's loggers, even when a detectron2 setup_logger stopped their propagation; with
+    detectron2's rate limits (log_every_n_seconds) fresh, so a line an earlier test logged still shows.
+    """
+    import detectron2.utils.logger
+
+    monkeypatch.setattr(detectron2.utils.logger, "_LOG_TIMER", {})
     logger = logging.getLogger("drcl2")
     logger.addHandler(caplog.handler)
     with caplog.at_level(logging.INFO, logger="drcl2"):
