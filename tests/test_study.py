@@ -341,3 +341,66 @@ def test_summarize_prints_a_committed_study_beside_a_run(tmp_path, capsys):
     assert "7.00" in test and "scratch" not in test and "absent" not in out
     print_study_means(str(tmp_path / "none.csv"), ["scratch"])
     assert "run `make study`" in capsys.readouterr().out
+
+
+def test_source_weights_train_once_and_keep_only_the_resnet(tmp_path, tiny_root, monkeypatch, capsys):
+    """`source_weights`: a detector trained on its own set, evaluated there, its ResNet kept for the
+    `weights: source` stages; trained once, reported with its accuracy and cost."""
+    import torch
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", tiny_root)
+    monkeypatch.chdir(REPO_ROOT)
+    # the shipped source config on the tiny toy set (it stands in for the source set here)
+    source_cfg = tmp_path / "source.yaml"
+    source_cfg.write_text(textwrap.dedent(f"""
+        _BASE_: {REPO_ROOT}/configs/toy/mask_rcnn_source.yaml
+        MODEL: {{ROI_HEADS: {{NUM_CLASSES: 30}}, RPN: {{POST_NMS_TOPK_TRAIN: 64, POST_NMS_TOPK_TEST: 32}}}}
+        DATASETS:
+          TRAIN: ("lvis_v1_toy_train",)
+          TEST: ("lvis_v1_toy_val",)
+        DATALOADER: {{NUM_WORKERS: 0}}
+        INPUT:
+          MIN_SIZE_TRAIN: (64,)
+          MAX_SIZE_TRAIN: 96
+          MIN_SIZE_TEST: 64
+          MAX_SIZE_TEST: 96
+        TEST: {{DETECTIONS_PER_IMAGE: 10}}
+        SOLVER: {{IMS_PER_BATCH: 2}}
+    """))
+    out = tmp_path / "out"
+    weights = out / "source" / "r18.pth"
+    path = write_study(tmp_path, f"""
+        name: src
+        output_dir: {out}
+        device: cpu
+        seeds: [3]
+        checkpoint_period: 100
+        datasets: {{train: lvis_v1_toy_train, val: lvis_v1_toy_val, test: lvis_v1_toy_test}}
+        source_weights: {{config: {source_cfg}, output: {weights}, iters: 3}}
+        arms:
+          init:
+            finetune: {{config: {FINETUNE}, iters: 1, opts: {TINY}, weights: source}}
+    """)
+    report = tmp_path / "report"
+    assert study_tool.main(["--config-file", path, "--report-dir", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "first: source weights (3 it" in printed and "source weights ready in" in printed
+    record = json.load(open(out / "source" / "source.json"))
+    assert record["iters"] == 3 and record["wall_s"] > 0 and record["dataset"] == "lvis_v1_toy_val"
+    assert 0 <= record["results"]["bbox"]["AP"] <= 100 and "AP" in record["results"]["segm"]
+    cmd = record["command"]
+    assert cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "3"
+    assert cmd[cmd.index("SOLVER.STEPS") + 1] == "(2,)"  # 4560 / 6000 and 5520 / 6000 of 3 iterations
+    # the ResNet of the trained detector, nothing else, bit for bit
+    trained = torch.load(out / "source" / "r18_train" / "model_final.pth", weights_only=False)["model"]
+    kept = torch.load(weights, weights_only=False)["model"]
+    assert kept and set(kept) == {k for k in trained if k.startswith("backbone.bottom_up.")}
+    assert all(torch.equal(kept[k], trained[k]) for k in kept)
+    init_cmd = json.load(open(out / "init" / "seed3" / "finetune" / "study_stage.json"))["command"]
+    assert init_cmd[init_cmd.index("MODEL.WEIGHTS") + 1] == str(weights)
+    assert "- source initialisation: `" in (report / "summary.md").read_text()
+    # a second study run does not train the source again
+    log = out / "source" / "r18_train" / "stdout.log"
+    size = os.path.getsize(log)
+    assert study_tool.main(["--config-file", path, "--report-dir", str(report)]) == 0
+    assert os.path.getsize(log) == size and "source weights:" not in capsys.readouterr().out

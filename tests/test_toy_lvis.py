@@ -308,3 +308,24 @@ def test_large_set_is_registered_without_generating(tmp_path):
     register_toy_lvis(str(tmp_path), dataclasses.replace(LVIS_GEN_LARGE, name="lvis_v1_gen_large_probe"))
     assert os.listdir(tmp_path) == []
     assert len(MetadataCatalog.get("lvis_v1_gen_large_probe_val").thing_classes) == 300
+
+
+def test_source_set_has_none_of_the_toy_classes_and_is_registered_without_generating():
+    from drcl2.data.generated.toy_lvis import TOY_SOURCE
+    from drcl2.data.datasets import GENERATED_DATASETS
+
+    names = [c["name"] for c in toy_lvis_categories(TOY_SOURCE)]
+    assert len(names) == len(set(names)) == 120
+    assert not set(names) & set(TOY_CLASSES)
+    # the vocabulary's classes 30-149, in its order: class i of the source is vocabulary[30 + i]
+    from drcl2.data.generated.toy_classes import toy_classes
+
+    assert names == [c.name for c in toy_classes(150)[30:]]
+    meta = MetadataCatalog.get("lvis_v1_toy_source_train")
+    assert meta.thing_classes == names and meta.evaluator_type == "lvis"
+    assert {"lvis_v1_toy_source_train", "lvis_v1_toy_source_val"} <= set(GENERATED_DATASETS)
+    # first_class 0 is the toy set itself
+    assert [c["name"] for c in toy_lvis_categories(ToyLVISSpec())] == list(TOY_CLASSES)
+    for kwargs, field in [({"first_class": -1}, "first_class"), ({"first_class": 500, "num_classes": 13}, "num_classes")]:
+        with pytest.raises(ValueError, match=f"ToyLVISSpec.{field}"):
+            ToyLVISSpec(**kwargs)

@@ -170,6 +170,21 @@ def invocations(meta: Optional[dict]) -> List[dict]:
     return list(meta["invocations"]) if "invocations" in meta else [meta] if meta.get("command") else []
 
 
+def _source_lines(study) -> List[str]:
+    """The source initialisation's own accuracy and cost (``source.json``), when the study has one."""
+    from .runner import read_source_record
+
+    source = study.source_weights
+    record = read_source_record(source.output) if source is not None else None
+    if record is None:
+        return []
+    box, mask = record["results"].get("bbox", {}), record["results"].get("segm", {})
+    return [f"- source initialisation: `{record['config']}`, {record['iters']:,} iterations, "
+            f"{record['wall_s'] / 60:.0f} min on {record['device']}; on its own `{record['dataset']}`: box AP "
+            f"{box.get('AP', float('nan')):.1f} (AP50 {box.get('AP50', float('nan')):.1f}), mask AP "
+            f"{mask.get('AP', float('nan')):.1f}; its ResNet (`backbone.bottom_up.*`) starts the `weights: source` stages"]
+
+
 def summary_markdown(study, rows, meta: Optional[dict] = None) -> str:
     """The report's ``summary.md``: tables of means and paired differences (see module doc)."""
     arms = list(study.arms.values())
@@ -187,6 +202,7 @@ def summary_markdown(study, rows, meta: Optional[dict] = None) -> str:
                f"their wall time adds up to {wall / 60:.0f} min")
     out.append("- mean ± sample std over seeds; Δ = arm − baseline on the same seed, mean ± std over seeds; "
                "APr verdict: 'gain > std' when mean ΔAPr exceeds its std")
+    out += _source_lines(study)
     out.append("")
     for split, title in (("test", "Test split (held out)"), ("val", "Val split (used for choices)")):
         for task, name in (("bbox", "box"), ("segm", "mask")):

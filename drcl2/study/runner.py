@@ -21,7 +21,10 @@ from typing import Dict, List, Optional, Tuple
 
 from .spec import Arm, Stage, Study
 
-__all__ = ["StudyRunner", "stage_done", "read_stage", "finetune_results", "inference_dir", "train_net_path"]
+__all__ = [
+    "StudyRunner", "stage_done", "read_stage", "finetune_results", "inference_dir", "train_net_path",
+    "write_backbone_weights", "read_source_record",
+]
 
 STAGE_FILE = "study_stage.json"
 EXPORT_NAME = "model_final_finetune.pth"
@@ -101,6 +104,50 @@ def finetune_results(stage_dir: str, datasets: Dict[str, str], splits=("val", "t
     return out
 
 
+SOURCE_PREFIX = "backbone.bottom_up."  # what the source initialisation keeps: the ResNet
+
+
+def source_record_path(weights: str) -> str:
+    """The ``source.json`` record beside the source weights."""
+    return os.path.join(os.path.dirname(weights) or ".", "source.json")
+
+
+def read_source_record(weights: str) -> Optional[dict]:
+    path = source_record_path(weights)
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def _config_test_sets(config: str) -> Tuple[str, ...]:
+    from detectron2.config import get_cfg
+
+    from ..config import add_drcl2_config
+
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(config)
+    return tuple(cfg.DATASETS.TEST)
+
+
+def write_backbone_weights(checkpoint: str, dst: str) -> int:
+    """
+    Keep only the ResNet (``backbone.bottom_up.*``) of a detector's ``checkpoint`` in ``dst``
+    (atomically): an initialisation like ImageNet weights, which load into any of drcl2's or
+    detectron2's R-CNN models of the same depth, FPN, RPN and heads starting fresh. Returns the
+    number of tensors kept.
+    """
+    import torch
+
+    from ..checkpoint import atomic_write
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = {k: v for k, v in state["model"].items() if k.startswith(SOURCE_PREFIX)}
+    if not model:
+        raise ValueError(f"{checkpoint}: no '{SOURCE_PREFIX}*' weights in it: is it a detectron2 R-CNN checkpoint?")
+    payload = {"model": model, "__author__": "drcl2 source initialisation", "source": os.path.abspath(checkpoint)}
+    atomic_write(dst, lambda f: torch.save(payload, f))
+    return len(model)
+
+
 class StudyRunner:
     """
     Args:
@@ -147,21 +194,30 @@ class StudyRunner:
             return self.study.source_weights.output
         return None
 
-    def stage_opts(self, arm: Arm, seed: int, stage: Stage) -> List[str]:
-        """The overrides the study puts on top of the stage's config (then the arm's own opts)."""
+    @staticmethod
+    def schedule_opts(config: str, iters: int) -> List[str]:
+        """``SOLVER.MAX_ITER`` ``iters``, with the config's learning-rate steps and warm-up stretched
+        (or shrunk) from its ``SOLVER.MAX_ITER`` to that length."""
         from detectron2.config import get_cfg
 
         from ..config import add_drcl2_config
 
         cfg = get_cfg()
         add_drcl2_config(cfg)
-        cfg.merge_from_file(stage.config)
-        # the config's schedule, stretched to the stage's length
-        scale = stage.iters / cfg.SOLVER.MAX_ITER
+        cfg.merge_from_file(config)
+        scale = iters / cfg.SOLVER.MAX_ITER
         # (a one-iteration stage has no room for a step: detectron2 refuses a schedule with more
         # values than iterations)
-        steps = tuple(sorted({min(max(1, round(s * scale)), stage.iters - 1) for s in cfg.SOLVER.STEPS}))
-        steps = steps if stage.iters > 1 else ()
+        steps = tuple(sorted({min(max(1, round(s * scale)), iters - 1) for s in cfg.SOLVER.STEPS}))
+        steps = steps if iters > 1 else ()
+        return [
+            "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.STEPS", str(steps),
+            "SOLVER.WARMUP_ITERS", str(min(cfg.SOLVER.WARMUP_ITERS, iters)),
+        ]  # fmt: skip
+
+    def stage_opts(self, arm: Arm, seed: int, stage: Stage) -> List[str]:
+        """The overrides the study puts on top of the stage's config (then the arm's own opts)."""
         datasets = self.study.datasets
         names = ", ".join(f"'{datasets[split]}'" for split in self.study.splits)
         tests = f"({names},)" if stage.kind == "finetune" else "()"
@@ -172,9 +228,7 @@ class StudyRunner:
             "DATASETS.TRAIN", f"('{datasets['train']}',)",
             "DATASETS.TEST", tests,
             "TEST.EVAL_PERIOD", "0",
-            "SOLVER.MAX_ITER", str(stage.iters),
-            "SOLVER.STEPS", str(steps),
-            "SOLVER.WARMUP_ITERS", str(min(cfg.SOLVER.WARMUP_ITERS, stage.iters)),
+            *self.schedule_opts(stage.config, stage.iters),
             "SOLVER.CHECKPOINT_PERIOD", str(self.study.checkpoint_period),
         ]  # fmt: skip
         weights = self.stage_weights(arm, seed, stage)
@@ -251,21 +305,53 @@ class StudyRunner:
         return "\n".join(lines)
 
     # -------------------------------------------------------------------------------------------
+    def source_dir(self) -> str:
+        """Where the source detector trains: ``<output without .pth>_train/``."""
+        return os.path.splitext(self.study.source_weights.output)[0] + "_train"
+
+    def source_command(self) -> List[str]:
+        source = self.study.source_weights
+        return [
+            sys.executable, train_net_path(), "--config-file", source.config, "--num-gpus", str(self.study.num_gpus),
+            "--resume", "OUTPUT_DIR", self.source_dir(), "MODEL.DEVICE", self.device, "TEST.EVAL_PERIOD", "0",
+            *self.schedule_opts(source.config, source.iters),
+            "SOLVER.CHECKPOINT_PERIOD", str(self.study.checkpoint_period),
+        ]  # fmt: skip
+
     def ensure_source_weights(self) -> None:
+        """
+        The source initialisation, the study's stand-in for ImageNet weights: train the source
+        config's detector (its own datasets, evaluated on its ``DATASETS.TEST``) with every core,
+        then keep only its ResNet (``backbone.bottom_up.*``) in ``source_weights.output``, as
+        ImageNet weights initialise only the ResNet. Its command, wall time and accuracy go to
+        ``source.json`` beside the weights (the report shows them). Resumable; done once per study.
+        """
         source = self.study.source_weights
         if source is None or os.path.isfile(source.output):
             return
-        self.log(f"source weights: supervised pre-training on the source set ({source.iters} it) -> {source.output}")
-        os.makedirs(os.path.dirname(source.output) or ".", exist_ok=True)
-        cmd = [sys.executable, "-m", "drcl2.tools.source_pretrain", "--config-file", source.config,
-               "--output", source.output, "--iters", str(source.iters)]
-        log_path = f"{source.output}.log"
-        self._run(cmd, log_path, what="source pre-training")
+        out = self.source_dir()
+        os.makedirs(out, exist_ok=True)
+        self.log(f"source weights: supervised detection pre-training on the source set ({source.iters} it, "
+                 f"{source.config}) -> {source.output}")
+        cmd = self.source_command()
+        wall = self._run(cmd, os.path.join(out, "stdout.log"), what="source pre-training", threads=os.cpu_count() or 1)
+        attempts_path = os.path.join(out, "study_attempts.json")
+        attempts = (json.load(open(attempts_path)) if os.path.isfile(attempts_path) else []) + [wall]
+        _write_json(attempts_path, attempts)
+        test_sets = _config_test_sets(source.config)
+        results = finetune_results(out, {"val": test_sets[0]}, ("val",))["val"] if test_sets else {}
+        write_backbone_weights(os.path.join(out, "model_final.pth"), source.output)
+        record = {"config": source.config, "iters": source.iters, "command": cmd, "wall_s": sum(attempts),
+                  "device": self.device, "dataset": test_sets[0] if test_sets else None, "results": results}
+        _write_json(source_record_path(source.output), record)
+        box = results.get("bbox", {})
+        self.log(f"source weights ready in {sum(attempts) / 60:.1f} min; source {record['dataset']} box AP "
+                 f"{box.get('AP', float('nan')):.1f}")
 
-    def _run(self, cmd: List[str], log_path: str, what: str) -> float:
+    def _run(self, cmd: List[str], log_path: str, what: str, threads: Optional[int] = None) -> float:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.device == "cpu":
-            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            threads = str(threads or max(1, (os.cpu_count() or 1) // self.jobs))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         start = time.perf_counter()
         with open(log_path, "a") as log:

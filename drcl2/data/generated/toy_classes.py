@@ -80,11 +80,17 @@ _VOCABULARY = _vocabulary()
 MAX_TOY_CLASSES = len(_VOCABULARY)
 
 
-def toy_classes(num_classes: int) -> Tuple[ToyClass, ...]:
-    """The first ``num_classes`` classes of the vocabulary (30: the toy set's)."""
-    if not 1 <= num_classes <= MAX_TOY_CLASSES:
-        raise ValueError(f"num_classes must be in [1, {MAX_TOY_CLASSES}] (the vocabulary); got {num_classes}.")
-    return _VOCABULARY[:num_classes]
+def toy_classes(num_classes: int, first: int = 0) -> Tuple[ToyClass, ...]:
+    """
+    ``num_classes`` classes of the vocabulary from class ``first`` on: the first 30 are the toy
+    set's; a set from ``first`` >= 30 on has none of them (the source set, the stand-in for ImageNet).
+    """
+    if not 0 <= first or not 1 <= num_classes <= MAX_TOY_CLASSES - first:
+        raise ValueError(
+            f"toy_classes: classes {first}..{first + num_classes - 1} are not all in the vocabulary of "
+            f"{MAX_TOY_CLASSES} classes (first >= 0, num_classes >= 1)."
+        )
+    return _VOCABULARY[first : first + num_classes]
 
 
 # ---------------------------------------------------------------------------------------------------

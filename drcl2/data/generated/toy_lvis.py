@@ -89,7 +89,8 @@ class ToyLVISSpec:
     seed: int = 0
     # folder under the dataset root, prefix of the annotation files and of the dataset names
     name: str = "lvis_v1_toy"
-    num_classes: int = 30  # the first num_classes classes of drcl2.data.generated.toy_classes' vocabulary
+    num_classes: int = 30  # this many classes of drcl2.data.generated.toy_classes' vocabulary ...
+    first_class: int = 0  # ... from this one on (30 or more: none of the toy set's classes)
     class_distribution: str = "zipf"  # "zipf" or "lvis" (LVIS v1's r/c/f shares; module docstring)
     num_train_images: int = 800
     num_val_images: int = 200
@@ -116,8 +117,10 @@ class ToyLVISSpec:
 
         check("name", re.fullmatch(r"[A-Za-z0-9_\-]+", str(self.name)),
               "letters, digits, '_' or '-' (it names a folder)")
-        check("num_classes", 1 <= self.num_classes <= MAX_TOY_CLASSES,
-              f"in [1, {MAX_TOY_CLASSES}] (the class vocabulary)")
+        check("first_class", 0 <= self.first_class < MAX_TOY_CLASSES,
+              f"in [0, {MAX_TOY_CLASSES - 1}] (the class vocabulary)")
+        check("num_classes", 1 <= self.num_classes <= MAX_TOY_CLASSES - self.first_class,
+              f"in [1, {MAX_TOY_CLASSES} - first_class] (the class vocabulary)")
         check("class_distribution", self.class_distribution in CLASS_DISTRIBUTIONS,
               f"one of {CLASS_DISTRIBUTIONS}")
         check("image_format", self.image_format in IMAGE_FORMATS, f"one of {IMAGE_FORMATS}")
@@ -277,8 +280,24 @@ LVIS_GEN_LARGE = ToyLVISSpec(
     max_total_box_occlusion=0.4,
 )
 
+# The source set, the toy stand-in for ImageNet (or Objects365 before LVIS): 120 classes of the
+# vocabulary disjoint from the toy set's 30 (classes 30-149: the toy shapes in other colours and
+# patterns, and 6 other shapes), a flatter class distribution than the toy set's (zipf 0.5), ten times
+# its training images, drawn by the same renderer. A detector trained on it gives the source
+# initialisation of configs/study/toy_init.yaml (its ResNet only, as ImageNet weights).
+TOY_SOURCE = ToyLVISSpec(
+    name="lvis_v1_toy_source",
+    seed=1,
+    first_class=30,
+    num_classes=120,
+    num_train_images=8_000,
+    num_val_images=500,
+    num_test_images=200,
+    zipf_exponent=0.5,
+)
+
 # The generated sets drcl2 registers (drcl2.data.datasets) and datasets/prepare_toy_lvis.py makes.
-GENERATED_SETS = {"toy": ToyLVISSpec(), "large": LVIS_GEN_LARGE}
+GENERATED_SETS = {"toy": ToyLVISSpec(), "large": LVIS_GEN_LARGE, "source": TOY_SOURCE}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,7 +447,7 @@ def toy_lvis_categories(spec: ToyLVISSpec) -> List[Dict[str, Any]]:
             "instance_count": instance_count[c],
             "frequency": frequency_group(image_count[c]),
         }
-        for c, cls in enumerate(toy_classes(spec.num_classes))
+        for c, cls in enumerate(toy_classes(spec.num_classes, spec.first_class))
     ]
 
 
@@ -482,7 +501,7 @@ def _render_image(spec: ToyLVISSpec, split: str, layout: Dict[str, Any]):
     rng = np.random.default_rng([spec.seed, SPLITS.index(split), layout["id"]])
     scale = spec.max_image_size / _CLUTTER_REFERENCE_SIZE
     img = _render_background(rng, layout["width"], layout["height"], scale)
-    classes = toy_classes(spec.num_classes)
+    classes = toy_classes(spec.num_classes, spec.first_class)
     masks = []
     for obj in layout["objects"]:
         cls = classes[obj["category"]]
