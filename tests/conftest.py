@@ -38,6 +38,7 @@ def pytest_configure(config):
     # detectron2 0.6 still calls torch.jit.script at import; torch warns on every import.
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning")
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated")
+    config.addinivalue_line("markers", "slow: end-to-end runs (training, studies, subprocesses)")
 
 
 @pytest.fixture(scope="session")
