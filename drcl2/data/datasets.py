@@ -1,18 +1,18 @@
 """Datasets drcl2 registers on import (the generated LVIS-format sets), and the checks of datasets
 that drcl2's Trainer runs before the first step.
 
-Two generated sets (:mod:`drcl2.data.generated.toy_lvis`), each with three splits: ``train``,
+Three generated sets (:mod:`drcl2.data.generated.toy_lvis`), each with three splits: ``train``,
 ``val`` (choose and tune on it) and ``test`` (held out: drawn like val from its own seeds, for
 reported results only):
 
 * ``lvis_v1_toy_{train,val,test}``: the demo and test set (30 classes, <= 128 px, CPU-sized);
+* ``lvis_v1_toy_source_{train,val,test}``: the source set, the toy stand-in for ImageNet (120
+  classes disjoint from the toy set's, 8,000 training images): a detector trained on it gives the
+  source initialisation of the paper's setting (``configs/toy/mask_rcnn_source.yaml``);
 * ``lvis_v1_gen_large_{train,val,test}``: the GPU set (300 classes in LVIS v1's rare / common /
   frequent shares, 320-480 px, 10,000 / 1,000 / 1,000 images).
-
-and the toy source classification set (:mod:`drcl2.data.generated.toy_source`),
-``toy_source_{train,val}``: the ImageNet stand-in that the toy backbone is pre-trained on
-(``python -m drcl2.tools.source_pretrain``).
 """
+
 import os
 from typing import Iterable
 
@@ -20,7 +20,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 
 from .dataset_check import check_datasets
-from .lvis_format import load_lvis_format_json, lvis_format_metadata
 from .generated.toy_lvis import (
     GENERATED_SETS,
     SPLITS,
@@ -29,19 +28,11 @@ from .generated.toy_lvis import (
     toy_lvis_categories,
     toy_lvis_paths,
 )
-from .generated.toy_source import (
-    SOURCE_CLASSES,
-    ToySourceSpec,
-    ensure_toy_source,
-    load_toy_source,
-    toy_source_paths,
-)
+from .lvis_format import load_lvis_format_json, lvis_format_metadata
 
 __all__ = [
     "register_toy_lvis",
-    "register_toy_source",
     "TOY_LVIS_DATASETS",
-    "TOY_SOURCE_DATASETS",
     "GENERATED_DATASETS",
     "check_dataset_files",
     "check_datasets_before_training",
@@ -55,11 +46,9 @@ def _dataset_names(spec: ToyLVISSpec):
 
 TOY_LVIS_DATASETS = _dataset_names(GENERATED_SETS["toy"])
 # every generated split drcl2 registers: dataset name -> split
-TOY_SOURCE_DATASETS = {"toy_source_train": "train", "toy_source_val": "val"}
 GENERATED_DATASETS = {
     name: split for spec in GENERATED_SETS.values() for name, split in _dataset_names(spec).items()
 }
-GENERATED_DATASETS.update(TOY_SOURCE_DATASETS)
 
 
 def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
@@ -86,39 +75,13 @@ def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
         )
 
 
-def register_toy_source(root: str, spec: ToySourceSpec = ToySourceSpec(), names=None) -> None:
-    """
-    Register the toy source classification set under ``root`` (by default as ``toy_source_train``
-    / ``toy_source_val``; ``names`` maps other names to the splits "train" / "val"). Nothing is read
-    or written now: the set is generated the first time its dicts are asked for.
-
-    The dicts are ``{"file_name", "image_id", "height", "width", "label"}``, ``label`` indexing the
-    metadata's ``thing_classes``. ``evaluator_type`` is "classification": no detection evaluator
-    accepts it.
-    """
-    paths = toy_source_paths(root)
-
-    def load(split):
-        ensure_toy_source(root, spec)
-        return load_toy_source(paths[f"{split}_json"], paths["image_root"])
-
-    for name, split in (names or TOY_SOURCE_DATASETS).items():
-        DatasetCatalog.register(name, lambda split=split: load(split))
-        MetadataCatalog.get(name).set(
-            json_file=paths[f"{split}_json"],
-            image_root=paths["image_root"],
-            thing_classes=list(SOURCE_CLASSES),
-            evaluator_type="classification",
-        )
-
-
 def _readme_section(name: str) -> str:
+    if name.startswith("lvis_v1_toy_source"):
+        return "The toy source set"
     if name.startswith("lvis_v1_toy"):
         return "The toy LVIS v1 set"
     if name.startswith("lvis_v1_gen_large"):
         return "The large generated LVIS v1 set"
-    if name.startswith("toy_source"):
-        return "The toy source set"
     if name.startswith("lvis"):
         return "LVIS v1"
     if name.startswith("coco_lt"):
@@ -141,8 +104,10 @@ def check_dataset_files(dataset_names: Iterable[str]) -> None:
         if name in GENERATED_DATASETS:
             continue
         meta = MetadataCatalog.get(name)
-        for what, path in (("annotation file", meta.get("json_file", None)),
-                           ("image folder", meta.get("image_root", None))):
+        for what, path in (
+            ("annotation file", meta.get("json_file", None)),
+            ("image folder", meta.get("image_root", None)),
+        ):
             if path and not PathManager.exists(path):
                 raise FileNotFoundError(
                     f"Dataset '{name}': its {what} '{path}' does not exist. Datasets are found under "
@@ -171,7 +136,9 @@ def check_datasets_before_training(cfg, train_dicts) -> None:
         DatasetCheckError: errors in a dataset (missing image files, unknown categories, ...); the
             warnings (boxes detectron2 drops) are logged.
     """
-    options = dict(decode_images=cfg.DATASETS.DRCL2.CHECK_IMAGES, num_workers=cfg.DATALOADER.NUM_WORKERS)
+    options = dict(
+        decode_images=cfg.DATASETS.DRCL2.CHECK_IMAGES, num_workers=cfg.DATALOADER.NUM_WORKERS
+    )
     check_datasets(cfg.DATASETS.TRAIN, train_dicts, hint=_check_hint(cfg.DATASETS.TRAIN), **options)
     for name in cfg.DATASETS.TEST:
         check_test_dataset(cfg, name)
@@ -195,5 +162,3 @@ def check_test_dataset(cfg, dataset_name: str) -> None:
 for _spec in GENERATED_SETS.values():
     if f"{_spec.name}_train" not in DatasetCatalog.list():
         register_toy_lvis(os.getenv("DETECTRON2_DATASETS", "datasets"), _spec)
-if "toy_source_train" not in DatasetCatalog.list():
-    register_toy_source(os.getenv("DETECTRON2_DATASETS", "datasets"))
