@@ -4,6 +4,7 @@
 detectron2 itself is deliberately not listed in ``install_requires``: its authors do not publish it
 on PyPI. Install it first (see README.md), or let ``make install`` do it.
 """
+
 from setuptools import find_packages, setup
 
 setup(

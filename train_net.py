@@ -11,6 +11,7 @@ Train and evaluate with drcl2: 2DRCL pre-training and ordinary detectron2 fine-t
 All of detectron2's launcher flags work (--num-gpus, --num-machines, --machine-rank, --dist-url,
 --resume, --eval-only).
 """
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch

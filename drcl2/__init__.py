@@ -19,14 +19,17 @@ Where things live:
                        (python -m drcl2.tools.study)
     drcl2.tools        command lines: python -m drcl2.tools.<name> (export_weights, dump_proposals, ...)
 """
-from . import data  # registers the generated LVIS-format sets and COCO-LT
-from . import modeling  # registers the DRCL2, ATSS and FCOS meta-architectures
+
+from . import (
+    data,  # registers the generated LVIS-format sets and COCO-LT
+    modeling,  # registers the DRCL2, ATSS and FCOS meta-architectures
+)
 from .checkpoint import export_finetune_weights
 from .config import add_drcl2_config
 from .data import register_lvis_format
 from .engine import Trainer
-from .modeling import DRCL2
 from .evaluation import COCOLTEvaluator, LVISEvaluator
+from .modeling import DRCL2
 
 __all__ = [
     "add_drcl2_config",

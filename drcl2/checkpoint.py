@@ -9,6 +9,7 @@ Checkpoints of drcl2's Trainer:
   of a DRCL2 checkpoint as a detectron2 checkpoint that a stock ``GeneralizedRCNN`` loads with no
   renaming.
 """
+
 import glob
 import logging
 import os
@@ -21,7 +22,6 @@ from collections import OrderedDict
 from typing import IO, Callable, Dict, List, Mapping, Optional
 
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils.file_io import PathManager
@@ -45,7 +45,9 @@ FINETUNE_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.box_head.")
 decoders are dropped (docs/method.md, "Transfer")."""
 
 
-def finetune_state_dict(model_state: Mapping[str, torch.Tensor], source: str = "state dict") -> Dict:
+def finetune_state_dict(
+    model_state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> Dict:
     """
     Args:
         model_state: the state dict of a pre-trained model: a :class:`drcl2.modeling.DRCL2`, or a
@@ -90,7 +92,9 @@ def export_finetune_weights(src: str, dst: str) -> Dict:
         try:
             checkpoint = torch.load(f, map_location="cpu", weights_only=False)
         except Exception as e:  # pickle / zip errors: not a torch checkpoint at all
-            raise ValueError(f"{src} is not a pre-training checkpoint (torch.load failed: {e}).") from e
+            raise ValueError(
+                f"{src} is not a pre-training checkpoint (torch.load failed: {e})."
+            ) from e
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
         raise ValueError(
             f"{src} is not a pre-training checkpoint: expected a detectron2 checkpoint dict "
@@ -108,7 +112,12 @@ def save_finetune_weights(state: Mapping, dst: str, source: str = "", iteration=
     dirname = os.path.dirname(dst)
     if dirname:
         PathManager.mkdirs(dirname)
-    payload = {"model": state, "__author__": "drcl2", "drcl2_source": source, "drcl2_iteration": iteration}
+    payload = {
+        "model": state,
+        "__author__": "drcl2",
+        "drcl2_source": source,
+        "drcl2_iteration": iteration,
+    }
     atomic_write(dst, lambda f: torch.save(payload, f))
     groups = {p: sum(k.startswith(p) for k in state) for p in FINETUNE_PREFIXES}
     logger.info(f"Wrote fine-tuning weights to {dst} ({groups}) from {source or 'memory'}.")
@@ -117,7 +126,9 @@ def save_finetune_weights(state: Mapping, dst: str, source: str = "", iteration=
 _TMP_SUFFIX = ".tmp"
 # .<name>.<host>-<pid>-<12 hex>.tmp: who is writing it, so another process can tell a live write
 # from one left by a killed run.
-_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)-[0-9a-f]{12}\.tmp$")
+_TMP_NAME = re.compile(
+    r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)-[0-9a-f]{12}\.tmp$"
+)
 STALE_TMP_SECONDS = 3600
 """A temporary file not written to for this long is taken as left by a killed run, whoever wrote it
 (a checkpoint write that stalls for an hour has failed anyway)."""
@@ -130,7 +141,9 @@ def _host() -> str:
 def _tmp_path(path: str) -> str:
     """A temporary name for ``path`` in its folder, naming this host and process."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+    return os.path.join(
+        folder, f".{name}.{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}"
+    )
 
 
 def _process_exists(pid: int) -> bool:
@@ -176,7 +189,9 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> No
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = _tmp_path(os.path.join(folder, name))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
+    )  # the umask applies, as for open()
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -264,7 +279,9 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 reason = stale_tmp_reason(tmp)
                 if reason is None:
                     continue
-                logger.warning(f"Removing {tmp}: an incomplete write left by a run killed while saving ({reason}).")
+                logger.warning(
+                    f"Removing {tmp}: an incomplete write left by a run killed while saving ({reason})."
+                )
                 try:
                     os.remove(tmp)
                 except FileNotFoundError:  # another process cleaned it up first
@@ -284,7 +301,9 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             and os.path.isfile(self._last_save[1])
             and self._link(self._last_save[1], save_file)
         ):
-            self.logger.info(f"Saving checkpoint to {save_file} (a hard link to {self._last_save[1]}: same iteration)")
+            self.logger.info(
+                f"Saving checkpoint to {save_file} (a hard link to {self._last_save[1]}: same iteration)"
+            )
         else:
             data = {"model": self.model.state_dict()}
             for key, obj in self.checkpointables.items():
@@ -312,7 +331,9 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write(
-            os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), mode="w"
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename),
+            mode="w",
         )
 
     def complete_checkpoints(self) -> List[str]:
@@ -346,8 +367,10 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             return tagged
         fallback = self.complete_checkpoints()
         why = (
-            f"{tag} is missing" if not os.path.exists(tag)
-            else f"{tag} is empty" if not os.path.basename(tagged)
+            f"{tag} is missing"
+            if not os.path.exists(tag)
+            else f"{tag} is empty"
+            if not os.path.basename(tagged)
             else f"{tag} names {tagged}, which is missing or incomplete"
         )
         if not fallback:
@@ -370,9 +393,15 @@ class DRCL2Checkpointer(AtomicDetectionCheckpointer):
     def _load_model(self, checkpoint):
         if checkpoint.get("matching_heuristics", False):
             self._convert_ndarray_to_tensor(checkpoint["model"])
-            online = {k: v for k, v in self.model.state_dict().items() if not k.startswith("target_network.")}
+            online = {
+                k: v
+                for k, v in self.model.state_dict().items()
+                if not k.startswith("target_network.")
+            }
             checkpoint["model"] = align_and_update_state_dicts(
-                online, checkpoint["model"], c2_conversion=checkpoint.get("__author__", None) == "Caffe2"
+                online,
+                checkpoint["model"],
+                c2_conversion=checkpoint.get("__author__", None) == "Caffe2",
             )
             checkpoint["matching_heuristics"] = False
             incompatible = super()._load_model(checkpoint)

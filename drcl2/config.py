@@ -1,4 +1,5 @@
 """drcl2's config keys. Call :func:`add_drcl2_config` on a detectron2 config before merging a file."""
+
 from detectron2.config import CfgNode as CN
 
 

@@ -3,6 +3,7 @@ Shared test set-up. Tests use the repository's ``datasets/`` folder as the datas
 set is generated there once and reused, as by ``make demo``) unless $DETECTRON2_DATASETS is set; it
 must be set before drcl2 is imported, since drcl2 registers its datasets on import.
 """
+
 import json
 import logging
 import os
@@ -36,7 +37,9 @@ def cfg_from(path, *opts):
 
 def pytest_configure(config):
     # detectron2 0.6 still calls torch.jit.script at import; torch warns on every import.
-    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning")
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning"
+    )
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated")
     config.addinivalue_line("markers", "slow: end-to-end runs (training, studies, subprocesses)")
 
@@ -67,7 +70,9 @@ def toy_val_mini(toy_lvis_root, tmp_path_factory):
     group = {c["id"]: c["frequency"] for c in data["categories"]}
     chosen, seen = [], set()
     for img in data["images"]:
-        groups = {group[a["category_id"]] for a in data["annotations"] if a["image_id"] == img["id"]}
+        groups = {
+            group[a["category_id"]] for a in data["annotations"] if a["image_id"] == img["id"]
+        }
         if groups - seen:
             chosen.append(img)
             seen |= groups

@@ -2,6 +2,7 @@
 Checkpoints survive a kill: atomic writes, a resume that falls back to the newest complete
 checkpoint, model_final as a hard link, temporary files of killed saves cleaned up.
 """
+
 import os
 import signal
 import subprocess
@@ -11,10 +12,9 @@ import time
 
 import pytest
 import torch
-
+from conftest import REPO_ROOT
 from fvcore.common.checkpoint import PeriodicCheckpointer
 
-from conftest import REPO_ROOT
 from drcl2.checkpoint import AtomicDetectionCheckpointer, atomic_write, is_complete_checkpoint
 
 # A child that saves one checkpoint, then starts a second whose write stalls half-way.
@@ -57,7 +57,10 @@ def _model():
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_resumable(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(tmp_path)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     try:
         assert child.stdout.readline().strip() == "STALLED"
@@ -76,7 +79,9 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_resumable(tmp_path)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     model = torch.nn.Linear(256, 256)
     checkpointer = AtomicDetectionCheckpointer(model, save_dir=str(tmp_path))
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # the partial write is removed
+    assert not [
+        f for f in os.listdir(tmp_path) if f.endswith(".tmp")
+    ]  # the partial write is removed
     assert checkpointer.has_checkpoint()
     loaded = checkpointer.resume_or_load("", resume=True)
     assert loaded["iteration"] == 1
@@ -87,7 +92,9 @@ def _save(checkpointer, iteration):
     checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
 
 
-@pytest.mark.parametrize("damage", ["empty", "missing", "names_a_cut_short_file", "names_a_missing_file"])
+@pytest.mark.parametrize(
+    "damage", ["empty", "missing", "names_a_cut_short_file", "names_a_missing_file"]
+)
 def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, damage, drcl2_log):
     checkpointer = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
     _save(checkpointer, 3)
@@ -100,7 +107,9 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, damage, d
         tag.unlink()
     elif damage == "names_a_cut_short_file":
         data = (tmp_path / "model_0000007.pth").read_bytes()
-        (tmp_path / "model_0000009.pth").write_bytes(data[: len(data) // 2])  # an in-place write, killed
+        (tmp_path / "model_0000009.pth").write_bytes(
+            data[: len(data) // 2]
+        )  # an in-place write, killed
         tag.write_text("model_0000009.pth")
     else:
         tag.write_text("model_0000011.pth")
@@ -122,7 +131,9 @@ def test_fallback_ranks_model_final_by_its_iteration(tmp_path):
     (tmp_path / "last_checkpoint").write_text("")
     fresh = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
     assert [os.path.basename(p) for p in fresh.complete_checkpoints()] == [
-        "model_0000009.pth", "model_final.pth", "model_0000014.pth"
+        "model_0000009.pth",
+        "model_final.pth",
+        "model_0000014.pth",
     ]
     assert fresh.get_checkpoint_file() == str(tmp_path / "model_0000014.pth")
     # a model_final that holds no iteration ranks first
@@ -133,12 +144,16 @@ def test_fallback_ranks_model_final_by_its_iteration(tmp_path):
 def test_only_stale_temporary_files_are_removed(tmp_path, drcl2_log):
     from drcl2.checkpoint import STALE_TMP_SECONDS, _tmp_path
 
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     live = _tmp_path(str(tmp_path / "model_0000002.pth"))  # this process: alive
     dead = live.replace(f"-{os.getpid()}-", f"-{int(done.stdout)}-")  # a process that has exited
     other_host = str(tmp_path / ".model_0000003.pth.elsewhere-1-0123456789ab.tmp")
     old_other_host = str(tmp_path / ".model_0000004.pth.elsewhere-1-0123456789ab.tmp")
-    legacy_old = str(tmp_path / ".last_checkpoint.0123456789ab.tmp")  # the name before writers were recorded
+    legacy_old = str(
+        tmp_path / ".last_checkpoint.0123456789ab.tmp"
+    )  # the name before writers were recorded
     for path in (live, dead, other_host, old_other_host, legacy_old):
         open(path, "wb").close()
     long_ago = time.time() - STALE_TMP_SECONDS - 60
@@ -147,16 +162,18 @@ def test_only_stale_temporary_files_are_removed(tmp_path, drcl2_log):
     AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
     left = {f for f in os.listdir(tmp_path) if f.endswith(".tmp")}
     assert left == {os.path.basename(live), os.path.basename(other_host)}
-    assert "its writer (process" in drcl2_log.text and "nobody has written to it for" in drcl2_log.text
+    assert (
+        "its writer (process" in drcl2_log.text and "nobody has written to it for" in drcl2_log.text
+    )
 
 
 def test_an_intact_last_checkpoint_is_followed(tmp_path):
     checkpointer = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
     _save(checkpointer, 7)
     _save(checkpointer, 3)  # last_checkpoint names the last save, not the largest iteration
-    assert AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path)).get_checkpoint_file() == str(
-        tmp_path / "model_0000003.pth"
-    )
+    assert AtomicDetectionCheckpointer(
+        _model(), save_dir=str(tmp_path)
+    ).get_checkpoint_file() == str(tmp_path / "model_0000003.pth")
 
 
 def test_model_final_is_not_a_second_copy(tmp_path):

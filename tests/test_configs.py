@@ -1,28 +1,37 @@
 """Every config file under configs/ loads through train_net.setup() (Base-*.yaml files excluded);
 the study files directly under configs/study/ load through drcl2.study.load_study instead
 (tests/test_study.py)."""
+
 import glob
 import os
 
 import pytest
+from conftest import REPO_ROOT
 from detectron2.engine import default_argument_parser
 
 import train_net
-from conftest import REPO_ROOT
 
 STUDIES = sorted(
-    os.path.relpath(path, REPO_ROOT) for path in glob.glob(os.path.join(REPO_ROOT, "configs", "study", "*.yaml"))
+    os.path.relpath(path, REPO_ROOT)
+    for path in glob.glob(os.path.join(REPO_ROOT, "configs", "study", "*.yaml"))
 )
 CONFIGS = sorted(
     os.path.relpath(path, REPO_ROOT)
     for path in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True)
-    if not os.path.basename(path).startswith("Base-") and os.path.relpath(path, REPO_ROOT) not in STUDIES
+    if not os.path.basename(path).startswith("Base-")
+    and os.path.relpath(path, REPO_ROOT) not in STUDIES
 )
 
 
 def _setup(config_file, output_dir, *opts):
     args = default_argument_parser().parse_args(
-        ["--config-file", os.path.join(REPO_ROOT, config_file), "OUTPUT_DIR", str(output_dir), *opts]
+        [
+            "--config-file",
+            os.path.join(REPO_ROOT, config_file),
+            "OUTPUT_DIR",
+            str(output_dir),
+            *opts,
+        ]
     )
     return train_net.setup(args)
 
@@ -32,8 +41,11 @@ def test_configs_are_found():
     assert "configs/toy/mask_rcnn_finetune.yaml" in CONFIGS
     assert "configs/large/pretrain_2drcl_R_50_FPN.yaml" in CONFIGS
     assert STUDIES == [
-        "configs/study/large.yaml", "configs/study/toy.yaml", "configs/study/toy_explore.yaml",
-        "configs/study/toy_init.yaml", "configs/study/toy_screen.yaml",
+        "configs/study/large.yaml",
+        "configs/study/toy.yaml",
+        "configs/study/toy_explore.yaml",
+        "configs/study/toy_init.yaml",
+        "configs/study/toy_screen.yaml",
     ]
 
 
@@ -74,7 +86,10 @@ def test_lvis_recipe_one_stage(arch, key):
     """The one-stage LVIS configs: the LVIS recipe of the Mask R-CNN ones, and their detector."""
     cfg = _merged(f"configs/LVISv1/{arch}_R_50_FPN_1x.yaml")
     lvis = _merged("configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml")
-    assert cfg.MODEL.META_ARCHITECTURE == {"atss": "ATSS", "retinanet": "RetinaNet", "fcos": "FCOS"}[arch]
+    assert (
+        cfg.MODEL.META_ARCHITECTURE
+        == {"atss": "ATSS", "retinanet": "RetinaNet", "fcos": "FCOS"}[arch]
+    )
     assert cfg.MODEL[key].NUM_CLASSES == 1203
     assert cfg.MODEL[key].SCORE_THRESH_TEST == pytest.approx(1e-4)
     for name in ("TEST", "DATALOADER", "DATASETS"):
@@ -86,7 +101,11 @@ def test_lvis_recipe_one_stage(arch, key):
     for name in ("DEPTH", "NORM", "STRIDE_IN_1X1", "RES2_OUT_CHANNELS"):
         assert cfg.MODEL.RESNETS[name] == lvis.MODEL.RESNETS[name], name
     assert cfg.MODEL.FPN.IN_FEATURES == ["res3", "res4", "res5"]
-    assert cfg.SOLVER.BASE_LR == 0.01 and cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.MAX_ITER == 90000
+    assert (
+        cfg.SOLVER.BASE_LR == 0.01
+        and cfg.SOLVER.IMS_PER_BATCH == 16
+        and cfg.SOLVER.MAX_ITER == 90000
+    )
 
 
 def test_atss_paper_defaults():
@@ -98,10 +117,23 @@ def test_atss_paper_defaults():
     assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[8 * s] for s in (8, 16, 32, 64, 128)]
     assert cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == [[1.0]]
     a = cfg.MODEL.ATSS
-    assert (a.TOPK, a.FOCAL_LOSS_ALPHA, a.FOCAL_LOSS_GAMMA, a.REG_LOSS_WEIGHT) == (9, 0.25, 2.0, 2.0)
-    assert (a.NUM_CONVS, a.NORM, a.PRIOR_PROB, a.NMS_THRESH_TEST, a.TOPK_CANDIDATES_TEST) == (4, "GN", 0.01, 0.6, 1000)
+    assert (a.TOPK, a.FOCAL_LOSS_ALPHA, a.FOCAL_LOSS_GAMMA, a.REG_LOSS_WEIGHT) == (
+        9,
+        0.25,
+        2.0,
+        2.0,
+    )
+    assert (a.NUM_CONVS, a.NORM, a.PRIOR_PROB, a.NMS_THRESH_TEST, a.TOPK_CANDIDATES_TEST) == (
+        4,
+        "GN",
+        0.01,
+        0.6,
+        1000,
+    )
     assert tuple(a.BBOX_REG_WEIGHTS) == (10.0, 10.0, 5.0, 5.0)
-    assert _merged("configs/Base-ATSS.yaml").MODEL.ATSS.SCORE_THRESH_TEST == 0.05  # COCO: the paper's
+    assert (
+        _merged("configs/Base-ATSS.yaml").MODEL.ATSS.SCORE_THRESH_TEST == 0.05
+    )  # COCO: the paper's
 
 
 @pytest.mark.parametrize("arch", ["atss", "retinanet", "fcos"])
@@ -114,7 +146,10 @@ def test_toy_one_stage_keeps_the_toy_recipe(arch):
         assert cfg[name] == toy[name], name
     for name in ("DEPTH", "NORM", "RES2_OUT_CHANNELS"):
         assert cfg.MODEL.RESNETS[name] == toy.MODEL.RESNETS[name], name
-    assert cfg.MODEL.FPN.NORM == toy.MODEL.FPN.NORM and cfg.MODEL.FPN.OUT_CHANNELS == toy.MODEL.FPN.OUT_CHANNELS
+    assert (
+        cfg.MODEL.FPN.NORM == toy.MODEL.FPN.NORM
+        and cfg.MODEL.FPN.OUT_CHANNELS == toy.MODEL.FPN.OUT_CHANNELS
+    )
     assert not cfg.MODEL.MASK_ON
 
 
@@ -139,7 +174,9 @@ def test_large_study():
 
     study = load_study(os.path.join(REPO_ROOT, "configs/study/large.yaml"))
     assert study.device == "cuda" and study.num_gpus == 1
-    assert study.datasets == {split: f"lvis_v1_gen_large_{split}" for split in ("train", "val", "test")}
+    assert study.datasets == {
+        split: f"lvis_v1_gen_large_{split}" for split in ("train", "val", "test")
+    }
     assert study.arms["2drcl"].iters == study.arms["scratch_long"].iters  # equal compute
     finetune = _merged("configs/large/mask_rcnn_R_50_FPN_finetune.yaml")
     assert finetune.TEST.DETECTIONS_PER_IMAGE == 300
@@ -152,10 +189,21 @@ def test_large_pretraining_builds_the_fine_tuning_detector():
     """configs/large/pretrain_2drcl_R_50_FPN.yaml repeats the detector keys of the folder's base (it
     is based on Base-2DRCL.yaml): they must agree, or the export would not load as it should."""
     pretrain = _merged("configs/large/pretrain_2drcl_R_50_FPN.yaml")
-    for other in ("configs/large/mask_rcnn_R_50_FPN_finetune.yaml",
-                  "configs/large/mask_rcnn_R_50_FPN_supervised_pretrain.yaml"):
+    for other in (
+        "configs/large/mask_rcnn_R_50_FPN_finetune.yaml",
+        "configs/large/mask_rcnn_R_50_FPN_supervised_pretrain.yaml",
+    ):
         cfg = _merged(other)
-        for key in ("WEIGHTS", "BACKBONE", "RESNETS", "FPN", "ANCHOR_GENERATOR", "RPN", "ROI_BOX_HEAD", "PIXEL_MEAN"):
+        for key in (
+            "WEIGHTS",
+            "BACKBONE",
+            "RESNETS",
+            "FPN",
+            "ANCHOR_GENERATOR",
+            "RPN",
+            "ROI_BOX_HEAD",
+            "PIXEL_MEAN",
+        ):
             assert pretrain.MODEL[key] == cfg.MODEL[key], (other, key)
         assert pretrain.MODEL.ROI_HEADS.NUM_CLASSES == cfg.MODEL.ROI_HEADS.NUM_CLASSES
         assert pretrain.INPUT.MIN_SIZE_TRAIN == cfg.INPUT.MIN_SIZE_TRAIN
@@ -164,22 +212,32 @@ def test_large_pretraining_builds_the_fine_tuning_detector():
     supervised = _merged("configs/large/mask_rcnn_R_50_FPN_supervised_pretrain.yaml")
     assert supervised.SOLVER == pretrain.SOLVER  # same solver and sampler as the 2DRCL pre-training
     assert supervised.DATALOADER.SAMPLER_TRAIN == pretrain.DATALOADER.SAMPLER_TRAIN
-    assert supervised.DATALOADER.DRCL2.REPEAT_THRESHOLD == pretrain.DATALOADER.DRCL2.REPEAT_THRESHOLD
+    assert (
+        supervised.DATALOADER.DRCL2.REPEAT_THRESHOLD == pretrain.DATALOADER.DRCL2.REPEAT_THRESHOLD
+    )
 
 
-@pytest.mark.parametrize("rpn,pretrain", [
-    ("configs/proposals/rpn_R_50_FPN_1x.yaml", "configs/pretrain_2drcl_proposals.yaml"),
-    ("configs/toy/rpn_R18_FPN.yaml", "configs/toy/pretrain_2drcl_proposals.yaml"),
-])
+@pytest.mark.parametrize(
+    "rpn,pretrain",
+    [
+        ("configs/proposals/rpn_R_50_FPN_1x.yaml", "configs/pretrain_2drcl_proposals.yaml"),
+        ("configs/toy/rpn_R18_FPN.yaml", "configs/toy/pretrain_2drcl_proposals.yaml"),
+    ],
+)
 def test_proposal_configs(rpn, pretrain):
     """The proposal path's pairs: an RPN-only detector on the set that the proposal pre-training
     reads its proposals for, and a pre-training config that reads them (detectron2's keys)."""
     from drcl2.modeling.meta_arch import check_drcl2_config
 
     rpn_cfg, pre = _merged(rpn), _merged(pretrain)
-    assert rpn_cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork" and rpn_cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"
+    assert (
+        rpn_cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork"
+        and rpn_cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"
+    )
     assert rpn_cfg.DATASETS.TRAIN == pre.DATASETS.TRAIN
-    assert rpn_cfg.MODEL.RPN.POST_NMS_TOPK_TEST >= pre.MODEL.DRCL2.LCL.PROPOSAL_TOPK  # enough written
+    assert (
+        rpn_cfg.MODEL.RPN.POST_NMS_TOPK_TEST >= pre.MODEL.DRCL2.LCL.PROPOSAL_TOPK
+    )  # enough written
     assert pre.MODEL.DRCL2.LCL.BOX_SOURCE == "proposals" and pre.MODEL.LOAD_PROPOSALS
     assert len(pre.DATASETS.PROPOSAL_FILES_TRAIN) == len(pre.DATASETS.TRAIN)
     check_drcl2_config(pre)

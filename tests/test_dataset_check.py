@@ -1,4 +1,5 @@
 """drcl2.data.dataset_check, the check_dataset tool and the Trainer's check before the first step."""
+
 import io
 import json
 import logging
@@ -24,7 +25,9 @@ def _png(path, size=(SIZE, SIZE)):
 def _truncated_jpeg(path):
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
+    Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(
+        buf, format="JPEG", quality=95
+    )
     data = buf.getvalue()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])  # a real JPEG, cut short
@@ -36,22 +39,28 @@ BOXES = [
     (2, 1, [10, 10, 0, 12], "zero_area"),
     (3, 2, [30, 30, 8, 0], "zero_area"),
     (4, 2, [20, 20, -5, 10], "negative_size"),
-    (5, 3, [70, 10, 10, 10], "outside_image"),    # right of the 64 px image
-    (6, 3, [-20, 5, 10, 10], "outside_image"),    # left of it
-    (7, 3, [-4, 40, 20, 20], "clipped"),          # reaches over the left border: clipped, kept
+    (5, 3, [70, 10, 10, 10], "outside_image"),  # right of the 64 px image
+    (6, 3, [-20, 5, 10, 10], "outside_image"),  # left of it
+    (7, 3, [-4, 40, 20, 20], "clipped"),  # reaches over the left border: clipped, kept
     (8, 4, [50, 50, 30, 30], "clipped"),
-    (9, 4, [0, 0, SIZE, SIZE], "kept"),            # exactly the image
+    (9, 4, [0, 0, SIZE, SIZE], "kept"),  # exactly the image
 ]
 
 
 def _minimal_layout(root, boxes=BOXES, missing=(), categories=((1, "apple"), (2, "banjo"))):
     """The README's layout: <root>/annotations/train.json (minimal fields), <root>/images/*.png."""
-    images = [{"id": i, "height": SIZE, "width": SIZE, "file_name": f"{i}.png"} for i in (1, 2, 3, 4)]
+    images = [
+        {"id": i, "height": SIZE, "width": SIZE, "file_name": f"{i}.png"} for i in (1, 2, 3, 4)
+    ]
     for img in images:
         if img["id"] not in missing:
             _png(os.path.join(root, "images", img["file_name"]))
     anns = [{"id": a, "image_id": i, "category_id": 1 + a % 2, "bbox": b} for a, i, b, _ in boxes]
-    data = {"images": images, "annotations": anns, "categories": [{"id": c, "name": n} for c, n in categories]}
+    data = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": n} for c, n in categories],
+    }
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     json_file = os.path.join(root, "annotations", "train.json")
     with open(json_file, "w") as f:
@@ -75,14 +84,19 @@ def test_report_counts_each_kind_and_names_the_first(tmp_path):
         "clipped": (2, 2),
     }
     lines = report.lines()
-    assert lines[0] == f"error: missing image files: 1 image (first: {tmp_path / 'images' / '2.png'})"
+    assert (
+        lines[0] == f"error: missing image files: 1 image (first: {tmp_path / 'images' / '2.png'})"
+    )
     assert (
         "warning: boxes of zero area: 2 annotations in 2 images; dropped for training, as detectron2 "
         f"drops empty boxes (first: {tmp_path / 'images' / '1.png'}, annotation id 2)"
     ) in lines
     assert [f.kind for f in report.errors] == ["missing_file"]
     assert report.num_images == 4 and report.num_annotations == len(BOXES)
-    with pytest.raises(DatasetCheckError, match=r"train.json: 4 images, 9 annotations.*\n  error: missing image files: 1 image"):
+    with pytest.raises(
+        DatasetCheckError,
+        match=r"train.json: 4 images, 9 annotations.*\n  error: missing image files: 1 image",
+    ):
         report.raise_if_errors()
 
 
@@ -130,13 +144,20 @@ def test_unknown_category_ids_and_malformed_boxes_are_errors(tmp_path):
 
 def test_images_are_decoded_only_when_asked(tmp_path):
     json_file, image_root = _minimal_layout(str(tmp_path), boxes=BOXES[:1])
-    _truncated_jpeg(os.path.join(image_root, "2.png"))  # the decoder reads the content, not the name
+    _truncated_jpeg(
+        os.path.join(image_root, "2.png")
+    )  # the decoder reads the content, not the name
     _png(os.path.join(image_root, "3.png"), size=(SIZE, SIZE + 8))
     dicts = load_lvis_format_json(json_file, image_root)
     assert check_dataset_dicts(dicts).findings == {}
     report = check_dataset_dicts(dicts, decode_images=True)
-    assert [(k, f.count) for k, f in report.findings.items()] == [("undecodable", 1), ("size_mismatch", 1)]
-    assert report.findings["undecodable"].first.startswith(os.path.join(image_root, "2.png") + ": OSError")
+    assert [(k, f.count) for k, f in report.findings.items()] == [
+        ("undecodable", 1),
+        ("size_mismatch", 1),
+    ]
+    assert report.findings["undecodable"].first.startswith(
+        os.path.join(image_root, "2.png") + ": OSError"
+    )
     assert report.findings["size_mismatch"].first == (
         f"{os.path.join(image_root, '3.png')}: decoded 64x72, the dataset says 64x64"
     )
@@ -153,7 +174,9 @@ def test_existence_takes_one_listing_per_folder(tmp_path, monkeypatch):
         os.makedirs(tmp_path / sub)
         for i in range(1000):
             (tmp_path / sub / f"{i}.jpg").touch()
-    dicts = [{"file_name": str(tmp_path / sub / f"{i}.jpg")} for sub in ("a", "b") for i in range(1000)]
+    dicts = [
+        {"file_name": str(tmp_path / sub / f"{i}.jpg")} for sub in ("a", "b") for i in range(1000)
+    ]
     dicts.append({"file_name": str(tmp_path / "a" / "gone.jpg")})
     listings = []
     real_scandir = os.scandir
@@ -173,15 +196,26 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
     # warnings only: exit status 0, every finding printed
     assert check_dataset_tool.main([json_file, "--image-root", image_root]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{json_file}: 4 images, 9 annotations; checked files, categories and boxes: 0 kinds of error")
-    assert "warning: boxes entirely outside the image: 2 annotations in 1 image; dropped for training" in out
+    assert out.startswith(
+        f"{json_file}: 4 images, 9 annotations; checked files, categories and boxes: 0 kinds of error"
+    )
+    assert (
+        "warning: boxes entirely outside the image: 2 annotations in 1 image; dropped for training"
+        in out
+    )
     # a truncated image: found with --images only, exit status 1
     _truncated_jpeg(os.path.join(image_root, "4.png"))
     assert check_dataset_tool.main([json_file, "--image-root", image_root]) == 0
     capsys.readouterr()
-    assert check_dataset_tool.main([json_file, "--image-root", image_root, "--images", "--num-workers", "1"]) == 1
-    assert f"error: images that cannot be decoded (truncated, or not an image): 1 image (first: {image_root}/4.png: " in (
-        capsys.readouterr().out
+    assert (
+        check_dataset_tool.main(
+            [json_file, "--image-root", image_root, "--images", "--num-workers", "1"]
+        )
+        == 1
+    )
+    assert (
+        f"error: images that cannot be decoded (truncated, or not an image): 1 image (first: {image_root}/4.png: "
+        in (capsys.readouterr().out)
     )
     # a registered name; a json without --image-root; a json with unknown categories
     name = f"test_check_tool_{os.getpid()}"
@@ -189,7 +223,10 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
     try:
         os.remove(os.path.join(image_root, "3.png"))
         assert check_dataset_tool.main([name]) == 1
-        assert f"error: missing image files: 1 image (first: {image_root}/3.png)" in capsys.readouterr().out
+        assert (
+            f"error: missing image files: 1 image (first: {image_root}/3.png)"
+            in capsys.readouterr().out
+        )
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -227,11 +264,16 @@ def test_trainer_checks_training_and_test_sets_before_the_first_step(tmp_path, d
     try:
         cfg = _cfg(train, test)
         # the test set is broken: refused at start, before any training step
-        with pytest.raises(DatasetCheckError, match=rf"dataset '{test}'.*\n  error: missing image files: 1 image \(first: {test_root}/3.png\)"):
+        with pytest.raises(
+            DatasetCheckError,
+            match=rf"dataset '{test}'.*\n  error: missing image files: 1 image \(first: {test_root}/3.png\)",
+        ):
             Trainer.build_train_dataset(cfg)
         # the training set's degenerate boxes were reported, not dropped silently
         warnings = [r.getMessage() for r in drcl2_log.records if r.levelno == logging.WARNING]
-        assert any(f"datasets '{train}'" in m or f"dataset '{train}'" in m for m in warnings), warnings
+        assert any(f"datasets '{train}'" in m or f"dataset '{train}'" in m for m in warnings), (
+            warnings
+        )
         assert any("warning: boxes of zero area: 2 annotations in 2 images" in m for m in warnings)
         # repaired, the run starts; the test loader does not check again
         _png(os.path.join(test_root, "3.png"))
@@ -247,7 +289,10 @@ def test_trainer_checks_training_and_test_sets_before_the_first_step(tmp_path, d
         _truncated_jpeg(os.path.join(train_root, "1.png"))
         Trainer.build_train_dataset(cfg)  # not decoded by default
         cfg.DATASETS.DRCL2.CHECK_IMAGES = True
-        with pytest.raises(DatasetCheckError, match=rf"cannot be decoded.*: 1 image \(first: {train_root}/1.png: OSError"):
+        with pytest.raises(
+            DatasetCheckError,
+            match=rf"cannot be decoded.*: 1 image \(first: {train_root}/1.png: OSError",
+        ):
             Trainer.build_train_dataset(cfg)
     finally:
         for name in (train, test):
@@ -259,7 +304,9 @@ def test_check_datasets_checks_a_registered_name_once(tmp_path):
     json_file, image_root = _minimal_layout(str(tmp_path), boxes=BOXES[:1])
     name = f"test_check_once_{os.getpid()}"
     calls = []
-    DatasetCatalog.register(name, lambda: calls.append(1) or load_lvis_format_json(json_file, image_root))
+    DatasetCatalog.register(
+        name, lambda: calls.append(1) or load_lvis_format_json(json_file, image_root)
+    )
     MetadataCatalog.get(name).set(thing_classes=["apple", "banjo"])
     try:
         assert len(check_datasets([name])) == 1

@@ -1,4 +1,5 @@
 """COCO-LT: the split script on a generated COCO file, AP1-AP4 grouping, the evaluator, the configs."""
+
 import csv
 import importlib.util
 import json
@@ -19,7 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _prepare_cocolt_module():
-    spec = importlib.util.spec_from_file_location("prepare_cocolt", os.path.join(REPO, "datasets", "prepare_cocolt.py"))
+    spec = importlib.util.spec_from_file_location(
+        "prepare_cocolt", os.path.join(REPO, "datasets", "prepare_cocolt.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,20 +39,39 @@ def _coco_file(images_per_class, instances_per_image, multi_label_every=0):
     for k, (n_img, n_inst) in enumerate(zip(images_per_class, instances_per_image)):
         for _ in range(n_img):
             image_id = len(images) + 1
-            images.append({"id": image_id, "width": 64, "height": 48, "file_name": f"{image_id}.jpg"})
+            images.append(
+                {"id": image_id, "width": 64, "height": 48, "file_name": f"{image_id}.jpg"}
+            )
             cats = [categories[k]["id"]] * n_inst
             if multi_label_every and k == 0 and image_id % multi_label_every == 0:
                 cats += [c["id"] for c in categories[1:]]
             for cat_id in cats:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id,
-                                    "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0})
-    annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": 10, "bbox": [0, 0, 5, 5],
-                        "area": 25, "iscrowd": 1})  # crowd: never counted
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": cat_id,
+                        "bbox": [1, 1, 10, 10],
+                        "area": 100,
+                        "iscrowd": 0,
+                    }
+                )
+    annotations.append(
+        {
+            "id": len(annotations) + 1,
+            "image_id": 1,
+            "category_id": 10,
+            "bbox": [0, 0, 5, 5],
+            "area": 25,
+            "iscrowd": 1,
+        }
+    )  # crowd: never counted
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
 @pytest.mark.parametrize(
-    "count, group", [(0, 0), (1, 1), (19, 1), (20, 2), (399, 2), (400, 3), (7999, 3), (8000, 4), (10**6, 4)]
+    "count, group",
+    [(0, 0), (1, 1), (19, 1), (20, 2), (399, 2), (400, 3), (7999, 3), (8000, 4), (10**6, 4)],
 )
 def test_coco_lt_groups(count, group):
     assert coco_lt_group(count) == group
@@ -74,7 +96,9 @@ def test_prepare_cocolt_script_on_generated_coco(tmp_path):
     coco = _coco_file(images_per_class, instances_per_image)
     src, dst = tmp_path / "train.json", tmp_path / "lt.json"
     src.write_text(json.dumps(coco))
-    _prepare_cocolt_module().main(["--input", str(src), "--output", str(dst), "--seed", "3", "--scale", "0.1"])
+    _prepare_cocolt_module().main(
+        ["--input", str(src), "--output", str(dst), "--seed", "3", "--scale", "0.1"]
+    )
     subset = json.loads(dst.read_text())
 
     available = {10 * (k + 1): n for k, n in enumerate(images_per_class)}
@@ -120,31 +144,61 @@ TRAIN_INSTANCES = {1: 5, 2: 100, 3: 1000, 4: 9000}  # one class in each of AP1..
 @pytest.fixture
 def coco_lt_case(tmp_path):
     train = {
-        "images": [{"id": i, "width": 64, "height": 64, "file_name": f"{i}.jpg"} for i in range(1, 101)],
+        "images": [
+            {"id": i, "width": 64, "height": 64, "file_name": f"{i}.jpg"} for i in range(1, 101)
+        ],
         "categories": [{"id": c, "name": f"class{c}"} for c in TRAIN_INSTANCES],
         "annotations": [],
     }
     for cat_id, n in TRAIN_INSTANCES.items():
         for j in range(n):
-            train["annotations"].append({"id": len(train["annotations"]) + 1, "image_id": 1 + (j * cat_id) % 100,
-                                         "category_id": cat_id, "bbox": [0, 0, 8, 8], "area": 64, "iscrowd": 0})
+            train["annotations"].append(
+                {
+                    "id": len(train["annotations"]) + 1,
+                    "image_id": 1 + (j * cat_id) % 100,
+                    "category_id": cat_id,
+                    "bbox": [0, 0, 8, 8],
+                    "area": 64,
+                    "iscrowd": 0,
+                }
+            )
     # Val: one instance of each class in image 1 (class 3 twice, for an AP of 50 on class 2).
     boxes = {1: [2, 2, 10, 10], 2: [20, 2, 12, 12], 3: [2, 30, 16, 16], 4: [40, 40, 20, 20]}
     val = {
         "images": [{"id": 1, "width": 64, "height": 64, "file_name": "v1.jpg"}],
         "categories": train["categories"],
-        "annotations": [{"id": c, "image_id": 1, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0,
-                         "segmentation": [[b[0], b[1], b[0] + b[2], b[1], b[0] + b[2], b[1] + b[3], b[0], b[1] + b[3]]]}
-                        for c, b in boxes.items()],
+        "annotations": [
+            {
+                "id": c,
+                "image_id": 1,
+                "category_id": c,
+                "bbox": b,
+                "area": b[2] * b[3],
+                "iscrowd": 0,
+                "segmentation": [
+                    [b[0], b[1], b[0] + b[2], b[1], b[0] + b[2], b[1] + b[3], b[0], b[1] + b[3]]
+                ],
+            }
+            for c, b in boxes.items()
+        ],
     }
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "val.json").write_text(json.dumps(val))
-    names = {"train": f"test_cocolt_train_{tmp_path.name}", "val": f"test_cocolt_val_{tmp_path.name}"}
-    common = dict(thing_classes=[f"class{c}" for c in TRAIN_INSTANCES],
-                  thing_dataset_id_to_contiguous_id={c: k for k, c in enumerate(TRAIN_INSTANCES)})
+    names = {
+        "train": f"test_cocolt_train_{tmp_path.name}",
+        "val": f"test_cocolt_val_{tmp_path.name}",
+    }
+    common = dict(
+        thing_classes=[f"class{c}" for c in TRAIN_INSTANCES],
+        thing_dataset_id_to_contiguous_id={c: k for k, c in enumerate(TRAIN_INSTANCES)},
+    )
     MetadataCatalog.get(names["train"]).set(json_file=str(tmp_path / "train.json"), **common)
-    MetadataCatalog.get(names["val"]).set(json_file=str(tmp_path / "val.json"), evaluator_type="coco_lt",
-                                          train_dataset_name=names["train"], **common)
+    MetadataCatalog.get(names["val"]).set(
+        json_file=str(tmp_path / "val.json"),
+        evaluator_type="coco_lt",
+        train_dataset_name=names["train"],
+        **common,
+    )
     yield names, boxes
     for name in names.values():
         MetadataCatalog.remove(name)
@@ -164,8 +218,12 @@ def test_coco_lt_evaluator_groups_by_training_instances(coco_lt_case, tmp_path):
     assert isinstance(evaluator, COCOLTEvaluator)
     evaluator.reset()
     # class 1 and 4 hit (AP 100); class 2: a miss scored above the hit (AP 50); class 3 missed (AP 0).
-    dets = [(_xyxy(boxes[1]), 0.9, 0), (_xyxy(boxes[4]), 0.8, 3), ([40, 0, 50, 10], 0.7, 1),
-            (_xyxy(boxes[2]), 0.6, 1)]
+    dets = [
+        (_xyxy(boxes[1]), 0.9, 0),
+        (_xyxy(boxes[4]), 0.8, 3),
+        ([40, 0, 50, 10], 0.7, 1),
+        (_xyxy(boxes[2]), 0.6, 1),
+    ]
     inst = Instances((64, 64))
     inst.pred_boxes = Boxes(torch.tensor([d[0] for d in dets], dtype=torch.float32))
     inst.scores = torch.tensor([d[1] for d in dets])
@@ -184,10 +242,20 @@ def test_coco_lt_evaluator_groups_by_training_instances(coco_lt_case, tmp_path):
         assert results[task]["AP"] == pytest.approx(62.5)  # COCO's own metric is untouched
     with open(out / "per_class_ap.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["class", "frequency_group", "train_image_count", "train_instance_count", "ap_box",
-                             "ap_mask"]
+    assert list(rows[0]) == [
+        "class",
+        "frequency_group",
+        "train_image_count",
+        "train_instance_count",
+        "ap_box",
+        "ap_mask",
+    ]
     assert [(r["class"], r["frequency_group"], int(r["train_instance_count"])) for r in rows] == [
-        ("class1", "AP1", 5), ("class2", "AP2", 100), ("class3", "AP3", 1000), ("class4", "AP4", 9000)]
+        ("class1", "AP1", 5),
+        ("class2", "AP2", 100),
+        ("class3", "AP3", 1000),
+        ("class4", "AP4", 9000),
+    ]
     assert [int(r["train_image_count"]) for r in rows] == [5, 50, 100, 25]  # distinct (j * c) % 100
     assert [float(r["ap_box"]) for r in rows] == pytest.approx([100, 50, 0, 100])
     assert [float(r["ap_mask"]) for r in rows] == pytest.approx([100, 50, 0, 100])
@@ -196,7 +264,9 @@ def test_coco_lt_evaluator_groups_by_training_instances(coco_lt_case, tmp_path):
 
 def test_coco_lt_evaluator_needs_a_training_set(coco_lt_case):
     names, _ = coco_lt_case
-    MetadataCatalog.get("test_cocolt_no_train").set(json_file=MetadataCatalog.get(names["val"]).json_file)
+    MetadataCatalog.get("test_cocolt_no_train").set(
+        json_file=MetadataCatalog.get(names["val"]).json_file
+    )
     try:
         with pytest.raises(ValueError, match="train_dataset_name"):
             COCOLTEvaluator("test_cocolt_no_train")
@@ -206,15 +276,21 @@ def test_coco_lt_evaluator_needs_a_training_set(coco_lt_case):
 
 @pytest.mark.parametrize(
     "config, train, test",
-    [("COCO-LT/mask_rcnn_R_50_FPN_1x.yaml", "coco_lt_train", "coco_lt_val"),
-     ("COCO/mask_rcnn_R_50_FPN_1x.yaml", "coco_2017_train", "coco_2017_val")],
+    [
+        ("COCO-LT/mask_rcnn_R_50_FPN_1x.yaml", "coco_lt_train", "coco_lt_val"),
+        ("COCO/mask_rcnn_R_50_FPN_1x.yaml", "coco_2017_train", "coco_2017_val"),
+    ],
 )
 def test_configs_load(config, train, test):
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, "configs", config))
     assert cfg.DATASETS.TRAIN == (train,) and cfg.DATASETS.TEST == (test,)
-    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80 and cfg.MODEL.MASK_ON and cfg.MODEL.RESNETS.DEPTH == 50
+    assert (
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80
+        and cfg.MODEL.MASK_ON
+        and cfg.MODEL.RESNETS.DEPTH == 50
+    )
     assert cfg.SOLVER.MAX_ITER == 90000 and cfg.SOLVER.STEPS == (60000, 80000)  # 1x
     assert train in DatasetCatalog.list() and test in DatasetCatalog.list()
     expected = "coco_lt" if test == "coco_lt_val" else "coco"

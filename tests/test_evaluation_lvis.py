@@ -2,6 +2,7 @@
 drcl2's LVISEvaluator: parity of the faster-coco-eval backend with the reference lvis API, and the
 per-class report. All data are generated (no downloads).
 """
+
 import contextlib
 import copy
 import csv
@@ -19,9 +20,9 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation.lvis_evaluation import _evaluate_predictions_on_lvis
 from detectron2.structures import Boxes, Instances
 
+from drcl2.data.generated.synthetic_lvis import synthetic_lvis_detections, synthetic_lvis_gt
 from drcl2.evaluation import LVISEvaluator, evaluate_lvis, patch_lvis_numpy
 from drcl2.evaluation.lvis_evaluation import LVIS_METRICS, limit_dets_per_image
-from drcl2.data.generated.synthetic_lvis import synthetic_lvis_detections, synthetic_lvis_gt
 
 TOL = 1e-4  # on metrics in percent, as detectron2 reports them
 
@@ -29,7 +30,11 @@ TOL = 1e-4  # on metrics in percent, as detectron2 reports them
 def _categories():
     """24 categories over r / c / f, 4 of which never get ground truth."""
     freqs = ["r"] * 8 + ["c"] * 8 + ["f"] * 8
-    counts = [3, 5, 8, 2, 9, 1, 6, 4] + [20, 50, 80, 15, 30, 60, 90, 40] + [150, 300, 800, 200, 500, 1000, 120, 250]
+    counts = (
+        [3, 5, 8, 2, 9, 1, 6, 4]
+        + [20, 50, 80, 15, 30, 60, 90, 40]
+        + [150, 300, 800, 200, 500, 1000, 120, 250]
+    )
     return [
         {"id": i + 1, "name": f"class_{i + 1}", "frequency": f, "image_count": n}
         for i, (f, n) in enumerate(zip(freqs, counts))
@@ -48,7 +53,9 @@ def lvis_case(tmp_path_factory):
 
     cats = _categories()
     annotated = [c for c in cats if c["id"] not in (4, 12, 20, 24)]
-    gt = synthetic_lvis_gt(60, annotated, seed=3, image_size=(48, 360), not_exhaustive_prob=0.3, empty_image_prob=0.1)
+    gt = synthetic_lvis_gt(
+        60, annotated, seed=3, image_size=(48, 360), not_exhaustive_prob=0.3, empty_image_prob=0.1
+    )
     gt["categories"] = cats
     # Classes without any ground truth still get (false-positive) detections through neg lists.
     for img in gt["images"][::3]:
@@ -57,8 +64,13 @@ def lvis_case(tmp_path_factory):
     dets = synthetic_lvis_detections(gt, dets_per_image=25, seed=4, empty_image_prob=0.15)
     for img in gt["images"][::3]:
         dets.extend(
-            {"image_id": img["id"], "category_id": c, "bbox": [1.0, 1.0, 20.0, 20.0], "score": 0.5,
-             "segmentation": _rect_rle(img, [1.0, 1.0, 20.0, 20.0])}
+            {
+                "image_id": img["id"],
+                "category_id": c,
+                "bbox": [1.0, 1.0, 20.0, 20.0],
+                "score": 0.5,
+                "segmentation": _rect_rle(img, [1.0, 1.0, 20.0, 20.0]),
+            }
             for c in (4, 20)
         )
     json_file = tmp_path_factory.mktemp("lvis_case") / "gt.json"
@@ -68,14 +80,18 @@ def lvis_case(tmp_path_factory):
 
 def _rect_rle(img, box):
     x, y, w, h = box
-    rle = mask_util.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]], img["height"], img["width"])
+    rle = mask_util.frPyObjects(
+        [[x, y, x + w, y, x + w, y + h, x, y + h]], img["height"], img["width"]
+    )
     rle = mask_util.merge(rle)
     return {"size": list(rle["size"]), "counts": rle["counts"].decode("utf-8")}
 
 
 def _reference(lvis_api, dets, task, max_dets):
     with contextlib.redirect_stdout(io.StringIO()):
-        return _evaluate_predictions_on_lvis(lvis_api, copy.deepcopy(dets), task, max_dets_per_image=max_dets)
+        return _evaluate_predictions_on_lvis(
+            lvis_api, copy.deepcopy(dets), task, max_dets_per_image=max_dets
+        )
 
 
 def test_synthetic_case_covers_the_hard_parts(lvis_case):
@@ -88,7 +104,9 @@ def test_synthetic_case_covers_the_hard_parts(lvis_case):
     assert len(set(scores)) < len(scores) / 4  # many ties
     gt_cats = {a["category_id"] for a in gt["annotations"]}
     assert {"r", "c", "f"} == {c["frequency"] for c in gt["categories"] if c["id"] in gt_cats}
-    assert max(sum(1 for d in dets if d["image_id"] == i) for i in images_with_dets) > 7  # max dets cuts
+    assert (
+        max(sum(1 for d in dets if d["image_id"] == i) for i in images_with_dets) > 7
+    )  # max dets cuts
 
 
 @pytest.mark.parametrize("task", ["bbox", "segm"])
@@ -96,7 +114,9 @@ def test_synthetic_case_covers_the_hard_parts(lvis_case):
 def test_faster_backend_equals_lvis_api(lvis_case, task, max_dets):
     lvis_api, gt, dets, _ = lvis_case
     reference = _reference(lvis_api, dets, task, max_dets)
-    ours, per_class = evaluate_lvis(lvis_api, dets, task, max_dets_per_image=max_dets, backend="faster")
+    ours, per_class = evaluate_lvis(
+        lvis_api, dets, task, max_dets_per_image=max_dets, backend="faster"
+    )
     assert set(ours) == set(LVIS_METRICS)
     for key in LVIS_METRICS:
         assert ours[key] == pytest.approx(reference[key], abs=TOL), key
@@ -113,8 +133,12 @@ def test_both_backends_give_the_same_per_class_ap(lvis_case, task):
     _, faster = evaluate_lvis(lvis_api, dets, task, max_dets_per_image=7, backend="faster")
     _, reference = evaluate_lvis(lvis_api, dets, task, max_dets_per_image=7, backend="lvis")
     assert faster.keys() == reference.keys()
-    np.testing.assert_allclose([faster[k] for k in sorted(faster)], [reference[k] for k in sorted(faster)],
-                               atol=TOL, equal_nan=True)
+    np.testing.assert_allclose(
+        [faster[k] for k in sorted(faster)],
+        [reference[k] for k in sorted(faster)],
+        atol=TOL,
+        equal_nan=True,
+    )
 
 
 def test_limit_dets_per_image_matches_lvis_results(lvis_case):
@@ -123,7 +147,9 @@ def test_limit_dets_per_image_matches_lvis_results(lvis_case):
     lvis_api, _, dets, _ = lvis_case
     boxes_only = [{k: v for k, v in d.items() if k != "segmentation"} for d in dets]
     with contextlib.redirect_stdout(io.StringIO()):
-        reference = LVISResults(lvis_api, copy.deepcopy(boxes_only), max_dets=7).dataset["annotations"]
+        reference = LVISResults(lvis_api, copy.deepcopy(boxes_only), max_dets=7).dataset[
+            "annotations"
+        ]
     ours = limit_dets_per_image(boxes_only, 7)
     assert [(d["image_id"], d["category_id"], d["score"], d["bbox"]) for d in ours] == [
         (d["image_id"], d["category_id"], d["score"], d["bbox"]) for d in reference
@@ -183,18 +209,52 @@ def _known_ap_dataset(tmp_path):
       30 "cactus" (r): one instance, never detected                          -> AP 0
       40 "drum"   (r): no ground truth (a negative category of image 1)      -> no AP
     """
+
     def rect(x, y, w, h):
         return [[x, y, x + w, y, x + w, y + h, x, y + h]]
 
     gt = {
         "images": [
-            {"id": 1, "width": 64, "height": 64, "neg_category_ids": [40], "not_exhaustive_category_ids": []},
-            {"id": 2, "width": 64, "height": 64, "neg_category_ids": [], "not_exhaustive_category_ids": []},
+            {
+                "id": 1,
+                "width": 64,
+                "height": 64,
+                "neg_category_ids": [40],
+                "not_exhaustive_category_ids": [],
+            },
+            {
+                "id": 2,
+                "width": 64,
+                "height": 64,
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [],
+            },
         ],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 10, "bbox": [4, 4, 20, 20], "area": 400, "segmentation": rect(4, 4, 20, 20)},
-            {"id": 2, "image_id": 1, "category_id": 20, "bbox": [30, 30, 24, 16], "area": 384, "segmentation": rect(30, 30, 24, 16)},
-            {"id": 3, "image_id": 2, "category_id": 30, "bbox": [10, 10, 30, 30], "area": 900, "segmentation": rect(10, 10, 30, 30)},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 10,
+                "bbox": [4, 4, 20, 20],
+                "area": 400,
+                "segmentation": rect(4, 4, 20, 20),
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 20,
+                "bbox": [30, 30, 24, 16],
+                "area": 384,
+                "segmentation": rect(30, 30, 24, 16),
+            },
+            {
+                "id": 3,
+                "image_id": 2,
+                "category_id": 30,
+                "bbox": [10, 10, 30, 30],
+                "area": 900,
+                "segmentation": rect(10, 10, 30, 30),
+            },
         ],
         "categories": [
             {"id": 10, "name": "apple", "frequency": "f"},
@@ -215,7 +275,7 @@ def _instances(boxes_xyxy, scores, classes, size=(64, 64)):
     inst.pred_classes = torch.tensor(classes, dtype=torch.int64)
     masks = torch.zeros((len(scores),) + size, dtype=torch.bool)
     for k, (x0, y0, x1, y1) in enumerate(boxes_xyxy):
-        masks[k, int(y0):int(y1), int(x0):int(x1)] = True
+        masks[k, int(y0) : int(y1), int(x0) : int(x1)] = True
     inst.pred_masks = masks
     return inst
 
@@ -228,8 +288,12 @@ def known_ap_dataset(tmp_path):
         evaluator_type="lvis",
         thing_classes=["apple", "banjo", "cactus", "drum"],
         thing_dataset_id_to_contiguous_id={10: 0, 20: 1, 30: 2, 40: 3},
-        class_image_count=[{"id": 10, "image_count": 500}, {"id": 20, "image_count": 42},
-                           {"id": 30, "image_count": 3}, {"id": 40, "image_count": 1}],
+        class_image_count=[
+            {"id": 10, "image_count": 500},
+            {"id": 20, "image_count": 42},
+            {"id": 30, "image_count": 3},
+            {"id": 40, "image_count": 1},
+        ],
         class_frequency=["f", "c", "r", "r"],
     )
     yield name
@@ -242,8 +306,15 @@ def _run_evaluator(name, output_dir, backend):
     # Image 1: apple hit (score .9); banjo: a miss at .8 above the hit at .7; a drum false positive.
     evaluator.process(
         [{"image_id": 1}],
-        [{"instances": _instances([[4, 4, 24, 24], [0, 0, 10, 10], [30, 30, 54, 46], [40, 2, 60, 20]],
-                                  [0.9, 0.8, 0.7, 0.6], [0, 1, 1, 3])}],
+        [
+            {
+                "instances": _instances(
+                    [[4, 4, 24, 24], [0, 0, 10, 10], [30, 30, 54, 46], [40, 2, 60, 20]],
+                    [0.9, 0.8, 0.7, 0.6],
+                    [0, 1, 1, 3],
+                )
+            }
+        ],
     )
     evaluator.process([{"image_id": 2}], [{"instances": _instances([], [], [])}])  # no prediction
     return evaluator.evaluate()
@@ -260,7 +331,13 @@ def test_evaluator_writes_known_per_class_ap(known_ap_dataset, tmp_path, backend
         assert results[task]["APr"] == pytest.approx(0.0, abs=TOL)
     with open(out / "per_class_ap.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0].keys()) == ["class", "frequency_group", "train_image_count", "ap_box", "ap_mask"]
+    assert list(rows[0].keys()) == [
+        "class",
+        "frequency_group",
+        "train_image_count",
+        "ap_box",
+        "ap_mask",
+    ]
     table = {r["class"]: r for r in rows}
     assert [r["class"] for r in rows] == ["apple", "banjo", "cactus", "drum"]
     assert (table["apple"]["frequency_group"], table["apple"]["train_image_count"]) == ("f", "500")
@@ -293,25 +370,38 @@ def test_evaluator_backends_agree_on_generated_set(lvis_case, tmp_path):
         contiguous = {i: k for k, i in enumerate(ids)}
         predictions = {}
         for d in dets:
-            predictions.setdefault(d["image_id"], []).append(dict(d, category_id=contiguous[d["category_id"]]))
+            predictions.setdefault(d["image_id"], []).append(
+                dict(d, category_id=contiguous[d["category_id"]])
+            )
         results = {}
         for backend in ("faster", "lvis"):
-            evaluator = LVISEvaluator(name, distributed=False, output_dir=str(tmp_path / backend), backend=backend,
-                                      max_dets_per_image=7)
+            evaluator = LVISEvaluator(
+                name,
+                distributed=False,
+                output_dir=str(tmp_path / backend),
+                backend=backend,
+                max_dets_per_image=7,
+            )
             evaluator.reset()
-            evaluator._predictions = [{"image_id": i, "instances": copy.deepcopy(p)} for i, p in predictions.items()]
+            evaluator._predictions = [
+                {"image_id": i, "instances": copy.deepcopy(p)} for i, p in predictions.items()
+            ]
             with contextlib.redirect_stdout(io.StringIO()):
                 results[backend] = evaluator.evaluate()
         for task in ("bbox", "segm"):
             for key in LVIS_METRICS:
-                assert results["faster"][task][key] == pytest.approx(results["lvis"][task][key], abs=TOL)
+                assert results["faster"][task][key] == pytest.approx(
+                    results["lvis"][task][key], abs=TOL
+                )
         with open(tmp_path / "faster" / "per_class_ap.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == len(ids)
         # No class_frequency / class_image_count in this metadata: groups and training image counts
         # come from the json's categories (LVIS files carry the training counts in val files too).
         assert [r["frequency_group"] for r in rows] == [c["frequency"] for c in gt["categories"]]
-        assert [int(r["train_image_count"]) for r in rows] == [c["image_count"] for c in gt["categories"]]
+        assert [int(r["train_image_count"]) for r in rows] == [
+            c["image_count"] for c in gt["categories"]
+        ]
     finally:
         MetadataCatalog.remove(name)
 

@@ -1,14 +1,13 @@
 """Export of DRCL2 pre-training weights and their loading into the LVIS fine-tuning detector."""
+
 import logging
-import os
 
 import pytest
 import torch
-
+from conftest import cfg_from
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import REPO_ROOT, cfg_from
 from drcl2.checkpoint import FINETUNE_PREFIXES, export_finetune_weights
 from drcl2.modeling import DRCL2
 from drcl2.tools import export_weights
@@ -36,7 +35,9 @@ def test_export_loads_into_lvis_mask_rcnn_with_every_key(pretrained, tmp_path, c
     online = model.state_dict()
     expected = {k for k in online if k.startswith(FINETUNE_PREFIXES)}
     assert set(exported) == expected
-    assert not any(k.startswith(("target_network.", "hcl_", "lcl_", "ar_", "sr_")) for k in exported)
+    assert not any(
+        k.startswith(("target_network.", "hcl_", "lcl_", "ar_", "sr_")) for k in exported
+    )
 
     detector = build_model(cfg_from("configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml"))
     with caplog.at_level(logging.WARNING):
@@ -47,7 +48,9 @@ def test_export_loads_into_lvis_mask_rcnn_with_every_key(pretrained, tmp_path, c
     for k in expected:
         assert torch.equal(state[k], online[k]), k
     fresh = {k for k in state if k not in expected}
-    assert all(k.startswith(("roi_heads.box_predictor.", "roi_heads.mask_head.")) for k in fresh), fresh
+    assert all(k.startswith(("roi_heads.box_predictor.", "roi_heads.mask_head.")) for k in fresh), (
+        fresh
+    )
 
 
 def test_detector_checkpoint_exports_the_same_parts(tmp_path):
@@ -57,7 +60,9 @@ def test_detector_checkpoint_exports_the_same_parts(tmp_path):
     DetectionCheckpointer(detector, str(tmp_path)).save("detector")
     state = export_finetune_weights(str(tmp_path / "detector.pth"), str(tmp_path / "x.pth"))
     full = detector.state_dict()
-    assert set(state) == {k for k in full if k.startswith(("backbone.", "proposal_generator.", "roi_heads.box_head."))}
+    assert set(state) == {
+        k for k in full if k.startswith(("backbone.", "proposal_generator.", "roi_heads.box_head."))
+    }
     assert all(torch.equal(state[k], full[k]) for k in state)
     assert torch.load(tmp_path / "x.pth", weights_only=False)["model"].keys() == state.keys()
 
@@ -86,12 +91,17 @@ def test_imagenet_style_weights_load_into_the_online_network(tmp_path):
     torch.manual_seed(0)
     cfg = cfg_from("configs/toy/pretrain_2drcl.yaml")
     model = build_model(cfg)
-    bottom_up = {k[len("backbone.bottom_up."):]: v.numpy() + 1.0 for k, v in model.state_dict().items()
-                 if k.startswith("backbone.bottom_up.")}
+    bottom_up = {
+        k[len("backbone.bottom_up.") :]: v.numpy() + 1.0
+        for k, v in model.state_dict().items()
+        if k.startswith("backbone.bottom_up.")
+    }
     path = tmp_path / "imagenet.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": bottom_up, "__author__": "test", "matching_heuristics": True}, f)
-    with pytest.raises(ValueError, match="multiple keys"):  # what detectron2's own checkpointer does
+    with pytest.raises(
+        ValueError, match="multiple keys"
+    ):  # what detectron2's own checkpointer does
         DetectionCheckpointer(model).load(str(path), checkpointables=[])
     DRCL2Checkpointer(model).load(str(path), checkpointables=[])
     state = model.state_dict()

@@ -1,15 +1,14 @@
 """The health probe of pre-trained weights: its maths, the probe tool and the training hook."""
+
 import csv
 import json
-import os
 
 import pytest
 import torch
-
+from conftest import cfg_from
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import cfg_from
 from drcl2.evaluation.health import (
     accuracies,
     embedding_std,
@@ -80,7 +79,11 @@ def test_balanced_accuracy_per_group_weighs_classes_not_boxes():
     acc = accuracies(predicted, truth, groups=["f", "r", "r"])
     assert acc["top1"] == pytest.approx(0.9)
     assert acc["balanced"] == pytest.approx(2 / 3)
-    assert acc["balanced_f"] == 1.0 and acc["balanced_r"] == 0.5 and acc["balanced_c"] != acc["balanced_c"]
+    assert (
+        acc["balanced_f"] == 1.0
+        and acc["balanced_r"] == 0.5
+        and acc["balanced_c"] != acc["balanced_c"]
+    )
 
 
 def test_stage_changes_against_the_initialisation():
@@ -93,22 +96,26 @@ def test_stage_changes_against_the_initialisation():
     same = stage_changes(init, init)
     assert same["res2"] == {"weight_norm_ratio": 1.0, "weight_change": 0.0, "affine_change": 0.0}
     moved = dict(init)
-    moved["backbone.bottom_up.res2.0.conv1.weight"] = 2 * init["backbone.bottom_up.res2.0.conv1.weight"]
+    moved["backbone.bottom_up.res2.0.conv1.weight"] = (
+        2 * init["backbone.bottom_up.res2.0.conv1.weight"]
+    )
     moved["backbone.bottom_up.res2.0.conv1.norm.weight"] = torch.full((4,), 1.5)
     changes = stage_changes(moved, init)
     assert changes["res2"]["weight_norm_ratio"] == pytest.approx(2.0)
     assert changes["res2"]["weight_change"] == pytest.approx(1.0)
     assert changes["res2"]["affine_change"] == pytest.approx(0.5)
     assert changes["box_head"]["weight_change"] == 0.0
-    assert changes["res5"]["weight_change"] != changes["res5"]["weight_change"]  # NaN: no such tensors
+    assert (
+        changes["res5"]["weight_change"] != changes["res5"]["weight_change"]
+    )  # NaN: no such tensors
 
 
 def test_probe_tool_tells_collapsed_weights_from_random_ones(toy_val_mini, tmp_path, capsys):
     """A box head whose output is one constant vector (a collapsed head) has box rank ~1 and a
     chance-level box probe, where the random one does better; the table and files name both."""
-    from drcl2.tools import probe
-
     from detectron2.utils.env import seed_all_rng
+
+    from drcl2.tools import probe
 
     cfg = cfg_from("configs/toy/mask_rcnn_finetune.yaml")
     seed_all_rng(cfg.SEED)  # the probe's "random" row: the config's own initialisation
@@ -139,7 +146,10 @@ def test_probe_tool_tells_collapsed_weights_from_random_ones(toy_val_mini, tmp_p
     assert float(collapsed["probe_box_balanced"]) == pytest.approx(1 / classes)
     # the backbone was not touched: its features and weights are the random init's
     assert float(collapsed["rank_roi"]) == pytest.approx(float(random["rank_roi"]), rel=1e-6)
-    assert float(collapsed["res3_weight_change"]) == 0.0 and float(collapsed["box_head_weight_change"]) == 1.0
+    assert (
+        float(collapsed["res3_weight_change"]) == 0.0
+        and float(collapsed["box_head_weight_change"]) == 1.0
+    )
     printed = capsys.readouterr().out
     assert "| collapsed" in printed and "balanced-probe chance" in printed
     lines = (out / "probe.md").read_text().splitlines()
@@ -178,14 +188,27 @@ def test_health_hook_logs_without_changing_the_run(toy_val_mini, tmp_path):
     assert with_hook == without
     metrics = [json.loads(line) for line in open(tmp_path / "on" / "metrics.json")]
     health = [m for m in metrics if "health/rank_roi" in m]
-    assert [m["iteration"] for m in health] == [1]  # after iteration 1 (period 2); iteration 0 logs before training
-    assert {"health/probe_roi", "health/probe_box", "health/std_box", "health/rank_p3"} <= set(health[0])
-    assert not any("health/rank_roi" in m for m in (json.loads(x) for x in open(tmp_path / "off" / "metrics.json")))
+    assert [m["iteration"] for m in health] == [
+        1
+    ]  # after iteration 1 (period 2); iteration 0 logs before training
+    assert {"health/probe_roi", "health/probe_box", "health/std_box", "health/rank_p3"} <= set(
+        health[0]
+    )
+    assert not any(
+        "health/rank_roi" in m
+        for m in (json.loads(x) for x in open(tmp_path / "off" / "metrics.json"))
+    )
 
 
 def test_health_hook_needs_a_dataset():
     from drcl2.engine.hooks import HealthProbeHook
 
-    cfg = cfg_from("configs/toy/pretrain_2drcl.yaml", "MODEL.DRCL2.HEALTH.PERIOD", 10, "MODEL.DRCL2.HEALTH.DATASET", "")
+    cfg = cfg_from(
+        "configs/toy/pretrain_2drcl.yaml",
+        "MODEL.DRCL2.HEALTH.PERIOD",
+        10,
+        "MODEL.DRCL2.HEALTH.DATASET",
+        "",
+    )
     with pytest.raises(ValueError, match="MODEL.DRCL2.HEALTH.DATASET"):
         HealthProbeHook.from_config(cfg)

@@ -17,6 +17,7 @@ Edges: ``import drcl2.a.b`` and ``from drcl2.a import b`` (b a module) give an e
 ``from drcl2.a import name`` (name not a module) gives an edge to ``drcl2.a``. Parent packages that
 Python runs first (``drcl2/__init__.py`` before ``drcl2.a``) are not edges: every package has them.
 """
+
 import ast
 import os
 from typing import Dict, List, Optional, Set, Tuple
@@ -110,7 +111,10 @@ def find_cycles(graph, allowed=()) -> List[List[str]]:
     as the path ``[a, b, ..., a]``.
     """
     allowed = set(allowed)
-    succ = {m: sorted(t for t in targets if t in graph and (m, t) not in allowed) for m, targets in graph.items()}
+    succ = {
+        m: sorted(t for t in targets if t in graph and (m, t) not in allowed)
+        for m, targets in graph.items()
+    }
     # Tarjan's strongly connected components, iteratively
     index, low, on_stack, stack, components, counter = {}, {}, set(), [], [], [0]
     for start in sorted(succ):
@@ -234,11 +238,19 @@ def reexport_uses(modules: Dict[str, str]) -> List[str]:
                         aliases[alias.asname or alias.name] = sub
             elif isinstance(node, ast.Import):
                 for alias in node.names:
-                    if alias.asname and alias.name in modules and not _is_package(modules[alias.name]):
+                    if (
+                        alias.asname
+                        and alias.name in modules
+                        and not _is_package(modules[alias.name])
+                    ):
                         aliases[alias.asname] = alias.name
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
-                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.ctx, ast.Load)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
                 target = aliases[node.value.id]
                 defined, imported = names[target]
                 if node.attr in imported:
@@ -259,16 +271,22 @@ def drcl2_modules():
 def test_drcl2_has_no_import_circle(drcl2_modules):
     graph = import_edges(drcl2_modules)
     cycles = find_cycles(graph, ALLOWED_CIRCLE_EDGES)
-    assert not cycles, "import circles among drcl2's modules:\n" + "\n".join(describe_cycle(c, graph) for c in cycles)
+    assert not cycles, "import circles among drcl2's modules:\n" + "\n".join(
+        describe_cycle(c, graph) for c in cycles
+    )
 
 
 def test_every_allowed_circle_edge_still_closes_a_circle(drcl2_modules):
     graph = import_edges(drcl2_modules)
     for edge, reason in ALLOWED_CIRCLE_EDGES.items():
         a, b = edge
-        assert b in graph.get(a, {}), f"ALLOWED_CIRCLE_EDGES: {a} no longer imports {b}; remove the entry"
+        assert b in graph.get(a, {}), (
+            f"ALLOWED_CIRCLE_EDGES: {a} no longer imports {b}; remove the entry"
+        )
         others = {e: r for e, r in ALLOWED_CIRCLE_EDGES.items() if e != edge}
-        assert find_cycles(graph, others), f"ALLOWED_CIRCLE_EDGES: {edge} closes no circle; remove it"
+        assert find_cycles(graph, others), (
+            f"ALLOWED_CIRCLE_EDGES: {edge} closes no circle; remove it"
+        )
 
 
 def test_no_module_reaches_a_name_through_a_module_that_only_imports_it(drcl2_modules):
@@ -283,7 +301,9 @@ def test_data_path_does_not_import_the_generators_except_to_register_them(drcl2_
         if module.startswith("drcl2.data.") and not module.startswith("drcl2.data.generated"):
             generated = sorted(t for t in targets if t.startswith("drcl2.data.generated"))
             if module != "drcl2.data.datasets":
-                assert not generated, f"{module} imports {generated}: the data path needs no generator"
+                assert not generated, (
+                    f"{module} imports {generated}: the data path needs no generator"
+                )
 
 
 def _write(root, files):
@@ -295,20 +315,35 @@ def _write(root, files):
 
 def test_the_checker_finds_a_circle_and_a_reexport(tmp_path):
     """The checks above can fail: a synthetic package with a circle (one side inside a function)."""
-    _write(tmp_path, {
-        "pkg/__init__.py": "from . import a\n",
-        "pkg/a.py": "from .b import helper\n\ndef f():\n    return helper()\n",
-        "pkg/b.py": "def helper():\n    from . import a  # lazy, to break the circle\n    return a\n",
-        "pkg/c.py": "from .losses import loss\n",
-        "pkg/losses.py": "def loss():\n    return 0\n",
-        "pkg/sub/__init__.py": "",
-        "pkg/sub/d.py": "from .. import c, losses\n\ndef g():\n    return c.loss() + losses.loss()\n",
-        "pkg/sub/e.py": "import pkg.sub.d as D\nfrom ..losses import loss\n\ndef h():\n    return D.g() + loss()\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "from . import a\n",
+            "pkg/a.py": "from .b import helper\n\ndef f():\n    return helper()\n",
+            "pkg/b.py": "def helper():\n    from . import a  # lazy, to break the circle\n    return a\n",
+            "pkg/c.py": "from .losses import loss\n",
+            "pkg/losses.py": "def loss():\n    return 0\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/d.py": "from .. import c, losses\n\ndef g():\n    return c.loss() + losses.loss()\n",
+            "pkg/sub/e.py": "import pkg.sub.d as D\nfrom ..losses import loss\n\ndef h():\n    return D.g() + loss()\n",
+        },
+    )
     modules = package_modules(str(tmp_path), "pkg")
-    assert set(modules) == {"pkg", "pkg.a", "pkg.b", "pkg.c", "pkg.losses", "pkg.sub", "pkg.sub.d", "pkg.sub.e"}
+    assert set(modules) == {
+        "pkg",
+        "pkg.a",
+        "pkg.b",
+        "pkg.c",
+        "pkg.losses",
+        "pkg.sub",
+        "pkg.sub.d",
+        "pkg.sub.e",
+    }
     graph = import_edges(modules)
-    assert graph["pkg.sub.d"] == {"pkg.c": [(1, "module level")], "pkg.losses": [(1, "module level")]}
+    assert graph["pkg.sub.d"] == {
+        "pkg.c": [(1, "module level")],
+        "pkg.losses": [(1, "module level")],
+    }
     assert set(graph["pkg.sub.e"]) == {"pkg.sub.d", "pkg.losses"}
     assert graph["pkg.b"] == {"pkg.a": [(2, "in a function")]}
     cycles = find_cycles(graph)
@@ -317,4 +352,6 @@ def test_the_checker_finds_a_circle_and_a_reexport(tmp_path):
     assert find_cycles(graph, {("pkg.b", "pkg.a"): "allowed"}) == []
     # c.loss is c's import of losses.loss: flagged; losses.loss and D.g are defined where they are read
     found = reexport_uses(modules)
-    assert len(found) == 1 and found[0].startswith("pkg.sub.d (line 4) reads c.loss, which pkg.c imports")
+    assert len(found) == 1 and found[0].startswith(
+        "pkg.sub.d (line 4) reads c.loss, which pkg.c imports"
+    )

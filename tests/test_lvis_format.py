@@ -1,4 +1,5 @@
 """register_lvis_format on hand-written LVIS-format files, and its errors on bad input."""
+
 import json
 import os
 
@@ -16,15 +17,42 @@ def _lvis_dict():
     return {
         "images": [
             {"id": 5, "height": 40, "width": 50, "file_name": "a/5.png", "neg_category_ids": [7]},
-            {"id": 9, "height": 40, "width": 50, "coco_url": "http://images.cocodataset.org/val2017/9.jpg",
-             "not_exhaustive_category_ids": [12]},
+            {
+                "id": 9,
+                "height": 40,
+                "width": 50,
+                "coco_url": "http://images.cocodataset.org/val2017/9.jpg",
+                "not_exhaustive_category_ids": [12],
+            },
         ],
         "annotations": [
-            {"id": 1, "image_id": 5, "category_id": 12, "bbox": [10, 10, 10, 10], "segmentation": SQUARE},
-            {"id": 2, "image_id": 9, "category_id": 12, "bbox": [10, 10, 10, 10], "segmentation": SQUARE},
-            {"id": 3, "image_id": 9, "category_id": 3, "bbox": [1, 2, 3, 4], "segmentation": SQUARE},
+            {
+                "id": 1,
+                "image_id": 5,
+                "category_id": 12,
+                "bbox": [10, 10, 10, 10],
+                "segmentation": SQUARE,
+            },
+            {
+                "id": 2,
+                "image_id": 9,
+                "category_id": 12,
+                "bbox": [10, 10, 10, 10],
+                "segmentation": SQUARE,
+            },
+            {
+                "id": 3,
+                "image_id": 9,
+                "category_id": 3,
+                "bbox": [1, 2, 3, 4],
+                "segmentation": SQUARE,
+            },
         ],
-        "categories": [{"id": 12, "name": "lamp"}, {"id": 3, "name": "cup"}, {"id": 7, "name": "dog"}],
+        "categories": [
+            {"id": 12, "name": "lamp"},
+            {"id": 3, "name": "cup"},
+            {"id": 7, "name": "dog"},
+        ],
     }
 
 
@@ -40,7 +68,9 @@ def test_metadata_and_dicts_from_the_json(tmp_path):
     assert meta.thing_classes == ["cup", "dog", "lamp"]  # sorted by category id
     assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 12: 2}
     assert meta.class_image_count == [
-        {"id": 3, "image_count": 1}, {"id": 7, "image_count": 0}, {"id": 12, "image_count": 2},
+        {"id": 3, "image_count": 1},
+        {"id": 7, "image_count": 0},
+        {"id": 12, "image_count": 2},
     ]
     assert meta.class_frequency == ["r", "r", "r"]
     assert meta.evaluator_type == "lvis"
@@ -84,8 +114,14 @@ def test_missing_image_root_names_path(tmp_path):
         (lambda d: d.pop("categories"), "'categories' is missing"),
         (lambda d: d["annotations"][1].pop("bbox"), r"annotations\[1\] has no 'bbox'"),
         (lambda d: d["images"][0].pop("height"), r"images\[0\] has no 'height'"),
-        (lambda d: d["images"][0].pop("file_name"), r"images\[0\] has neither 'file_name' nor 'coco_url'"),
-        (lambda d: d["annotations"][0].update(category_id=99), r"1 annotations in 1 images have category ids \[99\] that are not in 'categories'"),
+        (
+            lambda d: d["images"][0].pop("file_name"),
+            r"images\[0\] has neither 'file_name' nor 'coco_url'",
+        ),
+        (
+            lambda d: d["annotations"][0].update(category_id=99),
+            r"1 annotations in 1 images have category ids \[99\] that are not in 'categories'",
+        ),
     ],
 )
 def test_not_lvis_format_says_which_field(tmp_path, corrupt, message):

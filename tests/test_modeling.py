@@ -1,24 +1,32 @@
 """The DRCL2 meta-architecture on a tiny R-18 model and synthetic two-view batches (CPU)."""
+
 import copy
 import math
 import os
 
 import pytest
 import torch
-
+from conftest import REPO_ROOT, TEST_DEVICE
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO_ROOT, TEST_DEVICE
 from drcl2.config import add_drcl2_config
 from drcl2.modeling import DRCL2
 from drcl2.modeling.ema import cosine_momentum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LOSS_KEYS = {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar", "loss_sr", "loss_rpn_cls", "loss_rpn_loc"}
+LOSS_KEYS = {
+    "loss_hcl",
+    "loss_lcl_inst",
+    "loss_lcl_sup",
+    "loss_ar",
+    "loss_sr",
+    "loss_rpn_cls",
+    "loss_rpn_loc",
+}
 
 
 def tiny_cfg(*opts):
@@ -26,11 +34,31 @@ def tiny_cfg(*opts):
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", TEST_DEVICE, "MODEL.ROI_HEADS.NUM_CLASSES", 5, "MODEL.DRCL2.DET.ENABLED", False,
-                         "MODEL.MASK_ON", False,
-                         "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.DRCL2.MLP_HIDDEN_DIM", 32,
-                         "MODEL.DRCL2.MLP_OUT_DIM", 16, "MODEL.DRCL2.AR.HIDDEN_DIM", 16,
-                         "MODEL.DRCL2.SR.HIDDEN_DIM", 16, "SOLVER.MAX_ITER", 10, *opts])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            TEST_DEVICE,
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            5,
+            "MODEL.DRCL2.DET.ENABLED",
+            False,
+            "MODEL.MASK_ON",
+            False,
+            "MODEL.ROI_BOX_HEAD.FC_DIM",
+            64,
+            "MODEL.DRCL2.MLP_HIDDEN_DIM",
+            32,
+            "MODEL.DRCL2.MLP_OUT_DIM",
+            16,
+            "MODEL.DRCL2.AR.HIDDEN_DIM",
+            16,
+            "MODEL.DRCL2.SR.HIDDEN_DIM",
+            16,
+            "SOLVER.MAX_ITER",
+            10,
+            *opts,
+        ]
+    )
     return cfg
 
 
@@ -42,10 +70,14 @@ def view(seed, size, boxes, classes):
     inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
     inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
     inst.gt_ids = torch.arange(len(classes))
-    blobs = torch.nn.functional.interpolate(torch.rand((1, 3, 4, 4), generator=g), size=size, mode="bilinear")[0]
+    blobs = torch.nn.functional.interpolate(
+        torch.rand((1, 3, 4, 4), generator=g), size=size, mode="bilinear"
+    )[0]
     image = (blobs * 200 + torch.rand((3, *size), generator=g) * 55).to(torch.uint8)
     # the view's own detection targets (read for view 1): here the same objects
-    targets = Instances(size, gt_boxes=Boxes(inst.gt_boxes.tensor.clone()), gt_classes=inst.gt_classes.clone())
+    targets = Instances(
+        size, gt_boxes=Boxes(inst.gt_boxes.tensor.clone()), gt_classes=inst.gt_classes.clone()
+    )
     return {"image": image, "instances": inst, "targets": targets}
 
 
@@ -118,13 +150,15 @@ def test_one_step_losses_and_gradients():
     assert set(model.target_network) == {"backbone", "hcl_projector", "box_head", "lcl_projector"}
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The model owns its target update (issue 9, item 5)
 TARGET = "target_network.backbone.fpn_output3.weight"
 # Parts off where a test does not need them (a faster step).
-NO_AR, NO_SR, NO_RPN = (["MODEL.DRCL2.AR.ENABLED", False], ["MODEL.DRCL2.SR.ENABLED", False],
-                        ["MODEL.DRCL2.RPN.ENABLED", False])
+NO_AR, NO_SR, NO_RPN = (
+    ["MODEL.DRCL2.AR.ENABLED", False],
+    ["MODEL.DRCL2.SR.ENABLED", False],
+    ["MODEL.DRCL2.RPN.ENABLED", False],
+)
 
 
 def sgd_step(model, lr=0.1):
@@ -210,9 +244,16 @@ def test_drb_without_class_statistics_refuses_to_train():
 @pytest.mark.parametrize(
     "part,keys,prefixes",
     [
-        ("HCL", {"loss_hcl"}, ["hcl_projector.", "hcl_predictor.", "target_network.hcl_projector."]),
-        ("LCL", {"loss_lcl_inst", "loss_lcl_sup"},
-         ["roi_heads.", "lcl_projector.", "lcl_predictor.", "target_network.box_head."]),
+        (
+            "HCL",
+            {"loss_hcl"},
+            ["hcl_projector.", "hcl_predictor.", "target_network.hcl_projector."],
+        ),
+        (
+            "LCL",
+            {"loss_lcl_inst", "loss_lcl_sup"},
+            ["roi_heads.", "lcl_projector.", "lcl_predictor.", "target_network.box_head."],
+        ),
         ("AR", {"loss_ar"}, ["ar_decoder."]),
         ("SR", {"loss_sr"}, ["sr_predictors."]),
         ("RPN", {"loss_rpn_cls", "loss_rpn_loc"}, ["proposal_generator."]),
@@ -271,11 +312,21 @@ def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric, onl
     without the masked view, the target on the masked one, views swapped.
     """
     # SR on: the target reads x1 (SR's targets) and x2 (HCL's); masking is on with SR.
-    model = build("MODEL.DRCL2.SYMMETRIC", symmetric, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_RPN,
-                  "MODEL.DRCL2.MASK.ONLINE_VIEW", online_view)
+    model = build(
+        "MODEL.DRCL2.SYMMETRIC",
+        symmetric,
+        "MODEL.DRCL2.LCL.ENABLED",
+        False,
+        *NO_AR,
+        *NO_RPN,
+        "MODEL.DRCL2.MASK.ONLINE_VIEW",
+        online_view,
+    )
     inputs = {}
     model.backbone.register_forward_pre_hook(lambda m, args: inputs.setdefault("online", args[0]))
-    model.target_network["backbone"].register_forward_pre_hook(lambda m, args: inputs.setdefault("target", args[0]))
+    model.target_network["backbone"].register_forward_pre_hook(
+        lambda m, args: inputs.setdefault("target", args[0])
+    )
     step(model, 5)
     images, instances1, _ = model.preprocess(batch())
     x1, x2 = images.tensor[:2], images.tensor[2:]
@@ -296,8 +347,15 @@ def test_permuting_view2_boxes_changes_l_inst():
     predictor and no masking: the aligned pairs give L_inst = 0. Permuting view 2's boxes must
     raise it. Catches: view-2 boxes drawn independently of view 1, the target pooling view-1 boxes.
     """
-    model = build(*NO_AR, *NO_SR, *NO_RPN, "MODEL.DRCL2.HCL.ENABLED", False,
-                  "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)  # K < instances: the draw matters
+    model = build(
+        *NO_AR,
+        *NO_SR,
+        *NO_RPN,
+        "MODEL.DRCL2.HCL.ENABLED",
+        False,
+        "MODEL.DRCL2.LCL.NUM_INSTANCES",
+        2,
+    )  # K < instances: the draw matters
     model.lcl_predictor = torch.nn.Identity()
     data = batch()
     for x in data:
@@ -307,8 +365,12 @@ def test_permuting_view2_boxes_changes_l_inst():
     assert aligned == pytest.approx(0.0, abs=1e-5)
     for x in data:
         inst = x["view1"]["instances"]
-        permuted = Instances(inst.image_size, gt_classes=inst.gt_classes, gt_ids=inst.gt_ids,
-                             gt_boxes=Boxes(inst.gt_boxes.tensor.roll(1, dims=0)))
+        permuted = Instances(
+            inst.image_size,
+            gt_classes=inst.gt_classes,
+            gt_ids=inst.gt_ids,
+            gt_boxes=Boxes(inst.gt_boxes.tensor.roll(1, dims=0)),
+        )
         x["view2"] = {"image": x["view1"]["image"], "instances": permuted}
     with EventStorage(0):
         assert model(data)["loss_lcl_inst"].item() > 0.01
@@ -328,15 +390,19 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
             out = fn(*args, **kwargs)
             calls.setdefault(fn.__name__, []).append((args, out))
             return out
+
         monkeypatch.setattr(module, fn.__name__, wrapped)
 
-    for module, fn in ((meta_arch, meta_arch.sample_instances), (meta_arch, meta_arch.box_guided_patch_mask),
-                       (lcl_head, lcl_head.balanced_supervised_contrastive_loss)):
+    for module, fn in (
+        (meta_arch, meta_arch.sample_instances),
+        (meta_arch, meta_arch.box_guided_patch_mask),
+        (lcl_head, lcl_head.balanced_supervised_contrastive_loss),
+    ):
         spy(module, fn)
     model = build(*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)
     _, storage = step(model, 8)
     assert storage.latest()["drcl2/lambda"][0] == pytest.approx(0.8)
-    w = model.class_repeat_factors ** 0.8
+    w = model.class_repeat_factors**0.8
     assert w.max() > 2.5  # the rare class is up-weighted
     sampled = []  # classes of the drawn instances, per image
     for (classes, class_weights, _, _), idx in calls["sample_instances"]:  # one call per image
@@ -345,18 +411,20 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
     assert len(sampled) == len(calls["box_guided_patch_mask"]) == 2
     for ((_, _, _, _, box_weights, _), _), classes in zip(calls["box_guided_patch_mask"], sampled):
         assert torch.allclose(box_weights, w[classes])
-    ((_, _, sup_weights, *_), _), = calls["balanced_supervised_contrastive_loss"]
+    (((_, _, sup_weights, *_), _),) = calls["balanced_supervised_contrastive_loss"]
     assert torch.allclose(sup_weights, w[torch.cat(sampled)])
 
     # DRB.APPLY_TO ["sup"]: instance selection and masking weigh every class 1, L_sup keeps w
     calls.clear()
-    model = build(*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2, "MODEL.DRCL2.DRB.APPLY_TO", ["sup"])
+    model = build(
+        *NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2, "MODEL.DRCL2.DRB.APPLY_TO", ["sup"]
+    )
     step(model, 8)
     for (_, class_weights, _, _), _ in calls["sample_instances"]:
         assert torch.equal(class_weights, torch.ones_like(w))
     for (_, _, _, _, box_weights, _), _ in calls["box_guided_patch_mask"]:
         assert torch.equal(box_weights, torch.ones_like(box_weights))
-    ((_, classes, sup_weights, *_), _), = calls["balanced_supervised_contrastive_loss"]
+    (((_, classes, sup_weights, *_), _),) = calls["balanced_supervised_contrastive_loss"]
     assert torch.allclose(sup_weights, w[classes])
     with pytest.raises(ValueError, match="MODEL.DRCL2.DRB.APPLY_TO"):
         build(*NO_SR, "MODEL.DRCL2.DRB.APPLY_TO", ["images"])
@@ -367,18 +435,24 @@ def _byol(z, t):
 
 
 def _info_nce(z, t, tau=0.2):
-    logits = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(t, dim=1).t() / tau
+    logits = (
+        torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(t, dim=1).t() / tau
+    )
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(z)))
 
 
-@pytest.mark.parametrize("loss,symmetric", [("byol", False), ("byol", True), ("infonce", False), ("infonce", True)])
+@pytest.mark.parametrize(
+    "loss,symmetric", [("byol", False), ("byol", True), ("infonce", False), ("infonce", True)]
+)
 def test_symmetric_and_infonce_follow_their_formulas(loss, symmetric):
     """
     L_HCL and L_inst recomputed from the embeddings the model produced: BYOL 2 - 2cos or InfoNCE
     over the batch (tau 0.2); SYMMETRIC averages the (online x1, target x2) and (online x2,
     target x1) pairs. Catches: an option that is ignored or wired to the wrong views.
     """
-    model = build("MODEL.DRCL2.HCL.LOSS", loss, "MODEL.DRCL2.SYMMETRIC", symmetric, *NO_AR, *NO_SR, *NO_RPN)
+    model = build(
+        "MODEL.DRCL2.HCL.LOSS", loss, "MODEL.DRCL2.SYMMETRIC", symmetric, *NO_AR, *NO_SR, *NO_RPN
+    )
     z, t, e, u = [], [], [], []
     record_outputs(model.hcl_predictor, z)
     record_outputs(model.target_network["hcl_projector"], t)
@@ -415,14 +489,16 @@ def test_images_without_instances_still_train_hcl_and_drc():
 
 def test_class_statistics_are_buffers_and_drive_instance_weights():
     model = build("SOLVER.MAX_ITER", 10)
-    dicts = [{"annotations": [{"category_id": 0}] * 5}] * 9 + [{"annotations": [{"category_id": 4}]}]
+    dicts = [{"annotations": [{"category_id": 0}] * 5}] * 9 + [
+        {"annotations": [{"category_id": 4}]}
+    ]
     model.set_class_statistics(dicts)
     sd = model.state_dict()
     assert bool(sd["class_statistics_set"]) and sd["class_repeat_factors"].shape == (5,)
     r = sd["class_repeat_factors"]
     assert r[4] > r[0] >= 1.0  # the rare class is up-weighted
     assert torch.allclose(model.class_weights_at(0.0), torch.ones(5))
-    assert torch.allclose(model.class_weights_at(0.5), r ** 0.5)
+    assert torch.allclose(model.class_weights_at(0.5), r**0.5)
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES"):
         model.set_class_statistics([{"annotations": [{"category_id": 7}]}])
 
@@ -475,11 +551,27 @@ def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
 
     seen = []
     original = reconstruction_heads.semantic_reconstruction_loss
-    monkeypatch.setattr(reconstruction_heads, "semantic_reconstruction_loss",
-                        lambda pred, target, masked, *a, **k: seen.append(masked) or original(pred, target, masked, *a, **k))
-    model = build("MODEL.DRCL2.SR.IN_FEATURES", ["p3", "p6"], "MODEL.DRCL2.MASK.RATIO", 0.05,
-                  "MODEL.DRCL2.MASK.BOX_GUIDED", 1.0, "MODEL.DRCL2.HCL.ENABLED", False,
-                  "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_RPN)
+    monkeypatch.setattr(
+        reconstruction_heads,
+        "semantic_reconstruction_loss",
+        lambda pred, target, masked, *a, **k: (
+            seen.append(masked) or original(pred, target, masked, *a, **k)
+        ),
+    )
+    model = build(
+        "MODEL.DRCL2.SR.IN_FEATURES",
+        ["p3", "p6"],
+        "MODEL.DRCL2.MASK.RATIO",
+        0.05,
+        "MODEL.DRCL2.MASK.BOX_GUIDED",
+        1.0,
+        "MODEL.DRCL2.HCL.ENABLED",
+        False,
+        "MODEL.DRCL2.LCL.ENABLED",
+        False,
+        *NO_AR,
+        *NO_RPN,
+    )
     data = batch()
     for x in data:
         for v in ("view1", "view2"):
@@ -518,14 +610,20 @@ def test_ablation_rows_switch_the_parts(name):
     if model.rebalance_schedule is not None:
         model.set_class_statistics(STATS)
     losses, _ = step(model)
-    assert set(losses) == ABLATIONS[name] | {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
+    assert set(losses) == ABLATIONS[name] | {
+        "loss_rpn_cls",
+        "loss_rpn_loc",
+        "loss_cls",
+        "loss_box_reg",
+    }
     assert (model.rebalance_schedule is not None) == ("drb" in name)
     dynamic = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
     assert dynamic == ("drb" in name)
 
 
 @pytest.mark.parametrize(
-    "drb,sampler", [(True, "RepeatFactorTrainingSampler"), (False, "DynamicRepeatFactorTrainingSampler")]
+    "drb,sampler",
+    [(True, "RepeatFactorTrainingSampler"), (False, "DynamicRepeatFactorTrainingSampler")],
 )
 def test_drb_switches_both_halves_together(drb, sampler):
     """One half of DRB without the other (class weights vs sampler) is refused, naming both keys."""
@@ -583,7 +681,9 @@ def test_rpn_losses_only_equals_detectron2_rpn_forward():
         torch.manual_seed(1)
         ours = rpn_losses_only(model.proposal_generator, features, instances1)
         torch.manual_seed(1)
-        _, theirs = model.proposal_generator(ImageList(x, images.image_sizes[:2]), features, instances1)
+        _, theirs = model.proposal_generator(
+            ImageList(x, images.image_sizes[:2]), features, instances1
+        )
     assert set(ours) == set(theirs) == {"loss_rpn_cls", "loss_rpn_loc"}
     for k in ours:
         assert torch.allclose(ours[k], theirs[k]), k

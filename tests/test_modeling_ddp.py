@@ -7,19 +7,17 @@ DefaultTrainer wraps it.
 * Every ablation row gives every parameter a gradient on every branch (DDP without
   ``find_unused_parameters`` fails at the next step otherwise), also with < 2 instances globally.
 """
+
 import os
 
 import pytest
 import torch
-from torch.nn.parallel import DistributedDataParallel
-
+from conftest import REPO_ROOT
 from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
-
-from conftest import REPO_ROOT
 from test_modeling import build, view
-
+from torch.nn.parallel import DistributedDataParallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ITERATION = 7  # of SOLVER.MAX_ITER 10: lambda = 0.7, non-uniform class weights
@@ -27,7 +25,9 @@ ITERATION = 7  # of SOLVER.MAX_ITER 10: lambda = 0.7, non-uniform class weights
 # from torch's global generator, which differs between the two layouts.
 COMMON = ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", 4096, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2]
 SYMMETRIC, UNSUPERVISED, INFONCE = (
-    ["MODEL.DRCL2.SYMMETRIC", True], ["MODEL.DRCL2.LCL.SUPERVISED", False], ["MODEL.DRCL2.HCL.LOSS", "infonce"]
+    ["MODEL.DRCL2.SYMMETRIC", True],
+    ["MODEL.DRCL2.LCL.SUPERVISED", False],
+    ["MODEL.DRCL2.HCL.LOSS", "infonce"],
 )
 CASES = {  # name: (options, rank 1 holds no instance); each option on and off, with and without
     "byol": ([], False),  # an empty rank, the supervised term both ways with an empty rank
@@ -50,11 +50,13 @@ def global_batch():
     data = []
     for i, (s1, s2, classes) in enumerate(spec):
         n = len(classes)
-        data.append({
-            "image_id": 100 + i,
-            "view1": view(2 * i, s1, boxes1[:n], classes),
-            "view2": view(2 * i + 1, s2, boxes2[:n], classes),
-        })
+        data.append(
+            {
+                "image_id": 100 + i,
+                "view1": view(2 * i, s1, boxes1[:n], classes),
+                "view2": view(2 * i + 1, s2, boxes2[:n], classes),
+            }
+        )
     return data
 
 
@@ -82,7 +84,9 @@ def _no_pickled_gathers(*args, **kwargs):
 def wrap(model):
     """DDP as DefaultTrainer builds it. Every rank built the same weights (same seed): the initial
     broadcast of ~25M float64 values over gloo is skipped."""
-    return DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=False, init_sync=False)
+    return DistributedDataParallel(
+        model, broadcast_buffers=False, find_unused_parameters=False, init_sync=False
+    )
 
 
 def _worker(out_dir):
@@ -137,16 +141,34 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(two_processes
             assert (losses0[k] + losses1[k]) / 2 == pytest.approx(losses[k], abs=1e-5), (name, k)
         assert set(grads0) == set(grads1) == set(grads), name
         for n, g in grads.items():  # DDP has averaged: both ranks hold the global gradient
-            assert torch.allclose(grads0[n], g, rtol=1e-5, atol=1e-5), (name, n, (grads0[n] - g).abs().max())
+            assert torch.allclose(grads0[n], g, rtol=1e-5, atol=1e-5), (
+                name,
+                n,
+                (grads0[n] - g).abs().max(),
+            )
             assert torch.equal(grads0[n], grads1[n]), (name, n)
         if rank1_empty:
             assert losses1["loss_lcl_inst"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------
-ROWS = ["pretrain_hcl", "pretrain_hlcl", "pretrain_hlcl_drb", "pretrain_hlcl_drb_ar", "pretrain_hlcl_drb_ar_sr"]
-LCL_ONLY = ["MODEL.DRCL2.HCL.ENABLED", False, "MODEL.DRCL2.AR.ENABLED", False, "MODEL.DRCL2.SR.ENABLED", False,
-            "MODEL.DRCL2.RPN.ENABLED", False]
+ROWS = [
+    "pretrain_hcl",
+    "pretrain_hlcl",
+    "pretrain_hlcl_drb",
+    "pretrain_hlcl_drb_ar",
+    "pretrain_hlcl_drb_ar_sr",
+]
+LCL_ONLY = [
+    "MODEL.DRCL2.HCL.ENABLED",
+    False,
+    "MODEL.DRCL2.AR.ENABLED",
+    False,
+    "MODEL.DRCL2.SR.ENABLED",
+    False,
+    "MODEL.DRCL2.RPN.ENABLED",
+    False,
+]
 
 
 def row_options(name):
@@ -161,9 +183,11 @@ def row_options(name):
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/ablations", name + ".yaml"))
     d = cfg.MODEL.DRCL2
-    return [opt for part in ("HCL", "LCL", "DRB", "AR", "SR", "RPN")
-            for opt in (f"MODEL.DRCL2.{part}.ENABLED", d[part].ENABLED)] + [
-        "DATALOADER.SAMPLER_TRAIN", cfg.DATALOADER.SAMPLER_TRAIN]
+    return [
+        opt
+        for part in ("HCL", "LCL", "DRB", "AR", "SR", "RPN")
+        for opt in (f"MODEL.DRCL2.{part}.ENABLED", d[part].ENABLED)
+    ] + ["DATALOADER.SAMPLER_TRAIN", cfg.DATALOADER.SAMPLER_TRAIN]
 
 
 def _row_steps(rank):
@@ -179,7 +203,9 @@ def _row_steps(rank):
             with EventStorage(it):
                 losses = ddp(data)
             sum(losses.values()).backward()  # fails at it = 1 if a parameter missed a gradient at 0
-            missing[(name, it)] = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            missing[(name, it)] = [
+                n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
+            ]
             opt.step()
             opt.zero_grad(set_to_none=True)
     return missing

@@ -1,4 +1,5 @@
 """Pure maths of 2DRCL: losses, masking and the EMA rule, against small hand-computed cases."""
+
 import math
 
 import pytest
@@ -92,12 +93,22 @@ def test_box_guided_masking_counts_and_boxes():
     two = torch.tensor([[0.0, 0.0, 16.0, 16.0], [48.0, 48.0, 64.0, 64.0]])
     hits = 0
     for s in range(50):
-        m = box_guided_patch_mask((64, 64), 16, 1 / 16, two, torch.tensor([1.0, 9.0]), 1.0,
-                                  generator=torch.Generator().manual_seed(s))
+        m = box_guided_patch_mask(
+            (64, 64),
+            16,
+            1 / 16,
+            two,
+            torch.tensor([1.0, 9.0]),
+            1.0,
+            generator=torch.Generator().manual_seed(s),
+        )
         hits += int(m[3, 3])
     assert hits > 35
     # No boxes: all drawn uniformly; ratio 0: nothing masked.
-    assert int(box_guided_patch_mask((50, 70), 16, 0.5, torch.zeros(0, 4), torch.zeros(0), 0.5).sum()) == 10
+    assert (
+        int(box_guided_patch_mask((50, 70), 16, 0.5, torch.zeros(0, 4), torch.zeros(0), 0.5).sum())
+        == 10
+    )
     assert int(box_guided_patch_mask((64, 64), 16, 0.0, boxes, torch.ones(1), 0.5).sum()) == 0
 
 
@@ -133,22 +144,40 @@ def test_normalizers_replace_the_local_counts():
     """
     g = torch.Generator().manual_seed(0)
     z, t = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
-    cls, tcls, w = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1, 0, 2]), torch.tensor([1.0, 2.0, 2.0])
+    cls, tcls, w = (
+        torch.tensor([0, 1, 1]),
+        torch.tensor([0, 1, 1, 0, 2]),
+        torch.tensor([1.0, 2.0, 2.0]),
+    )
     assert byol_loss(z, t[:3], normalizer=6.0) * 6 == pytest.approx(byol_loss(z, t[:3]).item() * 3)
     pos = torch.tensor([0, 1, 2])
-    assert info_nce_loss(z, t, pos, 0.2, normalizer=6.0) * 6 == pytest.approx(info_nce_loss(z, t, pos, 0.2).item() * 3)
+    assert info_nce_loss(z, t, pos, 0.2, normalizer=6.0) * 6 == pytest.approx(
+        info_nce_loss(z, t, pos, 0.2).item() * 3
+    )
     sup = balanced_supervised_contrastive_loss(z, cls, w, t, tcls, 0.2)
-    assert balanced_supervised_contrastive_loss(z, cls, w, t, tcls, 0.2, normalizer=10.0) * 10 == pytest.approx(sup.item() * 5)
+    assert balanced_supervised_contrastive_loss(
+        z, cls, w, t, tcls, 0.2, normalizer=10.0
+    ) * 10 == pytest.approx(sup.item() * 5)
     pred, target = torch.zeros(1, 3, 2, 2), torch.ones(1, 3, 2, 2)
     masked = torch.tensor([[[True, False], [False, False]]])
     valid = torch.ones(1, 2, 2, dtype=torch.bool)
-    ar = appearance_reconstruction_loss(pred, target, masked, valid, 0.1, normalizers=(2.0, torch.tensor(6.0)))
+    ar = appearance_reconstruction_loss(
+        pred, target, masked, valid, 0.1, normalizers=(2.0, torch.tensor(6.0))
+    )
     assert ar.item() == pytest.approx(1 / 2 + 0.1 * 3 / 6)
     empty = torch.zeros(1, 2, 2, dtype=torch.bool)  # nothing masked anywhere: 0 / 0 counts as 0
-    assert appearance_reconstruction_loss(pred, target, empty, valid, 0.0, normalizers=(0.0, 4.0)).item() == 0.0
-    sr = semantic_reconstruction_loss(torch.ones(1, 2, 2, 2), -torch.ones(1, 2, 2, 2), masked, valid, 0.1)
-    assert semantic_reconstruction_loss(torch.ones(1, 2, 2, 2), -torch.ones(1, 2, 2, 2), masked, valid, 0.1,
-                                        normalizer=2.6).item() * 2.6 == pytest.approx(sr.item() * 1.3)
+    assert (
+        appearance_reconstruction_loss(
+            pred, target, empty, valid, 0.0, normalizers=(0.0, 4.0)
+        ).item()
+        == 0.0
+    )
+    sr = semantic_reconstruction_loss(
+        torch.ones(1, 2, 2, 2), -torch.ones(1, 2, 2, 2), masked, valid, 0.1
+    )
+    assert semantic_reconstruction_loss(
+        torch.ones(1, 2, 2, 2), -torch.ones(1, 2, 2, 2), masked, valid, 0.1, normalizer=2.6
+    ).item() * 2.6 == pytest.approx(sr.item() * 1.3)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +214,9 @@ def test_decorrelation_loss_hand_computed():
     x = torch.stack([a, 0.6 * a + 0.8 * b, c], dim=1)
     assert decorrelation_loss(x).item() == pytest.approx(2 * 0.36 / 6, abs=1e-4)
     # scale-free: per channel (within what eps leaves alone) and as a whole
-    assert decorrelation_loss(x * torch.tensor([3.0, 0.5, 2.0])).item() == pytest.approx(2 * 0.36 / 6, abs=1e-3)
+    assert decorrelation_loss(x * torch.tensor([3.0, 0.5, 2.0])).item() == pytest.approx(
+        2 * 0.36 / 6, abs=1e-3
+    )
     assert decorrelation_loss(x * 1e-4).item() == pytest.approx(2 * 0.36 / 6, abs=1e-4)
     noise = torch.randn((4000, 8), generator=torch.Generator().manual_seed(0))
     assert decorrelation_loss(noise).item() < 0.01

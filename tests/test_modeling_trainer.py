@@ -1,31 +1,48 @@
 """2DRCL pre-training on the toy LVIS set through drcl2's Trainer (export, resume) and detectron2's DefaultTrainer."""
+
 import os
 
 import pytest
 import torch
-
+from conftest import REPO_ROOT
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from conftest import REPO_ROOT
 from drcl2.checkpoint import DRCL2Checkpointer
 from drcl2.config import add_drcl2_config
 from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 from drcl2.engine import Trainer
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def toy_cfg(output_dir, max_iter):
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(output_dir), "SOLVER.MAX_ITER", max_iter,
-        "SOLVER.IMS_PER_BATCH", 2, "SOLVER.CHECKPOINT_PERIOD", 2, "DATALOADER.NUM_WORKERS", 0,
-        "MODEL.ROI_BOX_HEAD.FC_DIM", 128, "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 96,
-    ])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "OUTPUT_DIR",
+            str(output_dir),
+            "SOLVER.MAX_ITER",
+            max_iter,
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "SOLVER.CHECKPOINT_PERIOD",
+            2,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "MODEL.ROI_BOX_HEAD.FC_DIM",
+            128,
+            "INPUT.MIN_SIZE_TRAIN",
+            (64,),
+            "INPUT.MAX_SIZE_TRAIN",
+            96,
+        ]
+    )
     return cfg
 
 
@@ -50,7 +67,9 @@ def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     ft_cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml"))
     ft_cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_BOX_HEAD.FC_DIM", 128])
     detector = build_model(ft_cfg)
-    DetectionCheckpointer(detector).load(str(tmp_path / "model_final_finetune.pth"), checkpointables=[])
+    DetectionCheckpointer(detector).load(
+        str(tmp_path / "model_final_finetune.pth"), checkpointables=[]
+    )
     exported = torch.load(tmp_path / "model_final_finetune.pth", weights_only=False)["model"]
     detector_state = detector.state_dict()
     assert exported and all(torch.equal(detector_state[k], v) for k, v in exported.items())
@@ -63,12 +82,22 @@ def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     assert resumed.start_iter == 2
     state = resumed.model.state_dict()
     for k, v in saved["model"].items():
-        if k.startswith("target_network.") or k in ("class_repeat_factors", "target_initialized", "last_iteration", "target_update_pending"):
+        if k.startswith("target_network.") or k in (
+            "class_repeat_factors",
+            "target_initialized",
+            "last_iteration",
+            "target_update_pending",
+        ):
             assert torch.equal(state[k], v), k
     opt = resumed.optimizer.state_dict()
-    assert opt["state"] and len(opt["state"]) == len(saved["trainer"]["_trainer"]["optimizer"]["state"])
+    assert opt["state"] and len(opt["state"]) == len(
+        saved["trainer"]["_trainer"]["optimizer"]["state"]
+    )
     first = next(iter(saved["trainer"]["_trainer"]["optimizer"]["state"]))
-    assert torch.equal(opt["state"][first]["momentum_buffer"], saved["trainer"]["_trainer"]["optimizer"]["state"][first]["momentum_buffer"])
+    assert torch.equal(
+        opt["state"][first]["momentum_buffer"],
+        saved["trainer"]["_trainer"]["optimizer"]["state"][first]["momentum_buffer"],
+    )
     before = state["target_network." + name].clone()
     resumed.train()
     assert resumed.iter == 3  # the loop ran iteration 2 only
@@ -77,7 +106,9 @@ def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     assert final["iteration"] == 2
 
 
-def test_detectron2_default_trainer_runs_a_correct_pretraining(tmp_path, toy_lvis_root, monkeypatch):
+def test_detectron2_default_trainer_runs_a_correct_pretraining(
+    tmp_path, toy_lvis_root, monkeypatch
+):
     """
     Under detectron2's own DefaultTrainer (the user's two lines: TwoViewDatasetMapper in the
     loader, set_class_statistics on the model; no drcl2 hook), the target network changes at every
@@ -95,7 +126,9 @@ def test_detectron2_default_trainer_runs_a_correct_pretraining(tmp_path, toy_lvi
         def build_train_loader(cls, cfg):
             dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
             return build_detection_train_loader(
-                cfg, dataset=dicts, mapper=TwoViewDatasetMapper(cfg, is_train=True),
+                cfg,
+                dataset=dicts,
+                mapper=TwoViewDatasetMapper(cfg, is_train=True),
                 sampler=DynamicRepeatFactorTrainingSampler.from_config(cfg, dicts),
             )
 
@@ -106,7 +139,9 @@ def test_detectron2_default_trainer_runs_a_correct_pretraining(tmp_path, toy_lvi
     NAME = "backbone.fpn_output2.weight"
     targets, weights = [], []
     sample = meta_arch.sample_instances
-    monkeypatch.setattr(meta_arch, "sample_instances", lambda c, w, k, g: weights.append(w) or sample(c, w, k, g))
+    monkeypatch.setattr(
+        meta_arch, "sample_instances", lambda c, w, k, g: weights.append(w) or sample(c, w, k, g)
+    )
     cfg = toy_cfg(tmp_path, 4)
     trainer = PlainTrainer(cfg)
     trainer.model.set_class_statistics(get_detection_dataset_dicts(cfg.DATASETS.TRAIN))

@@ -1,10 +1,12 @@
 """One-stage fine-tuning: ATSS (sample selection, losses, inference), detectron2's RetinaNet and FCOS
 from yacs configs, the 2DRCL export loading into each, and a toy ATSS fine-tune + evaluation."""
+
 import logging
 import math
 
 import pytest
 import torch
+from conftest import REPO_ROOT, cfg_from
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 from detectron2.layers import ShapeSpec
@@ -14,7 +16,6 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import giou_loss
 
 import train_net
-from conftest import REPO_ROOT, cfg_from
 from drcl2.checkpoint import FINETUNE_PREFIXES, export_finetune_weights
 from drcl2.modeling import ATSS, FCOS
 from drcl2.modeling.atss import atss_match, centerness_targets
@@ -37,7 +38,9 @@ def test_atss_iou_threshold_is_mean_plus_std_of_the_candidates():
     # candidates, IoUs 1, 0.818, 2/3, 0.4815: threshold = mean 0.7416 + std 0.2205 = 0.962, so only
     # the first is positive (the mean alone would take the second too, a fixed IoU threshold of
     # 0.5 as RetinaNet's the third as well). The last two (distances 20, 15) are not candidates.
-    anchors = _boxes((10, 10, 20), (12, 10, 20), (14, 10, 20), (10, 17, 20), (30, 10, 20), (10, 25, 20))
+    anchors = _boxes(
+        (10, 10, 20), (12, 10, 20), (14, 10, 20), (10, 17, 20), (30, 10, 20), (10, 25, 20)
+    )
     gt = Boxes(torch.tensor([[0.0, 0.0, 20.0, 20.0]]))
     assert atss_match([anchors], gt, topk=4).tolist() == [0, -1, -1, -1, -1, -1]
 
@@ -113,7 +116,9 @@ def test_atss_anchors_are_centred_in_their_cells(config):
     # whose centre lies inside the box: a corner offset (detectron2's default) moves both by half
     # a stride (4 px at P3).
     cfg = cfg_from(config)
-    anchors = build_anchor_generator(cfg, [ShapeSpec(channels=8, stride=s) for s in (8, 16, 32, 64, 128)])
+    anchors = build_anchor_generator(
+        cfg, [ShapeSpec(channels=8, stride=s) for s in (8, 16, 32, 64, 128)]
+    )
     p3 = anchors([torch.zeros(1, 8, 4, 4)] + [torch.zeros(1, 8, 1, 1)] * 4)[0]
     assert p3.get_centers()[:2].tolist() == [[4.0, 4.0], [12.0, 4.0]]
 
@@ -146,7 +151,9 @@ def test_atss_box_loss_is_centerness_weighted_giou_times_two(toy_atss, one_threa
 
     with EventStorage():
         perfect = model.losses(anchors, split(logits), labels, split(exact), matched, split(ctr))
-        shifted = model.losses(anchors, split(logits), labels, split(exact + shift), matched, split(ctr))
+        shifted = model.losses(
+            anchors, split(logits), labels, split(exact + shift), matched, split(ctr)
+        )
     assert perfect["loss_box_reg"].item() == pytest.approx(0.0, abs=1e-5)
     centers = Boxes(all_anchors[pos]).get_centers()
     w = centerness_targets(centers, matched[0][pos])
@@ -163,8 +170,10 @@ def test_atss_trains_and_infers_on_a_batch(toy_atss, one_thread):
     model = toy_atss
     model.train()
     image = torch.randint(0, 255, (3, 96, 128)).float()
-    inputs = [{"image": image, "instances": _gt([[10.0, 10.0, 40.0, 50.0]], [1], (96, 128))},
-              {"image": image, "instances": _gt(torch.zeros((0, 4)).tolist(), [], (96, 128))}]
+    inputs = [
+        {"image": image, "instances": _gt([[10.0, 10.0, 40.0, 50.0]], [1], (96, 128))},
+        {"image": image, "instances": _gt(torch.zeros((0, 4)).tolist(), [], (96, 128))},
+    ]
     with EventStorage():
         losses = model(inputs)
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_centerness"}
@@ -207,8 +216,14 @@ def test_atss_inference_thresholds_probability_and_scores_sqrt_of_centerness(toy
     [
         (["MODEL.ATSS.IN_FEATURES", "['p2', 'p3']"], "MODEL.ATSS.IN_FEATURES .* names \\['p2'\\]"),
         (["MODEL.ATSS.TOPK", "0"], "MODEL.ATSS.TOPK must be >= 1"),
-        (["MODEL.ANCHOR_GENERATOR.SIZES", "[[32, 40], [64], [128], [256], [512]]"], "MODEL.ANCHOR_GENERATOR"),
-        (["MODEL.FPN.IN_FEATURES", "['res3', 'res4']"], "MODEL.FPN.IN_FEATURES must include 'res5'"),
+        (
+            ["MODEL.ANCHOR_GENERATOR.SIZES", "[[32, 40], [64], [128], [256], [512]]"],
+            "MODEL.ANCHOR_GENERATOR",
+        ),
+        (
+            ["MODEL.FPN.IN_FEATURES", "['res3', 'res4']"],
+            "MODEL.FPN.IN_FEATURES must include 'res5'",
+        ),
     ],
 )
 def test_atss_bad_config_names_the_key(opts, message):
@@ -222,10 +237,23 @@ def test_fcos_bad_in_features_names_the_key():
 
 
 def test_fcos_from_config_maps_the_keys():
-    model = build_model(cfg_from("configs/toy/fcos_finetune.yaml", "MODEL.FCOS.CENTER_SAMPLING_RADIUS", "2.5",
-                                 "MODEL.FCOS.NMS_THRESH_TEST", "0.55", "MODEL.FCOS.NUM_CONVS", "2"))
+    model = build_model(
+        cfg_from(
+            "configs/toy/fcos_finetune.yaml",
+            "MODEL.FCOS.CENTER_SAMPLING_RADIUS",
+            "2.5",
+            "MODEL.FCOS.NMS_THRESH_TEST",
+            "0.55",
+            "MODEL.FCOS.NUM_CONVS",
+            "2",
+        )
+    )
     assert isinstance(model, FCOS)
-    assert model.num_classes == 30 and model.center_sampling_radius == 2.5 and model.test_nms_thresh == 0.55
+    assert (
+        model.num_classes == 30
+        and model.center_sampling_radius == 2.5
+        and model.test_nms_thresh == 0.55
+    )
     assert model.test_score_thresh == pytest.approx(1e-4) and model.max_detections_per_image == 50
     assert model.head_in_features == ["p3", "p4", "p5", "p6", "p7"]
     convs = [m for m in model.head.cls_subnet if isinstance(m, torch.nn.Conv2d)]
@@ -238,7 +266,12 @@ def test_fcos_from_config_maps_the_keys():
 # ------------------------------------------------------------------------------------------------
 # what the export has and the one-stage detectors do not: the RPN, the box head, and the FPN's P2
 # (lateral and output convs of res2: the one-stage FPNs start at res3)
-UNUSED = ("proposal_generator.", "roi_heads.box_head.", "backbone.fpn_lateral2.", "backbone.fpn_output2.")
+UNUSED = (
+    "proposal_generator.",
+    "roi_heads.box_head.",
+    "backbone.fpn_lateral2.",
+    "backbone.fpn_output2.",
+)
 # what the one-stage detectors have and the export does not: the dense head and the P6/P7 convs
 FRESH = ("head.", "backbone.top_block.")
 ONE_STAGE = {
@@ -264,7 +297,9 @@ def exports(tmp_path_factory):
                 if key.startswith(FINETUNE_PREFIXES):
                     p.add_(0.01)
         DetectionCheckpointer(model, str(folder)).save("model_final")
-        out[name] = export_finetune_weights(str(folder / "model_final.pth"), str(folder / "finetune.pth"))
+        out[name] = export_finetune_weights(
+            str(folder / "model_final.pth"), str(folder / "finetune.pth")
+        )
         out[name + "/path"] = str(folder / "finetune.pth")
         del model
     return out
@@ -280,9 +315,13 @@ def test_export_loads_into_one_stage_detector(exports, setting, config, caplog):
     missing = sorted(k for k in state if k not in exported)
     unexpected = sorted(k for k in exported if k not in state)
     # nothing but the heads / P6-P7 is missing, nothing but RPN / box head / P2 is left over
-    assert all(k.startswith(FRESH) for k in missing), [k for k in missing if not k.startswith(FRESH)]
+    assert all(k.startswith(FRESH) for k in missing), [
+        k for k in missing if not k.startswith(FRESH)
+    ]
     assert any(k.startswith("backbone.top_block.p6") for k in missing)
-    assert all(k.startswith(UNUSED) for k in unexpected), [k for k in unexpected if not k.startswith(UNUSED)]
+    assert all(k.startswith(UNUSED) for k in unexpected), [
+        k for k in unexpected if not k.startswith(UNUSED)
+    ]
     assert any(k.startswith("backbone.fpn_lateral2") for k in unexpected)
     loaded = set(exported) & set(state)
     assert any(k.startswith("backbone.bottom_up.res5") for k in loaded)

@@ -3,6 +3,7 @@ Columnar predictions of drcl2's LVISEvaluator: the box-cropped RLE encoder is by
 pycocotools, the columns give back detectron2's instances_to_coco_json exactly, the files hold what
 detectron2's evaluator writes, and the metrics are detectron2's.
 """
+
 import contextlib
 import io
 import json
@@ -17,6 +18,7 @@ from detectron2.evaluation import LVISEvaluator as D2LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Boxes, Instances
 
+from drcl2.data.generated.synthetic_lvis import synthetic_lvis_detections, synthetic_lvis_gt
 from drcl2.evaluation import LVISEvaluator, load_predictions, patch_lvis_numpy
 from drcl2.evaluation.lvis_evaluation import LVIS_METRICS
 from drcl2.evaluation.predictions import (
@@ -25,11 +27,13 @@ from drcl2.evaluation.predictions import (
     encode_masks,
     instances_to_columns,
 )
-from drcl2.data.generated.synthetic_lvis import synthetic_lvis_detections, synthetic_lvis_gt
 
 
 def _pycocotools(masks):
-    return [mask_util.encode(np.asfortranarray(m[:, :, None].astype(np.uint8)))[0]["counts"] for m in masks]
+    return [
+        mask_util.encode(np.asfortranarray(m[:, :, None].astype(np.uint8)))[0]["counts"]
+        for m in masks
+    ]
 
 
 def test_encode_masks_is_pycocotools_on_edge_cases():
@@ -46,8 +50,21 @@ def test_encode_masks_is_pycocotools_on_edge_cases():
     m[7, 0, 2] = True  # a pixel far outside its box
     m[8, 2:5, :] = True  # full-width band
     # m[0] stays empty
-    boxes = np.array([[0, 0, 1, 1], [4, 3, 20, 10], [0, 0, w, h], [0, 0, w, h], [0, 0, 1, 1],
-                      [w - 1, h - 1, w, h], [0, 0, w, h], [30, 10, 40, 20], [0, 2, w, 5], [0, 0, 0, 0]], float)
+    boxes = np.array(
+        [
+            [0, 0, 1, 1],
+            [4, 3, 20, 10],
+            [0, 0, w, h],
+            [0, 0, w, h],
+            [0, 0, 1, 1],
+            [w - 1, h - 1, w, h],
+            [0, 0, w, h],
+            [30, 10, 40, 20],
+            [0, 2, w, 5],
+            [0, 0, 0, 0],
+        ],
+        float,
+    )
     ref = _pycocotools(m)
     assert encode_masks(m, boxes) == ref
     assert encode_masks(m) == ref
@@ -72,7 +89,14 @@ def test_encode_masks_is_pycocotools_on_random_masks():
             x0, x1 = sorted(rng.integers(0, w + 1, 2))
             y0, y1 = sorted(rng.integers(0, h + 1, 2))
             masks[i, y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) > rng.random()
-            boxes.append([x0 + rng.normal(0, 1.5), y0 + rng.normal(0, 1.5), x1 + rng.normal(0, 1.5), y1 + rng.normal(0, 1.5)])
+            boxes.append(
+                [
+                    x0 + rng.normal(0, 1.5),
+                    y0 + rng.normal(0, 1.5),
+                    x1 + rng.normal(0, 1.5),
+                    y1 + rng.normal(0, 1.5),
+                ]
+            )
         assert encode_masks(masks, np.array(boxes)) == _pycocotools(masks)
 
 
@@ -88,7 +112,7 @@ def _outputs(seed=0, n=40, size=(60, 80)):
     inst.pred_classes = torch.tensor(rng.integers(0, 5, n), dtype=torch.int64)
     masks = torch.zeros((n, h, w), dtype=torch.bool)
     for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
-        region = masks[k, y0:y1 + 1, x0:x1 + 1]
+        region = masks[k, y0 : y1 + 1, x0 : x1 + 1]
         region[...] = torch.from_numpy(rng.random(tuple(region.shape)) > 0.3)
     inst.pred_masks = masks
     return inst
@@ -99,20 +123,30 @@ def test_columns_give_back_detectron2s_coco_json():
     ref = instances_to_coco_json(inst, 7)
     columns = instances_to_columns(inst)
     assert columns_to_coco_json(columns, 7) == ref
-    assert json.dumps(columns_to_coco_json(columns, 7)) == json.dumps(ref)  # key order and floats too
+    assert json.dumps(columns_to_coco_json(columns, 7)) == json.dumps(
+        ref
+    )  # key order and floats too
     back = columns_from_coco_json(ref)
     assert columns_to_coco_json(back, 7) == ref
     inst.remove("pred_masks")
     assert columns_to_coco_json(instances_to_columns(inst), 7) == instances_to_coco_json(inst, 7)
-    empty = Instances((5, 5), pred_boxes=Boxes(torch.zeros(0, 4)), scores=torch.zeros(0),
-                      pred_classes=torch.zeros(0, dtype=torch.int64), pred_masks=torch.zeros(0, 5, 5, dtype=torch.bool))
+    empty = Instances(
+        (5, 5),
+        pred_boxes=Boxes(torch.zeros(0, 4)),
+        scores=torch.zeros(0),
+        pred_classes=torch.zeros(0, dtype=torch.int64),
+        pred_masks=torch.zeros(0, 5, 5, dtype=torch.bool),
+    )
     assert columns_to_coco_json(instances_to_columns(empty), 1) == []
 
 
 @pytest.fixture
 def generated_lvis(tmp_path):
     """A generated LVIS-style set (5 categories) registered under a fresh name; (name, gt, outputs)."""
-    cats = [{"id": i + 1, "name": f"c{i + 1}", "frequency": "rcf"[i % 3], "image_count": 3} for i in range(5)]
+    cats = [
+        {"id": i + 1, "name": f"c{i + 1}", "frequency": "rcf"[i % 3], "image_count": 3}
+        for i in range(5)
+    ]
     gt = synthetic_lvis_gt(8, cats, seed=5, image_size=(40, 90))
     dets = synthetic_lvis_detections(gt, dets_per_image=30, seed=6)
     json_file = tmp_path / "gt.json"
@@ -138,7 +172,9 @@ def test_evaluator_writes_detectron2s_files_and_metrics(generated_lvis, tmp_path
             results[key] = e.evaluate()
     for task in ("bbox", "segm"):
         for k in LVIS_METRICS:
-            assert results["drcl2"][task][k] == pytest.approx(results["detectron2"][task][k], abs=1e-4)
+            assert results["drcl2"][task][k] == pytest.approx(
+                results["detectron2"][task][k], abs=1e-4
+            )
     with open(tmp_path / "detectron2" / "lvis_instances_results.json") as f:
         ref = json.load(f)
     with open(tmp_path / "drcl2" / "lvis_instances_results.json") as f:
@@ -161,7 +197,10 @@ def test_masks_for_some_images_only_are_refused_at_the_first_such_image(generate
     e = LVISEvaluator(name, distributed=False, output_dir=str(tmp_path))
     e.reset()
     e.process(in0, out0)
-    with pytest.raises(ValueError, match=rf"'pred_masks' for image {in0[0]['image_id']} but not for image {in1[0]['image_id']}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"'pred_masks' for image {in0[0]['image_id']} but not for image {in1[0]['image_id']}",
+    ):
         e.process(in1, out1)
     # tasks that ask for masks: the first image without them is refused
     e = LVISEvaluator(name, tasks=("bbox", "segm"), distributed=False)
@@ -169,7 +208,10 @@ def test_masks_for_some_images_only_are_refused_at_the_first_such_image(generate
     with pytest.raises(ValueError, match=rf"tasks include 'segm'.*image {in1[0]['image_id']}"):
         e.process(in1, out1)
     # predictions gathered from processes that disagree: refused before any file or score
-    a, b = LVISEvaluator(name, distributed=False), LVISEvaluator(name, distributed=False, output_dir=str(tmp_path / "b"))
+    a, b = (
+        LVISEvaluator(name, distributed=False),
+        LVISEvaluator(name, distributed=False, output_dir=str(tmp_path / "b")),
+    )
     a.reset(), b.reset()
     a.process(in1, out1)
     b.process(in2, out2)
@@ -189,8 +231,11 @@ def test_lvis_benchmark_end_to_end_verdict(capsys):
     benchmark.main(["lvis_eval", "--num-images", "6", "--dets-per-image", "20"])
     out = capsys.readouterr().out
     assert "evaluate only" in out and "end to end" in out
-    m = re.search(r"speed-up end to end \(detectron2 / drcl2\): ([0-9.]+)x CPU, [0-9.]+x wall.*"
-                  r"target >= ([0-9.]+)x in CPU seconds: (ok|MISSED)", out)
+    m = re.search(
+        r"speed-up end to end \(detectron2 / drcl2\): ([0-9.]+)x CPU, [0-9.]+x wall.*"
+        r"target >= ([0-9.]+)x in CPU seconds: (ok|MISSED)",
+        out,
+    )
     assert m, out
     assert m.group(3) == ("ok" if float(m.group(1)) >= float(m.group(2)) else "MISSED")
     diff = float(re.findall(r"max \|difference\| over all keys: ([0-9.e+-]+)", out)[-1])

@@ -1,21 +1,29 @@
 """Pretext tasks as registered heads: a user's head named in the config trains with (or without)
 the built-in ones, and the target network copies exactly the modules the enabled heads declare."""
+
 import pytest
 import torch
-from torch import nn
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.utils.events import EventStorage
+from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build
+from torch import nn
 
 from drcl2.checkpoint import export_finetune_weights
 from drcl2.modeling import DRCL2_HEAD_REGISTRY, PretextHead
 from drcl2.modeling.losses import byol_loss
-from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ALL_OFF = ["MODEL.DRCL2.HCL.ENABLED", False, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_SR, *NO_RPN]
+ALL_OFF = [
+    "MODEL.DRCL2.HCL.ENABLED",
+    False,
+    "MODEL.DRCL2.LCL.ENABLED",
+    False,
+    *NO_AR,
+    *NO_SR,
+    *NO_RPN,
+]
 
 
 @DRCL2_HEAD_REGISTRY.register()
@@ -58,7 +66,15 @@ def train_steps(model, steps):
 
 
 def test_a_registered_head_named_in_the_config_trains_with_the_builtin_ones():
-    model = build("MODEL.DRCL2.EXTRA_HEADS", ["TinyPoolHead"], "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_SR, *NO_RPN)
+    model = build(
+        "MODEL.DRCL2.EXTRA_HEADS",
+        ["TinyPoolHead"],
+        "MODEL.DRCL2.LCL.ENABLED",
+        False,
+        *NO_AR,
+        *NO_SR,
+        *NO_RPN,
+    )
     assert [h.name for h in model.heads] == ["HolisticContrastiveHead", "TinyPoolHead"]
     assert isinstance(model.tiny_proj, nn.Linear)
     assert set(model.target_network) == {"backbone", "hcl_projector", "tiny_proj"}
@@ -72,8 +88,15 @@ def test_a_registered_head_named_in_the_config_trains_with_the_builtin_ones():
 
 
 def test_an_extra_head_alone(tmp_path):
-    model = build("MODEL.DRCL2.EXTRA_HEADS", ["TinyPoolHead"], "MODEL.DRCL2.DRB.ENABLED", False,
-                  "DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler", *ALL_OFF)
+    model = build(
+        "MODEL.DRCL2.EXTRA_HEADS",
+        ["TinyPoolHead"],
+        "MODEL.DRCL2.DRB.ENABLED",
+        False,
+        "DATALOADER.SAMPLER_TRAIN",
+        "RepeatFactorTrainingSampler",
+        *ALL_OFF,
+    )
     assert set(model.target_network) == {"backbone", "tiny_proj"}  # exactly what the head declares
     losses = train_steps(model, 1)
     assert set(losses) == {"loss_tiny"}
@@ -86,8 +109,12 @@ def test_an_extra_head_alone(tmp_path):
 def test_the_builtin_heads_and_their_targets():
     model = build()
     assert [h.name for h in model.heads] == [
-        "RPNLossHead", "HolisticContrastiveHead", "LocalContrastiveHead",
-        "AppearanceReconstructionHead", "SemanticReconstructionHead"]
+        "RPNLossHead",
+        "HolisticContrastiveHead",
+        "LocalContrastiveHead",
+        "AppearanceReconstructionHead",
+        "SemanticReconstructionHead",
+    ]
     assert set(model.target_network) == {"backbone", "hcl_projector", "box_head", "lcl_projector"}
     # the LCL target box head follows the online roi_heads.box_head
     assert model.online_target_pairs()["box_head"] is model.roi_heads.box_head

@@ -3,17 +3,17 @@ The four measured defects of 2DRCL v1's design (docs/method.md, "What changed af
 the parts added to fix them: each test fails on v1's behaviour (kept behind config keys, so the test
 shows that it can fail) and passes on the new default.
 """
+
 import copy
 import logging
 
 import pytest
 import torch
-
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build, step_data
 
 from drcl2.modeling.heads import ClassMemory
-from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build, step_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,9 @@ def test_only_the_reconstruction_terms_see_where_the_masks_fall(online_view):
     model = build("MODEL.DRCL2.MASK.ONLINE_VIEW", online_view, "MODEL.DRCL2.MASK.RATIO", 0.3)
     in_boxes, random = losses_with_mask(model, 1.0), losses_with_mask(model, 0.0)
     assert set(in_boxes) == set(random) and RECONSTRUCTION <= set(in_boxes)
-    changed = {k for k in in_boxes if abs(in_boxes[k] - random[k]) > 1e-6 * max(1.0, abs(random[k]))}
+    changed = {
+        k for k in in_boxes if abs(in_boxes[k] - random[k]) > 1e-6 * max(1.0, abs(random[k]))
+    }
     if online_view == "reconstruction":
         assert changed == RECONSTRUCTION
     else:
@@ -66,8 +68,12 @@ def test_an_object_visible_only_in_view1_is_an_rpn_target(monkeypatch, targets):
 
     seen = []
     original = rpn_loss_head.rpn_losses_only
-    monkeypatch.setattr(rpn_loss_head, "rpn_losses_only", lambda rpn, f, gt: seen.append(gt) or original(rpn, f, gt))
-    model = build("MODEL.DRCL2.RPN.TARGETS", targets, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_SR)
+    monkeypatch.setattr(
+        rpn_loss_head, "rpn_losses_only", lambda rpn, f, gt: seen.append(gt) or original(rpn, f, gt)
+    )
+    model = build(
+        "MODEL.DRCL2.RPN.TARGETS", targets, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_SR
+    )
     step_data(model, batch_with_an_object_cut_from_view2())
     boxes = seen[0][0].gt_boxes.tensor.tolist()
     assert ([36.0, 40.0, 60.0, 62.0] in boxes) == (targets == "view")
@@ -113,7 +119,9 @@ def test_class_memory_is_first_in_first_out():
     embeddings, classes = memory.entries()
     assert classes.tolist() == [0, 0, 2]
     assert embeddings[:2].tolist() == [[0.0, -1.0], [0.0, 1.0]]
-    memory.push(torch.tensor([[1.0, 0.0]] * 5), torch.tensor([1] * 5))  # more rows than slots: the last 2
+    memory.push(
+        torch.tensor([[1.0, 0.0]] * 5), torch.tensor([1] * 5)
+    )  # more rows than slots: the last 2
     assert memory.filled.tolist() == [2, 2, 1]
 
 
@@ -136,13 +144,22 @@ def test_supervised_detection_head_trains_the_exported_box_head():
             [[b[[0, 1, 2, 1, 2, 3, 0, 3]].numpy()] for b in t.gt_boxes.tensor], *t.image_size
         )
     losses = step_data(model, data)
-    assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_lcl_inst", "loss_hcl"} <= set(losses)
+    assert {
+        "loss_cls",
+        "loss_box_reg",
+        "loss_mask",
+        "loss_rpn_cls",
+        "loss_lcl_inst",
+        "loss_hcl",
+    } <= set(losses)
     sum(losses.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
     assert model.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
     names = [n for n, _ in model.named_parameters()]
-    assert sum(n.startswith("roi_heads.box_head.") for n in names) == len(list(model.roi_heads.box_head.parameters()))
+    assert sum(n.startswith("roi_heads.box_head.") for n in names) == len(
+        list(model.roi_heads.box_head.parameters())
+    )
 
 
 def test_supervised_detection_needs_the_rpn():
@@ -153,7 +170,15 @@ def test_supervised_detection_needs_the_rpn():
 @pytest.mark.parametrize("scale", [0.0, 1.0])
 def test_lcl_backbone_gradient_scale(scale):
     """LCL.BACKBONE_GRAD 0: LCL trains its box head and MLPs but sends nothing into the backbone."""
-    model = build("MODEL.DRCL2.HCL.ENABLED", False, *NO_AR, *NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.BACKBONE_GRAD", scale)
+    model = build(
+        "MODEL.DRCL2.HCL.ENABLED",
+        False,
+        *NO_AR,
+        *NO_SR,
+        *NO_RPN,
+        "MODEL.DRCL2.LCL.BACKBONE_GRAD",
+        scale,
+    )
     losses = step_data(model, batch())
     sum(losses.values()).backward()
     backbone = [p.grad for n, p in model.named_parameters() if n.startswith("backbone.")]
@@ -174,7 +199,9 @@ def test_lcl_infonce_instance_term():
 
 def test_a_skipped_lcl_step_is_logged(drcl2_log):
     """LCL's batch norm cannot train on one instance: the step's LCL loss is 0, and it says so."""
-    model = build("MODEL.DRCL2.HEAD_NORM", "BN", "MODEL.DRCL2.HCL.ENABLED", False, *NO_AR, *NO_SR, *NO_RPN)
+    model = build(
+        "MODEL.DRCL2.HEAD_NORM", "BN", "MODEL.DRCL2.HCL.ENABLED", False, *NO_AR, *NO_SR, *NO_RPN
+    )
     data = batch()[:1]
     for v in ("view1", "view2"):
         data[0][v]["instances"] = data[0][v]["instances"][:1]
@@ -182,4 +209,6 @@ def test_a_skipped_lcl_step_is_logged(drcl2_log):
         losses = model(data)
     assert losses["loss_lcl_inst"].item() == 0.0
     assert storage.latest()["drcl2/lcl_skipped"][0] == 1.0
-    assert any("LCL skipped" in r.getMessage() and r.levelno == logging.WARNING for r in drcl2_log.records)
+    assert any(
+        "LCL skipped" in r.getMessage() and r.levelno == logging.WARNING for r in drcl2_log.records
+    )

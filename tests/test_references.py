@@ -15,6 +15,7 @@ What is created at run time (outputs, the virtual environment, device reports) a
 look like paths are on ``ALLOWED``, each with its reason; an entry that matches nothing fails the
 test, so the list cannot rot.
 """
+
 import ast
 import fnmatch
 import os
@@ -27,8 +28,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_imports import _defined_names, package_modules  # noqa: E402
 
 SCANNED = [  # code, configs and docs (this file is the checker: its patterns are not references)
-    "drcl2/**/*.py", "tests/*.py", "datasets/*.py", "train_net.py", "setup.py", "Makefile", ".ci/*",
-    "configs/**/*.yaml", "README.md", "datasets/README.md", "docs/**/*.md",
+    "drcl2/**/*.py",
+    "tests/*.py",
+    "datasets/*.py",
+    "train_net.py",
+    "setup.py",
+    "Makefile",
+    ".ci/*",
+    "configs/**/*.yaml",
+    "README.md",
+    "datasets/README.md",
+    "docs/**/*.md",
 ]
 # Not in a fresh clone: git-ignored, or made at run time.
 SKIPPED_DIRS = {".git", ".venv", "output", ".whl", "__pycache__", ".pytest_cache"}
@@ -61,7 +71,9 @@ def scanned_files() -> List[str]:
 
     files = set()
     for pattern in SCANNED:
-        files.update(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, pattern), recursive=True))
+        files.update(
+            os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, pattern), recursive=True)
+        )
     files.discard(os.path.join("tests", "test_references.py"))
     return sorted(f for f in files if os.path.isfile(os.path.join(REPO, f)))
 
@@ -72,8 +84,11 @@ def repository_paths() -> Set[str]:
     for folder, dirs, files in os.walk(REPO):
         rel = os.path.relpath(folder, REPO).replace(os.sep, "/")
         rel = "" if rel == "." else rel + "/"
-        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS and not d.endswith(".egg-info")
-                   and not (rel == "datasets/")]  # datasets/<set>/: downloaded or generated
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in SKIPPED_DIRS and not d.endswith(".egg-info") and not (rel == "datasets/")
+        ]  # datasets/<set>/: downloaded or generated
         for d in dirs:
             paths.update({rel + d, rel + d + "/"})
         paths.update(rel + f for f in files)
@@ -85,8 +100,11 @@ def _alternatives(text: str) -> List[str]:
     m = re.search(r"\{([^{}]*,[^{}]*)\}", text)
     if not m:
         return [text]
-    return [alt for option in m.group(1).split(",")
-            for alt in _alternatives(text[: m.start()] + option + text[m.end():])]
+    return [
+        alt
+        for option in m.group(1).split(",")
+        for alt in _alternatives(text[: m.start()] + option + text[m.end() :])
+    ]
 
 
 def _as_glob(path: str) -> str:
@@ -186,16 +204,28 @@ def test_markdown_links_and_anchors_resolve():
             if page and not path_exists(page, source, paths):
                 broken.append(f"{source}:{line}: {target}")
                 continue
-            page_path = os.path.normpath(os.path.join(os.path.dirname(source), page)) if page else source
-            if anchor and page_path.endswith(".md") and anchor not in {_slug(h) for h in headings(page_path)}:
+            page_path = (
+                os.path.normpath(os.path.join(os.path.dirname(source), page)) if page else source
+            )
+            if (
+                anchor
+                and page_path.endswith(".md")
+                and anchor not in {_slug(h) for h in headings(page_path)}
+            ):
                 broken.append(f"{source}:{line}: {target} (no such heading)")
     assert not broken, "broken markdown links:\n" + "\n".join(broken)
 
 
 def test_named_sections_exist():
-    pages = {"README": "README.md", "README.md": "README.md", "datasets/README.md": "datasets/README.md",
-             "method.md": "docs/method.md", "docs/method.md": "docs/method.md",
-             "docs/README.md": None, "datasets/README": "datasets/README.md"}
+    pages = {
+        "README": "README.md",
+        "README.md": "README.md",
+        "datasets/README.md": "datasets/README.md",
+        "method.md": "docs/method.md",
+        "docs/method.md": "docs/method.md",
+        "docs/README.md": None,
+        "datasets/README": "datasets/README.md",
+    }
     labels = {page: section_labels(page) for page in set(pages.values()) if page}
     missing, seen = [], 0
     for source in scanned_files():
@@ -216,8 +246,14 @@ def test_dataset_hints_name_sections_of_datasets_readme():
     """check_dataset_files' hint names a datasets/README.md section: each must exist."""
     with open(os.path.join(REPO, "drcl2", "data", "datasets.py"), encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_readme_section")
-    sections = [n.value.value for n in ast.walk(fn) if isinstance(n, ast.Return) and isinstance(n.value, ast.Constant)]
+    fn = next(
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_readme_section"
+    )
+    sections = [
+        n.value.value
+        for n in ast.walk(fn)
+        if isinstance(n, ast.Return) and isinstance(n.value, ast.Constant)
+    ]
     assert len(sections) >= 7
     titles = headings("datasets/README.md")
     for s in sections:
@@ -230,7 +266,11 @@ def module_names(modules: Dict[str, str]) -> Dict[str, Set[str]]:
     for module, path in modules.items():
         with open(path, encoding="utf-8") as f:
             defined, imported = _defined_names(ast.parse(f.read()))
-        names[module] = defined | imported | {n.rpartition(".")[2] for n in modules if n.rpartition(".")[0] == module}
+        names[module] = (
+            defined
+            | imported
+            | {n.rpartition(".")[2] for n in modules if n.rpartition(".")[0] == module}
+        )
     return names
 
 
@@ -258,9 +298,14 @@ def test_dotted_drcl2_names_resolve():
     for source in scanned_files():
         with open(os.path.join(REPO, source), encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
-                broken.extend((source, i, m.group(0)) for m in DOTTED_RE.finditer(line)
-                              if not dotted_name_resolves(m.group(0), names))
-    assert not broken, "drcl2 names that do not exist:\n" + "\n".join(f"{s}:{i}: {r}" for s, i, r in broken)
+                broken.extend(
+                    (source, i, m.group(0))
+                    for m in DOTTED_RE.finditer(line)
+                    if not dotted_name_resolves(m.group(0), names)
+                )
+    assert not broken, "drcl2 names that do not exist:\n" + "\n".join(
+        f"{s}:{i}: {r}" for s, i, r in broken
+    )
 
 
 def test_the_checks_can_fail():
@@ -271,19 +316,42 @@ def test_the_checks_can_fail():
     assert path_exists("configs/<name>.yaml", "README.md", paths)
     assert path_exists("../a.yaml", "configs/sub/x.yaml", paths | {"configs/sub/"})
     assert not path_exists("METHOD.md", "drcl2/x.py", paths)
-    assert _slug("Long runs: resume, checkpoints, failures") == "long-runs-resume-checkpoints-failures"
-    refs = [_clean(m.group(0)) for m in PATH_RE.finditer(
-        "see METHOD.md, (configs/toy/x.yaml), `docs/method.md`, ../shared/notes and output/run/.")]
-    assert refs == ["METHOD.md", "configs/toy/x.yaml", "docs/method.md", "../shared/notes", "output/run/"]
-    m = SECTION_RE.search('(docs/method.md, "DRB") and datasets/README.md, section \'COCO\'')
+    assert (
+        _slug("Long runs: resume, checkpoints, failures") == "long-runs-resume-checkpoints-failures"
+    )
+    refs = [
+        _clean(m.group(0))
+        for m in PATH_RE.finditer(
+            "see METHOD.md, (configs/toy/x.yaml), `docs/method.md`, ../shared/notes and output/run/."
+        )
+    ]
+    assert refs == [
+        "METHOD.md",
+        "configs/toy/x.yaml",
+        "docs/method.md",
+        "../shared/notes",
+        "output/run/",
+    ]
+    m = SECTION_RE.search("(docs/method.md, \"DRB\") and datasets/README.md, section 'COCO'")
     assert m.groups() == ("docs/method.md", "DRB")
-    assert [m.group(0) for m in DOTTED_RE.finditer("`drcl2.data.toy_lvis`, drcl2.tools.bench_<name>")] == [
-        "drcl2.data.toy_lvis", "drcl2.tools.bench_<"]
-    names = {"drcl2": {"data", "tools"}, "drcl2.data": {"generated", "register_lvis_format"},
-             "drcl2.data.generated": {"toy_lvis"}, "drcl2.data.generated.toy_lvis": {"ToyLVISSpec"},
-             "drcl2.tools": {"bench_step"}, "drcl2.tools.bench_step": set()}
-    for ref in ("drcl2.data.generated.toy_lvis.ToyLVISSpec.seed", "drcl2.data.register_lvis_format",
-                "drcl2.tools.bench_<", "drcl2.ema", "drcl2.data.__file__"):
+    assert [
+        m.group(0) for m in DOTTED_RE.finditer("`drcl2.data.toy_lvis`, drcl2.tools.bench_<name>")
+    ] == ["drcl2.data.toy_lvis", "drcl2.tools.bench_<"]
+    names = {
+        "drcl2": {"data", "tools"},
+        "drcl2.data": {"generated", "register_lvis_format"},
+        "drcl2.data.generated": {"toy_lvis"},
+        "drcl2.data.generated.toy_lvis": {"ToyLVISSpec"},
+        "drcl2.tools": {"bench_step"},
+        "drcl2.tools.bench_step": set(),
+    }
+    for ref in (
+        "drcl2.data.generated.toy_lvis.ToyLVISSpec.seed",
+        "drcl2.data.register_lvis_format",
+        "drcl2.tools.bench_<",
+        "drcl2.ema",
+        "drcl2.data.__file__",
+    ):
         assert dotted_name_resolves(ref, names), ref
     for ref in ("drcl2.data.toy_lvis", "drcl2.data.generated.toy_lvis.Nope", "drcl2.tools.nope_<"):
         assert not dotted_name_resolves(ref, names), ref

@@ -3,14 +3,14 @@ Exact resume: a run interrupted after a checkpoint and resumed with --resume giv
 losses of the uninterrupted run (pre-training with the dynamic sampler, fine-tuning with detectron2's
 RepeatFactorTrainingSampler; aspect-ratio grouping on; DataLoader workers 0 and 2).
 """
+
 import os
 
 import numpy as np
 import pytest
 import torch
-
-
 from conftest import REPO_ROOT, cfg_from
+
 from drcl2.data.resumable_loader import ResumableTrainLoader, derived_seed, seeded_random_state
 from drcl2.engine import Trainer
 from drcl2.tools.check_resume import losses_of_run
@@ -48,14 +48,40 @@ class _RecordingLoader:
 
 def _cfg(kind, output_dir, workers):
     common = [
-        "OUTPUT_DIR", str(output_dir), "SOLVER.MAX_ITER", MAX_ITER, "SOLVER.CHECKPOINT_PERIOD", CHECKPOINT_AT,
-        "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", workers, "DATALOADER.ASPECT_RATIO_GROUPING", True,
-        "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 96, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-        "SOLVER.WARMUP_ITERS", 2, "SOLVER.STEPS", (6,), "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), "SEED", 7,
+        "OUTPUT_DIR",
+        str(output_dir),
+        "SOLVER.MAX_ITER",
+        MAX_ITER,
+        "SOLVER.CHECKPOINT_PERIOD",
+        CHECKPOINT_AT,
+        "SOLVER.IMS_PER_BATCH",
+        2,
+        "DATALOADER.NUM_WORKERS",
+        workers,
+        "DATALOADER.ASPECT_RATIO_GROUPING",
+        True,
+        "INPUT.MIN_SIZE_TRAIN",
+        (64,),
+        "INPUT.MAX_SIZE_TRAIN",
+        96,
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        64,
+        "SOLVER.WARMUP_ITERS",
+        2,
+        "SOLVER.STEPS",
+        (6,),
+        "TEST.EVAL_PERIOD",
+        0,
+        "DATASETS.TEST",
+        (),
+        "SEED",
+        7,
     ]
     if kind == "pretrain":
         return cfg_from("configs/toy/pretrain_2drcl.yaml", *common)
-    return cfg_from("configs/toy/mask_rcnn_finetune.yaml", *common, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64)
+    return cfg_from(
+        "configs/toy/mask_rcnn_finetune.yaml", *common, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64
+    )
 
 
 def _train(cfg, resume, stop_after=None):
@@ -64,7 +90,9 @@ def _train(cfg, resume, stop_after=None):
     return trainer, losses, _RecordingTrainer.seen
 
 
-@pytest.mark.parametrize("kind,workers", [("pretrain", 0), ("pretrain", 2), ("finetune", 0), ("finetune", 2)])
+@pytest.mark.parametrize(
+    "kind,workers", [("pretrain", 0), ("pretrain", 2), ("finetune", 0), ("finetune", 2)]
+)
 def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, kind, workers):
     full, full_losses, full_seen = _train(_cfg(kind, tmp_path / "full", workers), resume=False)
     assert sorted(full_losses) == list(range(MAX_ITER))
@@ -73,7 +101,9 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, kind, workers):
     cut, cut_losses, _ = _train(cut_cfg, resume=False, stop_after=CHECKPOINT_AT - 1)
     assert cut.iter == CHECKPOINT_AT - 1
     assert cut_losses == {it: full_losses[it] for it in range(CHECKPOINT_AT)}
-    assert (tmp_path / "cut" / "last_checkpoint").read_text() == f"model_{CHECKPOINT_AT - 1:07d}.pth"
+    assert (
+        tmp_path / "cut" / "last_checkpoint"
+    ).read_text() == f"model_{CHECKPOINT_AT - 1:07d}.pth"
     resumed, resumed_losses, resumed_seen = _train(cut_cfg, resume=True)
     assert resumed.start_iter == CHECKPOINT_AT
     assert sorted(resumed_losses) == list(range(CHECKPOINT_AT, MAX_ITER))
@@ -84,7 +114,11 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, kind, workers):
     for it in range(CHECKPOINT_AT, MAX_ITER):
         a, b = full_losses[it], resumed_losses[it]
         assert a.keys() == b.keys() and len(a) >= 3, it
-        differ = {name: (a[name], b[name]) for name in a if b[name] != pytest.approx(a[name], rel=1e-5, abs=1e-7)}
+        differ = {
+            name: (a[name], b[name])
+            for name in a
+            if b[name] != pytest.approx(a[name], rel=1e-5, abs=1e-7)
+        }
         assert not differ, (it, differ)
 
 
@@ -106,13 +140,21 @@ def test_views_do_not_depend_on_the_number_of_workers(tmp_path):
         for x, y in zip(batch_a, batch_b):
             assert x["image_id"] == y["image_id"]
             assert torch.equal(x["view1"]["image"], y["view1"]["image"])
-            assert torch.equal(x["view2"]["instances"].gt_boxes.tensor, y["view2"]["instances"].gt_boxes.tensor)
+            assert torch.equal(
+                x["view2"]["instances"].gt_boxes.tensor, y["view2"]["instances"].gt_boxes.tensor
+            )
 
 
 def _loader(records, mapper, state=None, grouping=True, workers=0):
     return ResumableTrainLoader(
-        records, _Cycle(len(records)), mapper, batch_size=2, aspect_ratio_grouping=grouping,
-        num_workers=workers, seed=5, state=state,
+        records,
+        _Cycle(len(records)),
+        mapper,
+        batch_size=2,
+        aspect_ratio_grouping=grouping,
+        num_workers=workers,
+        seed=5,
+        state=state,
     )
 
 
@@ -138,22 +180,35 @@ def test_loader_state_resumes_the_buckets():
     it = iter(loader)
     first = [next(it)]
     state = loader.state_dict()
-    assert state["buckets"] == [[], [[0, 0]], [], []]  # image 0 (portrait) waits for a second portrait one
+    assert state["buckets"] == [
+        [],
+        [[0, 0]],
+        [],
+        [],
+    ]  # image 0 (portrait) waits for a second portrait one
     rest = [next(it) for _ in range(4)]
     resumed = iter(_loader(records, _draw, state=state))
     assert [next(resumed) for _ in range(4)] == rest
     for batch in first + rest:  # detectron2's rule: one orientation per batch
         assert len({d["width"] > d["height"] for d in batch}) == 1
     # without the buckets' state (a restart at the next position) the batches differ
-    restarted = iter(_loader(records, _draw, state={"next_position": state["next_position"], "buckets": [[], [], [], []]}))
+    restarted = iter(
+        _loader(
+            records,
+            _draw,
+            state={"next_position": state["next_position"], "buckets": [[], [], [], []]},
+        )
+    )
     assert [next(restarted) for _ in range(4)] != rest
 
 
 def _two_views(d):
     """Two views cropped each on its own: orientations drawn per view, whatever the original's."""
+
     def view():
         h, w = (8, 12) if np.random.rand() < 0.5 else (12, 8)
         return {"image": torch.zeros(3, h, w, dtype=torch.uint8)}
+
     return dict(d, view1=view(), view2=view())
 
 
@@ -163,8 +218,13 @@ def test_two_views_are_grouped_by_their_own_orientation():
     loader = _loader(records, _two_views)
     it = iter(loader)
     batches = [next(it) for _ in range(12)]
-    kinds = [{tuple(d[v]["image"].shape[-1] > d[v]["image"].shape[-2] for v in ("view1", "view2")) for d in b}
-             for b in batches]
+    kinds = [
+        {
+            tuple(d[v]["image"].shape[-1] > d[v]["image"].shape[-2] for v in ("view1", "view2"))
+            for d in b
+        }
+        for b in batches
+    ]
     for batch_kinds in kinds:  # one (view 1, view 2) orientation pair per batch
         assert len(batch_kinds) == 1
     assert len(set().union(*kinds)) == 4  # the generated set has all four pairs
@@ -172,7 +232,9 @@ def test_two_views_are_grouped_by_their_own_orientation():
     state = loader.state_dict()
     rest = [next(it) for _ in range(4)]
     resumed = iter(_loader(records, _two_views, state=state))
-    assert [[d["image_id"] for d in b] for b in (next(resumed) for _ in range(4))] == [[d["image_id"] for d in b] for b in rest]
+    assert [[d["image_id"] for d in b] for b in (next(resumed) for _ in range(4))] == [
+        [d["image_id"] for d in b] for b in rest
+    ]
 
 
 def test_padding_benchmark_groups_by_the_views():
@@ -188,12 +250,16 @@ def test_padding_benchmark_groups_by_the_views():
         with contextlib.redirect_stdout(out):
             benchmark.main(["padding", "--images", "1000", "--batch-sizes", "4"] + opts)
         assert " ".join(opts[1:]) in out.getvalue()
-        row = [line.split() for line in out.getvalue().splitlines() if line.split()[:1] == ["4"]][-1]
+        row = [line.split() for line in out.getvalue().splitlines() if line.split()[:1] == ["4"]][
+            -1
+        ]
         none, original, views = (float(x.rstrip("%")) for x in row[1:])
         assert views < original - margin and views < none - margin, (opts, row)
 
 
-@pytest.mark.parametrize("old_buckets", [[[[3, 3]], [[5, 5]]], [[[3, 3]], [[5, 5]], []]], ids=["2-buckets", "3-buckets"])
+@pytest.mark.parametrize(
+    "old_buckets", [[[[3, 3]], [[5, 5]]], [[[3, 3]], [[5, 5]], []]], ids=["2-buckets", "3-buckets"]
+)
 def test_an_older_bucket_state_is_regrouped(old_buckets):
     """A state written by an older grouping rule (2 buckets: by the original; 3: one bucket for all
     mixed views) is taken: its waiting images are mapped again and grouped by the current rule."""
@@ -221,9 +287,13 @@ def test_mapping_keeps_the_callers_cuda_random_state(monkeypatch):
     calls = []
     cuda_states = [torch.tensor([1, 2, 3], dtype=torch.uint8)]
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # manual_seed's CUDA part seeds nothing
+    monkeypatch.setattr(
+        torch.cuda, "device_count", lambda: 0
+    )  # manual_seed's CUDA part seeds nothing
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("get") or cuda_states)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set", states)))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda states: calls.append(("set", states))
+    )
     with seeded_random_state(derived_seed(1, 2, 3)):
         assert calls == ["get"]
     assert calls == ["get", ("set", cuda_states)]
@@ -246,9 +316,13 @@ def test_a_truncated_image_names_its_file(tmp_path):
     from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 
     path = tmp_path / "img_17.jpg"
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (96, 128, 3), dtype=np.uint8)).save(path, quality=95)
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (96, 128, 3), dtype=np.uint8)).save(
+        path, quality=95
+    )
     path.write_bytes(path.read_bytes()[:2000])  # cut short, as by an interrupted copy
-    records = [{"file_name": str(path), "image_id": 17, "width": 128, "height": 96, "annotations": []}]
+    records = [
+        {"file_name": str(path), "image_id": 17, "width": 128, "height": 96, "annotations": []}
+    ]
     mapper = TwoViewDatasetMapper(_cfg("pretrain", tmp_path, 0), is_train=True)
     with pytest.raises(OSError, match=r"image file is truncated.*img_17\.jpg \(image_id 17\)"):
         next(iter(_loader(records, mapper)))
@@ -256,17 +330,38 @@ def test_a_truncated_image_names_its_file(tmp_path):
 
 def test_state_of_another_grouping_is_refused():
     with pytest.raises(ValueError, match="ASPECT_RATIO_GROUPING"):
-        _loader([{"image_id": 0}], _draw, state={"next_position": 3, "buckets": [[]]}, grouping=True)
+        _loader(
+            [{"image_id": 0}], _draw, state={"next_position": 3, "buckets": [[]]}, grouping=True
+        )
 
 
 def test_check_resume_command_reports_zero_differences(tmp_path, capsys):
     from drcl2.tools.check_resume import main
 
-    worst = main([
-        "--config-file", os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml"), "--iters", "3", "--checkpoint-at", "2",
-        "--output", str(tmp_path), "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", "2",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "DATALOADER.NUM_WORKERS", "0",
-    ])
+    worst = main(
+        [
+            "--config-file",
+            os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml"),
+            "--iters",
+            "3",
+            "--checkpoint-at",
+            "2",
+            "--output",
+            str(tmp_path),
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.WEIGHTS",
+            "",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "96",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+        ]
+    )
     assert set(worst) >= {"loss_cls", "loss_box_reg", "loss_mask"} and max(worst.values()) < 1e-5
     assert "loss_mask" in capsys.readouterr().out
 

@@ -113,16 +113,32 @@ def test_lambda_moves_within_one_pass(dicts):
     pass_iters = int(r0.sum()) // 8  # iterations of 8 images in one pass at λ = 0
     gain = r1 / r0  # how much more often λ = 1 shows each image
     favoured, disfavoured = gain >= gain.quantile(0.9), gain <= gain.quantile(0.1)
-    contrast = float((r1[favoured].sum() / r1[disfavoured].sum()) / (r0[favoured].sum() / r0[disfavoured].sum()))
+    contrast = float(
+        (r1[favoured].sum() / r1[disfavoured].sum()) / (r0[favoured].sum() / r0[disfavoured].sum())
+    )
     assert contrast > 1.4  # the data has a real contrast between the two sets
     shares = {"first": [], "second": []}
     for seed in range(20):
-        sampler = make(dicts, schedule=RebalanceSchedule(0.5, 0.5), max_iter=pass_iters, chunk_iters=5, seed=seed)
-        assert sampler.lam_at(pass_iters // 2 - 5) == 0.0 and sampler.lam_at(pass_iters // 2 + 5) == 1.0
+        sampler = make(
+            dicts,
+            schedule=RebalanceSchedule(0.5, 0.5),
+            max_iter=pass_iters,
+            chunk_iters=5,
+            seed=seed,
+        )
+        assert (
+            sampler.lam_at(pass_iters // 2 - 5) == 0.0
+            and sampler.lam_at(pass_iters // 2 + 5) == 1.0
+        )
         stream = torch.tensor(take(sampler, pass_iters * 8))  # at most one pass at λ = 0
-        for half, part in (("first", stream[: len(stream) // 2 - 40]), ("second", stream[len(stream) // 2 + 40 :])):
+        for half, part in (
+            ("first", stream[: len(stream) // 2 - 40]),
+            ("second", stream[len(stream) // 2 + 40 :]),
+        ):
             counts = torch.bincount(part, minlength=len(dicts)).double()
-            shares[half].append(float(counts[favoured].sum() / counts[disfavoured].sum().clamp(min=1)))
+            shares[half].append(
+                float(counts[favoured].sum() / counts[disfavoured].sum().clamp(min=1))
+            )
     first, second = np.mean(shares["first"]), np.mean(shares["second"])
     expected_first = float(r0[favoured].sum() / r0[disfavoured].sum())
     assert first == pytest.approx(expected_first, rel=0.15)  # λ = 0 composition
@@ -160,7 +176,9 @@ def test_lam_at(dicts):
     assert s.lam_at(600) == 1.0 and s.lam_at(5000) == 1.0
     c = make(dicts, schedule=RebalanceSchedule(0.0, 1.0, "cosine"), max_iter=1000, chunk_iters=1)
     assert c.lam_at(500) == pytest.approx(0.5) and c.lam_at(250) < 0.25
-    chunked = make(dicts, schedule=RebalanceSchedule(0.2, 0.6, "linear"), max_iter=1000, chunk_iters=50)
+    chunked = make(
+        dicts, schedule=RebalanceSchedule(0.2, 0.6, "linear"), max_iter=1000, chunk_iters=50
+    )
     assert chunked.lam_at(449) == pytest.approx(0.5) and chunked.lam_at(450) == pytest.approx(0.625)
 
 
@@ -344,7 +362,10 @@ def test_trainer_uses_sampler_logs_lambda_and_resumes(dicts, tmp_path):
     if "_DRBRecordingModel" not in META_ARCH_REGISTRY:
         META_ARCH_REGISTRY.register(_DRBRecordingModel)
     # the mapper reads no image, but the Trainer's dataset check wants the files to exist
-    records = [dict(d, file_name=str(tmp_path / f"img{d['image_id']}.jpg"), width=64, height=48) for d in dicts]
+    records = [
+        dict(d, file_name=str(tmp_path / f"img{d['image_id']}.jpg"), width=64, height=48)
+        for d in dicts
+    ]
     for r in records:
         open(r["file_name"], "wb").close()
     name = "drb_test_trainer_train"
@@ -401,7 +422,9 @@ def test_trainer_without_dynamic_sampler_has_no_lambda_hook(dicts, tmp_path):
         META_ARCH_REGISTRY.register(_DRBRecordingModel)
     name = "drb_test_trainer_train_plain"
     if name not in DatasetCatalog:
-        (tmp_path / "x.jpg").touch()  # read by no mapper here; the Trainer's dataset check wants it to exist
+        (
+            tmp_path / "x.jpg"
+        ).touch()  # read by no mapper here; the Trainer's dataset check wants it to exist
         records = [dict(d, file_name=str(tmp_path / "x.jpg"), width=64, height=48) for d in dicts]
         DatasetCatalog.register(name, lambda: records)
     cfg = _drb_trainer_cfg(tmp_path, name)
@@ -422,7 +445,11 @@ def test_sampler_benchmark_verdicts(capsys):
     benchmark.main(["sampler", *args])
     out = capsys.readouterr().out
     assert "3,000 images, 30,000 instances" in out
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("|")
+    ]
     judged = [r for r in rows if r[-1] in ("ok", "MISSED")]
     assert len(judged) == 3  # set-up, one pass at a fixed λ, one pass with λ moving
     for row in judged:

@@ -1,11 +1,12 @@
 """The study runner (python -m drcl2.tools.study): study files, dry run, report maths, resume."""
+
 import json
 import os
 import textwrap
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from drcl2.study import StudyFileError, load_study
 from drcl2.study.report import mean_std, paired_differences, read_csv, write_report
 from drcl2.tools import study as study_tool
@@ -49,26 +50,32 @@ BASIC = f"""
 def test_shipped_study_files_parse(path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     from detectron2.config import get_cfg
+    from detectron2.data import MetadataCatalog
 
     from drcl2.config import add_drcl2_config
     from drcl2.modeling.meta_arch import check_drcl2_config
     from drcl2.study import StudyRunner
 
-    from detectron2.data import MetadataCatalog
-
     study = load_study(path)
-    if path in ("configs/study/toy.yaml", "configs/study/large.yaml"):  # the main studies: main arms, 3 seeds
+    if path in (
+        "configs/study/toy.yaml",
+        "configs/study/large.yaml",
+    ):  # the main studies: main arms, 3 seeds
         assert {"scratch", "scratch_long", "supervised_pretrain", "2drcl"} <= set(study.arms)
         assert len(study.seeds) == 3
         assert study.arms["2drcl"].iters == study.arms["scratch_long"].iters  # equal compute
     num_classes = len(MetadataCatalog.get(study.datasets["train"]).thing_classes)
     runner = StudyRunner(study)
-    for arm in study.arms.values():  # every stage's config takes the study's and the arm's overrides
+    for (
+        arm
+    ) in study.arms.values():  # every stage's config takes the study's and the arm's overrides
         for stage in arm.stages:
             cfg = get_cfg()
             add_drcl2_config(cfg)
             cfg.merge_from_file(stage.config)
-            cfg.merge_from_list(runner.stage_opts(arm, arm.seeds[0], stage))  # unknown keys fail here
+            cfg.merge_from_list(
+                runner.stage_opts(arm, arm.seeds[0], stage)
+            )  # unknown keys fail here
             assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == num_classes, (arm.name, stage.config)
             assert cfg.SOLVER.MAX_ITER == stage.iters
             assert all(0 < s < stage.iters for s in cfg.SOLVER.STEPS)
@@ -86,18 +93,37 @@ def test_study_file_parses(tmp_path):
     assert study.jobs == 1 and study.num_gpus == 1 and study.device == "auto"
     # main group first, seed-major; the ablation after
     order = [(a.name, s) for a, s in study.runs()]
-    assert order == [("scratch", 1), ("scratch_long", 1), ("2drcl", 1), ("scratch", 2), ("scratch_long", 2),
-                     ("2drcl", 2), ("abl", 1)]
+    assert order == [
+        ("scratch", 1),
+        ("scratch_long", 1),
+        ("2drcl", 1),
+        ("scratch", 2),
+        ("scratch_long", 2),
+        ("2drcl", 2),
+        ("abl", 1),
+    ]
     assert [(a.name, s) for a, s in study.runs(["2drcl"], [2])] == [("2drcl", 2)]
 
 
 @pytest.mark.parametrize(
     "change,message",
     [
-        (("      scratch:\n", "      scratch:\n        colour: red\n"), r"arms.scratch: unknown key\(s\) \['colour'\]"),
-        ((FINETUNE + ", iters: F}", "configs/toy/no_such.yaml, iters: F}"), r"arms.scratch.finetune.config: config file 'configs/toy/no_such.yaml' not found"),
-        (("iters: F + P", "iters: F + Q"), r"arms.scratch_long.finetune.iters: 'Q' is neither a number nor a name in schedule"),
-        (("compare_to: [scratch, scratch_long]", "compare_to: [scratch, nope]"), r"arms.2drcl.compare_to: 'nope' is not another arm"),
+        (
+            ("      scratch:\n", "      scratch:\n        colour: red\n"),
+            r"arms.scratch: unknown key\(s\) \['colour'\]",
+        ),
+        (
+            (FINETUNE + ", iters: F}", "configs/toy/no_such.yaml, iters: F}"),
+            r"arms.scratch.finetune.config: config file 'configs/toy/no_such.yaml' not found",
+        ),
+        (
+            ("iters: F + P", "iters: F + Q"),
+            r"arms.scratch_long.finetune.iters: 'Q' is neither a number nor a name in schedule",
+        ),
+        (
+            ("compare_to: [scratch, scratch_long]", "compare_to: [scratch, nope]"),
+            r"arms.2drcl.compare_to: 'nope' is not another arm",
+        ),
         (("    seeds: [1, 2]\n", "    seeds: [1, 1]\n"), r"seeds: has repeated seeds"),
         (("    schedule:", "    shedule:"), r"\(top level\): unknown key\(s\) \['shedule'\]"),
     ],
@@ -112,33 +138,56 @@ def test_study_file_errors_name_the_key(tmp_path, change, message):
 
 
 def test_reused_pretraining_parts_and_val_only_studies(tmp_path):
-    body = BASIC.format(out=tmp_path / "out") + f"""
+    body = (
+        BASIC.format(out=tmp_path / "out")
+        + f"""
       2drcl_backbone:
         pretrain: {{from: 2drcl}}
         finetune: {{config: {FINETUNE}, iters: F, parts: [backbone, proposal_generator]}}
     """
+    )
     study = load_study(write_study(tmp_path, body))
     arm = study.arms["2drcl_backbone"]
     assert arm.pretrain == study.arms["2drcl"].pretrain and arm.iters == 50
     assert arm.finetune.parts == ("backbone", "proposal_generator")
     # the pre-training folder is 2drcl's: it runs once for both arms
-    assert study.stage_dir(arm, 1, arm.pretrain) == study.stage_dir(study.arms["2drcl"], 1, arm.pretrain)
+    assert study.stage_dir(arm, 1, arm.pretrain) == study.stage_dir(
+        study.arms["2drcl"], 1, arm.pretrain
+    )
     assert study.stage_dir(arm, 1, arm.finetune).endswith("2drcl_backbone/seed1/finetune")
     from drcl2.study import StudyRunner
 
     runner = StudyRunner(study)
     pending = runner.pending(study.runs(["2drcl", "2drcl_backbone"], [1]))
-    assert [(a.name, st.kind) for a, _, st in pending] == [("2drcl", "pretrain"), ("2drcl", "finetune"),
-                                                           ("2drcl_backbone", "finetune")]
+    assert [(a.name, st.kind) for a, _, st in pending] == [
+        ("2drcl", "pretrain"),
+        ("2drcl", "finetune"),
+        ("2drcl_backbone", "finetune"),
+    ]
     for bad, message in (
-        (body.replace("from: 2drcl}", "from: scratch}"), "'scratch' is not an arm with its own pre-training"),
-        (body.replace("parts: [backbone, proposal_generator]", "parts: [roi_heads.box_predictor]"), "must list distinct parts"),
-        (body.replace("        pretrain: {from: 2drcl}\n", "        seeds: [1, 3]\n        pretrain: {from: 2drcl}\n"),
-         r"arms.2drcl_backbone.seeds: seeds \[1, 3\] must be among those of '2drcl'"),
+        (
+            body.replace("from: 2drcl}", "from: scratch}"),
+            "'scratch' is not an arm with its own pre-training",
+        ),
+        (
+            body.replace(
+                "parts: [backbone, proposal_generator]", "parts: [roi_heads.box_predictor]"
+            ),
+            "must list distinct parts",
+        ),
+        (
+            body.replace(
+                "        pretrain: {from: 2drcl}\n",
+                "        seeds: [1, 3]\n        pretrain: {from: 2drcl}\n",
+            ),
+            r"arms.2drcl_backbone.seeds: seeds \[1, 3\] must be among those of '2drcl'",
+        ),
     ):
         with pytest.raises(StudyFileError, match=message):
             load_study(write_study(tmp_path, bad, name="bad.yaml"))
-    explore = load_study(write_study(tmp_path, body.replace(", test: lvis_v1_toy_test", ""), name="explore.yaml"))
+    explore = load_study(
+        write_study(tmp_path, body.replace(", test: lvis_v1_toy_test", ""), name="explore.yaml")
+    )
     assert explore.splits == ("val",) and study.splits == ("val", "test")
 
 
@@ -146,15 +195,32 @@ def test_finetune_results_read_one_or_several_test_sets(tmp_path):
     from drcl2.study.runner import finetune_results
 
     datasets = {"train": "tr", "val": "v", "test": "te"}
-    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in (
-        {"iteration": 9, "total_loss": 1.0},
-        {"iteration": 9, "v/bbox/AP": 1.0, "v/bbox/APr": 2.0, "te/bbox/AP": 3.0, "te/segm/AP": 4.0},
-        {"iteration": 9, "data_time": 0.1},
-    )))
+    (tmp_path / "metrics.json").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                {"iteration": 9, "total_loss": 1.0},
+                {
+                    "iteration": 9,
+                    "v/bbox/AP": 1.0,
+                    "v/bbox/APr": 2.0,
+                    "te/bbox/AP": 3.0,
+                    "te/segm/AP": 4.0,
+                },
+                {"iteration": 9, "data_time": 0.1},
+            )
+        )
+    )
     assert finetune_results(str(tmp_path), datasets) == {
-        "val": {"bbox": {"AP": 1.0, "APr": 2.0}}, "test": {"bbox": {"AP": 3.0}, "segm": {"AP": 4.0}}}
-    (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 9, "bbox/AP": 5.0, "segm/APr": 6.0}))
-    assert finetune_results(str(tmp_path), datasets, ("val",)) == {"val": {"bbox": {"AP": 5.0}, "segm": {"APr": 6.0}}}
+        "val": {"bbox": {"AP": 1.0, "APr": 2.0}},
+        "test": {"bbox": {"AP": 3.0}, "segm": {"AP": 4.0}},
+    }
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({"iteration": 9, "bbox/AP": 5.0, "segm/APr": 6.0})
+    )
+    assert finetune_results(str(tmp_path), datasets, ("val",)) == {
+        "val": {"bbox": {"AP": 5.0}, "segm": {"APr": 6.0}}
+    }
     with pytest.raises(RuntimeError, match="no results for v in the last evaluation"):
         finetune_results(str(tmp_path), datasets)
 
@@ -175,8 +241,21 @@ def test_cli_dry_run_and_bad_arm(tmp_path, capsys):
 
 
 def _row(arm, seed, ap, apr, split="test", task="bbox"):
-    return {"arm": arm, "group": "main", "seed": seed, "split": split, "task": task, "AP": ap, "AP50": ap,
-            "AP75": ap, "APr": apr, "APc": ap, "APf": ap, "iters": 10, "wall_s": 60.0}
+    return {
+        "arm": arm,
+        "group": "main",
+        "seed": seed,
+        "split": split,
+        "task": task,
+        "AP": ap,
+        "AP50": ap,
+        "AP75": ap,
+        "APr": apr,
+        "APc": ap,
+        "APf": ap,
+        "iters": 10,
+        "wall_s": 60.0,
+    }
 
 
 def test_summary_maths_on_a_hand_made_csv(tmp_path):
@@ -186,7 +265,7 @@ def test_summary_maths_on_a_hand_made_csv(tmp_path):
             _row("2drcl", 1, 13.0, 9.0), _row("2drcl", 2, 14.0, 8.0),
             _row("2drcl", 3, 50.0, 50.0),  # no scratch seed 3: left out of the pairs
             _row("2drcl", 1, 99.0, 99.0, split="val")]  # fmt: skip
-    assert mean_std([10.0, 12.0]) == (11.0, pytest.approx(2 ** 0.5), 2)
+    assert mean_std([10.0, 12.0]) == (11.0, pytest.approx(2**0.5), 2)
     assert mean_std([float("nan"), 3.0])[2] == 1
     assert paired_differences(rows, "2drcl", "scratch", "test", "bbox", "APr") == [5.0, 2.0]
     assert paired_differences(rows, "2drcl", "scratch_long", "test", "bbox", "AP") == [2.0, -1.0]
@@ -194,7 +273,9 @@ def test_summary_maths_on_a_hand_made_csv(tmp_path):
                   "ap_box": v, "ap_mask": ""}
                  for a, v0 in (("2drcl", 30.0), ("scratch", 20.0), ("scratch_long", 25.0)) for s in (1, 2)
                  for c, g, n, v in (("a", "r", 3, v0), ("b", "f", 300, v0 + 10))]  # fmt: skip
-    paths = write_report(study, str(tmp_path / "report"), {"command": "cmd", "device": "dev"}, rows, per_class)
+    paths = write_report(
+        study, str(tmp_path / "report"), {"command": "cmd", "device": "dev"}, rows, per_class
+    )
     text = open(paths["summary.md"]).read()
     assert "- `cmd` at commit ? on dev" in text  # a meta file of one bare invocation (older runner)
     # test box AP of 2drcl: seeds 1, 2, 3 -> mean 25.7, std 21.1
@@ -214,9 +295,11 @@ def test_summary_maths_on_a_hand_made_csv(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # end to end on a tiny generated set: run, skip when finished, resume when interrupted
 # ------------------------------------------------------------------------------------------------
-TINY = ('[MODEL.DEVICE, cpu, DATALOADER.NUM_WORKERS, "0", SOLVER.IMS_PER_BATCH, "2", INPUT.MIN_SIZE_TRAIN, "(64,)", '
-        'INPUT.MAX_SIZE_TRAIN, "96", INPUT.MIN_SIZE_TEST, "64", INPUT.MAX_SIZE_TEST, "96", '
-        'MODEL.RPN.POST_NMS_TOPK_TRAIN, "64", MODEL.RPN.POST_NMS_TOPK_TEST, "32", TEST.DETECTIONS_PER_IMAGE, "10"]')
+TINY = (
+    '[MODEL.DEVICE, cpu, DATALOADER.NUM_WORKERS, "0", SOLVER.IMS_PER_BATCH, "2", INPUT.MIN_SIZE_TRAIN, "(64,)", '
+    'INPUT.MAX_SIZE_TRAIN, "96", INPUT.MIN_SIZE_TEST, "64", INPUT.MAX_SIZE_TEST, "96", '
+    'MODEL.RPN.POST_NMS_TOPK_TRAIN, "64", MODEL.RPN.POST_NMS_TOPK_TEST, "32", TEST.DETECTIONS_PER_IMAGE, "10"]'
+)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +316,9 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     monkeypatch.setenv("DETECTRON2_DATASETS", tiny_root)  # the runs' subprocesses read it
     monkeypatch.chdir(REPO_ROOT)
     out = tmp_path / "out"
-    path = write_study(tmp_path, f"""
+    path = write_study(
+        tmp_path,
+        f"""
         name: tiny
         output_dir: {out}
         device: cpu
@@ -251,19 +336,29 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
           sup_backbone:
             pretrain: {{from: sup}}
             finetune: {{config: {FINETUNE}, iters: 1, opts: {TINY}, parts: [backbone]}}
-    """)
+    """,
+    )
     report = tmp_path / "report"
     args = ["--config-file", path, "--report-dir", str(report), "--keep-checkpoints"]
     assert study_tool.main(args) == 0
     printed = capsys.readouterr().out
     assert "[1/3] scratch seed 5: fine-tune 3 it ... ETA" in printed
-    assert "[2/3] sup seed 5: pre-train 2 it" in printed and "[2/3] sup seed 5: fine-tune 2 it" in printed
-    assert "[3/3] sup_backbone seed 5: fine-tune 1 it" in printed and "sup_backbone seed 5: pre-train" not in printed
+    assert (
+        "[2/3] sup seed 5: pre-train 2 it" in printed
+        and "[2/3] sup seed 5: fine-tune 2 it" in printed
+    )
+    assert (
+        "[3/3] sup_backbone seed 5: fine-tune 1 it" in printed
+        and "sup_backbone seed 5: pre-train" not in printed
+    )
     assert "[3/3] sup_backbone seed 5: sup's pre-training -> fine-tune 1 it" in printed  # the plan
     ft = out / "scratch" / "seed5" / "finetune"
     record = json.load(open(ft / "study_stage.json"))
     assert record["iters"] == 3 and record["wall_s"] > 0
-    assert "--num-gpus" in record["command"] and record["command"][record["command"].index("SEED") + 1] == "5"
+    assert (
+        "--num-gpus" in record["command"]
+        and record["command"][record["command"].index("SEED") + 1] == "5"
+    )
     for split in ("val", "test"):
         assert 0 <= record["results"][split]["bbox"]["AP"] <= 100
     # both test sets evaluated, each into its own folder (nothing overwritten)
@@ -273,16 +368,24 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     sup = out / "sup" / "seed5"
     assert (sup / "pretrain" / "model_final_finetune.pth").is_file()
     sup_cmd = json.load(open(sup / "finetune" / "study_stage.json"))["command"]
-    assert sup_cmd[sup_cmd.index("MODEL.WEIGHTS") + 1] == str(sup / "pretrain" / "model_final_finetune.pth")
+    assert sup_cmd[sup_cmd.index("MODEL.WEIGHTS") + 1] == str(
+        sup / "pretrain" / "model_final_finetune.pth"
+    )
     # a reused pre-training with some parts: only those parts are loaded
     import torch
 
-    parts = torch.load(out / "sup_backbone" / "seed5" / "finetune" / "init_parts.pth", weights_only=False)["model"]
+    parts = torch.load(
+        out / "sup_backbone" / "seed5" / "finetune" / "init_parts.pth", weights_only=False
+    )["model"]
     assert parts and all(k.startswith("backbone.") for k in parts)
     assert not (out / "sup_backbone" / "seed5" / "pretrain").exists()
     rows = read_csv(report / "results.csv")
     assert {(r["arm"], r["split"], r["task"]) for r in rows} == {
-        (a, s, t) for a in ("scratch", "sup", "sup_backbone") for s in ("val", "test") for t in ("bbox", "segm")}
+        (a, s, t)
+        for a in ("scratch", "sup", "sup_backbone")
+        for s in ("val", "test")
+        for t in ("bbox", "segm")
+    }
     assert {r["iters"] for r in rows if r["arm"] == "sup"} == {"4"}
     for name in ("summary.md", "groups.png", "per_class_delta.png", "per_class.csv"):
         assert (report / name).is_file()
@@ -309,19 +412,32 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     assert study_tool.main(["--summarize", str(out), "--report-dir", str(report)]) == 0
     # every command that trained into the folder is named (the first run, the skip, the resume)
     meta = json.load(open(out / "tiny.study_meta.json"))["invocations"]
-    assert len(meta) == 3 and all(m["command"].startswith("python -m drcl2.tools.study --config-file") for m in meta)
-    assert (report / "summary.md").read_text().count("- `python -m drcl2.tools.study --config-file") == 3
+    assert len(meta) == 3 and all(
+        m["command"].startswith("python -m drcl2.tools.study --config-file") for m in meta
+    )
+    assert (report / "summary.md").read_text().count(
+        "- `python -m drcl2.tools.study --config-file"
+    ) == 3
     # several studies sharing an output folder: --name picks one
-    (out / "other.study.yaml").write_text((out / "tiny.study.yaml").read_text().replace("name: tiny", "name: other"))
+    (out / "other.study.yaml").write_text(
+        (out / "tiny.study.yaml").read_text().replace("name: tiny", "name: other")
+    )
     assert study_tool.main(["--summarize", str(out)]) == 2
     assert "holds the studies ['other', 'tiny']: choose one with --name" in capsys.readouterr().err
-    assert study_tool.main(["--summarize", str(out), "--name", "tiny", "--report-dir", str(report)]) == 0
+    assert (
+        study_tool.main(["--summarize", str(out), "--name", "tiny", "--report-dir", str(report)])
+        == 0
+    )
     # --probe: the exported weights of a seed, probed before fine-tuning, join the report
     assert study_tool.main(["--summarize", str(out), "--name", "tiny", "--report-dir", str(report),
                             "--probe", "5", "--probe-max-images", "4"]) == 0  # fmt: skip
     probe = {r["weights"]: r for r in read_csv(report / "probe.csv")}
     assert set(probe) == {"random", "sup"}  # scratch has no export; sup_backbone reuses sup's
-    assert float(probe["sup"]["res2_weight_change"]) > 0 == float(probe["random"]["res2_weight_change"])
+    assert (
+        float(probe["sup"]["res2_weight_change"])
+        > 0
+        == float(probe["random"]["res2_weight_change"])
+    )
     assert "## Probe of the exported weights" in (report / "summary.md").read_text()
 
 
@@ -343,7 +459,9 @@ def test_summarize_prints_a_committed_study_beside_a_run(tmp_path, capsys):
     assert "run `make study`" in capsys.readouterr().out
 
 
-def test_source_weights_train_once_and_keep_only_the_resnet(tmp_path, tiny_root, monkeypatch, capsys):
+def test_source_weights_train_once_and_keep_only_the_resnet(
+    tmp_path, tiny_root, monkeypatch, capsys
+):
     """`source_weights`: a detector trained on its own set, evaluated there, its ResNet kept for the
     `weights: source` stages; trained once, reported with its accuracy and cost."""
     import torch
@@ -352,7 +470,8 @@ def test_source_weights_train_once_and_keep_only_the_resnet(tmp_path, tiny_root,
     monkeypatch.chdir(REPO_ROOT)
     # the shipped source config on the tiny toy set (it stands in for the source set here)
     source_cfg = tmp_path / "source.yaml"
-    source_cfg.write_text(textwrap.dedent(f"""
+    source_cfg.write_text(
+        textwrap.dedent(f"""
         _BASE_: {REPO_ROOT}/configs/toy/mask_rcnn_source.yaml
         MODEL: {{ROI_HEADS: {{NUM_CLASSES: 30}}, RPN: {{POST_NMS_TOPK_TRAIN: 64, POST_NMS_TOPK_TEST: 32}}}}
         DATASETS:
@@ -366,10 +485,13 @@ def test_source_weights_train_once_and_keep_only_the_resnet(tmp_path, tiny_root,
           MAX_SIZE_TEST: 96
         TEST: {{DETECTIONS_PER_IMAGE: 10}}
         SOLVER: {{IMS_PER_BATCH: 2}}
-    """))
+    """)
+    )
     out = tmp_path / "out"
     weights = out / "source" / "r18.pth"
-    path = write_study(tmp_path, f"""
+    path = write_study(
+        tmp_path,
+        f"""
         name: src
         output_dir: {out}
         device: cpu
@@ -380,7 +502,8 @@ def test_source_weights_train_once_and_keep_only_the_resnet(tmp_path, tiny_root,
         arms:
           init:
             finetune: {{config: {FINETUNE}, iters: 1, opts: {TINY}, weights: source}}
-    """)
+    """,
+    )
     report = tmp_path / "report"
     assert study_tool.main(["--config-file", path, "--report-dir", str(report)]) == 0
     printed = capsys.readouterr().out
@@ -390,9 +513,13 @@ def test_source_weights_train_once_and_keep_only_the_resnet(tmp_path, tiny_root,
     assert 0 <= record["results"]["bbox"]["AP"] <= 100 and "AP" in record["results"]["segm"]
     cmd = record["command"]
     assert cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "3"
-    assert cmd[cmd.index("SOLVER.STEPS") + 1] == "(2,)"  # 4560 / 6000 and 5520 / 6000 of 3 iterations
+    assert (
+        cmd[cmd.index("SOLVER.STEPS") + 1] == "(2,)"
+    )  # 4560 / 6000 and 5520 / 6000 of 3 iterations
     # the ResNet of the trained detector, nothing else, bit for bit
-    trained = torch.load(out / "source" / "r18_train" / "model_final.pth", weights_only=False)["model"]
+    trained = torch.load(out / "source" / "r18_train" / "model_final.pth", weights_only=False)[
+        "model"
+    ]
     kept = torch.load(weights, weights_only=False)["model"]
     assert kept and set(kept) == {k for k in trained if k.startswith("backbone.bottom_up.")}
     assert all(torch.equal(kept[k], trained[k]) for k in kept)

@@ -1,5 +1,6 @@
 """The generated sets: valid LVIS v1, long-tailed over all three groups, reproducible; the default
 (demo) set unchanged by the generalisation to more classes and LVIS's class shares."""
+
 import collections
 import filecmp
 import json
@@ -11,8 +12,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from lvis import LVIS
 
 from drcl2.data.generated import ToyLVISSpec, generate_toy_lvis
-from drcl2.data.lvis_format import frequency_group
 from drcl2.data.generated.toy_lvis import TOY_CLASSES, toy_lvis_categories, toy_lvis_layout
+from drcl2.data.lvis_format import frequency_group
 
 
 def _all_files(root):
@@ -50,7 +51,9 @@ def test_valid_lvis_v1_with_all_frequency_groups(demo_set):
         assert len(api.cats) == len(TOY_CLASSES) == 30
     train = LVIS(demo_set["train_json"])
     images_per_class = collections.Counter(
-        cat for img_id in train.imgs for cat in {a["category_id"] for a in train.img_ann_map[img_id]}
+        cat
+        for img_id in train.imgs
+        for cat in {a["category_id"] for a in train.img_ann_map[img_id]}
     )
     groups = collections.Counter()
     for cat in train.dataset["categories"]:
@@ -133,7 +136,9 @@ def test_registered_toy_datasets(toy_lvis_root):
     assert meta.thing_classes == list(TOY_CLASSES)
     categories = toy_lvis_categories(ToyLVISSpec())
     assert meta.class_frequency == [c["frequency"] for c in categories]
-    assert [c["image_count"] for c in meta.class_image_count] == [c["image_count"] for c in categories]
+    assert [c["image_count"] for c in meta.class_image_count] == [
+        c["image_count"] for c in categories
+    ]
     dicts = DatasetCatalog.get("lvis_v1_toy_val")
     assert len(dicts) == 200
     assert len(DatasetCatalog.get("lvis_v1_toy_test")) == 400
@@ -164,8 +169,13 @@ def test_default_set_is_byte_identical_to_the_original_generator(demo_set):
     with open(demo_set["train_json"], "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == (
             "1270c0b0aee4fb16e1f8b3e18abf17d299f3eabbcfa5991b7fa26ba3f10f2921"
-        ), "the default train JSON changed (or a Pillow / OpenCV upgrade changed how shapes rasterise)"
-    assert _set_digest(demo_set["image_root"]) == "fe62cc665a9df32b2b9e639d3b3b6131386d9aaa5683f6a68c039577f38db9a7"
+        ), (
+            "the default train JSON changed (or a Pillow / OpenCV upgrade changed how shapes rasterise)"
+        )
+    assert (
+        _set_digest(demo_set["image_root"])
+        == "fe62cc665a9df32b2b9e639d3b3b6131386d9aaa5683f6a68c039577f38db9a7"
+    )
 
 
 SMALL_LVIS = ToyLVISSpec(
@@ -189,7 +199,9 @@ def small_lvis_set(tmp_path_factory):
     return generate_toy_lvis(str(tmp_path_factory.mktemp("gen_small")), SMALL_LVIS)
 
 
-def test_lvis_distribution_is_deterministic_with_any_number_of_workers(small_lvis_set, tmp_path, monkeypatch):
+def test_lvis_distribution_is_deterministic_with_any_number_of_workers(
+    small_lvis_set, tmp_path, monkeypatch
+):
     from drcl2.data.generated import toy_lvis
 
     # forked rather than spawned here: the same chunking and ordering without two drcl2 imports
@@ -198,8 +210,13 @@ def test_lvis_distribution_is_deterministic_with_any_number_of_workers(small_lvi
     again = generate_toy_lvis(str(tmp_path), SMALL_LVIS, num_workers=2)
     files = _all_files(small_lvis_set["image_root"])
     assert files == _all_files(again["image_root"]) and len(files) == 400 + 40 + 40 + 3
-    assert files[-1].endswith(".jpg") and os.path.basename(small_lvis_set["train_json"]) == "lvis_v1_gen_small_train.json"
-    _, mismatch, errors = filecmp.cmpfiles(small_lvis_set["image_root"], again["image_root"], files, shallow=False)
+    assert (
+        files[-1].endswith(".jpg")
+        and os.path.basename(small_lvis_set["train_json"]) == "lvis_v1_gen_small_train.json"
+    )
+    _, mismatch, errors = filecmp.cmpfiles(
+        small_lvis_set["image_root"], again["image_root"], files, shallow=False
+    )
     assert mismatch == [] and errors == []
 
 
@@ -250,7 +267,9 @@ def test_large_set_statistics_without_rendering():
         objects_per_image.append(len(annotated))
         assert 320 <= min(img["width"], img["height"]) and max(img["width"], img["height"]) <= 480
     assert [images[c] for c in range(300)] == [c["image_count"] for c in categories]
-    assert 3.3 < sum(objects_per_image) / len(objects_per_image) < 3.7  # LVIS v1: 3.6 classes per image
+    assert (
+        3.3 < sum(objects_per_image) / len(objects_per_image) < 3.7
+    )  # LVIS v1: 3.6 classes per image
 
 
 def test_class_vocabulary_extends_the_toy_classes_and_stays_distinct():
@@ -260,18 +279,52 @@ def test_class_vocabulary_extends_the_toy_classes_and_stays_distinct():
     classes = toy_classes(MAX_TOY_CLASSES)
     assert tuple(c.name for c in classes[:30]) == TOY_CLASSES  # the toy set's, in its order
     assert TOY_CLASSES[:3] == ("red_circle", "green_circle", "blue_circle")
-    assert len({c.name for c in classes}) == len({(c.colour, c.shape, c.pattern) for c in classes}) == 512
+    assert (
+        len({c.name for c in classes})
+        == len({(c.colour, c.shape, c.pattern) for c in classes})
+        == 512
+    )
     # every class drawn alone at the same pose on the same background: any two differ visibly
-    spec = ToyLVISSpec(num_classes=MAX_TOY_CLASSES, min_image_size=48, max_image_size=48, max_object_scale=0.5)
-    renders = np.stack([
-        np.asarray(_render_image(spec, "train", {"id": 1, "width": 48, "height": 48, "objects": [
-            {"category": c, "center": (24.0, 24.0), "radius": 20.0, "angle": 0.3, "annotated": True}]})[0])
-        for c in range(MAX_TOY_CLASSES)
-    ]).reshape(MAX_TOY_CLASSES, -1).astype(np.float32)
+    spec = ToyLVISSpec(
+        num_classes=MAX_TOY_CLASSES, min_image_size=48, max_image_size=48, max_object_scale=0.5
+    )
+    renders = (
+        np.stack(
+            [
+                np.asarray(
+                    _render_image(
+                        spec,
+                        "train",
+                        {
+                            "id": 1,
+                            "width": 48,
+                            "height": 48,
+                            "objects": [
+                                {
+                                    "category": c,
+                                    "center": (24.0, 24.0),
+                                    "radius": 20.0,
+                                    "angle": 0.3,
+                                    "annotated": True,
+                                }
+                            ],
+                        },
+                    )[0]
+                )
+                for c in range(MAX_TOY_CLASSES)
+            ]
+        )
+        .reshape(MAX_TOY_CLASSES, -1)
+        .astype(np.float32)
+    )
     sq = (renders**2).sum(1)
-    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * renders @ renders.T, 0) / renders.shape[1])
+    dist = np.sqrt(
+        np.maximum(sq[:, None] + sq[None, :] - 2 * renders @ renders.T, 0) / renders.shape[1]
+    )
     np.fill_diagonal(dist, np.inf)
-    assert dist.min() > 10, np.unravel_index(dist.argmin(), dist.shape)  # RMS difference per pixel value
+    assert dist.min() > 10, np.unravel_index(
+        dist.argmin(), dist.shape
+    )  # RMS difference per pixel value
 
 
 def test_bad_specs_name_the_field():
@@ -293,26 +346,36 @@ def test_bad_specs_name_the_field():
 def test_large_set_is_registered_without_generating(tmp_path):
     import dataclasses
 
-    from drcl2.data.generated import LVIS_GEN_LARGE
     from drcl2.data.datasets import GENERATED_DATASETS, check_dataset_files, register_toy_lvis
+    from drcl2.data.generated import LVIS_GEN_LARGE
 
     for split in ("train", "val", "test"):
         meta = MetadataCatalog.get(f"lvis_v1_gen_large_{split}")
         assert meta.evaluator_type == "lvis" and len(meta.thing_classes) == 300
         assert collections.Counter(meta.class_frequency) == {"r": 84, "c": 115, "f": 101}
-        assert meta.json_file.endswith(f"lvis_v1_gen_large/annotations/lvis_v1_gen_large_{split}.json")
+        assert meta.json_file.endswith(
+            f"lvis_v1_gen_large/annotations/lvis_v1_gen_large_{split}.json"
+        )
         assert f"lvis_v1_gen_large_{split}" in GENERATED_DATASETS
-    assert min(c["image_count"] for c in MetadataCatalog.get("lvis_v1_gen_large_train").class_image_count) == 1
+    assert (
+        min(
+            c["image_count"]
+            for c in MetadataCatalog.get("lvis_v1_gen_large_train").class_image_count
+        )
+        == 1
+    )
     check_dataset_files(["lvis_v1_gen_large_train"])  # generated on use: not reported missing
     # what the import does, into an empty root: metadata only, not a file written
-    register_toy_lvis(str(tmp_path), dataclasses.replace(LVIS_GEN_LARGE, name="lvis_v1_gen_large_probe"))
+    register_toy_lvis(
+        str(tmp_path), dataclasses.replace(LVIS_GEN_LARGE, name="lvis_v1_gen_large_probe")
+    )
     assert os.listdir(tmp_path) == []
     assert len(MetadataCatalog.get("lvis_v1_gen_large_probe_val").thing_classes) == 300
 
 
 def test_source_set_has_none_of_the_toy_classes_and_is_registered_without_generating():
-    from drcl2.data.generated.toy_lvis import TOY_SOURCE
     from drcl2.data.datasets import GENERATED_DATASETS
+    from drcl2.data.generated.toy_lvis import TOY_SOURCE
 
     names = [c["name"] for c in toy_lvis_categories(TOY_SOURCE)]
     assert len(names) == len(set(names)) == 120
@@ -326,6 +389,9 @@ def test_source_set_has_none_of_the_toy_classes_and_is_registered_without_genera
     assert {"lvis_v1_toy_source_train", "lvis_v1_toy_source_val"} <= set(GENERATED_DATASETS)
     # first_class 0 is the toy set itself
     assert [c["name"] for c in toy_lvis_categories(ToyLVISSpec())] == list(TOY_CLASSES)
-    for kwargs, field in [({"first_class": -1}, "first_class"), ({"first_class": 500, "num_classes": 13}, "num_classes")]:
+    for kwargs, field in [
+        ({"first_class": -1}, "first_class"),
+        ({"first_class": 500, "num_classes": 13}, "num_classes"),
+    ]:
         with pytest.raises(ValueError, match=f"ToyLVISSpec.{field}"):
             ToyLVISSpec(**kwargs)

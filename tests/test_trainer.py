@@ -1,16 +1,18 @@
 """Fine-tuning and evaluation through drcl2's Trainer and train_net.py on the toy LVIS set."""
+
 import json
 import math
 import os
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from detectron2.engine import default_argument_parser, launch
 
 import train_net
-from conftest import REPO_ROOT
 from drcl2 import Trainer
-from drcl2.tools.summarize import main as summarize, read_eval_metrics
+from drcl2.tools.summarize import main as summarize
+from drcl2.tools.summarize import read_eval_metrics
 
 TOY_CONFIG = os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml")
 # the toy config made smaller still: 64-96 px inputs, few proposals and detections
@@ -47,7 +49,9 @@ def test_finetune_evaluate_then_resume(toy_val_mini, tmp_path, capsys):
     # --resume: a longer schedule goes on from the last checkpoint (iteration 1 -> starts at 2)
     saved = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert saved["iteration"] == 1
-    cfg = train_net.setup(_args(tmp_path, "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()", flags=["--resume"]))
+    cfg = train_net.setup(
+        _args(tmp_path, "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()", flags=["--resume"])
+    )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 2

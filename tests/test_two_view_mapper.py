@@ -1,15 +1,16 @@
 """TwoViewDatasetMapper: box correspondence across views and the instance-drop rule."""
+
 import os
+
 import numpy as np
 import pytest
 import torch
-
+from conftest import REPO_ROOT
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from detectron2.structures.masks import polygons_to_bitmask
 
-from conftest import REPO_ROOT
 from drcl2.config import add_drcl2_config
 from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 
@@ -30,11 +31,15 @@ def write_image(tmp_path):
 
 def record(path):
     return {
-        "file_name": path, "image_id": 1, "height": 128, "width": 128,
+        "file_name": path,
+        "image_id": 1,
+        "height": 128,
+        "width": 128,
         "annotations": [
             {"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": i, "iscrowd": 0}
             for i, b in enumerate(BOXES)
-        ] + [{"bbox": [0, 0, 10, 10], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 7, "iscrowd": 1}],
+        ]
+        + [{"bbox": [0, 0, 10, 10], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 7, "iscrowd": 1}],
     }
 
 
@@ -42,8 +47,18 @@ def toy_mapper(**opts):
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
-    cfg.merge_from_list(["INPUT.DRCL2.COLOR_JITTER_PROB", 0.0, "INPUT.DRCL2.GRAYSCALE_PROB", 0.0,
-                         "INPUT.DRCL2.BLUR_PROB", (0.0, 0.0), "INPUT.DRCL2.SOLARIZE_PROB", (0.0, 0.0)])
+    cfg.merge_from_list(
+        [
+            "INPUT.DRCL2.COLOR_JITTER_PROB",
+            0.0,
+            "INPUT.DRCL2.GRAYSCALE_PROB",
+            0.0,
+            "INPUT.DRCL2.BLUR_PROB",
+            (0.0, 0.0),
+            "INPUT.DRCL2.SOLARIZE_PROB",
+            (0.0, 0.0),
+        ]
+    )
     for k, v in opts.items():
         cfg.merge_from_list([k, v])
     return TwoViewDatasetMapper(cfg, is_train=True)
@@ -63,7 +78,9 @@ def test_box_content_matches_across_views(tmp_path):
         for v in ("view1", "view2"):
             img = out[v]["image"].permute(1, 2, 0).numpy()
             assert img.shape[:2] == out[v]["instances"].image_size
-            for box, cls in zip(out[v]["instances"].gt_boxes.tensor.tolist(), out[v]["instances"].gt_classes):
+            for box, cls in zip(
+                out[v]["instances"].gt_boxes.tensor.tolist(), out[v]["instances"].gt_classes
+            ):
                 x0, y0, x1, y1 = [int(round(c)) for c in box]
                 inner = img[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].reshape(-1, 3).astype(float)
                 if len(inner):
@@ -119,7 +136,9 @@ def test_instances_not_surviving_both_crops_are_dropped(tmp_path):
     mapper.min_visible = 0.8
     assert mapper(record(path))["view1"]["instances"].gt_ids.tolist() == [0]
     # An image whose instances all fall outside still yields two views with empty instances.
-    empty = TwoViewDatasetMapper(geometric1=[FixedCrop(0, 0, 6, 6)], geometric2=[FixedCrop(0, 0, 6, 6)])
+    empty = TwoViewDatasetMapper(
+        geometric1=[FixedCrop(0, 0, 6, 6)], geometric2=[FixedCrop(0, 0, 6, 6)]
+    )
     out = empty(record(path))
     assert len(out["view1"]["instances"]) == 0 and out["view2"]["image"].shape == (3, 6, 6)
 
@@ -141,8 +160,12 @@ def test_photometric_views_differ_and_keep_format(tmp_path):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("INPUT.DRCL2.BLUR_KERNEL_SIZE", 8), ("INPUT.DRCL2.SOLARIZE_PROB", (0.0, 1.5)),
-     ("INPUT.DRCL2.CROP_SCALE", (0.5, 0.2)), ("INPUT.DRCL2.GRAYSCALE_PROB", -0.1)],
+    [
+        ("INPUT.DRCL2.BLUR_KERNEL_SIZE", 8),
+        ("INPUT.DRCL2.SOLARIZE_PROB", (0.0, 1.5)),
+        ("INPUT.DRCL2.CROP_SCALE", (0.5, 0.2)),
+        ("INPUT.DRCL2.GRAYSCALE_PROB", -0.1),
+    ],
 )
 def test_invalid_view_config_names_the_key(key, value):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -162,7 +185,10 @@ def test_an_object_visible_only_in_view1_is_a_detection_target(tmp_path):
     view 2: box 1 is 10% inside view 1 (a target, clipped; not a pair), box 3 is outside it."""
     path, _ = write_image(tmp_path)
     mapper = TwoViewDatasetMapper(
-        geometric1=[FixedCrop(0, 0, 64, 128)], geometric2=[FixedCrop(0, 0, 128, 100)], min_visible=0.3, min_side=4
+        geometric1=[FixedCrop(0, 0, 64, 128)],
+        geometric2=[FixedCrop(0, 0, 128, 100)],
+        min_visible=0.3,
+        min_side=4,
     )
     out = mapper(record(path))
     assert out["view1"]["instances"].gt_ids.tolist() == [0, 2]
@@ -171,7 +197,9 @@ def test_an_object_visible_only_in_view1_is_a_detection_target(tmp_path):
     assert targets.gt_boxes.tensor.tolist() == [[8, 8, 40, 40], [60, 10, 64, 50], [20, 70, 64, 110]]
     assert targets.image_size == (128, 64) and "targets" not in out["view2"]
     # with view 2 uncropped every view-1 survivor is also a pair (boxes 0 and 2 at >= 30%)
-    mapper = TwoViewDatasetMapper(geometric1=[FixedCrop(0, 0, 64, 128)], geometric2=[], min_visible=0.3)
+    mapper = TwoViewDatasetMapper(
+        geometric1=[FixedCrop(0, 0, 64, 128)], geometric2=[], min_visible=0.3
+    )
     assert mapper(record(path))["view1"]["instances"].gt_ids.tolist() == [0, 2]
 
 
@@ -191,7 +219,9 @@ def test_view1_targets_carry_masks(tmp_path, crop):
     if hasattr(masks, "tensor"):
         bitmasks = masks.tensor
     else:
-        bitmasks = torch.stack([torch.as_tensor(polygons_to_bitmask(p, h, w)) for p in masks.polygons])
+        bitmasks = torch.stack(
+            [torch.as_tensor(polygons_to_bitmask(p, h, w)) for p in masks.polygons]
+        )
     assert type(masks).__name__ == ("BitMasks" if crop else "PolygonMasks")
     for box, mask in zip(targets.gt_boxes.tensor, bitmasks):
         ys, xs = torch.nonzero(mask, as_tuple=True)
@@ -202,7 +232,9 @@ def test_view1_targets_carry_masks(tmp_path, crop):
 
 def test_shared_geometry_views_differ_only_in_colour(tmp_path):
     path, image = write_image(tmp_path)
-    mapper = toy_mapper(**{"INPUT.DRCL2.SHARED_GEOMETRY": True, "INPUT.DRCL2.COLOR_JITTER_PROB": 1.0})
+    mapper = toy_mapper(
+        **{"INPUT.DRCL2.SHARED_GEOMETRY": True, "INPUT.DRCL2.COLOR_JITTER_PROB": 1.0}
+    )
     np.random.seed(0)
     torch.manual_seed(0)
     for _ in range(4):
@@ -224,7 +256,9 @@ def test_view1_without_photometric_augmentation_keeps_the_colours(tmp_path):
     out = mapper(record(path))
     img = out["view1"]["image"].permute(1, 2, 0).numpy().astype(float)
     assert len(out["view1"]["targets"]) == 4  # uncropped: every object is a target
-    for box, cls in zip(out["view1"]["targets"].gt_boxes.tensor.tolist(), out["view1"]["targets"].gt_classes):
+    for box, cls in zip(
+        out["view1"]["targets"].gt_boxes.tensor.tolist(), out["view1"]["targets"].gt_classes
+    ):
         x0, y0, x1, y1 = [int(round(c)) for c in box]
         inner = img[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].reshape(-1, 3)
         assert np.abs(inner.mean(0) - np.array(COLOURS[int(cls)])).max() < 1.0

@@ -3,6 +3,7 @@ The fast two-view augmentation (drcl2/data/view_ops.py, INPUT.DRCL2.AUG_BACKEND 
 its reference, torchvision v2's functional ops and transforms on the same parameters and draws.
 Tolerances (uint8 grey levels) are the ones view_ops' docstring states.
 """
+
 import cv2
 import numpy as np
 import pytest
@@ -49,13 +50,22 @@ def test_each_op_matches_torchvision_on_the_same_parameters(order):
         assert _diff(ours(V.adjust_brightness(img, f)), _tv(F.adjust_brightness, rgb, f))[0] == 0
         assert _diff(ours(V.adjust_contrast(img, f, order)), _tv(F.adjust_contrast, rgb, f))[0] <= 1
     for f in (0.8, 0.93, 1.2):
-        assert _diff(ours(V.adjust_saturation(img, f, order)), _tv(F.adjust_saturation, rgb, f))[0] <= 1
+        assert (
+            _diff(ours(V.adjust_saturation(img, f, order)), _tv(F.adjust_saturation, rgb, f))[0]
+            <= 1
+        )
     for f in (-0.5, -0.1, -0.03, 0.0, 0.05, 0.1, 0.45):
         worst, share = _diff(ours(V.adjust_hue(img, f, order)), _tv(F.adjust_hue, rgb, f))
         assert worst <= 1 and share < 0.01, (f, worst, share)
     assert _diff(ours(V.grayscale(img, order)), _tv(F.rgb_to_grayscale, rgb, 3))[0] <= 1
     for sigma in (0.1, 0.4, 1.0, 2.0):
-        assert _diff(V.gaussian_blur(img, 23, sigma), ours(_tv(F.gaussian_blur, rgb, [23, 23], [sigma, sigma])))[0] <= 1
+        assert (
+            _diff(
+                V.gaussian_blur(img, 23, sigma),
+                ours(_tv(F.gaussian_blur, rgb, [23, 23], [sigma, sigma])),
+            )[0]
+            <= 1
+        )
     assert _diff(V.solarize(img, 128), ours(_tv(F.solarize, rgb, 128)))[0] == 0
 
 
@@ -73,8 +83,18 @@ def test_blur_kernel_is_torchvisions_and_small_images_work():
 
 
 def _photometric_pair(order):
-    kw = dict(color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2,
-              blur_prob=0.5, blur_kernel_size=23, blur_sigma=(0.1, 2.0), solarize_prob=0.2)
+    kw = dict(
+        color_jitter_prob=0.8,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+        grayscale_prob=0.2,
+        blur_prob=0.5,
+        blur_kernel_size=23,
+        blur_sigma=(0.1, 2.0),
+        solarize_prob=0.2,
+    )
     return V.FastViewPhotometric(channel_order=order, **kw), build_view_photometric(**kw)
 
 
@@ -112,8 +132,14 @@ def _record(tmp_path):
     cv2.imwrite(path, image, [cv2.IMWRITE_JPEG_QUALITY, 95])
     boxes = [(10, 10, 60, 50), (70, 20, 150, 90), (20, 60, 90, 115)]
     return {
-        "file_name": path, "image_id": 1, "height": 120, "width": 160,
-        "annotations": [{"bbox": list(b), "bbox_mode": 0, "category_id": k, "iscrowd": 0} for k, b in enumerate(boxes)],
+        "file_name": path,
+        "image_id": 1,
+        "height": 120,
+        "width": 160,
+        "annotations": [
+            {"bbox": list(b), "bbox_mode": 0, "category_id": k, "iscrowd": 0}
+            for k, b in enumerate(boxes)
+        ],
     }
 
 
@@ -131,8 +157,14 @@ def test_view_statistics_match_the_torchvision_mapper(tmp_path):
             out = mapper(record)
             for v in ("view1", "view2"):
                 img = out[v]["image"].float()
-                rows.append((tuple(img.shape), out[v]["instances"].gt_boxes.tensor.clone(),
-                             img.mean(dim=(1, 2)), img.std(dim=(1, 2))))
+                rows.append(
+                    (
+                        tuple(img.shape),
+                        out[v]["instances"].gt_boxes.tensor.clone(),
+                        img.mean(dim=(1, 2)),
+                        img.std(dim=(1, 2)),
+                    )
+                )
         stats[backend] = rows
     for (s1, b1, m1, d1), (s2, b2, m2, d2) in zip(stats["opencv"], stats["torchvision"]):
         assert s1 == s2
@@ -151,8 +183,16 @@ def test_render_geometric_matches_detectron2_transforms():
 
     img = _image(100, 140)
     chains = [
-        [T.CropTransform(10, 5, 90, 70), T.ResizeTransform(70, 90, 180, 231), T.HFlipTransform(231)],  # enlarge
-        [T.CropTransform(0, 0, 140, 100), T.ResizeTransform(100, 140, 60, 84), T.NoOpTransform()],  # shrink: PIL
+        [
+            T.CropTransform(10, 5, 90, 70),
+            T.ResizeTransform(70, 90, 180, 231),
+            T.HFlipTransform(231),
+        ],  # enlarge
+        [
+            T.CropTransform(0, 0, 140, 100),
+            T.ResizeTransform(100, 140, 60, 84),
+            T.NoOpTransform(),
+        ],  # shrink: PIL
         [T.ResizeTransform(100, 140, 100, 140), T.VFlipTransform(100)],
     ]
     for chain in chains:
@@ -179,13 +219,37 @@ def test_mapper_benchmark_verdict(capsys):
     verdict says ok exactly when the measured ratio is within the target."""
     from drcl2.tools import benchmark
 
-    benchmark.main(["mapper", "--sizes", "96x72", "--images", "2", "--instances", "3", "--rounds", "1",
-                    "--loader-batches", "2", "--workers", "0"])
+    benchmark.main(
+        [
+            "mapper",
+            "--sizes",
+            "96x72",
+            "--images",
+            "2",
+            "--instances",
+            "3",
+            "--rounds",
+            "1",
+            "--loader-batches",
+            "2",
+            "--workers",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("|")
+    ]
     judged = [r for r in rows if r[-1] in ("ok", "MISSED")]
     assert len(judged) == 1
-    measured, target = float(judged[0][-3].rstrip("x")), float(judged[0][-2].lstrip("<= ").rstrip("x"))
+    measured, target = (
+        float(judged[0][-3].rstrip("x")),
+        float(judged[0][-2].lstrip("<= ").rstrip("x")),
+    )
     assert judged[0][-1] == ("ok" if measured <= target else "MISSED")
     split = out.split("two-view split", 1)[1].split("per image (median)", 1)[0]
-    assert all(part in split for part in ("decode", "geometric", "photometric", "to tensor"))  # the split per op
+    assert all(
+        part in split for part in ("decode", "geometric", "photometric", "to tensor")
+    )  # the split per op

@@ -14,9 +14,8 @@ drcl2's data path: how a training batch is fed.
 """
 
 # registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
-from . import coco_lt
 # registers lvis_v1_toy_*, lvis_v1_toy_source_*, lvis_v1_gen_large_* (generated on first use)
-from . import datasets
+from . import coco_lt, datasets
 from .dataset_check import check_dataset_dicts, check_datasets  # the check before the first step
 from .lvis_format import load_lvis_format_json, register_lvis_format
 from .proposals import check_proposal_files, label_proposals, read_proposal_file, top_proposals

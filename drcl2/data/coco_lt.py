@@ -19,6 +19,7 @@ datasets/README.md) gives the 80 COCO classes LVIS v1's long tail of *training i
 Evaluation groups classes by their number of training *instances* in the resulting set:
 AP1 [1, 20), AP2 [20, 400), AP3 [400, 8000), AP4 [8000, inf) (:func:`coco_lt_group`).
 """
+
 import logging
 import os
 from collections import defaultdict
@@ -173,7 +174,9 @@ def register_coco_lt(root):
     meta = _get_builtin_metadata("coco")
     for name, (json_file, image_root) in COCO_LT_DATASETS.items():
         json_file, image_root = os.path.join(root, json_file), os.path.join(root, image_root)
-        DatasetCatalog.register(name, lambda j=json_file, i=image_root, n=name: load_coco_json(j, i, n))
+        DatasetCatalog.register(
+            name, lambda j=json_file, i=image_root, n=name: load_coco_json(j, i, n)
+        )
         MetadataCatalog.get(name).set(
             json_file=json_file,
             image_root=image_root,

@@ -32,6 +32,7 @@ Existence is checked with one directory listing (``os.scandir``) per image folde
 (``scheme://...``) are asked one by one through detectron2's ``PathManager``. Decoding is opt-in: it
 reads every image (``num_workers`` processes).
 """
+
 import logging
 import multiprocessing
 import os
@@ -66,12 +67,26 @@ ERRORS = {
     "size_mismatch": ("image", "images whose decoded size differs from their height / width", ""),
 }
 WARNINGS = {
-    "negative_size": ("annotation", "boxes with a negative width or height",
-                      "dropped for training, as detectron2 drops empty boxes"),
-    "zero_area": ("annotation", "boxes of zero area", "dropped for training, as detectron2 drops empty boxes"),
-    "outside_image": ("annotation", "boxes entirely outside the image",
-                      "dropped for training: detectron2 clips boxes to the image and drops empty ones"),
-    "clipped": ("annotation", "boxes reaching outside the image", "clipped to the image, as detectron2 does"),
+    "negative_size": (
+        "annotation",
+        "boxes with a negative width or height",
+        "dropped for training, as detectron2 drops empty boxes",
+    ),
+    "zero_area": (
+        "annotation",
+        "boxes of zero area",
+        "dropped for training, as detectron2 drops empty boxes",
+    ),
+    "outside_image": (
+        "annotation",
+        "boxes entirely outside the image",
+        "dropped for training: detectron2 clips boxes to the image and drops empty ones",
+    ),
+    "clipped": (
+        "annotation",
+        "boxes reaching outside the image",
+        "clipped to the image, as detectron2 does",
+    ),
 }
 
 # detectron2's filter_empty_instances: a box is empty when a side is <= this (pixels)
@@ -137,7 +152,9 @@ class DatasetReport:
                 if kind == "unknown_category" and self.num_classes is not None:
                     what = f"{what} (contiguous ids 0..{self.num_classes - 1})"
                 values = f" {sorted(f.values, key=str)[:10]}" if f.values else ""
-                counted = _plural(f.count, unit) + (f" in {_plural(len(f.images), 'image')}" if unit == "annotation" else "")
+                counted = _plural(f.count, unit) + (
+                    f" in {_plural(len(f.images), 'image')}" if unit == "annotation" else ""
+                )
                 then = f"; {consequence}" if consequence else ""
                 out.append(f"{level}: {what}{values}: {counted}{then} (first: {f.first})")
         return out
@@ -209,9 +226,13 @@ def _box_array(boxes: List[Any]):
     return arr, malformed
 
 
-def _check_boxes(report: DatasetReport, dataset_dicts: Sequence[Dict[str, Any]], num_classes: Optional[int]):
+def _check_boxes(
+    report: DatasetReport, dataset_dicts: Sequence[Dict[str, Any]], num_classes: Optional[int]
+):
     """Category ids and boxes of every annotation, classified as detectron2's training mapper treats them."""
-    refs = [(i, j) for i, r in enumerate(dataset_dicts) for j in range(len(r.get("annotations", ())))]
+    refs = [
+        (i, j) for i, r in enumerate(dataset_dicts) for j in range(len(r.get("annotations", ())))
+    ]
     report.num_annotations = len(refs)
     if not refs:
         return
@@ -231,12 +252,18 @@ def _check_boxes(report: DatasetReport, dataset_dicts: Sequence[Dict[str, Any]],
         for k in np.flatnonzero(~exact | (ids < 0) | (ids >= num_classes)):
             report.add("unknown_category", refs[k][0], name(k), cats[k])
 
-    has_box = np.asarray([a.get("bbox") is not None for a in anns])  # a segmentation-only annotation has none
-    boxes, malformed = _box_array([a["bbox"] if a.get("bbox") is not None else (0, 0, 0, 0) for a in anns])
+    has_box = np.asarray(
+        [a.get("bbox") is not None for a in anns]
+    )  # a segmentation-only annotation has none
+    boxes, malformed = _box_array(
+        [a["bbox"] if a.get("bbox") is not None else (0, 0, 0, 0) for a in anns]
+    )
     malformed &= has_box
     for k in np.flatnonzero(malformed):
         report.add("malformed_box", refs[k][0], name(k))
-    modes = np.fromiter((a.get("bbox_mode", BoxMode.XYWH_ABS) for a in anns), dtype=np.int64, count=len(anns))
+    modes = np.fromiter(
+        (a.get("bbox_mode", BoxMode.XYWH_ABS) for a in anns), dtype=np.int64, count=len(anns)
+    )
     xyxy = boxes.copy()
     for mode in np.unique(modes):
         if mode != BoxMode.XYXY_ABS:
@@ -248,8 +275,15 @@ def _check_boxes(report: DatasetReport, dataset_dicts: Sequence[Dict[str, Any]],
     sizes = image_sizes[np.asarray([i for i, _ in refs])]
     w, h = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
     # detectron2's transform_instance_annotations: clip to [0, width] x [0, height]
-    clipped = np.stack([np.maximum(xyxy[:, 0], 0), np.maximum(xyxy[:, 1], 0),
-                        np.minimum(xyxy[:, 2], sizes[:, 0]), np.minimum(xyxy[:, 3], sizes[:, 1])], axis=1)
+    clipped = np.stack(
+        [
+            np.maximum(xyxy[:, 0], 0),
+            np.maximum(xyxy[:, 1], 0),
+            np.minimum(xyxy[:, 2], sizes[:, 0]),
+            np.minimum(xyxy[:, 3], sizes[:, 1]),
+        ],
+        axis=1,
+    )
     # ... then filter_empty_instances: a side <= the threshold
     empty_after_clip = ((clipped[:, 2] - clipped[:, 0]) <= EMPTY_BOX_THRESHOLD) | (
         (clipped[:, 3] - clipped[:, 1]) <= EMPTY_BOX_THRESHOLD
@@ -259,8 +293,12 @@ def _check_boxes(report: DatasetReport, dataset_dicts: Sequence[Dict[str, Any]],
     zero = checked & ~negative & ((w <= EMPTY_BOX_THRESHOLD) | (h <= EMPTY_BOX_THRESHOLD))
     outside = checked & ~negative & ~zero & empty_after_clip
     reaching_out = checked & ~negative & ~zero & ~outside & np.any(clipped != xyxy, axis=1)
-    for kind, mask in (("negative_size", negative), ("zero_area", zero), ("outside_image", outside),
-                       ("clipped", reaching_out)):
+    for kind, mask in (
+        ("negative_size", negative),
+        ("zero_area", zero),
+        ("outside_image", outside),
+        ("clipped", reaching_out),
+    ):
         for k in np.flatnonzero(mask):
             report.add(kind, refs[k][0], name(k))
 
@@ -274,15 +312,25 @@ def _decode(item):
         return i, "undecodable", f"{file_name}: {type(e).__name__}: {e}"
     got = (image.shape[1], image.shape[0])
     if height is not None and width is not None and got != (width, height):
-        return i, "size_mismatch", f"{file_name}: decoded {got[0]}x{got[1]}, the dataset says {width}x{height}"
+        return (
+            i,
+            "size_mismatch",
+            f"{file_name}: decoded {got[0]}x{got[1]}, the dataset says {width}x{height}",
+        )
     return i, None, ""
 
 
 def _check_images(report, dataset_dicts, present, num_workers):
-    items = [(i, r["file_name"], r.get("height"), r.get("width")) for i, r in enumerate(dataset_dicts) if i in present]
+    items = [
+        (i, r["file_name"], r.get("height"), r.get("width"))
+        for i, r in enumerate(dataset_dicts)
+        if i in present
+    ]
     if num_workers > 1 and len(items) > 1:
         with multiprocessing.Pool(num_workers) as pool:  # forked, like the DataLoader workers
-            results = list(pool.imap(_decode, items, chunksize=max(1, len(items) // (8 * num_workers))))
+            results = list(
+                pool.imap(_decode, items, chunksize=max(1, len(items) // (8 * num_workers)))
+            )
     else:
         results = [_decode(item) for item in items]
     for i, kind, detail in results:
@@ -312,7 +360,9 @@ def check_dataset_dicts(
     Returns:
         DatasetReport
     """
-    report = DatasetReport(source, num_images=len(dataset_dicts), decoded=decode_images, num_classes=num_classes)
+    report = DatasetReport(
+        source, num_images=len(dataset_dicts), decoded=decode_images, num_classes=num_classes
+    )
     with_file = [i for i, r in enumerate(dataset_dicts) if "file_name" in r]
     missing = set(_missing_files(dataset_dicts[i]["file_name"] for i in with_file))
     for i in with_file:
@@ -384,7 +434,10 @@ def check_datasets(
     for names, dicts, key in groups:
         source = f"dataset '{names[0]}'" if len(names) == 1 else f"datasets {names}"
         report = check_dataset_dicts(
-            dicts, source=source, num_classes=_num_classes(names), decode_images=decode_images,
+            dicts,
+            source=source,
+            num_classes=_num_classes(names),
+            decode_images=decode_images,
             num_workers=num_workers,
         )
         log_report(report)

@@ -14,6 +14,7 @@ Counts and frequencies are taken from the categories' ``image_count`` / ``freque
 file has them (LVIS files carry the *training* counts in both train and val files); otherwise they are
 counted from the file's own annotations, which is right for a training file.
 """
+
 import json
 import logging
 import os
@@ -83,7 +84,9 @@ def validate_lvis_format(lvis_dict: Dict[str, Any], json_file: str) -> None:
     ``ValueError`` naming the file, the entry and the missing field.
     """
     if not isinstance(lvis_dict, dict):
-        raise ValueError(f"'{json_file}' is not in LVIS format: the top level must be a JSON object.")
+        raise ValueError(
+            f"'{json_file}' is not in LVIS format: the top level must be a JSON object."
+        )
     for section, fields in _REQUIRED_FIELDS.items():
         if section not in lvis_dict:
             raise ValueError(
@@ -112,7 +115,9 @@ def validate_lvis_format(lvis_dict: Dict[str, Any], json_file: str) -> None:
     if len(cat_ids) != len(lvis_dict["categories"]):
         raise ValueError(f"'{json_file}': category ids are not unique.")
     img_ids = {img["id"] for img in lvis_dict["images"]}
-    unknown = [i for i, ann in enumerate(lvis_dict["annotations"]) if ann["category_id"] not in cat_ids]
+    unknown = [
+        i for i, ann in enumerate(lvis_dict["annotations"]) if ann["category_id"] not in cat_ids
+    ]
     if unknown:
         anns = [lvis_dict["annotations"][i] for i in unknown]
         raise ValueError(

@@ -11,12 +11,12 @@ This module checks the files before detectron2 reads them (detectron2 fails on a
 with a bare ``KeyError``), picks the top proposals of an image and labels them with the annotated
 boxes they overlap.
 """
+
 import pickle
 from typing import Sequence
 
 import numpy as np
 import torch
-
 from detectron2.data import DatasetCatalog
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from detectron2.utils.file_io import PathManager
@@ -47,6 +47,7 @@ def read_proposal_file(proposal_file: str) -> dict:
         ValueError naming ``proposal_file`` and what is wrong (unreadable, missing keys, lengths
         that differ, boxes that are not ``[R, 4]``, a box mode other than XYXY_ABS / XYWH_ABS).
     """
+
     def fail(why):
         raise ValueError(
             f"Proposal file '{proposal_file}' (DATASETS.PROPOSAL_FILES_TRAIN): {why} Write proposal "
@@ -85,7 +86,9 @@ def read_proposal_file(proposal_file: str) -> dict:
             f"pixel boxes: BoxMode.XYXY_ABS ({int(BoxMode.XYXY_ABS)}) or XYWH_ABS "
             f"({int(BoxMode.XYWH_ABS)})."
         )
-    for image_id, boxes, logits in zip(proposals["ids"], proposals["boxes"], proposals["objectness_logits"]):
+    for image_id, boxes, logits in zip(
+        proposals["ids"], proposals["boxes"], proposals["objectness_logits"]
+    ):
         boxes, logits = np.asarray(boxes), np.asarray(logits)
         if boxes.ndim != 2 or boxes.shape[1] != 4 or logits.shape != (len(boxes),):
             fail(
@@ -136,7 +139,9 @@ def top_proposals(dataset_dict: dict, topk: int) -> np.ndarray:
     logits = np.asarray(dataset_dict["proposal_objectness_logits"], dtype=np.float64).reshape(-1)
     order = np.argsort(-logits, kind="stable")[:topk]
     mode = dataset_dict.get("proposal_bbox_mode", BoxMode.XYXY_ABS)
-    return np.asarray(BoxMode.convert(boxes[order], mode, BoxMode.XYXY_ABS), dtype=np.float64).reshape(-1, 4)
+    return np.asarray(
+        BoxMode.convert(boxes[order], mode, BoxMode.XYXY_ABS), dtype=np.float64
+    ).reshape(-1, 4)
 
 
 def label_proposals(

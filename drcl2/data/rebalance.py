@@ -292,7 +292,9 @@ def sample_instances(
         return torch.arange(num, device=gt_classes.device)
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=gt_classes.device)
-    probs = instance_class_weights(gt_classes, class_weights.to(device=gt_classes.device, dtype=torch.float32))
+    probs = instance_class_weights(
+        gt_classes, class_weights.to(device=gt_classes.device, dtype=torch.float32)
+    )
     return torch.multinomial(probs, k, replacement=False, generator=generator)
 
 
@@ -348,7 +350,11 @@ class RebalanceSchedule:
         try:
             return cls(s.START, s.END, s.MODE)
         except ValueError as e:
-            keys = "DATALOADER.DRCL2.MODE" if s.MODE not in cls.MODES else "DATALOADER.DRCL2.{START, END}"
+            keys = (
+                "DATALOADER.DRCL2.MODE"
+                if s.MODE not in cls.MODES
+                else "DATALOADER.DRCL2.{START, END}"
+            )
             values = repr(s.MODE) if s.MODE not in cls.MODES else f"({s.START}, {s.END})"
             raise ValueError(f"{keys} = {values}: {e}") from e
 

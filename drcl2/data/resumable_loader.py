@@ -20,6 +20,7 @@ image of a rank's stream has a **position** (0, 1, 2, ... in the order the sampl
 The training step's own randomness (RPN / ROI sampling, 2DRCL's masking) is seeded per iteration
 by :class:`drcl2.engine.hooks.StepSeedHook`.
 """
+
 import contextlib
 import itertools
 import logging
@@ -29,7 +30,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.utils.data as torchdata
-
 from detectron2.data.common import DatasetFromList
 
 __all__ = ["ResumableTrainLoader", "derived_seed", "orientation_bucket", "seeded_random_state"]
@@ -99,7 +99,11 @@ def orientation_bucket(mapped: dict) -> int:
     bucket for all mixed pairs padded more than detectron2's rule when view 1 is the whole image
     (2DRCL v2), two buckets pad less than either, with or without view 1 cropped (README, "Long runs").
     """
-    views = [mapped[k]["image"] for k in ("view1", "view2") if isinstance(mapped.get(k), dict) and "image" in mapped[k]]
+    views = [
+        mapped[k]["image"]
+        for k in ("view1", "view2")
+        if isinstance(mapped.get(k), dict) and "image" in mapped[k]
+    ]
     if views or "image" in mapped:
         landscape = [int(t.shape[-1]) > int(t.shape[-2]) for t in views or [mapped["image"]]]
     else:
@@ -136,7 +140,9 @@ class _PositionedStream(torchdata.IterableDataset):
         first = self.start + worker
         indices = itertools.islice(iter(self.sampler), first, None, workers)
         for position, index in zip(itertools.count(first, workers), indices):
-            mapped = map_at_position(self.dataset, self.mapper, int(index), position, self.seed, self.rank)
+            mapped = map_at_position(
+                self.dataset, self.mapper, int(index), position, self.seed, self.rank
+            )
             yield position, int(index), mapped
 
 
@@ -150,7 +156,11 @@ def map_at_position(dataset, mapper: Callable, index: int, position: int, seed: 
         try:
             return mapper(record)
         except Exception as e:
-            where = record.get("file_name", f"dataset index {index}") if isinstance(record, dict) else index
+            where = (
+                record.get("file_name", f"dataset index {index}")
+                if isinstance(record, dict)
+                else index
+            )
             image_id = record.get("image_id") if isinstance(record, dict) else None
             message = (
                 f"{e} — while mapping training image {where}"
@@ -216,7 +226,9 @@ class ResumableTrainLoader:
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.rank = int(rank)
-        self._state = self._checked_state(state if state is not None else self.state_at_iteration(0))
+        self._state = self._checked_state(
+            state if state is not None else self.state_at_iteration(0)
+        )
 
     @property
     def _num_buckets(self) -> int:
@@ -255,7 +267,10 @@ class ResumableTrainLoader:
 
     def state_at_iteration(self, iteration: int) -> Dict:
         """The state of a stream restarted at ``iteration`` (position ``iteration * batch_size``)."""
-        return {"next_position": int(iteration) * self.batch_size, "buckets": [[] for _ in range(self._num_buckets)]}
+        return {
+            "next_position": int(iteration) * self.batch_size,
+            "buckets": [[] for _ in range(self._num_buckets)],
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         """Go on from ``state`` (a :meth:`state_dict`) at the next ``iter()``."""
@@ -282,10 +297,17 @@ class ResumableTrainLoader:
         # and grouped again in stream order (each bucket's order, which is also stream order).
         buckets: List[List] = [[] for _ in range(self._num_buckets)]
         for position, index in sorted(e for bucket in self._state["buckets"] for e in bucket):
-            mapped = map_at_position(self.dataset, self.mapper, index, position, self.seed, self.rank)
+            mapped = map_at_position(
+                self.dataset, self.mapper, index, position, self.seed, self.rank
+            )
             buckets[self._bucket_of(mapped)].append((position, index, mapped))
         stream = _PositionedStream(
-            self.dataset, self.sampler, self.mapper, self.seed, self.rank, self._state["next_position"]
+            self.dataset,
+            self.sampler,
+            self.mapper,
+            self.seed,
+            self.rank,
+            self._state["next_position"],
         )
         batches = torchdata.DataLoader(
             stream,

@@ -6,11 +6,15 @@ from typing import Callable, List, Optional, Union
 
 import numpy as np
 import torch
+from detectron2.utils import comm
 from torch.utils.data.sampler import Sampler
 
-from detectron2.utils import comm
-
-from .rebalance import RebalanceSchedule, chunked_lambda, image_repeat_factor_sets, mix_repeat_factors
+from .rebalance import (
+    RebalanceSchedule,
+    chunked_lambda,
+    image_repeat_factor_sets,
+    mix_repeat_factors,
+)
 
 __all__ = ["DynamicRepeatFactorTrainingSampler"]
 
@@ -95,7 +99,9 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
         if int(ims_per_batch) <= 0:
             raise ValueError(f"ims_per_batch must be positive; got {ims_per_batch}.")
         if int(chunk_iters) <= 0:
-            raise ValueError(f"chunk_iters must be a positive number of iterations; got {chunk_iters}.")
+            raise ValueError(
+                f"chunk_iters must be a positive number of iterations; got {chunk_iters}."
+            )
         if int(start_iter) < 0:
             raise ValueError(f"start_iter must be >= 0; got {start_iter}.")
         self._image_level, self._instance_level = image_repeat_factor_sets(
@@ -133,7 +139,9 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
         )
 
     @classmethod
-    def from_config(cls, cfg, dataset_dicts: List[dict], start_iter: int = 0, seed: Optional[int] = None):
+    def from_config(
+        cls, cfg, dataset_dicts: List[dict], start_iter: int = 0, seed: Optional[int] = None
+    ):
         """
         The sampler of ``cfg.DATALOADER.DRCL2`` (REPEAT_THRESHOLD, START, END, MODE, CHUNK_ITERS;
         START and END are fractions of ``SOLVER.MAX_ITER``), with ``SOLVER.IMS_PER_BATCH`` and

@@ -10,6 +10,7 @@ Two backends (``INPUT.DRCL2.AUG_BACKEND``) draw the same augmentations from the 
 * ``"torchvision"``: the reference: each detectron2 transform's ``apply_image`` and torchvision v2's
   photometric transforms on a uint8 RGB tensor (:func:`build_view_photometric`); about 10x slower.
 """
+
 import copy
 import logging
 import math
@@ -20,12 +21,11 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 import torch
-from torchvision.transforms import v2 as TV
-
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
+from torchvision.transforms import v2 as TV
 
 from .proposals import label_proposals, top_proposals
 from .view_ops import FastViewPhotometric
@@ -51,12 +51,18 @@ class RandomResizedCropAugmentation(T.Augmentation):
     back to the largest centred window with an aspect ratio inside ``ratio``.
     """
 
-    def __init__(self, scale: Tuple[float, float] = (0.3, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(
+        self, scale: Tuple[float, float] = (0.3, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    ):
         super().__init__()
         if not (0 < scale[0] <= scale[1] <= 1):
-            raise ValueError(f"RandomResizedCropAugmentation: scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+            raise ValueError(
+                f"RandomResizedCropAugmentation: scale must satisfy 0 < lo <= hi <= 1, got {scale}"
+            )
         if not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"RandomResizedCropAugmentation: ratio must satisfy 0 < lo <= hi, got {ratio}")
+            raise ValueError(
+                f"RandomResizedCropAugmentation: ratio must satisfy 0 < lo <= hi, got {ratio}"
+            )
         self._init(locals())
 
     def get_transform(self, image):
@@ -103,11 +109,17 @@ def build_view_photometric(
     """
     ops = []
     if color_jitter_prob > 0:
-        ops.append(TV.RandomApply([TV.ColorJitter(brightness, contrast, saturation, hue)], p=color_jitter_prob))
+        ops.append(
+            TV.RandomApply(
+                [TV.ColorJitter(brightness, contrast, saturation, hue)], p=color_jitter_prob
+            )
+        )
     if grayscale_prob > 0:
         ops.append(TV.RandomGrayscale(p=grayscale_prob))
     if blur_prob > 0:
-        ops.append(TV.RandomApply([TV.GaussianBlur(blur_kernel_size, sigma=blur_sigma)], p=blur_prob))
+        ops.append(
+            TV.RandomApply([TV.GaussianBlur(blur_kernel_size, sigma=blur_sigma)], p=blur_prob)
+        )
     if solarize_prob > 0:
         ops.append(TV.RandomSolarize(threshold=solarize_threshold, p=solarize_prob))
     return TV.Compose(ops) if ops else None
@@ -246,7 +258,9 @@ class TwoViewDatasetMapper:
         if not 0.0 <= min_visible <= 1.0:
             raise ValueError(f"INPUT.DRCL2.MIN_VISIBLE must lie in [0, 1]; got {min_visible}.")
         if backend not in AUG_BACKENDS:
-            raise ValueError(f"INPUT.DRCL2.AUG_BACKEND must be one of {AUG_BACKENDS}; got {backend!r}.")
+            raise ValueError(
+                f"INPUT.DRCL2.AUG_BACKEND must be one of {AUG_BACKENDS}; got {backend!r}."
+            )
         for op in (photometric1, photometric2):
             if isinstance(op, FastViewPhotometric) and op.channel_order != image_format:
                 raise ValueError(
@@ -268,7 +282,9 @@ class TwoViewDatasetMapper:
         self.shared_geometry = shared_geometry
         self.mask_on = mask_on
         self.mask_format = mask_format
-        logger.info(f"[TwoViewDatasetMapper] backend {backend}; view 1: {geometric1} {photometric1}")
+        logger.info(
+            f"[TwoViewDatasetMapper] backend {backend}; view 1: {geometric1} {photometric1}"
+        )
         logger.info(f"[TwoViewDatasetMapper] view 2: {geometric2} {photometric2}")
 
     @classmethod
@@ -276,6 +292,7 @@ class TwoViewDatasetMapper:
         d = cfg.INPUT.DRCL2
         _check_view_config(d)
         lcl = cfg.MODEL.DRCL2.LCL
+
         def crop(view):
             """The random resized crop of a view, taken with probability CROP_PROB[view]."""
             prob = d.CROP_PROB[view]
@@ -307,9 +324,14 @@ class TwoViewDatasetMapper:
             "is_train": is_train,
             "geometric1": crop(0) + utils.build_augmentation(cfg, True),
             "geometric2": crop(1) + utils.build_augmentation(cfg, True),
-            "photometric1": photometric(blur_prob=d.BLUR_PROB[0], solarize_prob=d.SOLARIZE_PROB[0], **common)
-            if d.VIEW1_PHOTOMETRIC else None,
-            "photometric2": photometric(blur_prob=d.BLUR_PROB[1], solarize_prob=d.SOLARIZE_PROB[1], **common),
+            "photometric1": photometric(
+                blur_prob=d.BLUR_PROB[0], solarize_prob=d.SOLARIZE_PROB[0], **common
+            )
+            if d.VIEW1_PHOTOMETRIC
+            else None,
+            "photometric2": photometric(
+                blur_prob=d.BLUR_PROB[1], solarize_prob=d.SOLARIZE_PROB[1], **common
+            ),
             "image_format": cfg.INPUT.FORMAT,
             "min_visible": d.MIN_VISIBLE,
             "min_side": d.MIN_SIDE,
@@ -356,7 +378,11 @@ class TwoViewDatasetMapper:
             transforms (TransformList: original image -> view; ``.inverse()`` undoes it).
         """
         if transforms is not None:
-            view_image = render_geometric(image, transforms) if self.backend == "opencv" else transforms.apply_image(image)
+            view_image = (
+                render_geometric(image, transforms)
+                if self.backend == "opencv"
+                else transforms.apply_image(image)
+            )
         elif self.backend == "opencv":
             transforms = self.geometric[view](_ShapeInput(image.shape))
             view_image = render_geometric(image, transforms)
@@ -373,7 +399,9 @@ class TwoViewDatasetMapper:
                 clipped[:, :2] = np.maximum(clipped[:, :2], window[:2])
                 clipped[:, 2:] = np.minimum(clipped[:, 2:], window[2:])
                 clipped[:, 2:] = np.maximum(clipped[:, 2:], clipped[:, :2])
-                visible = visible * np.where(before > 0, _area(clipped) / np.maximum(before, 1e-12), 0.0)
+                visible = visible * np.where(
+                    before > 0, _area(clipped) / np.maximum(before, 1e-12), 0.0
+                )
             clipped = t.apply_box(clipped) if len(clipped) else clipped
         view_boxes = clipped.reshape(-1, 4)
         h, w = view_image.shape[:2]
@@ -387,8 +415,14 @@ class TwoViewDatasetMapper:
             return image
         if isinstance(op, FastViewPhotometric):
             return op(image)
-        rgb = utils.convert_image_to_rgb(image, self.image_format) if self.image_format != "RGB" else image
-        rgb = torch.from_numpy(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)))
+        rgb = (
+            utils.convert_image_to_rgb(image, self.image_format)
+            if self.image_format != "RGB"
+            else image
+        )
+        rgb = torch.from_numpy(
+            np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+        )
         rgb = op(rgb).permute(1, 2, 0).numpy()
         if self.image_format == "BGR":
             return rgb[:, :, ::-1]
@@ -415,7 +449,8 @@ class TwoViewDatasetMapper:
         annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
         ids = np.array([i for i, _ in enumerate(annos)], dtype=np.int64)
         boxes = np.array(
-            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], dtype=np.float64
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+            dtype=np.float64,
         ).reshape(-1, 4)
         classes = np.array([a["category_id"] for a in annos], dtype=np.int64)
         # Proposals (if used) ride along with the annotations: rows [len(boxes):] of every view.
@@ -424,15 +459,23 @@ class TwoViewDatasetMapper:
 
         all_boxes = np.concatenate([boxes, proposals])
         views = [self.make_view(image, all_boxes, 0)]
-        views.append(self.make_view(image, all_boxes, 1, views[0][3] if self.shared_geometry else None))
+        views.append(
+            self.make_view(image, all_boxes, 1, views[0][3] if self.shared_geometry else None)
+        )
         start = self._tick("geometric (2 views)", start)
         keep = np.ones(num_gt + len(proposals), dtype=bool)
         for _, view_boxes, visible, _ in views:
-            sides = np.minimum(view_boxes[:, 2] - view_boxes[:, 0], view_boxes[:, 3] - view_boxes[:, 1])
+            sides = np.minimum(
+                view_boxes[:, 2] - view_boxes[:, 0], view_boxes[:, 3] - view_boxes[:, 1]
+            )
             keep &= (visible >= self.min_visible) & (sides >= self.min_side)
         keep_proposals, keep = keep[num_gt:], keep[:num_gt]
 
-        out = {k: dataset_dict[k] for k in ("file_name", "image_id", "height", "width") if k in dataset_dict}
+        out = {
+            k: dataset_dict[k]
+            for k in ("file_name", "image_id", "height", "width")
+            if k in dataset_dict
+        }
         for v, (view_image, view_boxes, _, _) in enumerate(views):
             start = time.perf_counter()
             view_image = self._photometric(view_image, v)
@@ -449,11 +492,15 @@ class TwoViewDatasetMapper:
                 "instances": instances,
             }
             if v == 0:
-                out["view1"]["targets"] = self._view_targets(annos, views[0][3], image.shape[:2], view_image.shape[:2])
+                out["view1"]["targets"] = self._view_targets(
+                    annos, views[0][3], image.shape[:2], view_image.shape[:2]
+                )
             if self.proposal_topk is not None:
                 out[f"view{v + 1}"]["proposals"] = Instances(
                     view_image.shape[:2],
-                    proposal_boxes=Boxes(torch.as_tensor(view_proposals[keep_proposals], dtype=torch.float32)),
+                    proposal_boxes=Boxes(
+                        torch.as_tensor(view_proposals[keep_proposals], dtype=torch.float32)
+                    ),
                     gt_classes=torch.as_tensor(proposal_classes[keep_proposals], dtype=torch.int64),
                 )
             self._tick("to tensor + instances", start)
@@ -474,7 +521,9 @@ class TwoViewDatasetMapper:
         """
         mask_format = self.mask_format
         if self.mask_on and any(isinstance(t, T.CropTransform) for t in transforms.transforms):
-            mask_format = "bitmask"  # detectron2 crops polygons with shapely; a bitmask needs nothing more
+            mask_format = (
+                "bitmask"  # detectron2 crops polygons with shapely; a bitmask needs nothing more
+            )
         carried = []
         for anno in annos:
             anno = {k: v for k, v in anno.items() if k != "keypoints"}
@@ -510,6 +559,7 @@ class TwoViewDatasetMapper:
 
 def _check_view_config(d) -> None:
     """Raise ValueError naming the INPUT.DRCL2 key that holds an invalid value."""
+
     def fail(key, why):
         raise ValueError(f"INPUT.DRCL2.{key} = {d[key]!r}: {why}")
 
@@ -547,7 +597,9 @@ def _polygons_to_rle(polygons, size) -> dict:
     from pycocotools import mask as mask_util
 
     h, w = size
-    return mask_util.merge(mask_util.frPyObjects([np.asarray(p, dtype=np.float64).tolist() for p in polygons], h, w))
+    return mask_util.merge(
+        mask_util.frPyObjects([np.asarray(p, dtype=np.float64).tolist() for p in polygons], h, w)
+    )
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:

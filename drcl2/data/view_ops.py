@@ -29,6 +29,7 @@ pipelines pick the same ops and parameters, and their outputs differ only by the
 compounded along the chain (a whole view: at most 4 levels, on ~7% of the pixels; per-channel
 means and stds of the views within 1 level; ``tests/test_view_ops.py``).
 """
+
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -117,7 +118,9 @@ def adjust_hue(image: np.ndarray, factor: float, order: str = "RGB") -> np.ndarr
     """
     if factor == 0:
         return image.copy()
-    hsv = cv2.cvtColor(image.astype(np.float32), cv2.COLOR_RGB2HSV if order == "RGB" else cv2.COLOR_BGR2HSV)
+    hsv = cv2.cvtColor(
+        image.astype(np.float32), cv2.COLOR_RGB2HSV if order == "RGB" else cv2.COLOR_BGR2HSV
+    )
     # Hue in degrees; OpenCV's HSV -> RGB wraps hues >= 360 itself.
     hsv = cv2.add(hsv, ((factor % 1.0) * 360.0, 0.0, 0.0, 0.0))
     out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB if order == "RGB" else cv2.COLOR_HSV2BGR)
@@ -164,7 +167,9 @@ def solarize(image: np.ndarray, threshold: float) -> np.ndarray:
     return cv2.LUT(image, np.where(x >= threshold, 255 - x, x).astype(np.uint8))
 
 
-def _jitter_range(value: float, center: float, clip_first_on_zero: bool) -> Optional[Tuple[float, float]]:
+def _jitter_range(
+    value: float, center: float, clip_first_on_zero: bool
+) -> Optional[Tuple[float, float]]:
     """torchvision ColorJitter._check_input for a single number; None when the op is a no-op."""
     lo, hi = center - value, center + value
     if clip_first_on_zero:
@@ -265,4 +270,3 @@ class FastViewPhotometric:
         if self.solarize_prob > 0 and not torch.rand(1) >= self.solarize_prob:
             image = self._timed("solarize", solarize, image, self.solarize_threshold)
         return image
-

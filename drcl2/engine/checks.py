@@ -1,4 +1,5 @@
 """Config mistakes that detectron2 lets through, caught when the Trainer starts."""
+
 from detectron2.data import MetadataCatalog
 
 from ..data.rebalance import RebalanceSchedule

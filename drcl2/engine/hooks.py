@@ -5,7 +5,6 @@ import time
 from typing import Callable, List, Sequence
 
 import torch
-
 from detectron2.engine import HookBase
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.utils import comm
@@ -29,7 +28,9 @@ class RebalanceLambdaHook(HookBase):
     iteration's chunk), computed here from the same config, so the logged value is the sampled one.
     """
 
-    def __init__(self, schedule: RebalanceSchedule, max_iter: int, chunk_iters: int, name: str = "drb/lambda"):
+    def __init__(
+        self, schedule: RebalanceSchedule, max_iter: int, chunk_iters: int, name: str = "drb/lambda"
+    ):
         """
         Args:
             schedule: anything with ``lam(progress)``, e.g. :class:`RebalanceSchedule`.
@@ -166,7 +167,11 @@ class HealthProbeHook(HookBase):
         self._in_features = list(in_features)
         self._pooler_args = (pooler_resolution, pooler_sampling_ratio, pooler_type)
         self._extract_args = dict(
-            min_size=min_size, max_size=max_size, pixel_mean=pixel_mean, pixel_std=pixel_std, image_format=image_format
+            min_size=min_size,
+            max_size=max_size,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            image_format=image_format,
         )
 
     @classmethod
@@ -180,7 +185,9 @@ class HealthProbeHook(HookBase):
                 "held-out dataset with box annotations (e.g. the val split), or set PERIOD 0."
             )
         if h.MAX_IMAGES < 4:
-            raise ValueError(f"MODEL.DRCL2.HEALTH.MAX_IMAGES = {h.MAX_IMAGES}: the probe needs at least 4 images.")
+            raise ValueError(
+                f"MODEL.DRCL2.HEALTH.MAX_IMAGES = {h.MAX_IMAGES}: the probe needs at least 4 images."
+            )
         return cls(
             h.PERIOD,
             DatasetCatalog.get(h.DATASET)[: h.MAX_IMAGES],
@@ -198,19 +205,27 @@ class HealthProbeHook(HookBase):
 
     def measure(self, model) -> dict:
         """The health figures of ``model`` (a DRCL2 model or a detectron2 R-CNN) on the set."""
-        from ..evaluation.health import feature_health
-        from ..evaluation.health import extract_box_features
+        from ..evaluation.health import extract_box_features, feature_health
 
         roi_heads = getattr(model, "roi_heads", None)
         pooler = getattr(roi_heads, "box_pooler", None)
-        if pooler is None:  # e.g. DRCL2 without a box head: pool with a parameter-free pooler of the config
+        if (
+            pooler is None
+        ):  # e.g. DRCL2 without a box head: pool with a parameter-free pooler of the config
             strides = {k: v.stride for k, v in model.backbone.output_shape().items()}
             resolution, ratio, kind = self._pooler_args
             pooler = ROIPooler(
-                (resolution, resolution), tuple(1.0 / strides[f] for f in self._in_features), ratio, kind
+                (resolution, resolution),
+                tuple(1.0 / strides[f] for f in self._in_features),
+                ratio,
+                kind,
             )
         features = extract_box_features(
-            model.backbone, pooler, getattr(roi_heads, "box_head", None), self._in_features, self._dicts,
+            model.backbone,
+            pooler,
+            getattr(roi_heads, "box_head", None),
+            self._in_features,
+            self._dicts,
             **self._extract_args,
         )
         even = features.images % 2 == 0
@@ -230,7 +245,7 @@ class HealthProbeHook(HookBase):
         self.trainer.storage.put_scalars(**figures, smoothing_hint=False)
         logger.info(
             f"health at iteration {self.trainer.iter}: "
-            + ", ".join(f"{k[len('health/'):]} {v:.3g}" for k, v in figures.items())
+            + ", ".join(f"{k[len('health/') :]} {v:.3g}" for k, v in figures.items())
             + f" ({time.perf_counter() - start:.1f} s)"
         )
 

@@ -4,10 +4,9 @@ the fine-tuning weights at the end. (The model moves its EMA target network itse
 trainer; drcl2's Trainer hands the class statistics to the model when it is built.)
 """
 
-from torch.nn.parallel import DistributedDataParallel
-
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import finetune_state_dict, save_finetune_weights
 
@@ -33,5 +32,9 @@ class ExportFinetuneWeightsHook(HookBase):
     def after_train(self):
         if not comm.is_main_process() or self.trainer.iter + 1 < self._max_iter:
             return  # interrupted runs export nothing
-        state = finetune_state_dict(unwrap_model(self.trainer.model).state_dict(), source="the trained model")
-        save_finetune_weights(state, self._output_path, source="trained model", iteration=self.trainer.iter)
+        state = finetune_state_dict(
+            unwrap_model(self.trainer.model).state_dict(), source="the trained model"
+        )
+        save_finetune_weights(
+            state, self._output_path, source="trained model", iteration=self.trainer.iter
+        )

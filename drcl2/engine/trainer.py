@@ -1,4 +1,5 @@
 """drcl2's trainer: detectron2's DefaultTrainer with long-tail-aware data and evaluation choices."""
+
 import logging
 import os
 import weakref
@@ -10,10 +11,17 @@ from detectron2.data.samplers import (
     RepeatFactorTrainingSampler,
     TrainingSampler,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    hooks,
+)
+from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from detectron2.evaluation import COCOEvaluator
 
 from ..checkpoint import AtomicDetectionCheckpointer, DRCL2Checkpointer
 from ..data.datasets import check_dataset_files, check_datasets_before_training, check_test_dataset
@@ -41,15 +49,19 @@ def setup_drcl2_logger(output_dir=None):
     warnings) to the console and, given ``output_dir``, to its ``log.txt``, as detectron2's
     ``default_setup`` does for the ``detectron2`` logger (same handlers; idempotent).
     """
-    return setup_logger(output_dir, distributed_rank=comm.get_rank(), name="drcl2", abbrev_name="drcl2")
+    return setup_logger(
+        output_dir, distributed_rank=comm.get_rank(), name="drcl2", abbrev_name="drcl2"
+    )
 
 
 def _log_file_dir(output_dir):
     """``output_dir`` when detectron2's logger already writes a log file there (default_setup)."""
     for handler in logging.getLogger("detectron2").handlers:
         filename = getattr(getattr(handler, "stream", None), "name", "")
-        if isinstance(filename, str) and output_dir and os.path.abspath(filename).startswith(
-            os.path.abspath(output_dir) + os.sep
+        if (
+            isinstance(filename, str)
+            and output_dir
+            and os.path.abspath(filename).startswith(os.path.abspath(output_dir) + os.sep)
         ):
             return output_dir
     return None
@@ -95,7 +107,9 @@ class Trainer(DefaultTrainer):
         self.seed = resolve_seed(cfg.SEED)
         model = self.build_model(cfg)
         if hasattr(model, "seed"):
-            model.seed = self.seed  # DRCL2's per-image draws (instances, masks) follow the run's seed
+            model.seed = (
+                self.seed
+            )  # DRCL2's per-image draws (instances, masks) follow the run's seed
         optimizer = self.build_optimizer(cfg, model)
         train_dataset = self.build_train_dataset(cfg)
         check_num_classes(cfg)
@@ -123,7 +137,11 @@ class Trainer(DefaultTrainer):
         :class:`DRCL2Checkpointer`, which loads ImageNet / model-zoo weights into the online network
         only (the target network holds copies under the same names).
         """
-        checkpointer = DRCL2Checkpointer if cfg.MODEL.META_ARCHITECTURE == "DRCL2" else AtomicDetectionCheckpointer
+        checkpointer = (
+            DRCL2Checkpointer
+            if cfg.MODEL.META_ARCHITECTURE == "DRCL2"
+            else AtomicDetectionCheckpointer
+        )
         return checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
 
     @classmethod
@@ -173,10 +191,14 @@ class Trainer(DefaultTrainer):
         if seed_restored or not hasattr(loader, "load_state_dict"):
             # the sampler and the images' seeds follow the run's seed: a new loader
             self._trainer.reset_data_loader(
-                lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter, seed=self.seed, state=state)
+                lambda: self.build_train_loader(
+                    self.cfg, start_iter=self.start_iter, seed=self.seed, state=state
+                )
             )
             return
-        loader.load_state_dict(state if state is not None else loader.state_at_iteration(self.start_iter))
+        loader.load_state_dict(
+            state if state is not None else loader.state_at_iteration(self.start_iter)
+        )
         self._trainer.reset_data_loader(lambda: loader)  # a new iterator, from that state
 
     def build_hooks(self):
@@ -188,7 +210,11 @@ class Trainer(DefaultTrainer):
             lambda: self.seed, self.cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter
         )
         at = next(
-            (i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))),
+            (
+                i
+                for i, h in enumerate(ret)
+                if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+            ),
             len(ret),
         )
         ret.insert(at, self._loader_state_hook)
@@ -196,7 +222,9 @@ class Trainer(DefaultTrainer):
             ret.insert(0, RebalanceLambdaHook.from_config(self.cfg))  # logs drb/lambda each step
         if self.cfg.MODEL.DRCL2.HEALTH.PERIOD > 0 and comm.is_main_process():
             # before the writers, so that its figures are written at the step they are measured
-            writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
+            writer = next(
+                (i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret)
+            )
             ret.insert(writer, HealthProbeHook.from_config(self.cfg))
         if self.cfg.MODEL.META_ARCHITECTURE == "DRCL2":
             ret = self._add_drcl2_hooks(ret)
@@ -260,7 +288,11 @@ class Trainer(DefaultTrainer):
                 f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number "
                 f"of processes ({world})."
             )
-        args = (dataset, cls.build_train_sampler(cfg, dataset, seed=seed), cls.build_train_mapper(cfg))
+        args = (
+            dataset,
+            cls.build_train_sampler(cfg, dataset, seed=seed),
+            cls.build_train_mapper(cfg),
+        )
         kwargs = dict(
             batch_size=cfg.SOLVER.IMS_PER_BATCH // world,
             aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
@@ -309,10 +341,15 @@ class Trainer(DefaultTrainer):
             return RepeatFactorTrainingSampler(factors, seed=seed)
         if name == "RandomSubsetTrainingSampler":
             return RandomSubsetTrainingSampler(
-                len(dataset_dicts), cfg.DATALOADER.RANDOM_SUBSET_RATIO, seed_shuffle=seed, seed_subset=seed
+                len(dataset_dicts),
+                cfg.DATALOADER.RANDOM_SUBSET_RATIO,
+                seed_shuffle=seed,
+                seed_subset=seed,
             )
         # detectron2's other samplers (and its error for unknown names), as detectron2 builds them.
-        logger.warning(f"{name} is built by detectron2; a resumed run repeats its stream only if it is seeded.")
+        logger.warning(
+            f"{name} is built by detectron2; a resumed run repeats its stream only if it is seeded."
+        )
         return _train_loader_from_config(cfg, mapper=lambda d: d, dataset=dataset_dicts)["sampler"]
 
     @classmethod

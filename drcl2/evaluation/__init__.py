@@ -6,6 +6,7 @@ drcl2's evaluators:
                        predictions (load_predictions reads its instances_predictions.pth)
     COCOLTEvaluator    COCO metrics plus AP1-AP4 (classes grouped by training instance count)
 """
+
 from .cocolt import COCOLTEvaluator
 from .lvis_compat import patch_lvis_numpy
 from .lvis_evaluation import LVIS_BACKENDS, LVISEvaluator, evaluate_lvis

@@ -2,6 +2,7 @@
 COCO-LT evaluation: detectron2's COCO metrics plus AP1-AP4, the AP of classes grouped by their number
 of *training* instances ([1, 20), [20, 400), [400, 8000), [8000, inf)), and the per-class report.
 """
+
 import json
 import logging
 
@@ -70,7 +71,12 @@ class COCOLTEvaluator(COCOEvaluator):
                 counts; None: ``MetadataCatalog.get(dataset_name).train_dataset_name``.
         """
         super().__init__(
-            dataset_name, tasks, distributed, output_dir, max_dets_per_image=max_dets_per_image, **kwargs
+            dataset_name,
+            tasks,
+            distributed,
+            output_dir,
+            max_dets_per_image=max_dets_per_image,
+            **kwargs,
         )
         self._dataset_name = dataset_name
         if train_dataset_name is None:
@@ -128,7 +134,10 @@ class COCOLTEvaluator(COCOEvaluator):
         precision = coco_eval.eval["precision"]
         groups = [coco_lt_group(counts[c]["instance_count"]) for c in cat_ids]
         grouped = group_ap(precision, groups)
-        self._logger.info(f"COCO-LT groups for {iou_type}: " + ", ".join(f"{k}={v:.3f}" for k, v in grouped.items()))
+        self._logger.info(
+            f"COCO-LT groups for {iou_type}: "
+            + ", ".join(f"{k}={v:.3f}" for k, v in grouped.items())
+        )
         results.update(grouped)
         s = precision[:, :, :, 0, -1]
         valid = s > -1

@@ -18,6 +18,7 @@ their features collapsed? Measured on the ground-truth boxes of a dataset, befor
 The maths are pure functions of tensors (tested without a model); :func:`extract_box_features`
 runs a detectron2 backbone + box head over a dataset's images at test size.
 """
+
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,12 +26,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, ImageList
+from torch import nn
 
 from ..data.lvis_format import frequency_group, read_lvis_format_json
 
@@ -81,7 +81,9 @@ def embedding_std(features: torch.Tensor) -> float:
 def _standardise(train_x: torch.Tensor, test_x: torch.Tensor):
     mean = train_x.mean(dim=0, keepdim=True)
     std = train_x.std(dim=0, keepdim=True) if len(train_x) > 1 else torch.ones_like(mean)
-    std = torch.where(std > 1e-6 * std.max().clamp(min=1e-12), std, torch.full_like(std, float("inf")))
+    std = torch.where(
+        std > 1e-6 * std.max().clamp(min=1e-12), std, torch.full_like(std, float("inf"))
+    )
     return (train_x - mean) / std, (test_x - mean) / std
 
 
@@ -116,7 +118,9 @@ def linear_probe(
     weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     seen = counts > 0  # classes absent from training never win
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -132,7 +136,9 @@ def linear_probe(
         return (xt @ weight + bias).masked_fill(~seen, -1e9).argmax(dim=1)
 
 
-def nearest_centroid(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int):
+def nearest_centroid(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int
+):
     """Predict the class whose mean l2-normalised training feature is closest in cosine: LongTensor[M]."""
     z = F.normalize(train_x.double(), dim=1)
     sums = torch.zeros(num_classes, z.shape[1], dtype=z.dtype).index_add_(0, train_y.long(), z)
@@ -141,7 +147,9 @@ def nearest_centroid(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     return scores.masked_fill(~seen, -2.0).argmax(dim=1)
 
 
-def accuracies(predicted: torch.Tensor, truth: torch.Tensor, groups: Optional[Sequence[str]] = None) -> Dict[str, float]:
+def accuracies(
+    predicted: torch.Tensor, truth: torch.Tensor, groups: Optional[Sequence[str]] = None
+) -> Dict[str, float]:
     """
     Args:
         predicted, truth: LongTensor[M].
@@ -188,7 +196,9 @@ class BoxFeatures:
 
     def subset(self, keep: torch.Tensor) -> "BoxFeatures":
         """The boxes where ``keep`` (BoolTensor[R]) is True; locations unchanged."""
-        return BoxFeatures(self.roi[keep], self.box[keep], self.classes[keep], self.images[keep], self.locations)
+        return BoxFeatures(
+            self.roi[keep], self.box[keep], self.classes[keep], self.images[keep], self.locations
+        )
 
 
 @torch.no_grad()
@@ -248,21 +258,36 @@ def extract_box_features(
                 image = tfm.apply_image(image)
                 annos = [a for a in d.get("annotations", []) if a.get("iscrowd", 0) == 0]
                 xyxy = np.array(
-                    [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], dtype=np.float64
+                    [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+                    dtype=np.float64,
                 ).reshape(-1, 4)
                 xyxy = tfm.apply_box(xyxy) if len(xyxy) else xyxy
-                tensors.append((torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device) - mean) / std)
+                tensors.append(
+                    (
+                        torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)
+                        - mean
+                    )
+                    / std
+                )
                 box_lists.append(Boxes(torch.as_tensor(xyxy, dtype=torch.float32, device=device)))
-                chunk_classes.append(torch.as_tensor([a["category_id"] for a in annos], dtype=torch.int64))
+                chunk_classes.append(
+                    torch.as_tensor([a["category_id"] for a in annos], dtype=torch.int64)
+                )
                 chunk_images.append(torch.full((len(annos),), start + i, dtype=torch.int64))
             batch = ImageList.from_tensors(
-                tensors, backbone.size_divisibility, padding_constraints=getattr(backbone, "padding_constraints", None)
+                tensors,
+                backbone.size_divisibility,
+                padding_constraints=getattr(backbone, "padding_constraints", None),
             )
             features = backbone(batch.tensor)
             pooled = box_pooler([features[f] for f in in_features], box_lists)
             if len(pooled):
                 roi.append(pooled.mean(dim=(2, 3)).float().cpu())
-                embedded = box_head(pooled).flatten(1) if box_head is not None else pooled.new_zeros(len(pooled), 0)
+                embedded = (
+                    box_head(pooled).flatten(1)
+                    if box_head is not None
+                    else pooled.new_zeros(len(pooled), 0)
+                )
                 box.append(embedded.float().cpu())
             classes += chunk_classes
             images += chunk_images
@@ -285,7 +310,9 @@ def extract_box_features(
     )
 
 
-def class_groups(dataset_name: str, num_classes: int, train_dicts: Optional[List[dict]] = None) -> List[str]:
+def class_groups(
+    dataset_name: str, num_classes: int, train_dicts: Optional[List[dict]] = None
+) -> List[str]:
     """
     The frequency group ("r", "c", "f") of every contiguous class id of a registered dataset: its
     metadata's ``class_frequency``, else the ``frequency`` of its json's categories, else LVIS's
@@ -298,10 +325,14 @@ def class_groups(dataset_name: str, num_classes: int, train_dicts: Optional[List
     json_file = meta.get("json_file", None)
     if json_file:
         try:
-            categories = sorted(read_lvis_format_json(json_file)["categories"], key=lambda c: c["id"])
+            categories = sorted(
+                read_lvis_format_json(json_file)["categories"], key=lambda c: c["id"]
+            )
         except (ValueError, FileNotFoundError):
             categories = []
-        id_map = meta.get("thing_dataset_id_to_contiguous_id", None) or {c["id"]: i for i, c in enumerate(categories)}
+        id_map = meta.get("thing_dataset_id_to_contiguous_id", None) or {
+            c["id"]: i for i, c in enumerate(categories)
+        }
         if categories and all("frequency" in c for c in categories):
             out = [""] * num_classes
             for c in categories:
@@ -333,7 +364,9 @@ def feature_health(
     for name in ("roi", "box"):
         tr, te = getattr(train, name), getattr(test, name)
         if te.shape[1] == 0 or len(tr) == 0 or len(te) == 0:
-            keys = ["top1", "balanced"] + ([f"balanced_{g}" for g in "rcf"] if groups is not None else [])
+            keys = ["top1", "balanced"] + (
+                [f"balanced_{g}" for g in "rcf"] if groups is not None else []
+            )
             out.update({f"probe_{name}_{k}": nan for k in keys})
             continue
         predicted = linear_probe(tr, train.classes, te, num_classes)
@@ -341,8 +374,11 @@ def feature_health(
             out[f"probe_{name}_{key}"] = value
     has_box = test.box.shape[1] > 0 and len(train.box) > 0
     out["ncc_box"] = (
-        accuracies(nearest_centroid(train.box, train.classes, test.box, num_classes), test.classes)["balanced"]
-        if has_box else nan
+        accuracies(nearest_centroid(train.box, train.classes, test.box, num_classes), test.classes)[
+            "balanced"
+        ]
+        if has_box
+        else nan
     )
     out["rank_roi"] = rankme(test.roi)
     out["rank_box"] = rankme(test.box) if has_box else nan
@@ -373,10 +409,16 @@ STAGES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 def _is_norm_key(name: str, tensor: torch.Tensor) -> bool:
     """A norm layer's affine weight / bias (GN, BN, FrozenBN): 1-d, under a ``norm`` / ``bn`` module."""
     parts = name.split(".")
-    return tensor.dim() == 1 and len(parts) >= 2 and ("norm" in parts[-2] or parts[-2].startswith("bn"))
+    return (
+        tensor.dim() == 1
+        and len(parts) >= 2
+        and ("norm" in parts[-2] or parts[-2].startswith("bn"))
+    )
 
 
-def stage_changes(state: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+def stage_changes(
+    state: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]
+) -> Dict[str, Dict[str, float]]:
     """
     How far each stage of ``state`` moved from ``initial`` (both state dicts of the same model).
 
@@ -391,7 +433,11 @@ def stage_changes(state: Dict[str, torch.Tensor], initial: Dict[str, torch.Tenso
         sums = {"w": 0.0, "w0": 0.0, "dw": 0.0, "a0": 0.0, "da": 0.0}
         found_w = found_a = False
         for name, w0 in initial.items():
-            if not name.startswith(prefixes) or name not in state or not torch.is_floating_point(w0):
+            if (
+                not name.startswith(prefixes)
+                or name not in state
+                or not torch.is_floating_point(w0)
+            ):
                 continue
             w, w0 = state[name].double().cpu(), w0.double().cpu()
             if w.shape != w0.shape:
@@ -407,8 +453,14 @@ def stage_changes(state: Dict[str, torch.Tensor], initial: Dict[str, torch.Tenso
                 found_w = True
         nan = float("nan")
         out[stage] = {
-            "weight_norm_ratio": math.sqrt(sums["w"] / sums["w0"]) if found_w and sums["w0"] > 0 else nan,
-            "weight_change": math.sqrt(sums["dw"] / sums["w0"]) if found_w and sums["w0"] > 0 else nan,
-            "affine_change": math.sqrt(sums["da"] / sums["a0"]) if found_a and sums["a0"] > 0 else nan,
+            "weight_norm_ratio": math.sqrt(sums["w"] / sums["w0"])
+            if found_w and sums["w0"] > 0
+            else nan,
+            "weight_change": math.sqrt(sums["dw"] / sums["w0"])
+            if found_w and sums["w0"] > 0
+            else nan,
+            "affine_change": math.sqrt(sums["da"] / sums["a0"])
+            if found_a and sums["a0"] > 0
+            else nan,
         }
     return out

@@ -6,6 +6,7 @@ numpy 1.24, so evaluation crashes as soon as there are predictions. Rather than 
 numpy for the whole process, :func:`patch_lvis_numpy` gives the ``lvis.eval`` module alone a view of
 numpy that still has ``float`` (the builtin, which is what ``np.float`` always was).
 """
+
 import types
 
 import numpy as np
@@ -28,4 +29,3 @@ def patch_lvis_numpy():
 
     if not hasattr(lvis.eval.np, "float"):
         lvis.eval.np = _NumpyWithFloatAlias("numpy")
-

@@ -30,6 +30,7 @@ The "faster" backend gives the lvis API's numbers (to 1e-4 or better, tested) be
 The only numeric difference left is the C++ precision ``tp / (tp + fp)`` against Python's
 ``tp / (tp + fp + eps)`` (eps = 2.2e-16), far below 1e-4.
 """
+
 import contextlib
 import copy
 import gc
@@ -136,7 +137,9 @@ def _annotation_area(ann, height, width):
     return float(ann["bbox"][2] * ann["bbox"][3])
 
 
-def complete_lvis_ground_truth(lvis_dataset, train_image_counts=None, train_source=None, source="the LVIS json"):
+def complete_lvis_ground_truth(
+    lvis_dataset, train_image_counts=None, train_source=None, source="the LVIS json"
+):
     """
     Fill in, in place, the LVIS fields that a custom LVIS-format json may leave out and that both
     backends read: each category's ``frequency``, each annotation's ``area`` (its polygons' area, as
@@ -176,9 +179,13 @@ def complete_lvis_ground_truth(lvis_dataset, train_image_counts=None, train_sour
         for img in missing:
             img[field] = []
         if missing:
-            logger.info(f"{source}: {len(missing)} of {len(images)} images have no '{field}'; using [] for them.")
+            logger.info(
+                f"{source}: {len(missing)} of {len(images)} images have no '{field}'; using [] for them."
+            )
 
-    no_frequency = [c for c in lvis_dataset["categories"] if c.get("frequency") not in _FREQUENCY_GROUPS]
+    no_frequency = [
+        c for c in lvis_dataset["categories"] if c.get("frequency") not in _FREQUENCY_GROUPS
+    ]
     if not no_frequency:
         return
     if train_image_counts is not None:
@@ -222,7 +229,9 @@ def faster_lvis_ground_truth(lvis_dataset, source="the LVIS json"):
     """
     from faster_coco_eval import COCO
 
-    no_frequency = [c["id"] for c in lvis_dataset["categories"] if c.get("frequency") not in _FREQUENCY_GROUPS]
+    no_frequency = [
+        c["id"] for c in lvis_dataset["categories"] if c.get("frequency") not in _FREQUENCY_GROUPS
+    ]
     if no_frequency:
         raise ValueError(
             f"{source}: categories {no_frequency[:10]} have no 'frequency' in {_FREQUENCY_GROUPS}; "
@@ -270,8 +279,8 @@ def federated_filter(gt, results):
 
 def _faster_results(gt, results, iou_type):
     """The detections as a faster-coco-eval ``COCO``, with LVISResults' areas, boxes and ids."""
-    from faster_coco_eval import COCO
     import faster_coco_eval.core.mask as mask_util
+    from faster_coco_eval import COCO
 
     anns = results  # already copies (evaluate_lvis)
     if iou_type == "bbox":
@@ -288,7 +297,11 @@ def _faster_results(gt, results, iou_type):
         ann["id"] = i + 1
         ann["iscrowd"] = 0
     dt = COCO()
-    dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": anns}
+    dt.dataset = {
+        "images": gt.dataset["images"],
+        "categories": gt.dataset["categories"],
+        "annotations": anns,
+    }
     dt.createIndex()
     return dt
 
@@ -315,7 +328,9 @@ def summarize_lvis_precision(precision, iou_thrs, category_frequencies):
     def at_iou(thr):
         return precision[np.where(np.isclose(iou_thrs, thr))[0]]
 
-    groups = {g: [k for k, f in enumerate(category_frequencies) if f == g] for g in _FREQUENCY_GROUPS}
+    groups = {
+        g: [k for k, f in enumerate(category_frequencies) if f == g] for g in _FREQUENCY_GROUPS
+    }
     return {
         "AP": mean_valid(precision[..., 0]),
         "AP50": mean_valid(at_iou(0.5)[..., 0]),
@@ -422,7 +437,9 @@ def _cyclic_gc_paused():
             gc.enable()
 
 
-def evaluate_lvis(lvis_gt, results, iou_type, *, max_dets_per_image=300, backend="faster", faster_gt=None):
+def evaluate_lvis(
+    lvis_gt, results, iou_type, *, max_dets_per_image=300, backend="faster", faster_gt=None
+):
     """
     LVIS metrics of detections, with either backend.
 
@@ -441,24 +458,34 @@ def evaluate_lvis(lvis_gt, results, iou_type, *, max_dets_per_image=300, backend
         {dataset category id: AP in percent, NaN for categories without ground truth}.
     """
     if backend not in LVIS_BACKENDS:
-        raise ValueError(f"Unknown LVIS evaluation backend {backend!r}; expected one of {LVIS_BACKENDS}.")
+        raise ValueError(
+            f"Unknown LVIS evaluation backend {backend!r}; expected one of {LVIS_BACKENDS}."
+        )
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}.")
     if max_dets_per_image == 0:
-        raise ValueError("max_dets_per_image (TEST.DETECTIONS_PER_IMAGE) must be positive, or negative for no limit.")
+        raise ValueError(
+            "max_dets_per_image (TEST.DETECTIONS_PER_IMAGE) must be positive, or negative for no limit."
+        )
     if len(results) == 0:
         logger.warning("No predictions from the model!")
         return {k: float("nan") for k in LVIS_METRICS}, {}
     unknown = {r["image_id"] for r in results} - set(lvis_gt.imgs)
     if unknown:
-        raise ValueError(f"Detections refer to image ids {sorted(unknown)[:10]} that are not in the ground truth.")
+        raise ValueError(
+            f"Detections refer to image ids {sorted(unknown)[:10]} that are not in the ground truth."
+        )
     if backend == "faster":
         with _cyclic_gc_paused():
             if faster_gt is None:
                 faster_gt = faster_lvis_ground_truth(lvis_gt.dataset)
-            metrics, ap = _evaluate_faster(faster_gt, _copy_results(results, iou_type), iou_type, max_dets_per_image)
+            metrics, ap = _evaluate_faster(
+                faster_gt, _copy_results(results, iou_type), iou_type, max_dets_per_image
+            )
     else:
-        metrics, ap = _evaluate_lvis_api(lvis_gt, _copy_results(results, iou_type), iou_type, max_dets_per_image)
+        metrics, ap = _evaluate_lvis_api(
+            lvis_gt, _copy_results(results, iou_type), iou_type, max_dets_per_image
+        )
     metrics = {k: float(metrics[k] * 100) for k in LVIS_METRICS}
     return metrics, {int(c): float(v * 100) for c, v in ap.items()}
 
@@ -592,7 +619,9 @@ class LVISEvaluator(_D2LVISEvaluator):
         with _cyclic_gc_paused():
             if self._output_dir:
                 PathManager.mkdirs(self._output_dir)
-                save_predictions(predictions, os.path.join(self._output_dir, "instances_predictions.pth"))
+                save_predictions(
+                    predictions, os.path.join(self._output_dir, "instances_predictions.pth")
+                )
 
             self._results = OrderedDict()
             if "proposals" in predictions[0]:
@@ -611,9 +640,13 @@ class LVISEvaluator(_D2LVISEvaluator):
             lut[contiguous] = dataset_id
 
         def to_dataset(classes):
-            if len(classes) and (classes.min() < 0 or classes.max() >= len(lut) or (lut[classes] < 0).any()):
+            if len(classes) and (
+                classes.min() < 0 or classes.max() >= len(lut) or (lut[classes] < 0).any()
+            ):
                 bad = sorted(set(classes.tolist()) - set(mapping.values()))
-                raise KeyError(f"predicted classes {bad[:10]} are not in thing_dataset_id_to_contiguous_id")
+                raise KeyError(
+                    f"predicted classes {bad[:10]} are not in thing_dataset_id_to_contiguous_id"
+                )
             return lut[classes]
 
         return to_dataset
@@ -628,7 +661,9 @@ class LVISEvaluator(_D2LVISEvaluator):
         for p in predictions:
             columns = p["instances"]
             masks_of.setdefault(columns["rles"] is not None, p["image_id"])
-            lvis_results.extend(columns_to_coco_json(columns, p["image_id"], to_dataset(columns["classes"])))
+            lvis_results.extend(
+                columns_to_coco_json(columns, p["image_id"], to_dataset(columns["classes"]))
+            )
         if len(masks_of) == 2:
             raise ValueError(
                 f"LVISEvaluator of {self._dataset_name}: the predictions have masks for image "
@@ -649,7 +684,9 @@ class LVISEvaluator(_D2LVISEvaluator):
 
         max_dets = 300 if self._max_dets_per_image is None else self._max_dets_per_image
         if self._backend == "faster" and self._faster_gt is None:
-            self._faster_gt = faster_lvis_ground_truth(self._lvis_api.dataset, source=self._metadata.json_file)
+            self._faster_gt = faster_lvis_ground_truth(
+                self._lvis_api.dataset, source=self._metadata.json_file
+            )
         self._logger.info(
             f"Evaluating predictions with the '{self._backend}' backend, "
             f"max detections per image = {max_dets} ..."
@@ -669,7 +706,9 @@ class LVISEvaluator(_D2LVISEvaluator):
         self._per_class_ap = per_class
 
         if self._output_dir:
-            rows = lvis_per_class_rows(self._metadata, self._lvis_api.dataset["categories"], per_class)
+            rows = lvis_per_class_rows(
+                self._metadata, self._lvis_api.dataset["categories"], per_class
+            )
             write_per_class_report(
                 rows,
                 self._output_dir,

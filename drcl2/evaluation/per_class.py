@@ -10,6 +10,7 @@ Rows are plain dicts with the columns, in order:
 AP in percent (IoU 0.5:0.95, all areas); an empty cell where a class has no ground truth in the
 evaluated set (AP undefined) or where the task was not evaluated / the count is unknown.
 """
+
 import csv
 import logging
 import math
@@ -57,7 +58,9 @@ def lvis_per_class_rows(metadata, categories, per_class_ap):
     id_map = metadata.get("thing_dataset_id_to_contiguous_id", None)
     thing_classes = metadata.get("thing_classes", None)
     class_frequency = metadata.get("class_frequency", None)
-    image_counts = {c["id"]: c["image_count"] for c in metadata.get("class_image_count", None) or []}
+    image_counts = {
+        c["id"]: c["image_count"] for c in metadata.get("class_image_count", None) or []
+    }
     rows = []
     for cat in sorted(categories, key=lambda c: c["id"]):
         cat_id = cat["id"]
@@ -108,7 +111,11 @@ def write_per_class_report(rows, output_dir, *, x_key, x_label, title, group_ord
     csv_path = os.path.join(output_dir, PER_CLASS_CSV)
     with PathManager.open(csv_path, "w") as f:
         writer = csv.writer(f)
-        columns = list(rows[0].keys()) if rows else ["class", "frequency_group", x_key, "ap_box", "ap_mask"]
+        columns = (
+            list(rows[0].keys())
+            if rows
+            else ["class", "frequency_group", x_key, "ap_box", "ap_mask"]
+        )
         writer.writerow(columns)
         for row in rows:
             writer.writerow([_cell(row[c]) for c in columns])
@@ -140,14 +147,24 @@ def _plot(rows, path, *, x_key, x_label, title, group_order):
             pts = [
                 (r[x_key], r[column])
                 for r in rows
-                if r["frequency_group"] == group and present(r.get(column)) and present(r.get(x_key)) and r[x_key] > 0
+                if r["frequency_group"] == group
+                and present(r.get(column))
+                and present(r.get(x_key))
+                and r[x_key] > 0
             ]
             if not pts:
                 continue
             xs, ys = zip(*pts)
             mean = sum(ys) / len(ys)
             colour = colours(i % 10)
-            ax.scatter(xs, ys, s=14, alpha=0.75, color=colour, label=f"{group or '?'}: {len(pts)}, mean {mean:.1f}")
+            ax.scatter(
+                xs,
+                ys,
+                s=14,
+                alpha=0.75,
+                color=colour,
+                label=f"{group or '?'}: {len(pts)}, mean {mean:.1f}",
+            )
             # The group's mean per-class AP, drawn across the group's span of training counts.
             ax.hlines(mean, min(xs), max(xs), colors=[colour], linestyles="dashed", linewidth=1)
             plotted += len(pts)
@@ -155,7 +172,9 @@ def _plot(rows, path, *, x_key, x_label, title, group_order):
         # No minor ticks: every tick is a few artists of its own, and on log axes they were most of
         # the drawing time (which counts in the evaluation's).
         ax.minorticks_off()
-        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))  # plain text, no mathtext to lay out
+        ax.xaxis.set_major_formatter(
+            StrMethodFormatter("{x:,.0f}")
+        )  # plain text, no mathtext to lay out
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{'box' if column == 'ap_box' else 'mask'} AP (%)")
         ax.set_ylim(-2, 102)
@@ -163,8 +182,14 @@ def _plot(rows, path, *, x_key, x_label, title, group_order):
         if plotted:
             ax.legend(title="group: classes, mean AP", fontsize=8)
         else:
-            ax.text(0.5, 0.5, "no class has both an AP and a training count", ha="center",
-                    va="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "no class has both an AP and a training count",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
     fig.suptitle(title)
     # Fixed margins: tight_layout measured every tick label and took longer than the evaluation.
     width = 6 * len(columns)  # inches

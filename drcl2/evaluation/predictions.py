@@ -9,6 +9,7 @@ instead (:func:`instances_to_columns`), masks are RLE-encoded over the columns t
 (:func:`encode_masks`, byte-identical to pycocotools), and the predictions file holds one tensor per
 field (:func:`save_predictions`); :func:`load_predictions` gives back exactly detectron2's list.
 """
+
 import json
 from typing import Dict, List, Optional
 
@@ -66,11 +67,17 @@ def encode_masks(masks, boxes_xyxy=None, pixel_counts=None) -> List[bytes]:
     if boxes_xyxy is None or h * w == 0:
         windows = whole
     else:
-        b = boxes_xyxy.detach().cpu().numpy() if isinstance(boxes_xyxy, torch.Tensor) else np.asarray(boxes_xyxy)
+        b = (
+            boxes_xyxy.detach().cpu().numpy()
+            if isinstance(boxes_xyxy, torch.Tensor)
+            else np.asarray(boxes_xyxy)
+        )
         b = np.nan_to_num(b.astype(np.float64).reshape(n, 4), nan=0.0, posinf=max(h, w), neginf=0.0)
         lo = np.floor(b[:, :2]) - 2
         hi = np.ceil(b[:, 2:]) + 2
-        windows = np.concatenate([np.clip(lo, 0, [w, h]), np.clip(hi, 0, [w, h])], axis=1).astype(np.int64)
+        windows = np.concatenate([np.clip(lo, 0, [w, h]), np.clip(hi, 0, [w, h])], axis=1).astype(
+            np.int64
+        )
         windows[:, 2:] = np.maximum(windows[:, 2:], windows[:, :2])
     counting = None
     if pixel_counts is None:
@@ -128,7 +135,9 @@ def _window_counts(m: np.ndarray, windows: np.ndarray):
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     buf = np.zeros(int(offsets[-1]), np.uint8)
-    for i, (a, b, c, d, o) in enumerate(zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(), offsets.tolist())):
+    for i, (a, b, c, d, o) in enumerate(
+        zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(), offsets.tolist())
+    ):
         if a == c or b == d:
             continue
         # cv2 writes straight into the strided view; the zero after each column stays 0.
@@ -175,7 +184,13 @@ def instances_to_columns(instances, with_masks: Optional[bool] = None, pixel_cou
     ``pixel_counts``: each mask's pixel count, when already known (see :func:`encode_masks`).
     """
     n = len(instances)
-    boxes = instances.pred_boxes.tensor.detach().cpu().numpy().astype(np.float32, copy=True).reshape(n, 4)
+    boxes = (
+        instances.pred_boxes.tensor.detach()
+        .cpu()
+        .numpy()
+        .astype(np.float32, copy=True)
+        .reshape(n, 4)
+    )
     xyxy = boxes.copy()
     boxes[:, 2:] -= boxes[:, :2]  # BoxMode.convert(XYXY_ABS -> XYWH_ABS) in float32, as detectron2
     has_mask = instances.has("pred_masks") if with_masks is None else with_masks
@@ -187,7 +202,11 @@ def instances_to_columns(instances, with_masks: Optional[bool] = None, pixel_cou
     return {
         "boxes": boxes,
         "scores": instances.scores.detach().cpu().numpy().astype(np.float32, copy=False).reshape(n),
-        "classes": instances.pred_classes.detach().cpu().numpy().astype(np.int64, copy=False).reshape(n),
+        "classes": instances.pred_classes.detach()
+        .cpu()
+        .numpy()
+        .astype(np.int64, copy=False)
+        .reshape(n),
         "rles": rles,
         "mask_size": size,
     }
@@ -212,8 +231,13 @@ def columns_to_coco_json(columns: Dict, image_id, category_ids=None) -> List[Dic
         ]
     size = columns["mask_size"]
     return [
-        {"image_id": image_id, "category_id": c, "bbox": b, "score": s,
-         "segmentation": {"size": list(size), "counts": r.decode("utf-8")}}
+        {
+            "image_id": image_id,
+            "category_id": c,
+            "bbox": b,
+            "score": s,
+            "segmentation": {"size": list(size), "counts": r.decode("utf-8")},
+        }
         for c, b, s, r in zip(classes, boxes, scores, rles)
     ]
 
@@ -249,8 +273,13 @@ def save_predictions(predictions: List[Dict], path: str) -> None:
     from detectron2.utils.file_io import PathManager
 
     columns = [p.get("instances") for p in predictions]
-    empty = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
-             "classes": np.zeros(0, np.int64), "rles": None, "mask_size": None}
+    empty = {
+        "boxes": np.zeros((0, 4), np.float32),
+        "scores": np.zeros(0, np.float32),
+        "classes": np.zeros(0, np.int64),
+        "rles": None,
+        "mask_size": None,
+    }
     columns = [empty if c is None else c for c in columns]
     rles = [r for c in columns for r in (c["rles"] or [b""] * len(c["scores"]))]
     lengths = np.fromiter((len(r) for r in rles), dtype=np.int64, count=len(rles))
@@ -261,11 +290,23 @@ def save_predictions(predictions: List[Dict], path: str) -> None:
         "image_ids": torch.as_tensor([p["image_id"] for p in predictions], dtype=torch.int64),
         "has_instances": torch.as_tensor([p.get("instances") is not None for p in predictions]),
         "num_instances": torch.as_tensor([len(c["scores"]) for c in columns], dtype=torch.int64),
-        "boxes": torch.from_numpy(np.concatenate([c["boxes"] for c in columns]) if columns else np.zeros((0, 4), np.float32)),
-        "scores": torch.from_numpy(np.concatenate([c["scores"] for c in columns]) if columns else np.zeros(0, np.float32)),
-        "classes": torch.from_numpy(np.concatenate([c["classes"] for c in columns]) if columns else np.zeros(0, np.int64)),
-        "mask_sizes": torch.as_tensor([c["mask_size"] or [-1, -1] for c in columns], dtype=torch.int64).reshape(-1, 2),
-        "rle_counts": torch.frombuffer(bytearray(b"".join(rles)), dtype=torch.uint8) if offsets[-1] else torch.zeros(0, dtype=torch.uint8),
+        "boxes": torch.from_numpy(
+            np.concatenate([c["boxes"] for c in columns])
+            if columns
+            else np.zeros((0, 4), np.float32)
+        ),
+        "scores": torch.from_numpy(
+            np.concatenate([c["scores"] for c in columns]) if columns else np.zeros(0, np.float32)
+        ),
+        "classes": torch.from_numpy(
+            np.concatenate([c["classes"] for c in columns]) if columns else np.zeros(0, np.int64)
+        ),
+        "mask_sizes": torch.as_tensor(
+            [c["mask_size"] or [-1, -1] for c in columns], dtype=torch.int64
+        ).reshape(-1, 2),
+        "rle_counts": torch.frombuffer(bytearray(b"".join(rles)), dtype=torch.uint8)
+        if offsets[-1]
+        else torch.zeros(0, dtype=torch.uint8),
         "rle_offsets": torch.from_numpy(offsets),
     }
     if any("proposals" in p for p in predictions):
@@ -287,7 +328,9 @@ def load_predictions(path: str) -> List[Dict]:
     if isinstance(data, list):
         return data
     if not (isinstance(data, dict) and data.get("format") == PREDICTIONS_FORMAT):
-        raise ValueError(f"{path}: neither a detectron2 predictions list nor a {PREDICTIONS_FORMAT} file.")
+        raise ValueError(
+            f"{path}: neither a detectron2 predictions list nor a {PREDICTIONS_FORMAT} file."
+        )
     counts = data["num_instances"].tolist()
     starts = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=starts[1:])
@@ -302,8 +345,12 @@ def load_predictions(path: str) -> List[Dict]:
         if bool(data["has_instances"][k]):
             size = data["mask_sizes"][k].tolist()
             columns = {
-                "boxes": boxes[lo:hi], "scores": scores[lo:hi], "classes": classes[lo:hi],
-                "rles": None if size[0] < 0 else [blob[offsets[j] : offsets[j + 1]] for j in range(lo, hi)],
+                "boxes": boxes[lo:hi],
+                "scores": scores[lo:hi],
+                "classes": classes[lo:hi],
+                "rles": None
+                if size[0] < 0
+                else [blob[offsets[j] : offsets[j + 1]] for j in range(lo, hi)],
                 "mask_size": None if size[0] < 0 else size,
             }
             prediction["instances"] = columns_to_coco_json(columns, image_id)
@@ -320,11 +367,12 @@ def dump_json(obj, path: str) -> None:
 
     try:
         import orjson
-    except ImportError:  # pragma: no cover - orjson is a dependency; the fallback keeps old installs working
+    except (
+        ImportError
+    ):  # pragma: no cover - orjson is a dependency; the fallback keeps old installs working
         with PathManager.open(path, "w") as f:
             f.write(json.dumps(obj))
         return
     data = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
     with PathManager.open(path, "wb") as f:
         f.write(data)
-

@@ -21,16 +21,13 @@ What the paper (and its code, sfzhang15/ATSS) fixes, and this module follows:
 
 Boxes are in detectron2's continuous coordinates (no "+1" of maskrcnn-benchmark).
 """
+
 import logging
 import math
 from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
-from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_anchor_generator, build_backbone
@@ -40,6 +37,9 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .backbone import backbone_feature_shapes
 
@@ -94,8 +94,12 @@ def atss_match(
     centers = anchor_centers[candidates]  # (C, M, 2)
     boxes = gt_boxes.tensor[None].expand(len(candidates), -1, -1)  # (C, M, 4)
     ltrb = torch.stack(
-        [centers[..., 0] - boxes[..., 0], centers[..., 1] - boxes[..., 1],
-         boxes[..., 2] - centers[..., 0], boxes[..., 3] - centers[..., 1]],
+        [
+            centers[..., 0] - boxes[..., 0],
+            centers[..., 1] - boxes[..., 1],
+            boxes[..., 2] - centers[..., 0],
+            boxes[..., 3] - centers[..., 1],
+        ],
         dim=-1,
     )
     is_pos &= ltrb.min(dim=-1).values > 0.01
@@ -133,7 +137,9 @@ def _mean_over_workers(value: float) -> float:
     world_size = comm.get_world_size()
     if world_size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(
+        [value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu"
+    )
     dist.all_reduce(t)
     return t.item() / world_size
 
@@ -175,7 +181,9 @@ class ATSSHead(RetinaNetHead):
         self.centerness = nn.Conv2d(conv_dims[-1], num_anchors, kernel_size=3, stride=1, padding=1)
         nn.init.normal_(self.centerness.weight, std=0.01)
         nn.init.constant_(self.centerness.bias, 0)
-        self.scales = nn.Parameter(torch.ones(len(input_shape)))  # one per level, as the paper's Scale
+        self.scales = nn.Parameter(
+            torch.ones(len(input_shape))
+        )  # one per level, as the paper's Scale
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -256,7 +264,9 @@ class ATSS(DenseDetector):
             test_nms_thresh: IoU of the per-class NMS.
             max_detections_per_image: detections kept per image after NMS.
         """
-        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        super().__init__(
+            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
         if topk < 1:
             raise ValueError(f"MODEL.ATSS.TOPK must be >= 1, got {topk}.")
         self.anchor_generator = anchor_generator
@@ -275,7 +285,9 @@ class ATSS(DenseDetector):
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
         in_features = list(cfg.MODEL.ATSS.IN_FEATURES)
-        feature_shapes = backbone_feature_shapes(cfg, backbone, in_features, "MODEL.ATSS.IN_FEATURES")
+        feature_shapes = backbone_feature_shapes(
+            cfg, backbone, in_features, "MODEL.ATSS.IN_FEATURES"
+        )
         return {
             "backbone": backbone,
             "head": ATSSHead(cfg, feature_shapes),
@@ -352,15 +364,20 @@ class ATSS(DenseDetector):
         # with no moving average (detectron2's RetinaNet / FCOS use one).
         normalizer = max(_mean_over_workers(float(num_pos)), 1.0)
 
-        targets = F.one_hot(gt_labels, num_classes=self.num_classes + 1)[..., :-1]  # no background column
+        targets = F.one_hot(gt_labels, num_classes=self.num_classes + 1)[
+            ..., :-1
+        ]  # no background column
         logits = cat(pred_logits, dim=1)  # (N, R, K)
-        loss_cls = sigmoid_focal_loss_jit(
-            logits,
-            targets.to(logits.dtype),
-            alpha=self.focal_loss_alpha,
-            gamma=self.focal_loss_gamma,
-            reduction="sum",
-        ) / normalizer
+        loss_cls = (
+            sigmoid_focal_loss_jit(
+                logits,
+                targets.to(logits.dtype),
+                alpha=self.focal_loss_alpha,
+                gamma=self.focal_loss_gamma,
+                reduction="sum",
+            )
+            / normalizer
+        )
 
         deltas = cat(pred_deltas, dim=1)  # (N, R, 4)
         centerness = cat(pred_centerness, dim=1).squeeze(2)  # (N, R)
@@ -373,9 +390,12 @@ class ATSS(DenseDetector):
         if num_pos > 0:
             pred_boxes = self.box2box_transform.apply_deltas(deltas[pos_mask], pos_anchors)
             loss_box = (giou_loss(pred_boxes, pos_gt) * ctr_targets).sum() / max(ctr_sum, 1e-6)
-            loss_ctr = F.binary_cross_entropy_with_logits(
-                centerness[pos_mask], ctr_targets, reduction="sum"
-            ) / normalizer
+            loss_ctr = (
+                F.binary_cross_entropy_with_logits(
+                    centerness[pos_mask], ctr_targets, reduction="sum"
+                )
+                / normalizer
+            )
         else:  # keep the graph (and DDP's gradient sync) with zero losses
             loss_box = deltas.sum() * 0.0
             loss_ctr = centerness.sum() * 0.0
@@ -385,7 +405,9 @@ class ATSS(DenseDetector):
             "loss_centerness": loss_ctr,
         }
 
-    def forward_inference(self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]):
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ):
         pred_logits, pred_deltas, pred_centerness = self._transpose_dense_predictions(
             predictions, [self.num_classes, 4, 1]
         )
@@ -430,12 +452,16 @@ class ATSS(DenseDetector):
             candidates = keep.nonzero()  # (P, 2): location, class
             scores, order = scores.topk(min(len(scores), self.test_topk_candidates))
             location, classes = candidates[order].unbind(dim=1)
-            boxes = self.box2box_transform.apply_deltas(deltas_l[location], anchors_l.tensor[location])
+            boxes = self.box2box_transform.apply_deltas(
+                deltas_l[location], anchors_l.tensor[location]
+            )
             boxes_all.append(boxes)
             scores_all.append(torch.sqrt(scores))
             classes_all.append(classes)
         boxes, scores, classes = cat(boxes_all), cat(scores_all), cat(classes_all)
-        keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[: self.max_detections_per_image]
+        keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[
+            : self.max_detections_per_image
+        ]
         result = Instances(image_size)
         result.pred_boxes = Boxes(boxes[keep])
         result.scores = scores[keep]

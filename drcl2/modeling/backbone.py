@@ -7,6 +7,7 @@ FCOS (Tian et al., Sec. 2.2 of the journal version) and ATSS (Zhang et al.; its 
 (``model.backbone.top_block.in_feature = "p5"``). The yacs config has no key for that choice, hence
 this registered builder: ``MODEL.BACKBONE.NAME: "build_fcos_resnet_fpn_backbone"``.
 """
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7

@@ -7,10 +7,10 @@ target ones without negatives, which low-rank features make easy. DECOR penalise
 state, the correlation between channels over the feature-map locations, on the online features of
 the unmasked view 1 (the features fine-tuning reads).
 """
+
 from typing import Dict, Sequence
 
 import torch
-
 from detectron2.config import configurable
 
 from .losses import decorrelation_loss
@@ -28,7 +28,13 @@ class FeatureDecorrelationHead(PretextHead):
     """
 
     @configurable
-    def __init__(self, *, strides: Dict[str, int], in_features: Sequence[str] = ("p2", "p3", "p4", "p5"), weight: float = 1.0):
+    def __init__(
+        self,
+        *,
+        strides: Dict[str, int],
+        in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
+        weight: float = 1.0,
+    ):
         """
         Args:
             strides: level -> stride of the backbone's outputs.
@@ -47,7 +53,9 @@ class FeatureDecorrelationHead(PretextHead):
             "weight": d.WEIGHT,
         }
 
-    def locations(self, features: torch.Tensor, valid_pixels: torch.Tensor, stride: int) -> torch.Tensor:
+    def locations(
+        self, features: torch.Tensor, valid_pixels: torch.Tensor, stride: int
+    ) -> torch.Tensor:
         """
         Tensor[M, C]: the locations of ``features`` (Tensor[N, C, h, w]) whose stride cell holds a
         pixel of the image (``valid_pixels``: BoolTensor[N, H, W]).

@@ -4,6 +4,7 @@ The supervised detection losses inside 2DRCL pre-training (docs/method.md, "Head
 on view 1, so that pre-training is what the paper's abstract calls it — self-supervised and
 supervised learning combined — with the contrastive and reconstruction terms as auxiliaries.
 """
+
 from detectron2.config import configurable
 from detectron2.modeling import build_roi_heads
 from detectron2.modeling.roi_heads import ROIHeads
@@ -40,7 +41,10 @@ class SupervisedDetectionHead(PretextHead):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        return {"roi_heads": build_roi_heads(cfg, input_shape), "weight": cfg.MODEL.DRCL2.DET.WEIGHT}
+        return {
+            "roi_heads": build_roi_heads(cfg, input_shape),
+            "weight": cfg.MODEL.DRCL2.DET.WEIGHT,
+        }
 
     def online_modules(self):
         return {"roi_heads": self.roi_heads}
@@ -52,7 +56,9 @@ class SupervisedDetectionHead(PretextHead):
                 "head, MODEL.DRCL2.RPN.ENABLED) and its targets (drcl2's TwoViewDatasetMapper)."
             )
         images = ImageList(ctx.x1, ctx.image_sizes1)
-        _, losses = ctx.module("roi_heads")(images, ctx.online1, ctx.state["proposals"], ctx.targets1)
+        _, losses = ctx.module("roi_heads")(
+            images, ctx.online1, ctx.state["proposals"], ctx.targets1
+        )
         # detectron2 averages the box losses over this rank's sampled RoIs (a fixed number per image):
         # rescale to the global per-image mean (see DRCL2's class doc). The mask loss is a mean over
         # this rank's foreground RoIs, as in detectron2's own multi-GPU training.

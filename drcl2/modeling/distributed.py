@@ -11,14 +11,14 @@ the logged loss values over the ranks. A rank therefore returns ``W * (its part 
 (global count)``, i.e. its sum divided by :func:`ddp_normalizer` of the global count, so that the
 average over ranks is the global mean.
 """
+
 from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.utils import comm
+from torch import nn
 
 __all__ = ["all_gather_counts", "all_gather_rows", "ddp_normalizer", "batch_norm_trains"]
 
@@ -102,7 +102,9 @@ def batch_norm_trains(sizes: Sequence[int], *modules: nn.Module) -> bool:
     for m in (m for module in modules for m in module.modules()):
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
-        if isinstance(m, nn.SyncBatchNorm) or (isinstance(m, NaiveSyncBatchNorm) and m._stats_mode == "N"):
+        if isinstance(m, nn.SyncBatchNorm) or (
+            isinstance(m, NaiveSyncBatchNorm) and m._stats_mode == "N"
+        ):
             ok = ok and sum(sizes) >= 2
         elif isinstance(m, NaiveSyncBatchNorm):
             ok = ok and sum(sizes) >= 2 and min(sizes) >= 1

@@ -2,6 +2,7 @@
 The momentum (EMA) target network of 2DRCL (docs/method.md): ``xi <- m xi + (1 - m) theta`` with the
 cosine schedule ``m(k) = 1 - (1 - m0) (cos(pi k / K) + 1) / 2``.
 """
+
 import copy
 import math
 

@@ -5,6 +5,7 @@ detectron2 ships FCOS (``detectron2.modeling.meta_arch.fcos``) for its lazy (Pyt
 the class has no ``from_config`` and is not registered. This subclass adds exactly that and
 changes nothing else: the model, its losses and its inference are detectron2's.
 """
+
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS as _FCOS
@@ -28,7 +29,9 @@ class FCOS(_FCOS):
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
         in_features = list(cfg.MODEL.FCOS.IN_FEATURES)
-        feature_shapes = backbone_feature_shapes(cfg, backbone, in_features, "MODEL.FCOS.IN_FEATURES")
+        feature_shapes = backbone_feature_shapes(
+            cfg, backbone, in_features, "MODEL.FCOS.IN_FEATURES"
+        )
         head = FCOSHead(
             input_shape=feature_shapes,
             num_classes=cfg.MODEL.FCOS.NUM_CLASSES,

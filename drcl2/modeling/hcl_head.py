@@ -1,12 +1,12 @@
 """HCL, holistic (image-level) contrastive learning (docs/method.md): ``loss_hcl``."""
+
 import math
 from typing import Dict, Sequence
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.utils import comm
+from torch import nn
 
 from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
 from .heads import MLPHead
@@ -55,7 +55,12 @@ class HolisticContrastiveHead(PretextHead):
         super().__init__(in_features=in_features, target_views=(1, 2) if symmetric else (2,))
         self.projector, self.predictor = projector, predictor
         self.strides = dict(strides)
-        self.loss, self.temperature, self.weight, self.symmetric = loss, temperature, weight, symmetric
+        self.loss, self.temperature, self.weight, self.symmetric = (
+            loss,
+            temperature,
+            weight,
+            symmetric,
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -120,9 +125,14 @@ class HolisticContrastiveHead(PretextHead):
         with torch.no_grad():
             if self.symmetric:  # one batched call over both views (BN statistics over 2N)
                 t = target_projector(
-                    torch.cat([self.image_vector(ctx.target1, sizes1), self.image_vector(ctx.target2, sizes2)])
+                    torch.cat(
+                        [
+                            self.image_vector(ctx.target1, sizes1),
+                            self.image_vector(ctx.target2, sizes2),
+                        ]
+                    )
                 )
-                t1, t2 = t[: len(z1)], t[len(z1):]
+                t1, t2 = t[: len(z1)], t[len(z1) :]
             else:
                 t2 = target_projector(self.image_vector(ctx.target2, sizes2))
         if self.symmetric:
@@ -139,7 +149,9 @@ class HolisticContrastiveHead(PretextHead):
         positives = torch.arange(len(z1), device=z1.device) + sum(image_counts[: comm.get_rank()])
         loss = info_nce_loss(z1, keys[:, :dim], positives, self.temperature, normalizer)
         if self.symmetric:
-            loss = 0.5 * (loss + info_nce_loss(z2, keys[:, dim:], positives, self.temperature, normalizer))
+            loss = 0.5 * (
+                loss + info_nce_loss(z2, keys[:, dim:], positives, self.temperature, normalizer)
+            )
         return {"loss_hcl": self.weight * loss}
 
 

@@ -3,17 +3,24 @@ The small heads of 2DRCL (docs/method.md): projector / predictor MLPs, the appea
 decoder and the semantic-reconstruction predictors. Each is @configurable-free plain nn.Module with
 typed arguments; the pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them from the config.
 """
+
 from typing import Dict, List
 
 import torch
+from detectron2.layers import Conv2d, get_norm
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import Conv2d, get_norm
-
 from .losses import at_least_float32
 
-__all__ = ["MLPHead", "AppearanceDecoder", "SemanticPredictors", "BoxFeatureHead", "box_features", "ClassMemory"]
+__all__ = [
+    "MLPHead",
+    "AppearanceDecoder",
+    "SemanticPredictors",
+    "BoxFeatureHead",
+    "box_features",
+    "ClassMemory",
+]
 
 
 class MLPHead(nn.Module):
@@ -83,7 +90,9 @@ class BoxFeatureHead(nn.Module):
         return box_features(self, features, boxes, box_head)
 
 
-def box_features(roi_heads: nn.Module, features: Dict[str, torch.Tensor], boxes, box_head: nn.Module = None):
+def box_features(
+    roi_heads: nn.Module, features: Dict[str, torch.Tensor], boxes, box_head: nn.Module = None
+):
     """
     The box-head feature of every box, with the ``box_pooler`` / ``box_head`` / ``box_in_features``
     of ``roi_heads`` (a :class:`BoxFeatureHead` or detectron2's ``StandardROIHeads``).
@@ -121,7 +130,9 @@ class ClassMemory(nn.Module):
 
     def entries(self):
         """Tensor[E, D] of every valid entry and LongTensor[E] of their classes."""
-        valid = torch.arange(self.size, device=self.filled.device)[None, :] < self.filled[:, None]  # [C, M]
+        valid = (
+            torch.arange(self.size, device=self.filled.device)[None, :] < self.filled[:, None]
+        )  # [C, M]
         classes = torch.arange(len(self.filled), device=valid.device)[:, None].expand_as(valid)
         return self.embeddings[valid], classes[valid]
 
@@ -157,7 +168,9 @@ class AppearanceDecoder(nn.Module):
         """
         super().__init__()
         self.stride = stride
-        self.conv = Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1, activation=F.relu)
+        self.conv = Conv2d(
+            in_channels, hidden_channels, kernel_size=3, padding=1, activation=F.relu
+        )
         self.predictor = Conv2d(hidden_channels, out_channels * stride * stride, kernel_size=1)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,24 @@
 """LCL, local (RoIAlign-based, object-level) contrastive learning (docs/method.md): ``loss_lcl_inst``, ``loss_lcl_sup``."""
+
 import logging
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_every_n_seconds
+from torch import nn
 
 from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
 from .heads import BoxFeatureHead, ClassMemory, MLPHead, box_features
-from .losses import at_least_float32, balanced_supervised_contrastive_loss, byol_loss, info_nce_loss, scale_gradient
+from .losses import (
+    at_least_float32,
+    balanced_supervised_contrastive_loss,
+    byol_loss,
+    info_nce_loss,
+    scale_gradient,
+)
 from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext
 
 __all__ = ["LocalContrastiveHead", "LCL_LOSSES"]
@@ -79,7 +85,9 @@ class LocalContrastiveHead(PretextHead):
             backbone_grad: factor on the gradient into the backbone, in [0, 1].
         """
         if loss not in LCL_LOSSES:
-            raise ValueError(f"LocalContrastiveHead: loss must be one of {LCL_LOSSES}; got {loss!r}.")
+            raise ValueError(
+                f"LocalContrastiveHead: loss must be one of {LCL_LOSSES}; got {loss!r}."
+            )
         # With no gradient into the backbone LCL reads no level as far as DDP is concerned: the model
         # joins the levels no other head reads with a zero weight.
         super().__init__(
@@ -88,7 +96,12 @@ class LocalContrastiveHead(PretextHead):
             needs_instances=True,
         )
         self.box_in_features = list(box_in_features)
-        self.roi_heads, self.projector, self.predictor, self.memory = roi_heads, projector, predictor, memory
+        self.roi_heads, self.projector, self.predictor, self.memory = (
+            roi_heads,
+            projector,
+            predictor,
+            memory,
+        )
         self.temperature, self.supervised, self.sup_weight = temperature, supervised, sup_weight
         self.weight, self.symmetric = weight, symmetric
         self.loss, self.inst_temperature, self.backbone_grad = loss, inst_temperature, backbone_grad
@@ -100,15 +113,21 @@ class LocalContrastiveHead(PretextHead):
         roi_heads = None
         if not d.DET.ENABLED:  # else the supervised detection head owns the box pooler and head
             roi_heads = BoxFeatureHead(
-                box_in_features=box["box_in_features"], box_pooler=box["box_pooler"], box_head=box["box_head"]
+                box_in_features=box["box_in_features"],
+                box_pooler=box["box_pooler"],
+                box_head=box["box_head"],
             )
         memory = None
         if d.LCL.SUPERVISED and d.LCL.MEMORY_PER_CLASS > 0:
-            memory = ClassMemory(cfg.MODEL.ROI_HEADS.NUM_CLASSES, d.LCL.MEMORY_PER_CLASS, d.MLP_OUT_DIM)
+            memory = ClassMemory(
+                cfg.MODEL.ROI_HEADS.NUM_CLASSES, d.LCL.MEMORY_PER_CLASS, d.MLP_OUT_DIM
+            )
         return {
             "roi_heads": roi_heads,
             "box_in_features": box["box_in_features"],
-            "projector": MLPHead(box["box_head"].output_shape.channels, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM),
+            "projector": MLPHead(
+                box["box_head"].output_shape.channels, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM
+            ),
             "predictor": MLPHead(d.MLP_OUT_DIM, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM),
             "temperature": d.LCL.TEMPERATURE,
             "supervised": d.LCL.SUPERVISED,
@@ -133,7 +152,11 @@ class LocalContrastiveHead(PretextHead):
         return {"box_head": "roi_heads.box_head", "lcl_projector": "lcl_projector"}
 
     def losses(self, ctx: StepContext, normalizers):
-        roi_heads, projector, predictor = ctx.module("roi_heads"), ctx.module("lcl_projector"), ctx.module("lcl_predictor")
+        roi_heads, projector, predictor = (
+            ctx.module("roi_heads"),
+            ctx.module("lcl_projector"),
+            ctx.module("lcl_predictor"),
+        )
         target_projector = ctx.target_module("lcl_projector")
         if batch_norm_trains(ctx.instance_counts, projector, predictor, target_projector):
             inst, sup = self._terms(ctx, roi_heads, projector, predictor, target_projector)
@@ -184,10 +207,14 @@ class LocalContrastiveHead(PretextHead):
         with torch.no_grad():
             if self.symmetric:  # one batched call over both views
                 both = {k: torch.cat([ctx.target1[k], ctx.target2[k]]) for k in levels}
-                t = target_projector(box_features(roi_heads, both, boxes1 + boxes2, box_head=target_head))
-                t1, t2 = t[: len(classes)], t[len(classes):]
+                t = target_projector(
+                    box_features(roi_heads, both, boxes1 + boxes2, box_head=target_head)
+                )
+                t1, t2 = t[: len(classes)], t[len(classes) :]
             else:
-                t2 = target_projector(box_features(roi_heads, ctx.target2, boxes2, box_head=target_head))
+                t2 = target_projector(
+                    box_features(roi_heads, ctx.target2, boxes2, box_head=target_head)
+                )
         normalizer = ddp_normalizer(sum(ctx.instance_counts))
         e1 = online_embed(ctx.online1, boxes1)
         e2 = online_embed(ctx.online2, boxes2) if self.symmetric else None
@@ -197,7 +224,11 @@ class LocalContrastiveHead(PretextHead):
         payload = [classes[:, None].float(), at_least_float32(t2)]
         payload += [at_least_float32(t1)] if self.symmetric else []
         needs_gather = self.supervised or self.loss == "infonce"
-        gathered = all_gather_rows(torch.cat(payload, dim=1), ctx.instance_counts) if needs_gather else None
+        gathered = (
+            all_gather_rows(torch.cat(payload, dim=1), ctx.instance_counts)
+            if needs_gather
+            else None
+        )
         dim = t2.shape[1]
 
         if self.loss == "byol":
@@ -207,9 +238,16 @@ class LocalContrastiveHead(PretextHead):
         else:
             offset = sum(ctx.instance_counts[: comm.get_rank()])
             positives = torch.arange(len(e1), device=e1.device) + offset
-            inst = info_nce_loss(e1, gathered[:, 1 : 1 + dim], positives, self.inst_temperature, normalizer)
+            inst = info_nce_loss(
+                e1, gathered[:, 1 : 1 + dim], positives, self.inst_temperature, normalizer
+            )
             if self.symmetric:
-                inst = 0.5 * (inst + info_nce_loss(e2, gathered[:, 1 + dim :], positives, self.inst_temperature, normalizer))
+                inst = 0.5 * (
+                    inst
+                    + info_nce_loss(
+                        e2, gathered[:, 1 + dim :], positives, self.inst_temperature, normalizer
+                    )
+                )
         if not self.supervised:
             return inst, None
 
@@ -232,13 +270,25 @@ class LocalContrastiveHead(PretextHead):
         anchor_classes = classes[labelled]
         instance_weights = weights[anchor_classes]
         sup = balanced_supervised_contrastive_loss(
-            e1[labelled], anchor_classes, instance_weights, keys1, key_classes, self.temperature, sup_normalizer
+            e1[labelled],
+            anchor_classes,
+            instance_weights,
+            keys1,
+            key_classes,
+            self.temperature,
+            sup_normalizer,
         )
         if self.symmetric:
             sup = 0.5 * (
                 sup
                 + balanced_supervised_contrastive_loss(
-                    e2[labelled], anchor_classes, instance_weights, keys2, key_classes, self.temperature, sup_normalizer
+                    e2[labelled],
+                    anchor_classes,
+                    instance_weights,
+                    keys2,
+                    key_classes,
+                    self.temperature,
+                    sup_normalizer,
                 )
             )
         return inst, sup

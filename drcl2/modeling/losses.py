@@ -8,6 +8,7 @@ items; a number divides the summed loss by it instead. Under DDP the model passe
 divided by the world size (:func:`drcl2.modeling.distributed.ddp_normalizer`), so that DDP's average
 over ranks is the mean over the global batch.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -31,7 +32,9 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def byol_loss(online: torch.Tensor, target: torch.Tensor, normalizer: Optional[float] = None) -> torch.Tensor:
+def byol_loss(
+    online: torch.Tensor, target: torch.Tensor, normalizer: Optional[float] = None
+) -> torch.Tensor:
     """
     BYOL regression loss ``mean_i (2 - 2 cos(online_i, sg(target_i)))``.
 
@@ -44,7 +47,9 @@ def byol_loss(online: torch.Tensor, target: torch.Tensor, normalizer: Optional[f
         scalar Tensor; 0 for N == 0 (still connected to ``online`` so every rank builds a graph).
     """
     if online.shape != target.shape:
-        raise ValueError(f"byol_loss: shapes differ, {tuple(online.shape)} vs {tuple(target.shape)}")
+        raise ValueError(
+            f"byol_loss: shapes differ, {tuple(online.shape)} vs {tuple(target.shape)}"
+        )
     online = F.normalize(at_least_float32(online), dim=1)
     target = F.normalize(at_least_float32(target.detach()), dim=1)
     if online.shape[0] == 0:
@@ -80,7 +85,9 @@ def info_nce_loss(
     logits = _matmul_no_autocast(q, k.t()) / temperature
     if normalizer is None:
         return F.cross_entropy(logits, positive_index.to(logits.device))
-    return _divide(F.cross_entropy(logits, positive_index.to(logits.device), reduction="sum"), normalizer)
+    return _divide(
+        F.cross_entropy(logits, positive_index.to(logits.device), reduction="sum"), normalizer
+    )
 
 
 def balanced_supervised_contrastive_loss(
@@ -164,7 +171,9 @@ def appearance_reconstruction_loss(
     Returns:
         scalar Tensor.
     """
-    l1 = (at_least_float32(prediction) - at_least_float32(target.detach())).abs().mean(dim=1)  # [N, H, W]
+    l1 = (
+        (at_least_float32(prediction) - at_least_float32(target.detach())).abs().mean(dim=1)
+    )  # [N, H, W]
     masked = masked & valid
     visible = (~masked) & valid
     if normalizers is None:
@@ -199,14 +208,18 @@ def semantic_reconstruction_loss(
     Returns:
         scalar Tensor.
     """
-    cos = F.cosine_similarity(at_least_float32(prediction), at_least_float32(target.detach()), dim=1)  # [N, H, W]
+    cos = F.cosine_similarity(
+        at_least_float32(prediction), at_least_float32(target.detach()), dim=1
+    )  # [N, H, W]
     weight = semantic_reconstruction_weights(masked, valid, visible_weight)
     if normalizer is None:
         normalizer = weight.sum().clamp(min=1e-12)
     return _divide(((1.0 - cos) * weight).sum(), normalizer)
 
 
-def semantic_reconstruction_weights(masked: torch.Tensor, valid: torch.Tensor, visible_weight: float):
+def semantic_reconstruction_weights(
+    masked: torch.Tensor, valid: torch.Tensor, visible_weight: float
+):
     """
     The location weights of :func:`semantic_reconstruction_loss`: 1 masked, ``visible_weight``
     visible, 0 on padding. BoolTensor[N, H, W] x 2 -> Tensor[N, H, W] float32.
@@ -234,7 +247,9 @@ def decorrelation_loss(features: torch.Tensor, eps: float = 1e-4) -> torch.Tenso
     x = at_least_float32(features)
     m, c = x.shape
     if m < 2 or c < 2:
-        raise ValueError(f"decorrelation_loss: needs >= 2 samples and >= 2 channels; got shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"decorrelation_loss: needs >= 2 samples and >= 2 channels; got shape {tuple(x.shape)}."
+        )
     x = x - x.mean(dim=0, keepdim=True)
     variance = x.pow(2).sum(dim=0, keepdim=True) / (m - 1)
     z = x / (variance + eps * variance.mean().detach() + 1e-12).sqrt()

@@ -1,6 +1,7 @@
 """
 Box-guided patch masking for dual reconstruction (docs/method.md, "Masking"): pure functions of tensors.
 """
+
 import math
 from typing import Optional, Tuple
 
@@ -109,7 +110,9 @@ def mask_at_stride(pixel_mask: torch.Tensor, stride: int, size: Tuple[int, int])
     Returns:
         BoolTensor[N, h, w].
     """
-    pooled = F.max_pool2d(pixel_mask[:, None].float(), kernel_size=stride, stride=stride, ceil_mode=True)
+    pooled = F.max_pool2d(
+        pixel_mask[:, None].float(), kernel_size=stride, stride=stride, ceil_mode=True
+    )
     pooled = pooled[:, 0, : size[0], : size[1]]
     if pooled.shape[-2:] != tuple(size):
         pooled = F.pad(pooled, (0, size[1] - pooled.shape[-1], 0, size[0] - pooled.shape[-2]))

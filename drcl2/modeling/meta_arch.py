@@ -1,21 +1,26 @@
 """
 The 2DRCL pre-training meta-architecture (docs/method.md): ``MODEL.META_ARCHITECTURE: "DRCL2"``.
 """
+
 import math
 import zlib
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
-from torch.profiler import record_function
-
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+from torch import nn
+from torch.profiler import record_function
 
-from ..data.rebalance import RebalanceSchedule, class_weights, instance_class_weights, sample_instances
+from ..data.rebalance import (
+    RebalanceSchedule,
+    class_weights,
+    instance_class_weights,
+    sample_instances,
+)
 from .distributed import all_gather_counts, ddp_normalizer
 from .ema import cosine_momentum, make_target, momentum_update
 from .hcl_head import HCL_LOSSES
@@ -28,7 +33,10 @@ __all__ = ["DRCL2", "check_drcl2_config"]
 
 BOX_SOURCES = ("gt", "proposals")  # MODEL.DRCL2.LCL.BOX_SOURCE
 DRB_TERMS = ("instances", "sup", "masking")  # where the class weights w_c(lambda) act in the model
-ONLINE_VIEWS = ("reconstruction", "all")  # MODEL.DRCL2.MASK.ONLINE_VIEW: which heads see the masked view
+ONLINE_VIEWS = (
+    "reconstruction",
+    "all",
+)  # MODEL.DRCL2.MASK.ONLINE_VIEW: which heads see the masked view
 
 
 @META_ARCH_REGISTRY.register()
@@ -141,11 +149,17 @@ class DRCL2(nn.Module):
         if not heads:
             raise ValueError("DRCL2: give at least one pretext head.")
         if lcl_box_source not in BOX_SOURCES:
-            raise ValueError(f"DRCL2: lcl_box_source must be one of {BOX_SOURCES}; got {lcl_box_source!r}.")
+            raise ValueError(
+                f"DRCL2: lcl_box_source must be one of {BOX_SOURCES}; got {lcl_box_source!r}."
+            )
         if mask_online_view not in ONLINE_VIEWS:
-            raise ValueError(f"DRCL2: mask_online_view must be one of {ONLINE_VIEWS}; got {mask_online_view!r}.")
+            raise ValueError(
+                f"DRCL2: mask_online_view must be one of {ONLINE_VIEWS}; got {mask_online_view!r}."
+            )
         if not set(drb_apply_to) <= set(DRB_TERMS):
-            raise ValueError(f"DRCL2: drb_apply_to must be among {DRB_TERMS}; got {tuple(drb_apply_to)}.")
+            raise ValueError(
+                f"DRCL2: drb_apply_to must be among {DRB_TERMS}; got {tuple(drb_apply_to)}."
+            )
         self.backbone = backbone
         # Strides of the levels, from the backbone (never inferred from feature sizes: a level whose
         # stride exceeds the padding multiple, e.g. p6, has ceil-rounded sizes).
@@ -155,7 +169,9 @@ class DRCL2(nn.Module):
             head.check(self._strides, backbone.size_divisibility)
             for name, module in head.online_modules().items():
                 if name in self._modules or hasattr(self, name):
-                    raise ValueError(f"DRCL2: {head.name} declares module {name!r}, which is already taken.")
+                    raise ValueError(
+                        f"DRCL2: {head.name} declares module {name!r}, which is already taken."
+                    )
                 self.add_module(name, module)
 
         self.num_classes = num_classes
@@ -181,10 +197,15 @@ class DRCL2(nn.Module):
         for head in self.heads:
             for name, path in head.target_modules().items():
                 if self._target_paths.get(name, path) != path:
-                    raise ValueError(f"DRCL2: target module {name!r} declared for two online modules.")
+                    raise ValueError(
+                        f"DRCL2: target module {name!r} declared for two online modules."
+                    )
                 self._target_paths[name] = path
         self.target_network = nn.ModuleDict(
-            {name: make_target(self.get_submodule(path)) for name, path in self._target_paths.items()}
+            {
+                name: make_target(self.get_submodule(path))
+                for name, path in self._target_paths.items()
+            }
         )
 
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -255,6 +276,7 @@ class DRCL2(nn.Module):
     def online_target_pairs(self) -> Dict[str, nn.Module]:
         """Name in ``target_network`` -> the online module it follows (looked up now)."""
         return {name: self.get_submodule(path) for name, path in self._target_paths.items()}
+
     @torch.no_grad()
     def reset_target(self) -> None:
         """Copy the online weights into the target network (start of training)."""
@@ -356,7 +378,9 @@ class DRCL2(nn.Module):
             lam = self.rebalance_schedule.lam(iteration / max(self.max_iter, 1))
         weights = self.class_weights_at(lam)  # [C]
         # DRB.APPLY_TO: the terms that take w_c(lambda); the others weigh every class 1
-        term_weights = {t: weights if t in self.drb_apply_to else torch.ones_like(weights) for t in DRB_TERMS}
+        term_weights = {
+            t: weights if t in self.drb_apply_to else torch.ones_like(weights) for t in DRB_TERMS
+        }
         if storage is not None:
             storage.put_scalar("drcl2/lambda", lam, smoothing_hint=False)
             # the momentum of this iteration's EMA step (applied at the start of the next one)
@@ -375,8 +399,13 @@ class DRCL2(nn.Module):
 
         with record_function("drcl2.masking"):
             sampled, pixel_mask = self._draw(
-                batched_inputs, term_weights["instances"], term_weights["masking"], image_sizes[:N], padded_size,
-                iteration, lcl_instances=boxes1,
+                batched_inputs,
+                term_weights["instances"],
+                term_weights["masking"],
+                image_sizes[:N],
+                padded_size,
+                iteration,
+                lcl_instances=boxes1,
             )
             online_input = x1
             if pixel_mask is not None:
@@ -385,9 +414,19 @@ class DRCL2(nn.Module):
             valid = self._valid_pixels(image_sizes[:N], padded_size)
             masked = valid & pixel_mask if pixel_mask is not None else torch.zeros_like(valid)
             ctx = StepContext(
-                model=self, x1=x1, image_sizes1=image_sizes[:N], image_sizes2=image_sizes[N:],
-                padded_size=padded_size, instances1=instances1, instances2=instances2, boxes1=boxes1,
-                boxes2=boxes2, sampled=sampled, class_weights=term_weights, masked=masked, valid=valid,
+                model=self,
+                x1=x1,
+                image_sizes1=image_sizes[:N],
+                image_sizes2=image_sizes[N:],
+                padded_size=padded_size,
+                instances1=instances1,
+                instances2=instances2,
+                boxes1=boxes1,
+                boxes2=boxes2,
+                sampled=sampled,
+                class_weights=term_weights,
+                masked=masked,
+                valid=valid,
                 targets1=targets1,
             )
             head_sums = [head.counts(ctx) for head in self.heads]
@@ -410,7 +449,9 @@ class DRCL2(nn.Module):
             parts += [x2] if self.symmetric else []
             feats = self.backbone(torch.cat(parts)) if len(parts) > 1 else self.backbone(parts[0])
             ctx.online1 = {k: v[:N] for k, v in feats.items()} if len(parts) > 1 else feats
-            ctx.online_masked = {k: v[N : 2 * N] for k, v in feats.items()} if separate_masked else ctx.online1
+            ctx.online_masked = (
+                {k: v[N : 2 * N] for k, v in feats.items()} if separate_masked else ctx.online1
+            )
             if self.symmetric:
                 ctx.online2 = {k: v[-N:] for k, v in feats.items()}
 
@@ -431,16 +472,21 @@ class DRCL2(nn.Module):
             start += len(sums)
             taken = set(head_losses) & set(losses)
             if taken:
-                raise ValueError(f"DRCL2: {head.name} returns losses {sorted(taken)} that another head returns.")
+                raise ValueError(
+                    f"DRCL2: {head.name} returns losses {sorted(taken)} that another head returns."
+                )
             losses.update(head_losses)
         zero_levels = list(self._unused_levels)
         if ctx.skipped:
             still_read = {f for h in self.heads if h not in ctx.skipped for f in h.in_features}
-            zero_levels += [f for f in self._strides if f not in still_read and f not in zero_levels]
+            zero_levels += [
+                f for f in self._strides if f not in still_read and f not in zero_levels
+            ]
         if zero_levels:
             first = next(iter(losses))
             losses[first] = losses[first] + sum(ctx.online1[f].sum() * 0.0 for f in zero_levels)
         return losses
+
     def preprocess(self, batched_inputs: List[Dict]):
         """
         Normalise and pad both views of every image into one :class:`ImageList` of 2N images
@@ -470,7 +516,9 @@ class DRCL2(nn.Module):
                 raise ValueError("DRCL2: the two views of an image must hold the same instances.")
         return images, instances[:N], instances[N:]
 
-    def _lcl_instances(self, batched_inputs: List[Dict], instances1: List[Instances], instances2: List[Instances]):
+    def _lcl_instances(
+        self, batched_inputs: List[Dict], instances1: List[Instances], instances2: List[Instances]
+    ):
         """
         The boxes LCL and box-guided masking draw from (``lcl_box_source``), as two lists of N
         ``Instances(gt_boxes, gt_classes)`` (v1, v2; rows aligned; class -1: unlabelled proposal).
@@ -489,7 +537,9 @@ class DRCL2(nn.Module):
                         "DATASETS.PROPOSAL_FILES_TRAIN when MODEL.LOAD_PROPOSALS is True)."
                     )
                 p = x[v]["proposals"].to(self.device)
-                out.append(Instances(p.image_size, gt_boxes=p.proposal_boxes, gt_classes=p.gt_classes))
+                out.append(
+                    Instances(p.image_size, gt_boxes=p.proposal_boxes, gt_classes=p.gt_classes)
+                )
             views.append(out)
         for a, b in zip(*views):
             if len(a) != len(b):
@@ -504,7 +554,14 @@ class DRCL2(nn.Module):
         return valid
 
     def _draw(
-        self, batched_inputs, instance_weights, mask_weights, image_sizes, padded_size, iteration, lcl_instances=None
+        self,
+        batched_inputs,
+        instance_weights,
+        mask_weights,
+        image_sizes,
+        padded_size,
+        iteration,
+        lcl_instances=None,
     ):
         """
         The random draws of one step, each image from its own generator seeded by
@@ -533,14 +590,17 @@ class DRCL2(nn.Module):
         instance_weights, mask_weights = instance_weights.cpu(), mask_weights.cpu()
         if lcl_instances is None:
             lcl_instances = self._lcl_instances(
-                batched_inputs, [x["view1"]["instances"] for x in batched_inputs],
+                batched_inputs,
+                [x["view1"]["instances"] for x in batched_inputs],
                 [x["view2"]["instances"] for x in batched_inputs],
             )[0]
         sampled, masks, occurrences = [], [], {}
         for i, (x, inst, size) in enumerate(zip(batched_inputs, lcl_instances, image_sizes)):
             key = _image_key(x, i, len(batched_inputs))
             occurrences[key] = occurrences.get(key, -1) + 1  # an image repeated in the batch
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, iteration, key, occurrences[key]))
+            generator = torch.Generator().manual_seed(
+                _mix_seed(self.seed, iteration, key, occurrences[key])
+            )
             classes = inst.gt_classes.cpu()
             idx = None
             if need_sampled:
@@ -552,8 +612,13 @@ class DRCL2(nn.Module):
                 else:
                     boxes, box_weights = torch.zeros(0, 4), torch.zeros(0)
                 patches = box_guided_patch_mask(
-                    tuple(size), self.mask_patch_size, self.mask_ratio, boxes, box_weights,
-                    self.mask_box_guided, generator=generator,
+                    tuple(size),
+                    self.mask_patch_size,
+                    self.mask_ratio,
+                    boxes,
+                    box_weights,
+                    self.mask_box_guided,
+                    generator=generator,
                 )
                 masks.append(patch_mask_to_pixels(patches, self.mask_patch_size, padded_size))
             sampled.append(idx.to(self.device) if idx is not None else None)
@@ -581,6 +646,7 @@ class DRCL2(nn.Module):
         else:
             image_counts, instance_counts = gathered[:, :2].round().long().t().tolist()
         return image_counts, instance_counts, ddp_normalizer(gathered[:, 2:].sum(dim=0))
+
 
 def _image_key(x: Dict, index: int, num_images: int) -> int:
     """
@@ -620,11 +686,22 @@ def check_drcl2_config(cfg) -> None:
     parts = {k: d[k].ENABLED for k in ("HCL", "LCL", "AR", "SR", "RPN", "DET", "DECOR")}
     if not any(parts.values()) and not d.EXTRA_HEADS:
         fail(
-            "MODEL.DRCL2.{HCL,LCL,AR,SR,RPN,DET,DECOR}.ENABLED", parts,
+            "MODEL.DRCL2.{HCL,LCL,AR,SR,RPN,DET,DECOR}.ENABLED",
+            parts,
             "every part is off and MODEL.DRCL2.EXTRA_HEADS is empty; enable at least one head.",
         )
-    for key in ("HCL.WEIGHT", "LCL.WEIGHT", "LCL.SUP_WEIGHT", "AR.WEIGHT", "SR.WEIGHT", "RPN.WEIGHT", "DET.WEIGHT", "DECOR.WEIGHT",
-                "AR.VISIBLE_WEIGHT", "SR.VISIBLE_WEIGHT"):
+    for key in (
+        "HCL.WEIGHT",
+        "LCL.WEIGHT",
+        "LCL.SUP_WEIGHT",
+        "AR.WEIGHT",
+        "SR.WEIGHT",
+        "RPN.WEIGHT",
+        "DET.WEIGHT",
+        "DECOR.WEIGHT",
+        "AR.VISIBLE_WEIGHT",
+        "SR.VISIBLE_WEIGHT",
+    ):
         group, name = key.split(".")
         value = d[group][name]
         if not (value >= 0 and math.isfinite(value)):
@@ -637,13 +714,18 @@ def check_drcl2_config(cfg) -> None:
         fail("MODEL.DRCL2.RPN.TARGETS", d.RPN.TARGETS, f"must be one of {RPN_TARGETS}.")
     if d.DET.ENABLED and not d.RPN.ENABLED:
         fail(
-            "MODEL.DRCL2.DET.ENABLED", True,
+            "MODEL.DRCL2.DET.ENABLED",
+            True,
             "the supervised detection head trains on the RPN's proposals: set MODEL.DRCL2.RPN.ENABLED True.",
         )
     if d.LCL.LOSS not in LCL_LOSSES:
         fail("MODEL.DRCL2.LCL.LOSS", d.LCL.LOSS, f"must be one of {LCL_LOSSES}.")
     if int(d.LCL.MEMORY_PER_CLASS) != d.LCL.MEMORY_PER_CLASS or d.LCL.MEMORY_PER_CLASS < 0:
-        fail("MODEL.DRCL2.LCL.MEMORY_PER_CLASS", d.LCL.MEMORY_PER_CLASS, "must be an integer >= 0 (0: no memory).")
+        fail(
+            "MODEL.DRCL2.LCL.MEMORY_PER_CLASS",
+            d.LCL.MEMORY_PER_CLASS,
+            "must be an integer >= 0 (0: no memory).",
+        )
     if not 0.0 <= d.LCL.BACKBONE_GRAD <= 1.0:
         fail("MODEL.DRCL2.LCL.BACKBONE_GRAD", d.LCL.BACKBONE_GRAD, "must lie in [0, 1].")
     if d.HCL.LOSS not in HCL_LOSSES:
@@ -659,14 +741,16 @@ def check_drcl2_config(cfg) -> None:
     if d.LCL.BOX_SOURCE == "proposals":
         if not cfg.MODEL.LOAD_PROPOSALS:
             fail(
-                "MODEL.LOAD_PROPOSALS", cfg.MODEL.LOAD_PROPOSALS,
+                "MODEL.LOAD_PROPOSALS",
+                cfg.MODEL.LOAD_PROPOSALS,
                 "MODEL.DRCL2.LCL.BOX_SOURCE 'proposals' reads precomputed proposals: set it True and "
                 "DATASETS.PROPOSAL_FILES_TRAIN to one file per training set "
                 "(python -m drcl2.tools.dump_proposals writes them).",
             )
         if len(cfg.DATASETS.PROPOSAL_FILES_TRAIN) != len(cfg.DATASETS.TRAIN):
             fail(
-                "DATASETS.PROPOSAL_FILES_TRAIN", tuple(cfg.DATASETS.PROPOSAL_FILES_TRAIN),
+                "DATASETS.PROPOSAL_FILES_TRAIN",
+                tuple(cfg.DATASETS.PROPOSAL_FILES_TRAIN),
                 f"MODEL.DRCL2.LCL.BOX_SOURCE 'proposals' needs one proposal file per dataset of "
                 f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}.",
             )
@@ -682,12 +766,20 @@ def check_drcl2_config(cfg) -> None:
         fail("MODEL.DRCL2.MASK.PATCH_SIZE", d.MASK.PATCH_SIZE, "must be an integer >= 1 (pixels).")
     norms = ("", "BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN", "LN")
     if d.HEAD_NORM not in norms:
-        fail("MODEL.DRCL2.HEAD_NORM", d.HEAD_NORM, f"must be one of {norms} (detectron2 get_norm names).")
+        fail(
+            "MODEL.DRCL2.HEAD_NORM",
+            d.HEAD_NORM,
+            f"must be one of {norms} (detectron2 get_norm names).",
+        )
     for key in ("MLP_HIDDEN_DIM", "MLP_OUT_DIM"):
         if d[key] < 1:
             fail(f"MODEL.DRCL2.{key}", d[key], "must be >= 1.")
     if not set(d.DRB.APPLY_TO) <= set(DRB_TERMS) or len(set(d.DRB.APPLY_TO)) != len(d.DRB.APPLY_TO):
-        fail("MODEL.DRCL2.DRB.APPLY_TO", d.DRB.APPLY_TO, f"must list distinct terms among {DRB_TERMS}.")
+        fail(
+            "MODEL.DRCL2.DRB.APPLY_TO",
+            d.DRB.APPLY_TO,
+            f"must list distinct terms among {DRB_TERMS}.",
+        )
     dynamic_sampler = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
     if bool(d.DRB.ENABLED) != dynamic_sampler:
         # DRB has two halves, the class weights here and the image repeats in the sampler; one
@@ -699,12 +791,15 @@ def check_drcl2_config(cfg) -> None:
             "DRB.ENABLED False with another sampler (e.g. 'RepeatFactorTrainingSampler')."
         )
     if cfg.SOLVER.MAX_ITER < 1:
-        fail("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, "DRCL2's momentum and DRB schedules need >= 1.")
+        fail(
+            "SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, "DRCL2's momentum and DRB schedules need >= 1."
+        )
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
         fail("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "must be >= 1.")
     if len(cfg.DATASETS.TEST):
         fail(
-            "DATASETS.TEST", tuple(cfg.DATASETS.TEST),
+            "DATASETS.TEST",
+            tuple(cfg.DATASETS.TEST),
             "DRCL2 pre-training has no inference, so nothing to evaluate (the run would train, then "
             "fail in evaluation and skip the export). Set DATASETS.TEST to (); fine-tune the "
             "exported weights and evaluate the fine-tuned detector.",
@@ -714,8 +809,11 @@ def check_drcl2_config(cfg) -> None:
 def check_feature_levels(cfg, levels) -> None:
     """Raise ValueError when an enabled part reads a level the backbone does not produce."""
     d = cfg.MODEL.DRCL2
-    for key, names in (("HCL.IN_FEATURES", d.HCL.IN_FEATURES), ("SR.IN_FEATURES", d.SR.IN_FEATURES),
-                       ("AR.IN_FEATURE", [d.AR.IN_FEATURE])):
+    for key, names in (
+        ("HCL.IN_FEATURES", d.HCL.IN_FEATURES),
+        ("SR.IN_FEATURES", d.SR.IN_FEATURES),
+        ("AR.IN_FEATURE", [d.AR.IN_FEATURE]),
+    ):
         group = key.split(".")[0]
         if d[group].ENABLED and (not names or not set(names) <= set(levels)):
             raise ValueError(

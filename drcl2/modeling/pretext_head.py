@@ -33,15 +33,15 @@ Add a task by registering one class and naming it in the config::
 
     cfg.MODEL.DRCL2.EXTRA_HEADS = ["MyHead"]
 """
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
+from torch import nn
 
 __all__ = [
     "DRCL2_HEAD_REGISTRY",
@@ -166,7 +166,9 @@ class PretextHead:
         masks_input: bool = False,
     ):
         if not set(target_views) <= {1, 2}:
-            raise ValueError(f"{type(self).__name__}: target_views must be among (1, 2); got {target_views}.")
+            raise ValueError(
+                f"{type(self).__name__}: target_views must be among (1, 2); got {target_views}."
+            )
         self.in_features = list(in_features)
         self.target_views = tuple(target_views)
         self.needs_instances = needs_instances
@@ -192,7 +194,9 @@ class PretextHead:
         """Raise ValueError when the head cannot work with the backbone (levels, strides)."""
         missing = [f for f in self.in_features if f not in strides]
         if missing:
-            raise ValueError(f"{self.name} reads levels {missing} that the backbone lacks ({sorted(strides)}).")
+            raise ValueError(
+                f"{self.name} reads levels {missing} that the backbone lacks ({sorted(strides)})."
+            )
 
     def counts(self, ctx: StepContext) -> List[torch.Tensor]:
         """

@@ -2,15 +2,19 @@
 Dual reconstruction (docs/method.md): AR, appearance reconstruction (``loss_ar``), and SR, semantic
 reconstruction (``loss_sr``), both from the online features of the masked view 1.
 """
+
 import math
 from typing import Dict, Sequence
 
 import torch
-
 from detectron2.config import configurable
 
 from .heads import AppearanceDecoder, SemanticPredictors
-from .losses import appearance_reconstruction_loss, semantic_reconstruction_loss, semantic_reconstruction_weights
+from .losses import (
+    appearance_reconstruction_loss,
+    semantic_reconstruction_loss,
+    semantic_reconstruction_weights,
+)
 from .masking import mask_at_stride
 from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext, feature_channels
 
@@ -58,7 +62,9 @@ class AppearanceReconstructionHead(PretextHead):
                 f"{sorted(input_shape)}."
             )
         return {
-            "decoder": AppearanceDecoder(feature_channels(input_shape), d.AR.HIDDEN_DIM, input_shape[d.AR.IN_FEATURE].stride),
+            "decoder": AppearanceDecoder(
+                feature_channels(input_shape), d.AR.HIDDEN_DIM, input_shape[d.AR.IN_FEATURE].stride
+            ),
             "in_feature": d.AR.IN_FEATURE,
             "visible_weight": d.AR.VISIBLE_WEIGHT,
             "weight": d.AR.WEIGHT,
@@ -83,9 +89,15 @@ class AppearanceReconstructionHead(PretextHead):
                 f"{tuple(x1.shape[-2:])} input; MODEL.DRCL2.AR.IN_FEATURE must be a level whose "
                 "stride divides the backbone's size_divisibility."
             )
-        target = x1 * (ctx.model.pixel_std / self.pixel_std.to(x1.device))  # padding stays 0 (ignored)
+        target = x1 * (
+            ctx.model.pixel_std / self.pixel_std.to(x1.device)
+        )  # padding stays 0 (ignored)
         loss = appearance_reconstruction_loss(
-            prediction, target, ctx.masked, ctx.valid, self.visible_weight,
+            prediction,
+            target,
+            ctx.masked,
+            ctx.valid,
+            self.visible_weight,
             normalizers=(normalizers[0], normalizers[1]),
         )
         return {"loss_ar": self.weight * loss}
@@ -101,7 +113,12 @@ class SemanticReconstructionHead(PretextHead):
 
     @configurable
     def __init__(
-        self, *, predictors: SemanticPredictors, strides: Dict[str, int], visible_weight: float = 0.1, weight: float = 1.0
+        self,
+        *,
+        predictors: SemanticPredictors,
+        strides: Dict[str, int],
+        visible_weight: float = 0.1,
+        weight: float = 1.0,
     ):
         """
         Args:
@@ -118,7 +135,9 @@ class SemanticReconstructionHead(PretextHead):
     def from_config(cls, cfg, input_shape):
         d = cfg.MODEL.DRCL2
         return {
-            "predictors": SemanticPredictors(d.SR.IN_FEATURES, feature_channels(input_shape), d.SR.HIDDEN_DIM, d.HEAD_NORM),
+            "predictors": SemanticPredictors(
+                d.SR.IN_FEATURES, feature_channels(input_shape), d.SR.HIDDEN_DIM, d.HEAD_NORM
+            ),
             "strides": {k: v.stride for k, v in input_shape.items()},
             "visible_weight": d.SR.VISIBLE_WEIGHT,
             "weight": d.SR.WEIGHT,
@@ -134,7 +153,10 @@ class SemanticReconstructionHead(PretextHead):
         for name in self.in_features:
             stride = self.strides[name]
             size = (math.ceil(H / stride), math.ceil(W / stride))
-            masks[name] = (mask_at_stride(ctx.masked, stride, size), mask_at_stride(ctx.valid, stride, size))
+            masks[name] = (
+                mask_at_stride(ctx.masked, stride, size),
+                mask_at_stride(ctx.valid, stride, size),
+            )
             sums.append(semantic_reconstruction_weights(*masks[name], self.visible_weight).sum())
         ctx.state[self.name] = masks
         return sums
@@ -153,7 +175,11 @@ class SemanticReconstructionHead(PretextHead):
                 )
             level_losses.append(
                 semantic_reconstruction_loss(
-                    prediction, ctx.target1[name], level_masked, level_valid, self.visible_weight,
+                    prediction,
+                    ctx.target1[name],
+                    level_masked,
+                    level_valid,
+                    self.visible_weight,
                     normalizer=normalizer,
                 )
             )
@@ -173,7 +199,9 @@ def check_ar_level(ar_in_feature: str, strides: Dict[str, int], size_divisibilit
         )
     stride = strides[ar_in_feature]
     if size_divisibility < stride or size_divisibility % stride:
-        ok = sorted(f for f, s in strides.items() if size_divisibility >= s and size_divisibility % s == 0)
+        ok = sorted(
+            f for f, s in strides.items() if size_divisibility >= s and size_divisibility % s == 0
+        )
         raise ValueError(
             f"MODEL.DRCL2.AR.IN_FEATURE = {ar_in_feature!r}: its stride ({stride}) does not divide "
             f"the backbone's padding multiple (size_divisibility {size_divisibility}), so the "

@@ -1,13 +1,13 @@
 """The detector-aligned RPN term (docs/method.md): ``loss_rpn_cls``, ``loss_rpn_loc`` on view 1's annotated boxes."""
+
 from typing import Dict, List
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling import build_proposal_generator
 from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
+from torch import nn
 
 from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext
 
@@ -29,7 +29,14 @@ class RPNLossHead(PretextHead):
     """
 
     @configurable
-    def __init__(self, *, proposal_generator: nn.Module, weight: float = 1.0, targets: str = "view", proposals: bool = False):
+    def __init__(
+        self,
+        *,
+        proposal_generator: nn.Module,
+        weight: float = 1.0,
+        targets: str = "view",
+        proposals: bool = False,
+    ):
         """
         Args:
             proposal_generator: a detectron2 ``RPN``.
@@ -92,10 +99,14 @@ def rpn_losses_only(rpn, features: Dict[str, torch.Tensor], gt_instances: List[I
     features = [features[f] for f in rpn.in_features]
     anchors = rpn.anchor_generator(features)
     pred_objectness_logits, pred_anchor_deltas = rpn.rpn_head(features)
-    pred_objectness_logits = [score.permute(0, 2, 3, 1).flatten(1) for score in pred_objectness_logits]
+    pred_objectness_logits = [
+        score.permute(0, 2, 3, 1).flatten(1) for score in pred_objectness_logits
+    ]
     box_dim = rpn.anchor_generator.box_dim
     pred_anchor_deltas = [
-        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
+        .permute(0, 3, 4, 1, 2)
+        .flatten(1, -2)
         for x in pred_anchor_deltas
     ]
     gt_labels, gt_boxes = rpn.label_and_sample_anchors(anchors, gt_instances)

@@ -13,6 +13,7 @@ The study report, rebuilt from finished runs at any time:
 
 Everything here is plain maths on rows (dicts), so it can be tested on hand-made CSVs.
 """
+
 import csv
 import math
 import os
@@ -27,7 +28,16 @@ __all__ = [
 
 METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf")
 RESULT_COLUMNS = ("arm", "group", "seed", "split", "task", *METRICS, "iters", "wall_s")
-PER_CLASS_COLUMNS = ("arm", "seed", "split", "class", "frequency_group", "train_image_count", "ap_box", "ap_mask")
+PER_CLASS_COLUMNS = (
+    "arm",
+    "seed",
+    "split",
+    "class",
+    "frequency_group",
+    "train_image_count",
+    "ap_box",
+    "ap_mask",
+)
 GROUP_LABELS = {"r": "rare", "c": "common", "f": "frequent"}
 GROUP_COLOURS = {"r": "tab:red", "c": "tab:orange", "f": "tab:blue"}
 
@@ -53,16 +63,33 @@ def collect_rows(study):
                 if split not in study.splits:
                     continue  # a run shared with a study that also evaluates other splits
                 for task, metrics in tasks.items():
-                    row = {"arm": arm.name, "group": arm.group, "seed": seed, "split": split, "task": task,
-                           "iters": arm.iters, "wall_s": round(wall, 1)}
+                    row = {
+                        "arm": arm.name,
+                        "group": arm.group,
+                        "seed": seed,
+                        "split": split,
+                        "task": task,
+                        "iters": arm.iters,
+                        "wall_s": round(wall, 1),
+                    }
                     row.update({m: metrics.get(m, float("nan")) for m in METRICS})
                     rows.append(row)
-                folder = inference_dir(study.stage_dir(arm, seed, arm.finetune), study.datasets[split], len(study.splits))
+                folder = inference_dir(
+                    study.stage_dir(arm, seed, arm.finetune),
+                    study.datasets[split],
+                    len(study.splits),
+                )
                 path = os.path.join(folder, "per_class_ap.csv")
                 if os.path.isfile(path):
                     for r in read_csv(path):
-                        per_class.append({"arm": arm.name, "seed": seed, "split": split,
-                                          **{k: r.get(k, "") for k in PER_CLASS_COLUMNS[3:]}})
+                        per_class.append(
+                            {
+                                "arm": arm.name,
+                                "seed": seed,
+                                "split": split,
+                                **{k: r.get(k, "") for k in PER_CLASS_COLUMNS[3:]},
+                            }
+                        )
     return rows, per_class
 
 
@@ -72,7 +99,12 @@ def write_csv(path: str, rows: Iterable[dict], columns: Sequence[str]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k in METRICS else v) for k, v in row.items()})
+            writer.writerow(
+                {
+                    k: (f"{v:.4f}" if isinstance(v, float) and k in METRICS else v)
+                    for k, v in row.items()
+                }
+            )
     os.replace(tmp, path)
 
 
@@ -101,10 +133,16 @@ def mean_std(values: Sequence[float]):
 
 
 def _select(rows, arm, split, task):
-    return {int(r["seed"]): r for r in rows if r["arm"] == arm and r["split"] == split and r["task"] == task}
+    return {
+        int(r["seed"]): r
+        for r in rows
+        if r["arm"] == arm and r["split"] == split and r["task"] == task
+    }
 
 
-def paired_differences(rows, arm: str, baseline: str, split: str, task: str, metric: str) -> List[float]:
+def paired_differences(
+    rows, arm: str, baseline: str, split: str, task: str, metric: str
+) -> List[float]:
     """``metric`` of ``arm`` minus ``baseline``, seed by seed, for the seeds both have finished."""
     a, b = _select(rows, arm, split, task), _select(rows, baseline, split, task)
     return [_value(a[s], metric) - _value(b[s], metric) for s in sorted(set(a) & set(b))]
@@ -140,9 +178,14 @@ def _arm_table(rows, arms, split, task):
         sel = _select(rows, arm.name, split, task)
         if not sel:
             continue
-        cells = [_fmt(*mean_std([_value(r, m) for r in sel.values()])) for m in ("AP", "AP50", "APr", "APc", "APf")]
+        cells = [
+            _fmt(*mean_std([_value(r, m) for r in sel.values()]))
+            for m in ("AP", "AP50", "APr", "APc", "APf")
+        ]
         seeds = ", ".join(str(s) for s in sorted(sel))
-        lines.append(f"| {arm.name} | {arm.group} | {arm.iters} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {arm.name} | {arm.group} | {arm.iters} | {seeds} | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
@@ -153,12 +196,19 @@ def _paired_table(rows, arms, split, task):
     ]
     for arm in arms:
         for baseline in arm.compare_to:
-            diffs = {m: paired_differences(rows, arm.name, baseline, split, task, m) for m in ("AP", "APr", "APc", "APf")}
+            diffs = {
+                m: paired_differences(rows, arm.name, baseline, split, task, m)
+                for m in ("AP", "APr", "APc", "APf")
+            }
             n = len(diffs["AP"])
             if n == 0:
                 continue
             cells = [_fmt(*mean_std(diffs[m]), signed=True) for m in ("AP", "APr", "APc", "APf")]
-            lines.append(f"| {arm.name} | {baseline} | {n} | " + " | ".join(cells) + f" | {_verdict(diffs['APr'])} |")
+            lines.append(
+                f"| {arm.name} | {baseline} | {n} | "
+                + " | ".join(cells)
+                + f" | {_verdict(diffs['APr'])} |"
+            )
     return lines
 
 
@@ -167,7 +217,13 @@ def invocations(meta: Optional[dict]) -> List[dict]:
     [{"command", "commit", "device"}, ...]}``; a file of one bare invocation is read as a list of one)."""
     if not meta:
         return []
-    return list(meta["invocations"]) if "invocations" in meta else [meta] if meta.get("command") else []
+    return (
+        list(meta["invocations"])
+        if "invocations" in meta
+        else [meta]
+        if meta.get("command")
+        else []
+    )
 
 
 def _source_lines(study) -> List[str]:
@@ -179,10 +235,12 @@ def _source_lines(study) -> List[str]:
     if record is None:
         return []
     box, mask = record["results"].get("bbox", {}), record["results"].get("segm", {})
-    return [f"- source initialisation: `{record['config']}`, {record['iters']:,} iterations, "
-            f"{record['wall_s'] / 60:.0f} min on {record['device']}; on its own `{record['dataset']}`: box AP "
-            f"{box.get('AP', float('nan')):.1f} (AP50 {box.get('AP50', float('nan')):.1f}), mask AP "
-            f"{mask.get('AP', float('nan')):.1f}; its ResNet (`backbone.bottom_up.*`) starts the `weights: source` stages"]
+    return [
+        f"- source initialisation: `{record['config']}`, {record['iters']:,} iterations, "
+        f"{record['wall_s'] / 60:.0f} min on {record['device']}; on its own `{record['dataset']}`: box AP "
+        f"{box.get('AP', float('nan')):.1f} (AP50 {box.get('AP50', float('nan')):.1f}), mask AP "
+        f"{mask.get('AP', float('nan')):.1f}; its ResNet (`backbone.bottom_up.*`) starts the `weights: source` stages"
+    ]
 
 
 def summary_markdown(study, rows, meta: Optional[dict] = None) -> str:
@@ -191,20 +249,37 @@ def summary_markdown(study, rows, meta: Optional[dict] = None) -> str:
     d = study.datasets
     out = [f"# Study `{study.name}`", ""]
     for run in invocations(meta):  # every command that trained runs into this output folder
-        out.append(f"- `{run['command']}` at commit {run.get('commit', '?')} on {run.get('device', '?')}")
-    out.append(f"- splits: train `{d['train']}`; val `{d['val']}` (choices and tuning); "
-               + (f"test `{d['test']}` (held out, reported)" if d.get("test") else "no test split (an exploration on val)"))
-    out.append(f"- schedule: {', '.join(f'{k} = {v}' for k, v in study.schedule.items())} iterations; "
-               f"iterations per arm and seed in the tables")
+        out.append(
+            f"- `{run['command']}` at commit {run.get('commit', '?')} on {run.get('device', '?')}"
+        )
+    out.append(
+        f"- splits: train `{d['train']}`; val `{d['val']}` (choices and tuning); "
+        + (
+            f"test `{d['test']}` (held out, reported)"
+            if d.get("test")
+            else "no test split (an exploration on val)"
+        )
+    )
+    out.append(
+        f"- schedule: {', '.join(f'{k} = {v}' for k, v in study.schedule.items())} iterations; "
+        f"iterations per arm and seed in the tables"
+    )
     seeds = sorted({int(r["seed"]) for r in rows})
     wall = sum(float(r["wall_s"]) for r in rows if r["split"] == "val" and r["task"] == "bbox")
-    out.append(f"- finished runs: {len({(r['arm'], r['seed']) for r in rows})} (seeds {seeds}); "
-               f"their wall time adds up to {wall / 60:.0f} min")
-    out.append("- mean ± sample std over seeds; Δ = arm − baseline on the same seed, mean ± std over seeds; "
-               "APr verdict: 'gain > std' when mean ΔAPr exceeds its std")
+    out.append(
+        f"- finished runs: {len({(r['arm'], r['seed']) for r in rows})} (seeds {seeds}); "
+        f"their wall time adds up to {wall / 60:.0f} min"
+    )
+    out.append(
+        "- mean ± sample std over seeds; Δ = arm − baseline on the same seed, mean ± std over seeds; "
+        "APr verdict: 'gain > std' when mean ΔAPr exceeds its std"
+    )
     out += _source_lines(study)
     out.append("")
-    for split, title in (("test", "Test split (held out)"), ("val", "Val split (used for choices)")):
+    for split, title in (
+        ("test", "Test split (held out)"),
+        ("val", "Val split (used for choices)"),
+    ):
         for task, name in (("bbox", "box"), ("segm", "mask")):
             table = _arm_table(rows, arms, split, task)
             if len(table) > 2:
@@ -227,17 +302,29 @@ def _pyplot():
     return plt
 
 
-def plot_groups(rows, arms: Sequence[str], path: str, split: str = "test", task: str = "bbox") -> None:
+def plot_groups(
+    rows, arms: Sequence[str], path: str, split: str = "test", task: str = "bbox"
+) -> None:
     """APr / APc / APf per arm (bars: mean over seeds, error bars: std)."""
     plt = _pyplot()
     arms = [a for a in arms if _select(rows, a, split, task)]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(arms) + 2), 4.0))
     width = 0.26
     for k, (metric, group) in enumerate((("APr", "r"), ("APc", "c"), ("APf", "f"))):
-        stats = [mean_std([_value(r, metric) for r in _select(rows, a, split, task).values()]) for a in arms]
+        stats = [
+            mean_std([_value(r, metric) for r in _select(rows, a, split, task).values()])
+            for a in arms
+        ]
         xs = [i + (k - 1) * width for i in range(len(arms))]
-        ax.bar(xs, [s[0] for s in stats], width, yerr=[0 if s[2] < 2 else s[1] for s in stats],
-               capsize=3, color=GROUP_COLOURS[group], label=f"{metric} ({GROUP_LABELS[group]})")
+        ax.bar(
+            xs,
+            [s[0] for s in stats],
+            width,
+            yerr=[0 if s[2] < 2 else s[1] for s in stats],
+            capsize=3,
+            color=GROUP_COLOURS[group],
+            label=f"{metric} ({GROUP_LABELS[group]})",
+        )
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels(arms, rotation=20, ha="right")
     ax.set_ylabel(f"{split} {'box' if task == 'bbox' else 'mask'} AP")
@@ -255,21 +342,30 @@ def _per_class_means(per_class, arm, split, column="ap_box"):
     for r in per_class:
         if r["arm"] == arm and r["split"] == split:
             v = _value(r, column)
-            entry = acc.setdefault(r["class"], [[], r["frequency_group"], int(r["train_image_count"] or 0)])
+            entry = acc.setdefault(
+                r["class"], [[], r["frequency_group"], int(r["train_image_count"] or 0)]
+            )
             if math.isfinite(v):
                 entry[0].append(v)
     return {c: (statistics.fmean(v) if v else float("nan"), g, n) for c, (v, g, n) in acc.items()}
 
 
-def best_baseline(rows, baselines: Sequence[str], split: str = "test", task: str = "bbox") -> Optional[str]:
+def best_baseline(
+    rows, baselines: Sequence[str], split: str = "test", task: str = "bbox"
+) -> Optional[str]:
     """The baseline with the highest mean AP (ties: the first listed)."""
-    scored = [(mean_std([_value(r, "AP") for r in _select(rows, b, split, task).values()])[0], -i, b)
-              for i, b in enumerate(baselines) if _select(rows, b, split, task)]
+    scored = [
+        (mean_std([_value(r, "AP") for r in _select(rows, b, split, task).values()])[0], -i, b)
+        for i, b in enumerate(baselines)
+        if _select(rows, b, split, task)
+    ]
     scored = [s for s in scored if math.isfinite(s[0])]
     return max(scored)[2] if scored else None
 
 
-def plot_per_class_delta(rows, per_class, arm: str, baselines: Sequence[str], path: str, split: str = "test") -> Optional[str]:
+def plot_per_class_delta(
+    rows, per_class, arm: str, baselines: Sequence[str], path: str, split: str = "test"
+) -> Optional[str]:
     """
     Per-class box AP of ``arm`` minus its best baseline (by mean AP), both averaged over seeds,
     against training images per class (log scale). Returns the baseline used (None: no data).
@@ -277,9 +373,15 @@ def plot_per_class_delta(rows, per_class, arm: str, baselines: Sequence[str], pa
     baseline = best_baseline(rows, baselines, split)
     if baseline is None:
         return None
-    ours, theirs = _per_class_means(per_class, arm, split), _per_class_means(per_class, baseline, split)
-    points = [(ours[c][2], ours[c][0] - theirs[c][0], ours[c][1], c) for c in ours if c in theirs
-              and math.isfinite(ours[c][0]) and math.isfinite(theirs[c][0])]
+    ours, theirs = (
+        _per_class_means(per_class, arm, split),
+        _per_class_means(per_class, baseline, split),
+    )
+    points = [
+        (ours[c][2], ours[c][0] - theirs[c][0], ours[c][1], c)
+        for c in ours
+        if c in theirs and math.isfinite(ours[c][0]) and math.isfinite(theirs[c][0])
+    ]
     if not points:
         return None
     plt = _pyplot()
@@ -288,8 +390,13 @@ def plot_per_class_delta(rows, per_class, arm: str, baselines: Sequence[str], pa
         pts = [p for p in points if p[2] == group]
         if pts:
             deltas = [p[1] for p in pts]
-            ax.scatter([max(p[0], 1) for p in pts], deltas, color=GROUP_COLOURS[group], s=28,
-                       label=f"{GROUP_LABELS[group]} (mean {statistics.fmean(deltas):+.1f})")
+            ax.scatter(
+                [max(p[0], 1) for p in pts],
+                deltas,
+                color=GROUP_COLOURS[group],
+                s=28,
+                label=f"{GROUP_LABELS[group]} (mean {statistics.fmean(deltas):+.1f})",
+            )
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training images per class")
@@ -303,14 +410,24 @@ def plot_per_class_delta(rows, per_class, arm: str, baselines: Sequence[str], pa
     return baseline
 
 
-def write_report(study, report_dir: str, meta: Optional[dict] = None, rows=None, per_class=None) -> Dict[str, str]:
+def write_report(
+    study, report_dir: str, meta: Optional[dict] = None, rows=None, per_class=None
+) -> Dict[str, str]:
     """Write results.csv, per_class.csv, summary.md, groups.png and per_class_delta.png (from the
     finished runs of ``study`` unless ``rows`` / ``per_class`` are given); return their paths."""
     if rows is None or per_class is None:
         rows, per_class = collect_rows(study)
     os.makedirs(report_dir, exist_ok=True)
-    paths = {name: os.path.join(report_dir, name) for name in
-             ("results.csv", "per_class.csv", "summary.md", "groups.png", "per_class_delta.png")}
+    paths = {
+        name: os.path.join(report_dir, name)
+        for name in (
+            "results.csv",
+            "per_class.csv",
+            "summary.md",
+            "groups.png",
+            "per_class_delta.png",
+        )
+    }
     write_csv(paths["results.csv"], rows, RESULT_COLUMNS)
     write_csv(paths["per_class.csv"], per_class, PER_CLASS_COLUMNS)
     text = summary_markdown(study, rows, meta)
@@ -320,14 +437,25 @@ def write_report(study, report_dir: str, meta: Optional[dict] = None, rows=None,
     focus = study.per_class_delta or tuple(a for a in study.arms if study.arms[a].compare_to)[:1]
     notes = []
     for k, arm in enumerate(focus):
-        path = paths["per_class_delta.png"] if k == 0 else os.path.join(report_dir, f"per_class_delta_{arm}.png")
-        baseline = plot_per_class_delta(rows, per_class, arm, study.arms[arm].compare_to, path, split=split)
+        path = (
+            paths["per_class_delta.png"]
+            if k == 0
+            else os.path.join(report_dir, f"per_class_delta_{arm}.png")
+        )
+        baseline = plot_per_class_delta(
+            rows, per_class, arm, study.arms[arm].compare_to, path, split=split
+        )
         if baseline is not None:
-            notes.append(f"- `{os.path.basename(path)}`: per-class {split} box AP of {arm} minus its best baseline "
-                         f"by mean {split} AP, {baseline}")
+            notes.append(
+                f"- `{os.path.basename(path)}`: per-class {split} box AP of {arm} minus its best baseline "
+                f"by mean {split} AP, {baseline}"
+            )
     if notes:
-        text += (f"\n## Plots\n\n- `groups.png`: {split} box APr / APc / APf per arm (mean ± std over seeds)\n"
-                 + "\n".join(notes) + "\n")
+        text += (
+            f"\n## Plots\n\n- `groups.png`: {split} box APr / APc / APf per arm (mean ± std over seeds)\n"
+            + "\n".join(notes)
+            + "\n"
+        )
     probe = os.path.join(report_dir, "probe.md")  # python -m drcl2.tools.study ... --probe SEED
     if os.path.isfile(probe):
         text += "\n## Probe of the exported weights (before fine-tuning)\n\n" + open(probe).read()

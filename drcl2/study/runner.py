@@ -9,6 +9,7 @@ subprocess's ``stdout.log``, and, once the stage has finished, ``study_stage.jso
 wall time and, for fine-tuning, the evaluation results). A finished stage is skipped; an
 interrupted one runs again with ``--resume`` and goes on from its last checkpoint.
 """
+
 import concurrent.futures
 import glob
 import json
@@ -22,8 +23,14 @@ from typing import Dict, List, Optional, Tuple
 from .spec import Arm, Stage, Study
 
 __all__ = [
-    "StudyRunner", "stage_done", "read_stage", "finetune_results", "inference_dir", "train_net_path",
-    "write_backbone_weights", "read_source_record",
+    "StudyRunner",
+    "stage_done",
+    "read_stage",
+    "finetune_results",
+    "inference_dir",
+    "train_net_path",
+    "write_backbone_weights",
+    "read_source_record",
 ]
 
 STAGE_FILE = "study_stage.json"
@@ -36,8 +43,12 @@ def train_net_path() -> str:
     """The repository's ``train_net.py`` (working directory first, then next to the drcl2 package)."""
     import drcl2
 
-    candidates = [os.path.abspath("train_net.py"),
-                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(drcl2.__file__))), "train_net.py")]
+    candidates = [
+        os.path.abspath("train_net.py"),
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(drcl2.__file__))), "train_net.py"
+        ),
+    ]
     for path in candidates:
         if os.path.isfile(path):
             return path
@@ -77,7 +88,9 @@ def inference_dir(stage_dir: str, dataset: str, num_datasets: int) -> str:
     return os.path.join(base, dataset) if num_datasets > 1 else base
 
 
-def finetune_results(stage_dir: str, datasets: Dict[str, str], splits=("val", "test")) -> Dict[str, Dict[str, Dict[str, float]]]:
+def finetune_results(
+    stage_dir: str, datasets: Dict[str, str], splits=("val", "test")
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """
     The final evaluation of a fine-tuning stage, from detectron2's ``metrics.json``:
     ``{split: {task: {metric: value}}}`` for ``splits`` (names in ``datasets``).
@@ -90,14 +103,16 @@ def finetune_results(stage_dir: str, datasets: Dict[str, str], splits=("val", "t
             if any(k.endswith("/AP") for k in record):
                 last = record
     if last is None:
-        raise RuntimeError(f"{path} holds no evaluation results: the fine-tuning run did not evaluate.")
+        raise RuntimeError(
+            f"{path} holds no evaluation results: the fine-tuning run did not evaluate."
+        )
     out = {}
     for split in splits:
         # detectron2 prefixes the keys with the dataset name only when a run evaluates several
         prefix = datasets[split] + "/" if len(splits) > 1 else ""
         for key, value in last.items():
             if key.startswith(prefix) and key.count("/") == 1 + bool(prefix):
-                task, metric = key[len(prefix):].split("/")
+                task, metric = key[len(prefix) :].split("/")
                 out.setdefault(split, {}).setdefault(task, {})[metric] = value
         if split not in out:
             raise RuntimeError(f"{path}: no results for {datasets[split]} in the last evaluation.")
@@ -142,8 +157,14 @@ def write_backbone_weights(checkpoint: str, dst: str) -> int:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = {k: v for k, v in state["model"].items() if k.startswith(SOURCE_PREFIX)}
     if not model:
-        raise ValueError(f"{checkpoint}: no '{SOURCE_PREFIX}*' weights in it: is it a detectron2 R-CNN checkpoint?")
-    payload = {"model": model, "__author__": "drcl2 source initialisation", "source": os.path.abspath(checkpoint)}
+        raise ValueError(
+            f"{checkpoint}: no '{SOURCE_PREFIX}*' weights in it: is it a detectron2 R-CNN checkpoint?"
+        )
+    payload = {
+        "model": model,
+        "__author__": "drcl2 source initialisation",
+        "source": os.path.abspath(checkpoint),
+    }
     atomic_write(dst, lambda f: torch.save(payload, f))
     return len(model)
 
@@ -161,7 +182,9 @@ class StudyRunner:
         log: where progress lines go.
     """
 
-    def __init__(self, study: Study, jobs: Optional[int] = None, keep_checkpoints: bool = False, log=print):
+    def __init__(
+        self, study: Study, jobs: Optional[int] = None, keep_checkpoints: bool = False, log=print
+    ):
         self.study = study
         self.jobs = max(1, int(jobs if jobs is not None else study.jobs))
         self.keep_checkpoints = keep_checkpoints
@@ -247,8 +270,12 @@ class StudyRunner:
         """Measured wall seconds per iteration (evaluation included) of finished stages, by
         (kind, config) and by kind (config ``"*"``)."""
         sums: Dict[Tuple[str, str], List[float]] = {}
-        folders = {self.stage_dir(arm, seed, stage): stage
-                   for arm in self.study.arms.values() for seed in arm.seeds for stage in arm.stages}
+        folders = {
+            self.stage_dir(arm, seed, stage): stage
+            for arm in self.study.arms.values()
+            for seed in arm.seeds
+            for stage in arm.stages
+        }
         for folder, stage in folders.items():
             record = read_stage(folder)
             if record and record.get("wall_s"):
@@ -281,26 +308,41 @@ class StudyRunner:
     def dry_run(self, runs) -> str:
         """What would run, with the estimated time (measured rates where stages have finished)."""
         rates = self.seconds_per_iter()
-        lines = [f"Study '{self.study.name}' ({self.study.path}) -> {self.study.output_dir}, device "
-                 f"{self.device}, {self.study.num_gpus} GPU(s) per run, {self.jobs} run(s) at a time:"]
+        lines = [
+            f"Study '{self.study.name}' ({self.study.path}) -> {self.study.output_dir}, device "
+            f"{self.device}, {self.study.num_gpus} GPU(s) per run, {self.jobs} run(s) at a time:"
+        ]
         for i, (arm, seed) in enumerate(runs, 1):
             parts = []
             for stage in arm.stages:
                 if stage.kind == "pretrain" and arm.pretrain_from:
                     parts.append(f"{arm.pretrain_from}'s pre-training")
                     continue
-                state = "done" if stage_done(self.stage_dir(arm, seed, stage)) else (
-                    f"~{_minutes(self.estimate_s(stage, rates))} min")
+                state = (
+                    "done"
+                    if stage_done(self.stage_dir(arm, seed, stage))
+                    else (f"~{_minutes(self.estimate_s(stage, rates))} min")
+                )
                 parts.append(f"{LABELS[stage.kind]} {stage.iters} it ({stage.config}; {state})")
             lines.append(f"[{i}/{len(runs)}] {arm.name} seed {seed}: " + " -> ".join(parts))
         pending = self.pending(runs)
         source = self.study.source_weights
-        if source is not None and any(s.weights == "source" for _, _, s in pending) and not os.path.isfile(source.output):
-            lines.append(f"first: source weights ({source.iters} it, {source.config}) -> {source.output}")
+        if (
+            source is not None
+            and any(s.weights == "source" for _, _, s in pending)
+            and not os.path.isfile(source.output)
+        ):
+            lines.append(
+                f"first: source weights ({source.iters} it, {source.config}) -> {source.output}"
+            )
         lines.append(
             f"{len(pending)} of {sum(len(a.stages) for a, _ in runs)} stages to run, "
             f"{sum(s.iters for _, _, s in pending):,} iterations; estimated {_minutes(self.remaining_s(runs, rates))} min "
-            + ("(from measured rates)" if rates else "(from estimate_s_per_iter: nothing has run yet)")
+            + (
+                "(from measured rates)"
+                if rates
+                else "(from estimate_s_per_iter: nothing has run yet)"
+            )
         )
         return "\n".join(lines)
 
@@ -331,24 +373,44 @@ class StudyRunner:
             return
         out = self.source_dir()
         os.makedirs(out, exist_ok=True)
-        self.log(f"source weights: supervised detection pre-training on the source set ({source.iters} it, "
-                 f"{source.config}) -> {source.output}")
+        self.log(
+            f"source weights: supervised detection pre-training on the source set ({source.iters} it, "
+            f"{source.config}) -> {source.output}"
+        )
         cmd = self.source_command()
-        wall = self._run(cmd, os.path.join(out, "stdout.log"), what="source pre-training", threads=os.cpu_count() or 1)
+        wall = self._run(
+            cmd,
+            os.path.join(out, "stdout.log"),
+            what="source pre-training",
+            threads=os.cpu_count() or 1,
+        )
         attempts_path = os.path.join(out, "study_attempts.json")
-        attempts = (json.load(open(attempts_path)) if os.path.isfile(attempts_path) else []) + [wall]
+        attempts = (json.load(open(attempts_path)) if os.path.isfile(attempts_path) else []) + [
+            wall
+        ]
         _write_json(attempts_path, attempts)
         test_sets = _config_test_sets(source.config)
         results = finetune_results(out, {"val": test_sets[0]}, ("val",))["val"] if test_sets else {}
         write_backbone_weights(os.path.join(out, "model_final.pth"), source.output)
-        record = {"config": source.config, "iters": source.iters, "command": cmd, "wall_s": sum(attempts),
-                  "device": self.device, "dataset": test_sets[0] if test_sets else None, "results": results}
+        record = {
+            "config": source.config,
+            "iters": source.iters,
+            "command": cmd,
+            "wall_s": sum(attempts),
+            "device": self.device,
+            "dataset": test_sets[0] if test_sets else None,
+            "results": results,
+        }
         _write_json(source_record_path(source.output), record)
         box = results.get("bbox", {})
-        self.log(f"source weights ready in {sum(attempts) / 60:.1f} min; source {record['dataset']} box AP "
-                 f"{box.get('AP', float('nan')):.1f}")
+        self.log(
+            f"source weights ready in {sum(attempts) / 60:.1f} min; source {record['dataset']} box AP "
+            f"{box.get('AP', float('nan')):.1f}"
+        )
 
-    def _run(self, cmd: List[str], log_path: str, what: str, threads: Optional[int] = None) -> float:
+    def _run(
+        self, cmd: List[str], log_path: str, what: str, threads: Optional[int] = None
+    ) -> float:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.device == "cpu":
             threads = str(threads or max(1, (os.cpu_count() or 1) // self.jobs))
@@ -361,7 +423,9 @@ class StudyRunner:
         if code != 0:
             with open(log_path) as f:
                 tail = "".join(f.readlines()[-30:])
-            raise RuntimeError(f"{what} failed (exit code {code}); last lines of {log_path}:\n{tail}")
+            raise RuntimeError(
+                f"{what} failed (exit code {code}); last lines of {log_path}:\n{tail}"
+            )
         return time.perf_counter() - start
 
     def run_stage(self, arm: Arm, seed: int, stage: Stage) -> dict:
@@ -371,16 +435,28 @@ class StudyRunner:
         if stage.parts:
             self._write_parts(arm, seed, stage)
         cmd = self.stage_command(arm, seed, stage)
-        wall = self._run(cmd, os.path.join(out, "stdout.log"), what=f"{arm.name} seed {seed} {stage.kind}")
+        wall = self._run(
+            cmd, os.path.join(out, "stdout.log"), what=f"{arm.name} seed {seed} {stage.kind}"
+        )
         attempts_path = os.path.join(out, "study_attempts.json")
         attempts = json.load(open(attempts_path)) if os.path.isfile(attempts_path) else []
         attempts.append(wall)
         _write_json(attempts_path, attempts)
-        record = {"arm": arm.name, "seed": seed, "stage": stage.kind, "config": stage.config,
-                  "iters": stage.iters, "command": cmd, "wall_s": sum(attempts), "device": self.device}
+        record = {
+            "arm": arm.name,
+            "seed": seed,
+            "stage": stage.kind,
+            "config": stage.config,
+            "iters": stage.iters,
+            "command": cmd,
+            "wall_s": sum(attempts),
+            "device": self.device,
+        }
         if stage.kind == "pretrain":
             export = os.path.join(out, EXPORT_NAME)
-            if not os.path.isfile(export):  # a detector pre-training: export the same parts as 2DRCL's
+            if not os.path.isfile(
+                export
+            ):  # a detector pre-training: export the same parts as 2DRCL's
                 from ..checkpoint import export_finetune_weights
 
                 export_finetune_weights(os.path.join(out, "model_final.pth"), export)
@@ -423,24 +499,30 @@ class StudyRunner:
                     self._one_stage(i, total, runs, arm, seed, stage)
 
         self._dispatch(one, todo)
-        self.log(f"study '{self.study.name}': {total} runs finished or skipped in "
-                 f"{(time.perf_counter() - started) / 60:.1f} min")
+        self.log(
+            f"study '{self.study.name}': {total} runs finished or skipped in "
+            f"{(time.perf_counter() - started) / 60:.1f} min"
+        )
 
     def _one_stage(self, i, total, runs, arm, seed, stage):
         if stage_done(self.stage_dir(arm, seed, stage)):
             return
         with self._lock:
             eta = self.remaining_s(runs)
-            self.log(f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} {stage.iters} it "
-                     f"... ETA {_minutes(eta)} min")
+            self.log(
+                f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} {stage.iters} it "
+                f"... ETA {_minutes(eta)} min"
+            )
         record = self.run_stage(arm, seed, stage)
         with self._lock:
             summary = ""
             if "results" in record:
                 box = record["results"]["val"].get("bbox", {})
                 summary = f"; val box AP {box.get('AP', float('nan')):.1f}, APr {box.get('APr', float('nan')):.1f}"
-            self.log(f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} done in "
-                     f"{record['wall_s'] / 60:.1f} min{summary}")
+            self.log(
+                f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} done in "
+                f"{record['wall_s'] / 60:.1f} min{summary}"
+            )
 
     def _dispatch(self, one, todo) -> None:
         if self.jobs == 1:

@@ -43,6 +43,7 @@ fine-tuning stage after a pre-training stage starts from its export
 ``proposal_generator``, ``roi_heads.box_head``) — and a lone stage from its config's
 ``MODEL.WEIGHTS``.
 """
+
 import dataclasses
 import os
 import re
@@ -177,12 +178,18 @@ def _resolve(path, key, file, study_dir):
     for candidate in (file, os.path.join(study_dir, file)):
         if os.path.isfile(candidate):
             return os.path.normpath(candidate)
-    _fail(path, key, f"config file '{file}' not found (looked in the working directory and next to the study file).")
+    _fail(
+        path,
+        key,
+        f"config file '{file}' not found (looked in the working directory and next to the study file).",
+    )
 
 
 def _iters(path, key, value, schedule):
     if isinstance(value, bool):
-        _fail(path, key, f"must be a number of iterations or a sum of schedule names; got {value!r}.")
+        _fail(
+            path, key, f"must be a number of iterations or a sum of schedule names; got {value!r}."
+        )
     if isinstance(value, int):
         total = value
     elif isinstance(value, str) and re.fullmatch(r"\s*[\w]+(\s*\+\s*[\w]+)*\s*", value):
@@ -193,7 +200,11 @@ def _iters(path, key, value, schedule):
             elif term in schedule:
                 total += schedule[term]
             else:
-                _fail(path, key, f"'{term}' is neither a number nor a name in schedule {sorted(schedule)}.")
+                _fail(
+                    path,
+                    key,
+                    f"'{term}' is neither a number nor a name in schedule {sorted(schedule)}.",
+                )
     else:
         _fail(path, key, f"must be a number of iterations or a sum like 'F + P'; got {value!r}.")
     if total < 1:
@@ -209,15 +220,25 @@ def _stage(path, where, kind, raw, schedule, study_dir):
         _fail(path, where, "needs 'config' and 'iters'.")
     opts = raw.get("opts") or []
     if not isinstance(opts, list) or len(opts) % 2:
-        _fail(path, f"{where}.opts", f"must be a list of KEY, VALUE pairs (even length); got {opts!r}.")
+        _fail(
+            path,
+            f"{where}.opts",
+            f"must be a list of KEY, VALUE pairs (even length); got {opts!r}.",
+        )
     weights = raw.get("weights")
     if weights not in (None, "source"):
-        _fail(path, f"{where}.weights", f"must be 'source' (the study's source_weights) or absent; got {weights!r}.")
+        _fail(
+            path,
+            f"{where}.weights",
+            f"must be 'source' (the study's source_weights) or absent; got {weights!r}.",
+        )
     parts = raw.get("parts") or []
     if kind != "finetune" and parts:
         _fail(path, f"{where}.parts", "only a fine-tuning stage chooses parts of an export.")
     if not isinstance(parts, list) or not set(parts) <= set(PARTS) or len(set(parts)) != len(parts):
-        _fail(path, f"{where}.parts", f"must list distinct parts among {list(PARTS)}; got {parts!r}.")
+        _fail(
+            path, f"{where}.parts", f"must list distinct parts among {list(PARTS)}; got {parts!r}."
+        )
     return Stage(
         kind=kind,
         config=_resolve(path, f"{where}.config", raw["config"], study_dir),
@@ -229,7 +250,11 @@ def _stage(path, where, kind, raw, schedule, study_dir):
 
 
 def _seeds(path, key, raw):
-    if not isinstance(raw, list) or not raw or not all(isinstance(s, int) and not isinstance(s, bool) for s in raw):
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in raw)
+    ):
         _fail(path, key, f"must be a non-empty list of integers; got {raw!r}.")
     if len(set(raw)) != len(raw):
         _fail(path, key, f"has repeated seeds: {raw}.")
@@ -262,8 +287,16 @@ def load_study(path: str, output_dir: Optional[str] = None) -> Study:
     ):
         _fail(path, "schedule", f"must map names to positive iteration counts; got {schedule!r}.")
     datasets = raw["datasets"]
-    if not isinstance(datasets, dict) or not {"train", "val"} <= set(datasets) <= {"train", "val", "test"}:
-        _fail(path, "datasets", f"must name train, val and (unless the study only explores) test; got {datasets!r}.")
+    if not isinstance(datasets, dict) or not {"train", "val"} <= set(datasets) <= {
+        "train",
+        "val",
+        "test",
+    }:
+        _fail(
+            path,
+            "datasets",
+            f"must name train, val and (unless the study only explores) test; got {datasets!r}.",
+        )
     datasets.setdefault("test", None)
     device = raw.get("device", "auto")
     if device not in DEVICES:
@@ -279,15 +312,23 @@ def load_study(path: str, output_dir: Optional[str] = None) -> Study:
         _fail(path, "checkpoint_period", f"must be an integer >= 1; got {period!r}.")
     estimate = {"pretrain": 1.0, "finetune": 1.0}
     estimate.update(raw.get("estimate_s_per_iter") or {})
-    if set(estimate) != set(STAGES) or not all(isinstance(v, (int, float)) and v > 0 for v in estimate.values()):
-        _fail(path, "estimate_s_per_iter", f"must give positive seconds for {list(STAGES)}; got {estimate!r}.")
+    if set(estimate) != set(STAGES) or not all(
+        isinstance(v, (int, float)) and v > 0 for v in estimate.values()
+    ):
+        _fail(
+            path,
+            "estimate_s_per_iter",
+            f"must give positive seconds for {list(STAGES)}; got {estimate!r}.",
+        )
     seeds = _seeds(path, "seeds", raw["seeds"])
 
     source = None
     if raw.get("source_weights") is not None:
         sw = raw["source_weights"]
         if not isinstance(sw, dict) or set(sw) != {"config", "output", "iters"}:
-            _fail(path, "source_weights", f"must have exactly config, output and iters; got {sw!r}.")
+            _fail(
+                path, "source_weights", f"must have exactly config, output and iters; got {sw!r}."
+            )
         source = SourceWeights(
             config=_resolve(path, "source_weights.config", sw["config"], study_dir),
             output=str(sw["output"]),
@@ -305,20 +346,38 @@ def load_study(path: str, output_dir: Optional[str] = None) -> Study:
             _fail(path, where, f"must be a mapping; got {spec!r}.")
         _unknown_keys(path, where, spec, _ARM_KEYS)
         if "finetune" not in spec:
-            _fail(path, where, "needs a 'finetune' stage (every arm ends in fine-tuning + evaluation).")
+            _fail(
+                path,
+                where,
+                "needs a 'finetune' stage (every arm ends in fine-tuning + evaluation).",
+            )
         pretrain, pretrain_from = spec.get("pretrain"), None
         if isinstance(pretrain, dict) and "from" in pretrain:
             if set(pretrain) != {"from"}:
-                _fail(path, f"{where}.pretrain", "a reused pre-training ({from: ARM}) takes no other key.")
+                _fail(
+                    path,
+                    f"{where}.pretrain",
+                    "a reused pre-training ({from: ARM}) takes no other key.",
+                )
             pretrain_from = str(pretrain["from"])
             pretrain = None  # filled in below, once every arm is parsed
         elif pretrain is not None:
             pretrain = _stage(path, f"{where}.pretrain", "pretrain", pretrain, schedule, study_dir)
-        finetune = _stage(path, f"{where}.finetune", "finetune", spec["finetune"], schedule, study_dir)
+        finetune = _stage(
+            path, f"{where}.finetune", "finetune", spec["finetune"], schedule, study_dir
+        )
         if finetune.parts and pretrain is None and pretrain_from is None:
-            _fail(path, f"{where}.finetune.parts", "needs a pre-training stage whose export it takes parts of.")
+            _fail(
+                path,
+                f"{where}.finetune.parts",
+                "needs a pre-training stage whose export it takes parts of.",
+            )
         if pretrain is not None and finetune.weights is not None:
-            _fail(path, f"{where}.finetune.weights", "a fine-tuning stage after pre-training starts from its export.")
+            _fail(
+                path,
+                f"{where}.finetune.weights",
+                "a fine-tuning stage after pre-training starts from its export.",
+            )
         if (pretrain or finetune).weights == "source" and source is None:
             _fail(path, where, "starts from 'source' weights but the study has no source_weights.")
         arms[str(name)] = Arm(
@@ -334,15 +393,31 @@ def load_study(path: str, output_dir: Optional[str] = None) -> Study:
         if arm.pretrain_from is None:
             continue
         source_arm = arms.get(arm.pretrain_from)
-        if source_arm is None or source_arm.pretrain is None or source_arm.pretrain_from is not None:
-            _fail(path, f"arms.{name}.pretrain.from", f"'{arm.pretrain_from}' is not an arm with its own pre-training.")
+        if (
+            source_arm is None
+            or source_arm.pretrain is None
+            or source_arm.pretrain_from is not None
+        ):
+            _fail(
+                path,
+                f"arms.{name}.pretrain.from",
+                f"'{arm.pretrain_from}' is not an arm with its own pre-training.",
+            )
         if not set(arm.seeds) <= set(source_arm.seeds):
-            _fail(path, f"arms.{name}.seeds", f"seeds {list(arm.seeds)} must be among those of '{arm.pretrain_from}'.")
+            _fail(
+                path,
+                f"arms.{name}.seeds",
+                f"seeds {list(arm.seeds)} must be among those of '{arm.pretrain_from}'.",
+            )
         arms[name] = dataclasses.replace(arm, pretrain=source_arm.pretrain)
     for arm in arms.values():
         for other in arm.compare_to:
             if other not in arms or other == arm.name:
-                _fail(path, f"arms.{arm.name}.compare_to", f"'{other}' is not another arm of the study.")
+                _fail(
+                    path,
+                    f"arms.{arm.name}.compare_to",
+                    f"'{other}' is not another arm of the study.",
+                )
     per_class = tuple(raw.get("per_class_delta") or ())
     for name in per_class:
         if name not in arms or not arms[name].compare_to:

@@ -31,6 +31,7 @@ beside them. The default run
 (2,000 images, both comparisons) takes about 15 minutes on 2 CPU cores, most of it detectron2's
 ``process()``; ``--num-images 600`` about 4, ``--no-e2e`` skips the end-to-end part.
 """
+
 import contextlib
 import copy
 import io
@@ -49,14 +50,26 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser):
     parser.add_argument("--num-images", type=int, default=2000, help="images in the generated set")
     parser.add_argument("--dets-per-image", type=int, default=300, help="detections per image")
-    parser.add_argument("--max-dets", type=int, default=300, help="max_dets_per_image of the evaluators")
+    parser.add_argument(
+        "--max-dets", type=int, default=300, help="max_dets_per_image of the evaluators"
+    )
     parser.add_argument("--tasks", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each path (the best is kept)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs of each path (the best is kept)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-e2e", dest="e2e", action="store_false",
-                        help="skip the end-to-end run (process + evaluate of both evaluator classes)")
-    parser.add_argument("--no-eval-only", dest="eval_only", action="store_false",
-                        help="skip the evaluate-only comparison (lvis API vs faster)")
+    parser.add_argument(
+        "--no-e2e",
+        dest="e2e",
+        action="store_false",
+        help="skip the end-to-end run (process + evaluate of both evaluator classes)",
+    )
+    parser.add_argument(
+        "--no-eval-only",
+        dest="eval_only",
+        action="store_false",
+        help="skip the evaluate-only comparison (lvis API vs faster)",
+    )
 
 
 E2E_TARGET = 5.0
@@ -79,16 +92,18 @@ def run(args):
     from detectron2.utils.logger import setup_logger
     from lvis import LVIS
 
-    from drcl2.evaluation import evaluate_lvis, patch_lvis_numpy
-    from drcl2.evaluation.lvis_evaluation import LVIS_METRICS, faster_lvis_ground_truth
     from drcl2.data.generated.synthetic_lvis import (
         lvis_v1_categories,
         synthetic_lvis_detections,
         synthetic_lvis_gt,
     )
+    from drcl2.evaluation import evaluate_lvis, patch_lvis_numpy
+    from drcl2.evaluation.lvis_evaluation import LVIS_METRICS, faster_lvis_ground_truth
 
     setup_logger(name="drcl2")
-    logging.getLogger("drcl2.evaluation").setLevel(logging.INFO)  # not faster-coco-eval's debug lines
+    logging.getLogger("drcl2.evaluation").setLevel(
+        logging.INFO
+    )  # not faster-coco-eval's debug lines
     logging.getLogger("lvis").setLevel(logging.ERROR)
     logging.getLogger("detectron2").setLevel(logging.ERROR)
     patch_lvis_numpy()
@@ -96,8 +111,13 @@ def run(args):
     start = time.perf_counter()
     cats = lvis_v1_categories()
     gt = synthetic_lvis_gt(
-        args.num_images, cats, seed=args.seed, image_size=(320, 640), max_categories_per_image=8,
-        max_instances_per_category=4, num_negative_categories=8,
+        args.num_images,
+        cats,
+        seed=args.seed,
+        image_size=(320, 640),
+        max_categories_per_image=8,
+        max_instances_per_category=4,
+        num_negative_categories=8,
     )
     dets = synthetic_lvis_detections(
         gt, dets_per_image=args.dets_per_image, seed=args.seed + 1, with_masks="segm" in args.tasks
@@ -118,14 +138,26 @@ def run(args):
     )
 
     def reference():
-        return {t: _evaluate_predictions_on_lvis(lvis_api, copy.deepcopy(dets), t, max_dets_per_image=args.max_dets)
-                for t in args.tasks}
+        return {
+            t: _evaluate_predictions_on_lvis(
+                lvis_api, copy.deepcopy(dets), t, max_dets_per_image=args.max_dets
+            )
+            for t in args.tasks
+        }
 
     def ours():
         faster_gt = faster_lvis_ground_truth(lvis_api.dataset)
-        return {t: evaluate_lvis(lvis_api, dets, t, max_dets_per_image=args.max_dets, backend="faster",
-                                 faster_gt=faster_gt)[0]
-                for t in args.tasks}
+        return {
+            t: evaluate_lvis(
+                lvis_api,
+                dets,
+                t,
+                max_dets_per_image=args.max_dets,
+                backend="faster",
+                faster_gt=faster_gt,
+            )[0]
+            for t in args.tasks
+        }
 
     out = {}
     if args.eval_only:
@@ -137,7 +169,10 @@ def run(args):
         print(header)
         for name, metrics in (("lvis API", m_ref), ("faster", m_ours)):
             for task in args.tasks:
-                print(f"{name:<10} {task:<5} " + " ".join(f"{metrics[task][k]:8.4f}" for k in LVIS_METRICS))
+                print(
+                    f"{name:<10} {task:<5} "
+                    + " ".join(f"{metrics[task][k]:8.4f}" for k in LVIS_METRICS)
+                )
         diff = max(abs(m_ref[t][k] - m_ours[t][k]) for t in args.tasks for k in LVIS_METRICS)
         print(f"max |difference| over all keys: {diff:.2e} (AP points)")
         print(f"{'path':<10} {'wall s':>9} {'CPU s':>9}")
@@ -147,17 +182,28 @@ def run(args):
             f"speed-up (lvis API / faster): {t_ref / t_ours:.2f}x wall, {cpu_ref / cpu_ours:.2f}x CPU  "
             f"[tasks: {' + '.join(args.tasks)}]"
         )
-        out.update({"lvis_seconds": t_ref, "faster_seconds": t_ours, "lvis_cpu_seconds": cpu_ref,
-                    "faster_cpu_seconds": cpu_ours, "max_diff": diff})
+        out.update(
+            {
+                "lvis_seconds": t_ref,
+                "faster_seconds": t_ours,
+                "lvis_cpu_seconds": cpu_ref,
+                "faster_cpu_seconds": cpu_ours,
+                "max_diff": diff,
+            }
+        )
     if args.e2e:
         out["e2e"] = _end_to_end(args, gt, dets, json_file_content=gt)
         if args.eval_only:
             e2e = out["e2e"]
             print("\nsummary (speed-up of drcl2 over detectron2 / the lvis API):")
-            print(f"  evaluate only : {out['lvis_seconds'] / out['faster_seconds']:.2f}x wall, "
-                  f"{out['lvis_cpu_seconds'] / out['faster_cpu_seconds']:.2f}x CPU")
-            print(f"  end to end    : {e2e['wall_speedup']:.2f}x wall, {e2e['speedup']:.2f}x CPU  "
-                  f"(target >= {E2E_TARGET:.1f}x in CPU seconds: {e2e['verdict']})")
+            print(
+                f"  evaluate only : {out['lvis_seconds'] / out['faster_seconds']:.2f}x wall, "
+                f"{out['lvis_cpu_seconds'] / out['faster_cpu_seconds']:.2f}x CPU"
+            )
+            print(
+                f"  end to end    : {e2e['wall_speedup']:.2f}x wall, {e2e['speedup']:.2f}x CPU  "
+                f"(target >= {E2E_TARGET:.1f}x in CPU seconds: {e2e['verdict']})"
+            )
     return out
 
 
@@ -180,9 +226,17 @@ def _model_outputs(gt, dets, with_masks):
         inst.pred_classes = torch.tensor([d["category_id"] - 1 for d in ds], dtype=torch.int64)
         if with_masks:
             if ds:
-                rles = [{"size": d["segmentation"]["size"], "counts": d["segmentation"]["counts"].encode()} for d in ds]
+                rles = [
+                    {
+                        "size": d["segmentation"]["size"],
+                        "counts": d["segmentation"]["counts"].encode(),
+                    }
+                    for d in ds
+                ]
                 m = mask_util.decode(rles)  # H, W, N (Fortran)
-                inst.pred_masks = torch.from_numpy(np.ascontiguousarray(m.transpose(2, 0, 1))).bool()
+                inst.pred_masks = torch.from_numpy(
+                    np.ascontiguousarray(m.transpose(2, 0, 1))
+                ).bool()
             else:
                 inst.pred_masks = torch.zeros((0, h, w), dtype=torch.bool)
         yield [{"image_id": img["id"], "height": h, "width": w}], [{"instances": inst}]
@@ -208,10 +262,20 @@ def _end_to_end(args, gt, dets, json_file_content):
         MetadataCatalog.get(name).set(json_file=json_file, evaluator_type="lvis")
         with_masks = "segm" in args.tasks
         evaluators = {
-            "detectron2": D2LVISEvaluator(name, tasks=tuple(args.tasks), distributed=False,
-                                          output_dir=os.path.join(tmp, "detectron2"), max_dets_per_image=args.max_dets),
-            "drcl2": LVISEvaluator(name, tasks=tuple(args.tasks), distributed=False,
-                                   output_dir=os.path.join(tmp, "drcl2"), max_dets_per_image=args.max_dets),
+            "detectron2": D2LVISEvaluator(
+                name,
+                tasks=tuple(args.tasks),
+                distributed=False,
+                output_dir=os.path.join(tmp, "detectron2"),
+                max_dets_per_image=args.max_dets,
+            ),
+            "drcl2": LVISEvaluator(
+                name,
+                tasks=tuple(args.tasks),
+                distributed=False,
+                output_dir=os.path.join(tmp, "drcl2"),
+                max_dets_per_image=args.max_dets,
+            ),
         }
         wall = {k: {"process": 0.0, "evaluate": 0.0} for k in evaluators}
         cpu = {k: {"process": 0.0, "evaluate": 0.0} for k in evaluators}
@@ -219,7 +283,7 @@ def _end_to_end(args, gt, dets, json_file_content):
             e.reset()
         names = list(evaluators)
         for k, (inputs, outputs) in enumerate(_model_outputs(gt, dets, with_masks)):
-            for n in (names if k % 2 == 0 else names[::-1]):
+            for n in names if k % 2 == 0 else names[::-1]:
                 t, c = time.perf_counter(), time.process_time()
                 evaluators[n].process(inputs, outputs)
                 wall[n]["process"] += time.perf_counter() - t
@@ -233,36 +297,64 @@ def _end_to_end(args, gt, dets, json_file_content):
                 results[n] = evaluators[n].evaluate()
             wall[n]["evaluate"] = time.perf_counter() - t
             cpu[n]["evaluate"] = time.process_time() - c
-        sizes = {n: {f: os.path.getsize(os.path.join(tmp, n, f)) / 2**20
-                     for f in ("instances_predictions.pth", "lvis_instances_results.json")} for n in names}
+        sizes = {
+            n: {
+                f: os.path.getsize(os.path.join(tmp, n, f)) / 2**20
+                for f in ("instances_predictions.pth", "lvis_instances_results.json")
+            }
+            for n in names
+        }
     finally:
         MetadataCatalog.remove(name)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nend to end: process() of {len(gt['images'])} model outputs + evaluate(), each evaluator "
-          f"with an output folder (tasks: {' + '.join(args.tasks)})")
+    print(
+        f"\nend to end: process() of {len(gt['images'])} model outputs + evaluate(), each evaluator "
+        f"with an output folder (tasks: {' + '.join(args.tasks)})"
+    )
     header = f"{'evaluator':<11} {'task':<5} " + " ".join(f"{k:>8}" for k in LVIS_METRICS)
     print(header)
     for n in names:
         for task in args.tasks:
-            print(f"{n:<11} {task:<5} " + " ".join(f"{results[n][task][k]:8.4f}" for k in LVIS_METRICS))
-    diff = max(abs(results["detectron2"][t][k] - results["drcl2"][t][k]) for t in args.tasks for k in LVIS_METRICS)
+            print(
+                f"{n:<11} {task:<5} "
+                + " ".join(f"{results[n][task][k]:8.4f}" for k in LVIS_METRICS)
+            )
+    diff = max(
+        abs(results["detectron2"][t][k] - results["drcl2"][t][k])
+        for t in args.tasks
+        for k in LVIS_METRICS
+    )
     print(f"max |difference| over all keys: {diff:.2e} (AP points)")
-    print(f"{'evaluator':<11} {'process':>17} {'evaluate':>17} {'total':>17} {'.pth MiB':>9} {'json MiB':>9}")
+    print(
+        f"{'evaluator':<11} {'process':>17} {'evaluate':>17} {'total':>17} {'.pth MiB':>9} {'json MiB':>9}"
+    )
     print(f"{'':<11} " + " ".join(f"{'wall s':>8} {'CPU s':>8}" for _ in range(3)))
     totals = {n: wall[n]["process"] + wall[n]["evaluate"] for n in names}
     cpu_totals = {n: cpu[n]["process"] + cpu[n]["evaluate"] for n in names}
     for n in names:
-        print(f"{n:<11} {wall[n]['process']:8.2f} {cpu[n]['process']:8.2f} {wall[n]['evaluate']:8.2f} "
-              f"{cpu[n]['evaluate']:8.2f} {totals[n]:8.2f} {cpu_totals[n]:8.2f} "
-              f"{sizes[n]['instances_predictions.pth']:9.1f} {sizes[n]['lvis_instances_results.json']:9.1f}")
+        print(
+            f"{n:<11} {wall[n]['process']:8.2f} {cpu[n]['process']:8.2f} {wall[n]['evaluate']:8.2f} "
+            f"{cpu[n]['evaluate']:8.2f} {totals[n]:8.2f} {cpu_totals[n]:8.2f} "
+            f"{sizes[n]['instances_predictions.pth']:9.1f} {sizes[n]['lvis_instances_results.json']:9.1f}"
+        )
     speedup = cpu_totals["detectron2"] / cpu_totals["drcl2"]
     wall_speedup = totals["detectron2"] / totals["drcl2"]
     verdict = "ok" if speedup >= E2E_TARGET else "MISSED"
-    print(f"speed-up end to end (detectron2 / drcl2): {speedup:.2f}x CPU, {wall_speedup:.2f}x wall; process "
-          f"{cpu['detectron2']['process'] / cpu['drcl2']['process']:.2f}x CPU, evaluate "
-          f"{cpu['detectron2']['evaluate'] / cpu['drcl2']['evaluate']:.2f}x CPU; "
-          f"target >= {E2E_TARGET:.1f}x in CPU seconds: {verdict}")
-    print(f"load average during the run (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    return {"wall": wall, "cpu": cpu, "speedup": speedup, "wall_speedup": wall_speedup, "verdict": verdict,
-            "max_diff": diff}
+    print(
+        f"speed-up end to end (detectron2 / drcl2): {speedup:.2f}x CPU, {wall_speedup:.2f}x wall; process "
+        f"{cpu['detectron2']['process'] / cpu['drcl2']['process']:.2f}x CPU, evaluate "
+        f"{cpu['detectron2']['evaluate'] / cpu['drcl2']['evaluate']:.2f}x CPU; "
+        f"target >= {E2E_TARGET:.1f}x in CPU seconds: {verdict}"
+    )
+    print(
+        f"load average during the run (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "speedup": speedup,
+        "wall_speedup": wall_speedup,
+        "verdict": verdict,
+        "max_diff": diff,
+    }

@@ -21,6 +21,7 @@ per op (median per call, and mean per image: an op that runs on some views only 
 often it runs), and, with ``--loader-batches`` > 0, images/s through detectron2's
 ``build_detection_train_loader`` with ``DATALOADER.NUM_WORKERS`` = ``--workers`` (default 2).
 """
+
 import contextlib
 import os
 import platform
@@ -39,16 +40,32 @@ TWO_VIEW_CONFIG = "configs/pretrain_2drcl.yaml"
 
 
 def add_arguments(parser):
-    parser.add_argument("--sizes", nargs="+", default=["640x480", "1024x768"], help="WxH of the JPEGs")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["640x480", "1024x768"], help="WxH of the JPEGs"
+    )
     parser.add_argument("--images", type=int, default=8, help="generated images per size")
     parser.add_argument("--instances", type=int, default=12, help="polygon annotations per image")
-    parser.add_argument("--rounds", type=int, default=6, help="timed passes over the images (per mapper)")
-    parser.add_argument("--before-rounds", type=int, default=1,
-                        help="timed passes of the torchvision (reference) backend; 0: skip it")
-    parser.add_argument("--loader-batches", type=int, default=40,
-                        help="timed batches through detectron2's loader per mapper; 0: skip the loader")
-    parser.add_argument("--workers", type=int, default=2, help="DATALOADER.NUM_WORKERS of the loader run")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per batch of the loader run")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="timed passes over the images (per mapper)"
+    )
+    parser.add_argument(
+        "--before-rounds",
+        type=int,
+        default=1,
+        help="timed passes of the torchvision (reference) backend; 0: skip it",
+    )
+    parser.add_argument(
+        "--loader-batches",
+        type=int,
+        default=40,
+        help="timed batches through detectron2's loader per mapper; 0: skip the loader",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="DATALOADER.NUM_WORKERS of the loader run"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=2, help="images per batch of the loader run"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -81,7 +98,9 @@ def _mappers():
     d2 = DatasetMapper(_cfg(D2_CONFIG), True)
     assert d2.use_instance_mask, "the LVIS fine-tuning config must load masks"
     ours = TwoViewDatasetMapper(_cfg(TWO_VIEW_CONFIG, "INPUT.DRCL2.AUG_BACKEND", "opencv"), True)
-    before = TwoViewDatasetMapper(_cfg(TWO_VIEW_CONFIG, "INPUT.DRCL2.AUG_BACKEND", "torchvision"), True)
+    before = TwoViewDatasetMapper(
+        _cfg(TWO_VIEW_CONFIG, "INPUT.DRCL2.AUG_BACKEND", "torchvision"), True
+    )
     return d2, ours, before
 
 
@@ -107,8 +126,12 @@ def _loader_rate(mapper, records, args):
     from detectron2.data.samplers import TrainingSampler
 
     loader = build_detection_train_loader(
-        dataset=records, mapper=mapper, sampler=TrainingSampler(len(records), seed=args.seed),
-        total_batch_size=args.batch_size, num_workers=args.workers, aspect_ratio_grouping=False,
+        dataset=records,
+        mapper=mapper,
+        sampler=TrainingSampler(len(records), seed=args.seed),
+        total_batch_size=args.batch_size,
+        num_workers=args.workers,
+        aspect_ratio_grouping=False,
     )
     it = iter(loader)
     for _ in range(max(2, args.workers * 2)):  # workers started, first batches out
@@ -153,22 +176,29 @@ def run(args):
     logging.getLogger("drcl2").setLevel(logging.WARNING)
 
     d2, ours, before = _mappers()
-    print(f"mapper benchmark — {_device()}; one thread (torch and OpenCV); torch {torch.__version__}, "
-          f"OpenCV {cv2.__version__}")
-    print(f"detectron2: DatasetMapper of {D2_CONFIG} (masks on); two-view: TwoViewDatasetMapper of "
-          f"{TWO_VIEW_CONFIG}; {args.images} JPEGs per size, {args.instances} polygons each; "
-          f"{args.rounds} rounds, per-image median")
+    print(
+        f"mapper benchmark — {_device()}; one thread (torch and OpenCV); torch {torch.__version__}, "
+        f"OpenCV {cv2.__version__}"
+    )
+    print(
+        f"detectron2: DatasetMapper of {D2_CONFIG} (masks on); two-view: TwoViewDatasetMapper of "
+        f"{TWO_VIEW_CONFIG}; {args.images} JPEGs per size, {args.instances} polygons each; "
+        f"{args.rounds} rounds, per-image median"
+    )
     summary = []
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             width, height = (int(v) for v in size.lower().split("x"))
-            records = synthetic_lvis_jpegs(tmp, args.images, width, height, instances=args.instances,
-                                           seed=args.seed + width)
+            records = synthetic_lvis_jpegs(
+                tmp, args.images, width, height, instances=args.instances, seed=args.seed + width
+            )
             for mapper in (d2, ours):  # warm-up: first-call costs (imports, caches)
                 mapper(records[0])
             timings = ours.enable_timings()
-            times = _per_image({"detectron2": d2, "two-view": ours}, records, args.rounds, args.seed)
+            times = _per_image(
+                {"detectron2": d2, "two-view": ours}, records, args.rounds, args.seed
+            )
             ours.timings = None
             for op in ours.photometric:
                 if op is not None and hasattr(op, "timings"):
@@ -178,13 +208,25 @@ def run(args):
             before_ms = ""
             if args.before_rounds > 0:
                 before(records[0])
-                old = _per_image({"before": before}, records, args.before_rounds, args.seed)["before"]
+                old = _per_image({"before": before}, records, args.before_rounds, args.seed)[
+                    "before"
+                ]
                 med["before"] = statistics.median(old)
                 before_ms = f"{med['before'] * 1e3:.1f}"
-            row = [f"{width}x{height}", f"{med['detectron2'] * 1e3:.1f}", f"{med['two-view'] * 1e3:.1f}",
-                   before_ms, f"{ratio:.2f}x", f"<= {TARGET_RATIO:.1f}x", _verdict(ratio)]
+            row = [
+                f"{width}x{height}",
+                f"{med['detectron2'] * 1e3:.1f}",
+                f"{med['two-view'] * 1e3:.1f}",
+                before_ms,
+                f"{ratio:.2f}x",
+                f"<= {TARGET_RATIO:.1f}x",
+                _verdict(ratio),
+            ]
             if args.loader_batches > 0:
-                rates = {name: _loader_rate(m, records, args) for name, m in (("detectron2", d2), ("two-view", ours))}
+                rates = {
+                    name: _loader_rate(m, records, args)
+                    for name, m in (("detectron2", d2), ("two-view", ours))
+                }
                 row[4:4] = [f"{rates['detectron2']:.1f}", f"{rates['two-view']:.1f}"]
                 med.update({f"{k} images/s": v for k, v in rates.items()})
             summary.append(row)
@@ -193,21 +235,42 @@ def run(args):
             n_images = len(times["two-view"])
             split = []
             for part, v in timings.items():
-                split.append([part, f"{len(v) / n_images:.2f}", f"{statistics.median(v) * 1e3:.2f}",
-                              f"{sum(v) / n_images * 1e3:.2f}"])
+                split.append(
+                    [
+                        part,
+                        f"{len(v) / n_images:.2f}",
+                        f"{statistics.median(v) * 1e3:.2f}",
+                        f"{sum(v) / n_images * 1e3:.2f}",
+                    ]
+                )
             total = sum(sum(v) for v in timings.values()) / n_images
             split.append(["sum of the parts", "", "", f"{total * 1e3:.2f}"])
-            print(f"\ntwo-view split at {width}x{height} (ms; 'calls' per image: an op that runs on some "
-                  "views only counts by how often it ran)")
-            print(tabulate(split, headers=["part", "calls/image", "ms per call (median)", "ms per image (mean)"],
-                           tablefmt="github"))
+            print(
+                f"\ntwo-view split at {width}x{height} (ms; 'calls' per image: an op that runs on some "
+                "views only counts by how often it ran)"
+            )
+            print(
+                tabulate(
+                    split,
+                    headers=["part", "calls/image", "ms per call (median)", "ms per image (mean)"],
+                    tablefmt="github",
+                )
+            )
 
     headers = ["size", "detectron2 ms", "two-view ms", "before ms (torchvision)"]
     if args.loader_batches > 0:
-        headers += [f"detectron2 images/s ({args.workers} workers)", f"two-view images/s ({args.workers} workers)"]
+        headers += [
+            f"detectron2 images/s ({args.workers} workers)",
+            f"two-view images/s ({args.workers} workers)",
+        ]
     headers += ["two-view / detectron2", "target", "verdict"]
-    print("\nper image (median), one thread" + (
-        f"; images/s through build_detection_train_loader, NUM_WORKERS {args.workers}, batch {args.batch_size}"
-        if args.loader_batches > 0 else ""))
+    print(
+        "\nper image (median), one thread"
+        + (
+            f"; images/s through build_detection_train_loader, NUM_WORKERS {args.workers}, batch {args.batch_size}"
+            if args.loader_batches > 0
+            else ""
+        )
+    )
     print(tabulate(summary, headers=headers, tablefmt="github"))
     return results

@@ -13,6 +13,7 @@ height and width, rounded up to 32): the cost that grouping saves.
     views       drcl2's rule (orientation_bucket): both views landscape, both portrait, or mixed
                 (view 1 landscape and view 2 portrait, or the other way round)
 """
+
 import math
 
 import numpy as np
@@ -21,11 +22,15 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser):
-    parser.add_argument("--config-file", default="configs/pretrain_2drcl.yaml", help="DRCL2 config (its views)")
+    parser.add_argument(
+        "--config-file", default="configs/pretrain_2drcl.yaml", help="DRCL2 config (its views)"
+    )
     parser.add_argument("--images", type=int, default=20000, help="images drawn")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4], help="images per GPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides")
+    parser.add_argument(
+        "--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides"
+    )
 
 
 def _view_shapes(mapper, h, w):
@@ -64,17 +69,22 @@ def run(args):
         short = int(rng.choice([480, 427, 426, 424, 512, 360]))
         h, w = (short, 640) if rng.random() < 2 / 3 else (640, short)
         images.append(((h, w), _view_shapes(mapper, h, w)))
+
     def shape_only(h, w):
         return np.broadcast_to(np.zeros(1, np.uint8), (3, h, w))
 
     rules = {
         "none": lambda im: 0,
         "original": lambda im: orientation_bucket({"height": im[0][0], "width": im[0][1]}),
-        "views": lambda im: orientation_bucket({f"view{k + 1}": {"image": shape_only(*s)} for k, s in enumerate(im[1])}),
+        "views": lambda im: orientation_bucket(
+            {f"view{k + 1}": {"image": shape_only(*s)} for k, s in enumerate(im[1])}
+        ),
     }
     overrides = f" with {' '.join(args.opts)}" if args.opts else ""
-    print(f"{args.images} generated images, views of {args.config_file}{overrides}; padding of a batch's ImageList "
-          "over its views' own pixels:")
+    print(
+        f"{args.images} generated images, views of {args.config_file}{overrides}; padding of a batch's ImageList "
+        "over its views' own pixels:"
+    )
     print(f"{'images/GPU':>10} " + " ".join(f"{name:>10}" for name in rules))
     for batch_size in args.batch_sizes:
         cells = []

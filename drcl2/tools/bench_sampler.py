@@ -54,8 +54,12 @@ def add_arguments(parser):
         help="a registered detectron2 dataset to use instead of the generated one",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ims-per-batch", type=int, default=16, help="images per iteration (default 16)")
-    parser.add_argument("--chunk-iters", type=int, default=10, help="DATALOADER.DRCL2.CHUNK_ITERS (default 10)")
+    parser.add_argument(
+        "--ims-per-batch", type=int, default=16, help="images per iteration (default 16)"
+    )
+    parser.add_argument(
+        "--chunk-iters", type=int, default=10, help="DATALOADER.DRCL2.CHUNK_ITERS (default 10)"
+    )
     parser.add_argument(
         "--min-time",
         type=float,
@@ -155,8 +159,9 @@ def run(args):
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.dataset:
-        import drcl2  # noqa: F401  (registers drcl2's datasets)
         from detectron2.data import DatasetCatalog
+
+        import drcl2  # noqa: F401  (registers drcl2's datasets)
 
         dicts = DatasetCatalog.get(args.dataset)
         source = f"dataset {args.dataset}"

@@ -32,6 +32,7 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps;
 resident set size (``ru_maxrss``) of a fresh process that runs only that model's measurement (so
 it includes the Python runtime and the model, and is comparable between the two rows).
 """
+
 import multiprocessing as mp
 import os
 import platform
@@ -52,27 +53,51 @@ DEFAULT_BASELINES = {
 
 
 def add_arguments(parser):
-    parser.add_argument("--config-file", default="configs/toy/pretrain_2drcl.yaml", help="DRCL2 config")
-    parser.add_argument("--baseline-config", default=None,
-                        help="supervised Mask R-CNN config (default: the matching fine-tuning config)")
-    parser.add_argument("--dataset", default=None, help="registered dataset for the batch, or "
-                        f"'{GENERATED}' (default: the DRCL2 config's first DATASETS.TRAIN; when that is "
-                        "not on disk, e.g. LVIS v1, generated 640x480 JPEGs with its number of classes)")
+    parser.add_argument(
+        "--config-file", default="configs/toy/pretrain_2drcl.yaml", help="DRCL2 config"
+    )
+    parser.add_argument(
+        "--baseline-config",
+        default=None,
+        help="supervised Mask R-CNN config (default: the matching fine-tuning config)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="registered dataset for the batch, or "
+        f"'{GENERATED}' (default: the DRCL2 config's first DATASETS.TRAIN; when that is "
+        "not on disk, e.g. LVIS v1, generated 640x480 JPEGs with its number of classes)",
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="images per step")
     parser.add_argument("--iters", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--profile-iters", type=int, default=3, help="profiled steps for the split")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="autocast (fp16) forward, as SOLVER.AMP")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default on CPU: 1, see above; on CUDA: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default on CPU: 1, see above; on CUDA: torch's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-denormals", action="store_true",
-                        help="on CPU, do not flush denormal floats to zero (default: flush)")
-    parser.add_argument("--num-processes", type=int, default=1,
-                        help="DDP processes (> 1: time the distributed step, see above)")
-    parser.add_argument("--no-r50", action="store_true", help="on CUDA, skip the extra R-50-FPN "
-                        "run (configs/pretrain_2drcl.yaml, batch 2, AMP, on the toy images)")
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="on CPU, do not flush denormal floats to zero (default: flush)",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="DDP processes (> 1: time the distributed step, see above)",
+    )
+    parser.add_argument(
+        "--no-r50",
+        action="store_true",
+        help="on CUDA, skip the extra R-50-FPN "
+        "run (configs/pretrain_2drcl.yaml, batch 2, AMP, on the toy images)",
+    )
     parser.add_argument("opts", nargs="*", default=[], help="KEY VALUE overrides for both configs")
 
 
@@ -103,7 +128,9 @@ def _generated_dicts(cfg, args):
     n = max(4, args.batch_size * args.num_processes)
     folder = os.path.join(tempfile.gettempdir(), f"drcl2_bench_step_{n}x640x480")
     os.makedirs(folder, exist_ok=True)  # same seed: every process writes the same files
-    return synthetic_lvis_jpegs(folder, n, 640, 480, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES, seed=args.seed)
+    return synthetic_lvis_jpegs(
+        folder, n, 640, 480, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES, seed=args.seed
+    )
 
 
 def _dataset_dicts(cfg, args):
@@ -122,14 +149,15 @@ def _dataset_dicts(cfg, args):
 
 
 def _batch(cfg, args, two_views: bool, rank: int = 0):
+    import numpy as np
     from detectron2.data import DatasetMapper
 
     from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 
-    import numpy as np
-
     first = rank * args.batch_size
-    dicts = [d for d in _dataset_dicts(cfg, args)[0] if d.get("annotations")][first : first + args.batch_size]
+    dicts = [d for d in _dataset_dicts(cfg, args)[0] if d.get("annotations")][
+        first : first + args.batch_size
+    ]
     mapper = TwoViewDatasetMapper(cfg, True) if two_views else DatasetMapper(cfg, True)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -146,11 +174,11 @@ def _prepare(kind, args, ddp: bool = False):
     Build one model, its fixed batch and optimizer; returns (model, step function, config path).
     ``ddp``: wrap the model in DistributedDataParallel (this rank's images).
     """
-    import drcl2  # noqa: F401  registers datasets and DRCL2
     from detectron2.modeling import build_model
     from detectron2.utils import comm
     from detectron2.utils.events import EventStorage
 
+    import drcl2  # noqa: F401  registers datasets and DRCL2
     from drcl2.engine import Trainer
 
     if args.threads:
@@ -237,13 +265,17 @@ def _measure(kind, args, queue):
     if is_drcl2 and args.profile_iters > 0:
         from torch.profiler import ProfilerActivity, profile
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if args.device.startswith("cuda") else []
+        )
         with profile(activities=activities) as prof:
             for it in range(args.profile_iters):
                 step(args.warmup + args.iters + it)
         for event in prof.key_averages():
             if event.key.startswith("drcl2."):
-                total = getattr(event, "device_time_total", 0) if args.device.startswith("cuda") else 0
+                total = (
+                    getattr(event, "device_time_total", 0) if args.device.startswith("cuda") else 0
+                )
                 total = total or event.cpu_time_total
                 split["  " + event.key] = total / 1e6 / args.profile_iters
     queue.put(
@@ -288,7 +320,9 @@ def _in_subprocess(fn, *fn_args):
     result = queue.get()
     proc.join()
     if proc.exitcode != 0:
-        raise SystemExit(f"benchmark process {fn.__name__}{fn_args[:1]} failed (exit {proc.exitcode})")
+        raise SystemExit(
+            f"benchmark process {fn.__name__}{fn_args[:1]} failed (exit {proc.exitcode})"
+        )
     return result
 
 
@@ -306,24 +340,58 @@ def _compare(args):
         device += f" ({torch.cuda.get_device_name(0)})"
     else:
         device += f" ({platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} threads)"
-    print(f"device: {device}; batch {args.batch_size} images; AMP {'on' if args.amp else 'off'}; "
-          f"{args.warmup} warm-up + {args.iters} timed steps (median); memory: {ours['memory_kind']}")
+    print(
+        f"device: {device}; batch {args.batch_size} images; AMP {'on' if args.amp else 'off'}; "
+        f"{args.warmup} warm-up + {args.iters} timed steps (median); memory: {ours['memory_kind']}"
+    )
     rows = []
     for r in (base, ours):
         t = interleaved[r["kind"]]
-        rows.append([r["kind"], r["config"], f"{r['params'] / 1e6:.1f}M ({r['trainable'] / 1e6:.1f}M)",
-                     f"{t * 1000:.0f}", f"{r['median_s'] * 1000:.0f}", f"{args.batch_size / t:.2f}",
-                     f"{r['peak_mib']:.0f}"])
+        rows.append(
+            [
+                r["kind"],
+                r["config"],
+                f"{r['params'] / 1e6:.1f}M ({r['trainable'] / 1e6:.1f}M)",
+                f"{t * 1000:.0f}",
+                f"{r['median_s'] * 1000:.0f}",
+                f"{args.batch_size / t:.2f}",
+                f"{r['peak_mib']:.0f}",
+            ]
+        )
     ratio = interleaved["DRCL2"] / interleaved[base["kind"]]
-    rows.append(["DRCL2 / Mask R-CNN", "", "", f"{ratio:.2f}x", f"{ours['median_s'] / base['median_s']:.2f}x",
-                 "", f"{ours['peak_mib'] / base['peak_mib']:.2f}x"])
-    print(tabulate(rows, headers=["model", "config", "params (trainable)", "step ms (interleaved)",
-                                  "step ms (alone)", "images/s", "peak MiB"], tablefmt="github"))
+    rows.append(
+        [
+            "DRCL2 / Mask R-CNN",
+            "",
+            "",
+            f"{ratio:.2f}x",
+            f"{ours['median_s'] / base['median_s']:.2f}x",
+            "",
+            f"{ours['peak_mib'] / base['peak_mib']:.2f}x",
+        ]
+    )
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "model",
+                "config",
+                "params (trainable)",
+                "step ms (interleaved)",
+                "step ms (alone)",
+                "images/s",
+                "peak MiB",
+            ],
+            tablefmt="github",
+        )
+    )
     print()
     split = [[name, f"{t * 1000:.0f}"] for name, t in ours["split"].items()]
     base_split = [[name, f"{t * 1000:.0f}"] for name, t in base["split"].items()]
-    print("DRCL2 step split (ms, median of the timed steps; indented 'drcl2.*' rows: torch.profiler "
-          "scopes inside the forward, averaged over the profiled steps, profiler overhead included)")
+    print(
+        "DRCL2 step split (ms, median of the timed steps; indented 'drcl2.*' rows: torch.profiler "
+        "scopes inside the forward, averaged over the profiled steps, profiler overhead included)"
+    )
     print(tabulate(split, headers=["part", "ms"], tablefmt="github"))
     print()
     print("Mask R-CNN step split (ms):")
@@ -370,11 +438,13 @@ def _workers_needed(args, step_s, rounds=3):
     per_image = statistics.median(times)
     need = args.batch_size / step_s
     print()
-    print(f"data for DRCL2 at this step time: {need:.2f} images/s per device; TwoViewDatasetMapper "
-          f"(INPUT.DRCL2.AUG_BACKEND {cfg.INPUT.DRCL2.AUG_BACKEND!r}, {source}) maps one image in "
-          f"{per_image * 1000:.0f} ms on one thread = {1 / per_image:.1f} images/s per worker -> "
-          f">= {max(1, math.ceil(need * per_image))} DATALOADER.NUM_WORKERS per device "
-          f"({need * per_image:.2f} workers fully busy)")
+    print(
+        f"data for DRCL2 at this step time: {need:.2f} images/s per device; TwoViewDatasetMapper "
+        f"(INPUT.DRCL2.AUG_BACKEND {cfg.INPUT.DRCL2.AUG_BACKEND!r}, {source}) maps one image in "
+        f"{per_image * 1000:.0f} ms on one thread = {1 / per_image:.1f} images/s per worker -> "
+        f">= {max(1, math.ceil(need * per_image))} DATALOADER.NUM_WORKERS per device "
+        f"({need * per_image:.2f} workers fully busy)"
+    )
 
 
 class _FileQueue:
@@ -412,12 +482,25 @@ def _compare_ddp(args):
         device += f" ({torch.cuda.get_device_name(0)}), NCCL"
     else:
         device += f" ({platform.processor() or platform.machine()}, {args.threads} thread(s) per process), gloo"
-    print(f"device: {device}; {args.num_processes} DDP processes x {args.batch_size} images; AMP "
-          f"{'on' if args.amp else 'off'}; {args.warmup} warm-up + {args.iters} timed steps (median, "
-          "rank 0), both models' steps alternating")
+    print(
+        f"device: {device}; {args.num_processes} DDP processes x {args.batch_size} images; AMP "
+        f"{'on' if args.amp else 'off'}; {args.warmup} warm-up + {args.iters} timed steps (median, "
+        "rank 0), both models' steps alternating"
+    )
     base, ours = times[KINDS[0]], times[KINDS[1]]
-    rows = [[kind, f"{times[kind] * 1000:.0f}", f"{args.num_processes * args.batch_size / times[kind]:.2f}"]
-            for kind in KINDS]
+    rows = [
+        [
+            kind,
+            f"{times[kind] * 1000:.0f}",
+            f"{args.num_processes * args.batch_size / times[kind]:.2f}",
+        ]
+        for kind in KINDS
+    ]
     rows.append(["DRCL2 / Mask R-CNN", f"{ours / base:.2f}x", ""])
-    print(tabulate(rows, headers=["model", "step ms (interleaved)", "images/s (all processes)"],
-                   tablefmt="github"))
+    print(
+        tabulate(
+            rows,
+            headers=["model", "step ms (interleaved)", "images/s (all processes)"],
+            tablefmt="github",
+        )
+    )

@@ -10,6 +10,7 @@ drcl2's benchmarks, each printing a table (device, sizes, repeats and the figure
 Each benchmark lives in its own module ``drcl2.tools.bench_<name>`` with two functions,
 ``add_arguments(parser)`` and ``run(args)``.
 """
+
 import argparse
 import importlib
 
@@ -23,8 +24,11 @@ BENCHMARKS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m drcl2.tools.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m drcl2.tools.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
     modules = {}
     for name, module_name in BENCHMARKS.items():
@@ -34,7 +38,9 @@ def main(argv=None):
             if e.name != module_name:
                 raise
             continue
-        sub = subparsers.add_parser(name, help=(modules[name].__doc__ or "").strip().splitlines()[0])
+        sub = subparsers.add_parser(
+            name, help=(modules[name].__doc__ or "").strip().splitlines()[0]
+        )
         modules[name].add_arguments(sub)
     args = parser.parse_args(argv)
     modules[args.benchmark].run(args)

@@ -13,6 +13,7 @@ detectron2 does, and boxes clipped to the image. Each is counted, with the first
 ``drcl2.data.dataset_check``. A json is read as LVIS format (``drcl2.data.load_lvis_format_json``);
 registered names are the datasets that ``import drcl2`` registers (detectron2's, drcl2's).
 """
+
 import argparse
 import os
 import sys
@@ -26,17 +27,27 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("dataset", metavar="NAME_OR_JSON", help="a registered dataset name, or an LVIS-format json")
-    parser.add_argument("--image-root", help="for a json: the folder its images' file_name are relative to")
-    parser.add_argument("--images", action="store_true", help="also decode every image (reads the whole dataset)")
-    parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 1,
-                        help="processes that decode images with --images (default: one per CPU core)")
+    parser.add_argument(
+        "dataset", metavar="NAME_OR_JSON", help="a registered dataset name, or an LVIS-format json"
+    )
+    parser.add_argument(
+        "--image-root", help="for a json: the folder its images' file_name are relative to"
+    )
+    parser.add_argument(
+        "--images", action="store_true", help="also decode every image (reads the whole dataset)"
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that decode images with --images (default: one per CPU core)",
+    )
     args = parser.parse_args(argv)
 
     import drcl2  # noqa: F401  registers drcl2's datasets (and, through detectron2, its builtin ones)
     from drcl2.data.dataset_check import check_dataset_dicts
     from drcl2.data.datasets import check_dataset_files
-    from drcl2.data.lvis_format import read_lvis_format_json, load_lvis_format_json
+    from drcl2.data.lvis_format import load_lvis_format_json, read_lvis_format_json
 
     try:
         if args.dataset in DatasetCatalog.list():
@@ -46,7 +57,9 @@ def main(argv=None) -> int:
             source = f"dataset '{args.dataset}'"
         elif os.path.isfile(args.dataset):
             if not args.image_root:
-                parser.error(f"{args.dataset} is a json: give --image-root, the folder its images' file_name are relative to")
+                parser.error(
+                    f"{args.dataset} is a json: give --image-root, the folder its images' file_name are relative to"
+                )
             if not os.path.isdir(args.image_root):
                 raise FileNotFoundError(f"--image-root '{args.image_root}' is not a folder.")
             lvis_dict = read_lvis_format_json(args.dataset)  # refuses unknown category ids, counted

@@ -18,6 +18,7 @@ checkpoint, then resumed by a new process. Every process writes each iteration's
 later iterations on a GPU can also differ by the non-deterministic kernels of the backward pass
 (atomic adds), the first one only by what the checkpoint and the random state restore.
 """
+
 import argparse
 import json
 import logging
@@ -68,7 +69,9 @@ class _LossRecorder(HookBase):
             raise _Stop()
 
 
-def losses_of_run(cfg, resume: bool, stop_after=None, trainer_class=Trainer, log_file=None, kill=False):
+def losses_of_run(
+    cfg, resume: bool, stop_after=None, trainer_class=Trainer, log_file=None, kill=False
+):
     """
     Train ``cfg`` with drcl2's Trainer (or ``trainer_class``), stopping after iteration
     ``stop_after`` if given (killing the process instead with ``kill``). Returns the trainer and
@@ -93,7 +96,9 @@ def _launched_run(cfg, resume, stop_after, kill):
         setup_logger(name="drcl2", distributed_rank=comm.get_rank())
         setup_logger(distributed_rank=comm.get_rank())
         logging.getLogger("detectron2").setLevel(logging.WARNING)
-    losses_of_run(cfg, resume, stop_after, log_file=os.path.join(cfg.OUTPUT_DIR, "losses.jsonl"), kill=kill)
+    losses_of_run(
+        cfg, resume, stop_after, log_file=os.path.join(cfg.OUTPUT_DIR, "losses.jsonl"), kill=kill
+    )
 
 
 def _read_losses(folder):
@@ -110,17 +115,26 @@ def _read_losses(folder):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m drcl2.tools.check_resume", description=__doc__,
+        prog="python -m drcl2.tools.check_resume",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--iters", type=int, default=12, help="N: iterations of each run")
-    parser.add_argument("--checkpoint-at", type=int, default=6, help="K: checkpoint after K iterations")
+    parser.add_argument(
+        "--checkpoint-at", type=int, default=6, help="K: checkpoint after K iterations"
+    )
     parser.add_argument("--output", default="output/check_resume", help="folder of the two runs")
-    parser.add_argument("--num-gpus", type=int, default=0,
-                        help="0: the runs in this process; N >= 1: each run in its own processes, "
-                        "launched as train_net.py --num-gpus N, run B killed after its checkpoint")
-    parser.add_argument("--run", choices=["uninterrupted", "interrupted", "resumed"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=0,
+        help="0: the runs in this process; N >= 1: each run in its own processes, "
+        "launched as train_net.py --num-gpus N, run B killed after its checkpoint",
+    )
+    parser.add_argument(
+        "--run", choices=["uninterrupted", "interrupted", "resumed"], help=argparse.SUPPRESS
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
     args = parser.parse_args(argv)
     if not 0 < args.checkpoint_at < args.iters:
@@ -134,10 +148,20 @@ def main(argv=None):
         add_drcl2_config(cfg)
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
-        cfg.merge_from_list([
-            "OUTPUT_DIR", os.path.join(args.output, folder), "SOLVER.MAX_ITER", args.iters,
-            "SOLVER.CHECKPOINT_PERIOD", args.checkpoint_at, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (),
-        ])
+        cfg.merge_from_list(
+            [
+                "OUTPUT_DIR",
+                os.path.join(args.output, folder),
+                "SOLVER.MAX_ITER",
+                args.iters,
+                "SOLVER.CHECKPOINT_PERIOD",
+                args.checkpoint_at,
+                "TEST.EVAL_PERIOD",
+                0,
+                "DATASETS.TEST",
+                (),
+            ]
+        )
         if cfg.SEED < 0:
             cfg.SEED = 0  # both runs must draw the same random numbers
         return cfg
@@ -145,41 +169,76 @@ def main(argv=None):
     if args.run:  # a child of --num-gpus: one run, launched as train_net.py launches
         folder = "uninterrupted" if args.run == "uninterrupted" else "interrupted"
         launch(
-            _launched_run, args.num_gpus, dist_url="auto",
-            args=(cfg_for(folder), args.run == "resumed", args.checkpoint_at - 1 if args.run == "interrupted" else None,
-                  args.run == "interrupted"),
+            _launched_run,
+            args.num_gpus,
+            dist_url="auto",
+            args=(
+                cfg_for(folder),
+                args.run == "resumed",
+                args.checkpoint_at - 1 if args.run == "interrupted" else None,
+                args.run == "interrupted",
+            ),
         )
         return None
     if args.num_gpus:
         for folder in ("uninterrupted", "interrupted"):
             shutil.rmtree(os.path.join(args.output, folder), ignore_errors=True)
-        command = [sys.executable, "-m", "drcl2.tools.check_resume", "--config-file", args.config_file,
-                   "--iters", str(args.iters), "--checkpoint-at", str(args.checkpoint_at), "--output", args.output,
-                   "--num-gpus", str(args.num_gpus)]
+        command = [
+            sys.executable,
+            "-m",
+            "drcl2.tools.check_resume",
+            "--config-file",
+            args.config_file,
+            "--iters",
+            str(args.iters),
+            "--checkpoint-at",
+            str(args.checkpoint_at),
+            "--output",
+            args.output,
+            "--num-gpus",
+            str(args.num_gpus),
+        ]
         for run in ("uninterrupted", "interrupted", "resumed"):
             code = subprocess.run(command + ["--run", run] + list(args.opts)).returncode
             if code != (-signal.SIGKILL if run == "interrupted" else 0):
                 raise SystemExit(f"check_resume: the {run} run exited with {code}.")
-        full, resumed = (_read_losses(os.path.join(args.output, f)) for f in ("uninterrupted", "interrupted"))
+        full, resumed = (
+            _read_losses(os.path.join(args.output, f)) for f in ("uninterrupted", "interrupted")
+        )
     else:
         _, full = losses_of_run(cfg_for("uninterrupted"), resume=False)
         losses_of_run(cfg_for("interrupted"), resume=False, stop_after=args.checkpoint_at - 1)
         _, resumed = losses_of_run(cfg_for("interrupted"), resume=True)
-    missing = [it for it in range(args.checkpoint_at, args.iters) if it not in full or it not in resumed]
+    missing = [
+        it for it in range(args.checkpoint_at, args.iters) if it not in full or it not in resumed
+    ]
     if missing:
-        raise SystemExit(f"check_resume: no losses recorded for iterations {missing} (see the runs' logs).")
+        raise SystemExit(
+            f"check_resume: no losses recorded for iterations {missing} (see the runs' logs)."
+        )
 
     def difference(its):
         worst = {}
         for it in its:
             for name, value in full[it].items():
-                worst[name] = max(worst.get(name, 0.0), abs(resumed[it][name] - value) / max(abs(value), 1e-12))
+                worst[name] = max(
+                    worst.get(name, 0.0), abs(resumed[it][name] - value) / max(abs(value), 1e-12)
+                )
         return worst
 
-    worst, first = difference(range(args.checkpoint_at, args.iters)), difference([args.checkpoint_at])
-    how = f"killed after {args.checkpoint_at} (--num-gpus {args.num_gpus})" if args.num_gpus else f"resumed after {args.checkpoint_at}"
+    worst, first = (
+        difference(range(args.checkpoint_at, args.iters)),
+        difference([args.checkpoint_at]),
+    )
+    how = (
+        f"killed after {args.checkpoint_at} (--num-gpus {args.num_gpus})"
+        if args.num_gpus
+        else f"resumed after {args.checkpoint_at}"
+    )
     print(f"config {args.config_file}, {args.iters} iterations, {how}:")
-    print(f"{'loss':<20} largest relative difference (resumed vs uninterrupted): all resumed iterations, the first")
+    print(
+        f"{'loss':<20} largest relative difference (resumed vs uninterrupted): all resumed iterations, the first"
+    )
     for name, d in worst.items():
         print(f"{name:<20} {d:.3g}  {first[name]:.3g}")
     print("RESULT " + json.dumps(worst))

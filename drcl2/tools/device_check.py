@@ -28,6 +28,7 @@ named on the last line.
 step of the toy model, 4 resume iterations, 2-iteration study stages), so the command is known to
 work before a GPU is lent (``tests/test_device_check.py`` runs it).
 """
+
 import argparse
 import datetime
 import json
@@ -47,23 +48,66 @@ __all__ = ["STEPS", "main"]
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # seconds per step: (GPU run, --dry-run on 2 CPU cores)
-LIMITS = {"env": (30, 60), "data": (45, 120), "tests": (90, 240), "step": (80, 240), "resume": (75, 300),
-          "study": (120, 400)}
+LIMITS = {
+    "env": (30, 60),
+    "data": (45, 120),
+    "tests": (90, 240),
+    "step": (80, 240),
+    "resume": (75, 300),
+    "study": (120, 400),
+}
 # The model tests run on the GPU as they are, with DRCL2_TEST_DEVICE=cuda (tests/conftest.py), and
 # the tests that skip without CUDA.
 # (DRCL2 models built by test_modeling's tiny_cfg take their CPU inputs through preprocess; tests
 # that feed a model's parts CPU tensors directly, as test_onestage's, are CPU tests.)
-GPU_TESTS = ["tests/test_modeling.py", "tests/test_pretext_heads.py", "tests/test_rebalance.py",
-             "tests/test_resume.py::test_mapping_keeps_the_callers_cuda_random_state_on_gpu"]
-DRY_TESTS = ["tests/test_modeling.py", "tests/test_rebalance.py", "tests/test_resume.py"]  # -k "cuda or gpu"
-STUDY_COMMAND = ["-m", "drcl2.tools.study", "--config-file", "configs/study/toy.yaml", "--arms", "scratch,2drcl",
-                 "--seeds", "1"]
+GPU_TESTS = [
+    "tests/test_modeling.py",
+    "tests/test_pretext_heads.py",
+    "tests/test_rebalance.py",
+    "tests/test_resume.py::test_mapping_keeps_the_callers_cuda_random_state_on_gpu",
+]
+DRY_TESTS = [
+    "tests/test_modeling.py",
+    "tests/test_rebalance.py",
+    "tests/test_resume.py",
+]  # -k "cuda or gpu"
+STUDY_COMMAND = [
+    "-m",
+    "drcl2.tools.study",
+    "--config-file",
+    "configs/study/toy.yaml",
+    "--arms",
+    "scratch,2drcl",
+    "--seeds",
+    "1",
+]
 # --dry-run: every study stage this small (as tests/test_study.py's tiny runs)
-TINY = ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN",
-        "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "32", "TEST.DETECTIONS_PER_IMAGE", "10"]
+TINY = [
+    "MODEL.DEVICE",
+    "cpu",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "96",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "96",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "64",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "32",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "10",
+]
 RESUME_ITERS, RESUME_AT = (20, 10), (4, 2)  # (GPU, dry run)
-FIRST_RESUMED_TOLERANCE = 1e-6  # relative: the first resumed iteration must repeat the uninterrupted one
+FIRST_RESUMED_TOLERANCE = (
+    1e-6  # relative: the first resumed iteration must repeat the uninterrupted one
+)
 
 
 @dataclass
@@ -87,7 +131,9 @@ class Plan:
         return sys.executable
 
 
-def _run(plan: Plan, step: Step, args: List[str], log_name: Optional[str] = None, env=None) -> Optional[str]:
+def _run(
+    plan: Plan, step: Step, args: List[str], log_name: Optional[str] = None, env=None
+) -> Optional[str]:
     """Run ``python args`` (its own process group) under the step's time limit; its output, or None
     when it failed or ran out of time (``step`` then says so)."""
     log = os.path.join(plan.work_dir, f"{log_name or step.name}.log")
@@ -97,8 +143,14 @@ def _run(plan: Plan, step: Step, args: List[str], log_name: Optional[str] = None
         f.write(f"$ {' '.join(shlex.quote(c) for c in command)}\n")
         f.flush()
         start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env=dict(plan.env, **(env or {})), start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=dict(plan.env, **(env or {})),
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=max(limit, 1))
         except subprocess.TimeoutExpired:
@@ -114,7 +166,14 @@ def _run(plan: Plan, step: Step, args: List[str], log_name: Optional[str] = None
         step.status = f"exit status {code}"
     else:
         return output
-    step.lines += ["", f"Last lines of `{os.path.relpath(log, REPO_ROOT)}`:", "", "```", *_tail(output), "```"]
+    step.lines += [
+        "",
+        f"Last lines of `{os.path.relpath(log, REPO_ROOT)}`:",
+        "",
+        "```",
+        *_tail(output),
+        "```",
+    ]
     return None
 
 
@@ -128,7 +187,9 @@ def _markdown_tables(text: str) -> List[str]:
     out = []
     for line in text.splitlines():
         table = line.startswith("|")
-        if table or line.startswith(("device:", "data for DRCL2", "DRCL2 step split", "Mask R-CNN step")):
+        if table or line.startswith(
+            ("device:", "data for DRCL2", "DRCL2 step split", "Mask R-CNN step")
+        ):
             if out and out[-1] and out[-1].startswith("|") != table:
                 out.append("")  # a table starts (or ends) a block of its own
             out.append(line)
@@ -143,7 +204,11 @@ def _markdown_tables(text: str) -> List[str]:
 def step_env(plan: Plan, step: Step) -> None:
     import torch
 
-    rows = {"python": platform.python_version(), "torch": torch.__version__, "CUDA (torch)": str(torch.version.cuda)}
+    rows = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "CUDA (torch)": str(torch.version.cuda),
+    }
     try:
         import detectron2
 
@@ -152,10 +217,16 @@ def step_env(plan: Plan, step: Step) -> None:
         rows["detectron2"] = f"missing: {e}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        rows["GPU"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
+        rows["GPU"] = (
+            f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
+        )
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20).stdout.strip()
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
             rows["driver"] = smi.splitlines()[0] if smi else "?"
         except (OSError, subprocess.TimeoutExpired):
             rows["driver"] = "? (nvidia-smi not found)"
@@ -176,7 +247,9 @@ def step_data(plan: Plan, step: Step) -> None:
     out = _run(plan, step, args)
     if out is not None:
         step.ok, step.status = True, "ok"
-        step.lines.append(f"toy LVIS set under `{plan.env['DETECTRON2_DATASETS']}` ({step.seconds:.0f} s)")
+        step.lines.append(
+            f"toy LVIS set under `{plan.env['DETECTRON2_DATASETS']}` ({step.seconds:.0f} s)"
+        )
 
 
 def step_tests(plan: Plan, step: Step) -> None:
@@ -188,20 +261,54 @@ def step_tests(plan: Plan, step: Step) -> None:
         env = {"DRCL2_TEST_DEVICE": "cuda"}
     out = _run(plan, step, args, env=env)
     summary = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", (out or _log(plan, step)), re.M)
-    step.lines.insert(0, f"`pytest {' '.join(args[2:])}` with DRCL2_TEST_DEVICE={env['DRCL2_TEST_DEVICE']}: "
-                         f"{summary[-1] if summary else 'no summary'}")
+    step.lines.insert(
+        0,
+        f"`pytest {' '.join(args[2:])}` with DRCL2_TEST_DEVICE={env['DRCL2_TEST_DEVICE']}: "
+        f"{summary[-1] if summary else 'no summary'}",
+    )
     if out is not None:
         step.ok, step.status = True, "ok"
 
 
 def step_bench(plan: Plan, step: Step) -> None:
     if plan.dry_run:
-        args = ["-m", "drcl2.tools.benchmark", "step", "--config-file", "configs/toy/pretrain_2drcl.yaml",
-                "--device", "cpu", "--iters", "1", "--warmup", "0", "--profile-iters", "1",
-                "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
+        args = [
+            "-m",
+            "drcl2.tools.benchmark",
+            "step",
+            "--config-file",
+            "configs/toy/pretrain_2drcl.yaml",
+            "--device",
+            "cpu",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--profile-iters",
+            "1",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "96",
+        ]
     else:
-        args = ["-m", "drcl2.tools.benchmark", "step", "--config-file", "configs/pretrain_2drcl.yaml",
-                "--device", "cuda", "--amp", "--batch-size", "2", "--iters", "10", "--warmup", "3", "--no-r50"]
+        args = [
+            "-m",
+            "drcl2.tools.benchmark",
+            "step",
+            "--config-file",
+            "configs/pretrain_2drcl.yaml",
+            "--device",
+            "cuda",
+            "--amp",
+            "--batch-size",
+            "2",
+            "--iters",
+            "10",
+            "--warmup",
+            "3",
+            "--no-r50",
+        ]
     out = _run(plan, step, args)
     if out is not None:
         step.ok, step.status = True, "ok"
@@ -210,10 +317,29 @@ def step_bench(plan: Plan, step: Step) -> None:
 
 def step_resume(plan: Plan, step: Step) -> None:
     iters, at = RESUME_AT if plan.dry_run else RESUME_ITERS
-    args = ["-m", "drcl2.tools.check_resume", "--config-file", "configs/toy/pretrain_2drcl.yaml", "--iters", str(iters),
-            "--checkpoint-at", str(at), "--num-gpus", "1", "--output", os.path.join(plan.work_dir, "resume")]
+    args = [
+        "-m",
+        "drcl2.tools.check_resume",
+        "--config-file",
+        "configs/toy/pretrain_2drcl.yaml",
+        "--iters",
+        str(iters),
+        "--checkpoint-at",
+        str(at),
+        "--num-gpus",
+        "1",
+        "--output",
+        os.path.join(plan.work_dir, "resume"),
+    ]
     if plan.dry_run:
-        args += TINY[:4] + ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
+        args += TINY[:4] + [
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "96",
+        ]
     else:
         args += ["MODEL.DEVICE", "cuda"]
     out = _run(plan, step, args)
@@ -221,9 +347,13 @@ def step_resume(plan: Plan, step: Step) -> None:
         return
     worst = json.loads(re.findall(r"^RESULT (.*)$", out, re.M)[-1])
     first = json.loads(re.findall(r"^FIRST (.*)$", out, re.M)[-1])
-    step.lines += [f"`python {' '.join(args)}`", "",
-                   "| loss | largest relative difference, resumed vs uninterrupted: all resumed iterations | the first |",
-                   "|---|---|---|", *[f"| {k} | {worst[k]:.3g} | {first[k]:.3g} |" for k in worst]]
+    step.lines += [
+        f"`python {' '.join(args)}`",
+        "",
+        "| loss | largest relative difference, resumed vs uninterrupted: all resumed iterations | the first |",
+        "|---|---|---|",
+        *[f"| {k} | {worst[k]:.3g} | {first[k]:.3g} |" for k in worst],
+    ]
     bad = {k: v for k, v in first.items() if v > FIRST_RESUMED_TOLERANCE}
     if bad:
         step.status = f"the first resumed iteration differs (relative > {FIRST_RESUMED_TOLERANCE:g}): {sorted(bad)}"
@@ -241,8 +371,12 @@ def step_study(plan: Plan, step: Step) -> None:
     step.lines.insert(0, f"`python {' '.join(args)}`: {step.seconds / 60:.1f} min wall")
     rows = _study_rows(os.path.join(out_dir, "report", "results.csv"))
     if rows:
-        step.lines += ["", "| arm | split | task | AP | APr | iterations | wall s (the arm's runs) |",
-                       "|---|---|---|---|---|---|---|", *rows]
+        step.lines += [
+            "",
+            "| arm | split | task | AP | APr | iterations | wall s (the arm's runs) |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
     if out is None:
         step.lines += ["", "Iterations reached: " + _study_progress(out_dir)]
         return
@@ -255,8 +389,14 @@ def _tiny_study(plan: Plan, out_dir: str) -> str:
 
     with open(os.path.join(REPO_ROOT, "configs/study/toy.yaml")) as f:
         study = yaml.safe_load(f)
-    study.update(name="device_check_dry_run", output_dir=out_dir, device="cpu", jobs=1, checkpoint_period=1,
-                 schedule={k: 2 for k in study.get("schedule", {})})
+    study.update(
+        name="device_check_dry_run",
+        output_dir=out_dir,
+        device="cpu",
+        jobs=1,
+        checkpoint_period=1,
+        schedule={k: 2 for k in study.get("schedule", {})},
+    )
     for arm in study["arms"].values():
         for stage in ("pretrain", "finetune"):
             if isinstance(arm.get(stage), dict) and "config" in arm[stage]:
@@ -274,8 +414,11 @@ def _study_rows(results_csv: str) -> List[str]:
         return []
     with open(results_csv) as f:
         rows = list(csv.DictReader(f))
-    return [f"| {r.get('arm')} | {r.get('split')} | {r.get('task')} | {r.get('AP')} | {r.get('APr')} | "
-            f"{r.get('iters')} | {r.get('wall_s')} |" for r in rows]
+    return [
+        f"| {r.get('arm')} | {r.get('split')} | {r.get('task')} | {r.get('AP')} | {r.get('APr')} | "
+        f"{r.get('iters')} | {r.get('wall_s')} |"
+        for r in rows
+    ]
 
 
 def _study_progress(out_dir: str) -> str:
@@ -295,7 +438,11 @@ def _study_progress(out_dir: str) -> str:
 
 
 STEPS: Dict[str, Callable[[Plan, Step], None]] = {
-    "env": step_env, "data": step_data, "tests": step_tests, "step": step_bench, "resume": step_resume,
+    "env": step_env,
+    "data": step_data,
+    "tests": step_tests,
+    "step": step_bench,
+    "resume": step_resume,
     "study": step_study,
 }
 
@@ -308,8 +455,13 @@ def _log(plan: Plan, step: Step) -> str:
 
 def _commit() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=20).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
         return rev or "?"
     except (OSError, subprocess.TimeoutExpired):
         return "?"
@@ -330,13 +482,23 @@ def _slug(text: str) -> str:
 def _report(plan: Plan, steps: List[Step], total: float, path: str) -> None:
     import torch
 
-    title = "dry run on the CPU (tiny sizes)" if plan.dry_run else (
-        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-    lines = [f"# Device check: {title}", "",
-             f"`python -m drcl2.tools.device_check{' --dry-run' if plan.dry_run else ''}` on "
-             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {total / 60:.1f} min in all.", "",
-             "| step | result | seconds | limit |", "|---|---|---|---|"]
-    lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} | {plan.limits[s.name]:g} |" for s in steps]
+    title = (
+        "dry run on the CPU (tiny sizes)"
+        if plan.dry_run
+        else (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+    )
+    lines = [
+        f"# Device check: {title}",
+        "",
+        f"`python -m drcl2.tools.device_check{' --dry-run' if plan.dry_run else ''}` on "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {total / 60:.1f} min in all.",
+        "",
+        "| step | result | seconds | limit |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s.name} | {s.status} | {s.seconds:.0f} | {plan.limits[s.name]:g} |" for s in steps
+    ]
     for s in steps:
         lines += ["", f"## {s.name}", "", *s.lines]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -345,15 +507,32 @@ def _report(plan: Plan, steps: List[Step], total: float, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drcl2.tools.device_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="the same plan on the CPU, tiny sizes")
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-    parser.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS",
-                        help="another time limit for a step (repeatable)")
-    parser.add_argument("--work-dir", default="output/device_check", help="logs and runs of every step")
-    parser.add_argument("--report", default=None,
-                        help="the report's path (default: docs/device/<date>-<gpu>.md; --dry-run: in --work-dir)")
+    parser = argparse.ArgumentParser(
+        prog="python -m drcl2.tools.device_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="the same plan on the CPU, tiny sizes"
+    )
+    parser.add_argument(
+        "--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}"
+    )
+    parser.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="STEP=SECONDS",
+        help="another time limit for a step (repeatable)",
+    )
+    parser.add_argument(
+        "--work-dir", default="output/device_check", help="logs and runs of every step"
+    )
+    parser.add_argument(
+        "--report",
+        default=None,
+        help="the report's path (default: docs/device/<date>-<gpu>.md; --dry-run: in --work-dir)",
+    )
     args = parser.parse_args(argv)
     names = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [n for n in names if n not in STEPS]
@@ -371,9 +550,15 @@ def main(argv=None) -> int:
         if os.path.exists(os.path.join(work_dir, f"{name}.log")):
             os.remove(os.path.join(work_dir, f"{name}.log"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     if args.dry_run:
-        env.update(DETECTRON2_DATASETS=os.path.join(work_dir, "datasets"), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        env.update(
+            DETECTRON2_DATASETS=os.path.join(work_dir, "datasets"),
+            CUDA_VISIBLE_DEVICES="",
+            OMP_NUM_THREADS="1",
+        )
     else:
         env.setdefault("DETECTRON2_DATASETS", os.path.join(REPO_ROOT, "datasets"))
     plan = Plan(dry_run=args.dry_run, work_dir=work_dir, limits=limits, env=env)
@@ -395,14 +580,25 @@ def main(argv=None) -> int:
 
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry_run else "cpu-dry-run"
-    path = args.report or (os.path.join(work_dir, "report.md") if args.dry_run else os.path.join(
-        REPO_ROOT, "docs", "device", f"{datetime.date.today().isoformat()}-{_slug(gpu)}.md"))
+    gpu = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available() and not args.dry_run
+        else "cpu-dry-run"
+    )
+    path = args.report or (
+        os.path.join(work_dir, "report.md")
+        if args.dry_run
+        else os.path.join(
+            REPO_ROOT, "docs", "device", f"{datetime.date.today().isoformat()}-{_slug(gpu)}.md"
+        )
+    )
     _report(plan, steps, total, path)
     failed = [s.name for s in steps if not s.ok]
     print(f"[device_check] report: {path} ({total / 60:.1f} min)")
     if failed:
-        print(f"[device_check] FAILED: {', '.join(f'{s.name} ({s.status})' for s in steps if not s.ok)}")
+        print(
+            f"[device_check] FAILED: {', '.join(f'{s.name} ({s.status})' for s in steps if not s.ok)}"
+        )
         return 1
     print("[device_check] every step passed")
     return 0

@@ -11,6 +11,7 @@ image, ``objectness_logits`` [R] and ``bbox_mode``), which ``DATASETS.PROPOSAL_F
 Images are resized as at test time (``INPUT.MIN_SIZE_TEST``); each image keeps the RPN's
 ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals. Other ``KEY VALUE`` pairs override the config.
 """
+
 import argparse
 import logging
 import os
@@ -20,8 +21,6 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, build_detection_test_loader
@@ -32,6 +31,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
 
 from ..config import add_drcl2_config
 from ..data.datasets import check_dataset_files
@@ -59,7 +59,9 @@ def dump_proposals(model: torch.nn.Module, data_loader, progress: bool = True) -
     """
     out = {"ids": [], "boxes": [], "objectness_logits": []}
     with inference_context(model):
-        for inputs in tqdm(data_loader, total=len(data_loader), disable=not progress, desc="proposals"):
+        for inputs in tqdm(
+            data_loader, total=len(data_loader), disable=not progress, desc="proposals"
+        ):
             for x, result in zip(inputs, model(inputs)):
                 if "proposals" not in result:
                     raise ValueError(
@@ -113,12 +115,16 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config-file", required=True, help="an RPN-only config (ProposalNetwork)")
-    parser.add_argument("--dataset", required=True, help="registered dataset name (e.g. lvis_v1_train)")
+    parser.add_argument(
+        "--dataset", required=True, help="registered dataset name (e.g. lvis_v1_train)"
+    )
     parser.add_argument("--output", required=True, help="the proposal file to write (.pkl)")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
-    parser.add_argument("--dist-url", default="auto", help="initialization URL for several processes")
+    parser.add_argument(
+        "--dist-url", default="auto", help="initialization URL for several processes"
+    )
     args, opts = parser.parse_known_args(argv)
     unknown = [o for o in opts if o.startswith("--")]
     if unknown:
@@ -127,8 +133,12 @@ def main(argv=None) -> int:
         parser.error(f"config overrides must be KEY VALUE pairs; got {opts}")
     try:
         launch(
-            _run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-            dist_url=args.dist_url, args=(args, opts),
+            _run,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args, opts),
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ supervised pre-training baseline):
 keeps the online ``backbone.*``, ``proposal_generator.*`` and ``roi_heads.box_head.*`` (names
 unchanged); fine-tune with ``MODEL.WEIGHTS <dst>``.
 """
+
 import argparse
 import sys
 
@@ -22,7 +23,9 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help="pre-training checkpoint (model_*.pth of a DRCL2 or detector run)")
+    parser.add_argument(
+        "src", help="pre-training checkpoint (model_*.pth of a DRCL2 or detector run)"
+    )
     parser.add_argument("dst", help="where to write the fine-tuning weights (.pth)")
     args = parser.parse_args(argv)
     setup_logger(name="drcl2")

@@ -26,6 +26,7 @@ for every row (:mod:`drcl2.evaluation.health`):
 Chance for the balanced probe is 1 / (classes in the scored split). A run whose probe is at or below
 the ``random`` row's, or whose ranks fell far below it, has collapsed: fine-tuning it costs AP.
 """
+
 import argparse
 import csv
 import logging
@@ -36,14 +37,13 @@ import time
 from typing import Dict, List, Tuple
 
 import torch
-from tabulate import tabulate
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
+from tabulate import tabulate
 
 from ..checkpoint import finetune_state_dict
 from ..config import add_drcl2_config
@@ -114,7 +114,12 @@ def _label(spec: str) -> Tuple[str, str]:
 
 
 def probe_weights(
-    cfg, weights: List[str], train_dataset: str, dataset: str, max_train_images: int = 2000, max_images: int = 1000
+    cfg,
+    weights: List[str],
+    train_dataset: str,
+    dataset: str,
+    max_train_images: int = 2000,
+    max_images: int = 1000,
 ) -> Tuple[List[Dict], float]:
     """
     The probe table: one row per WEIGHTS spec (see the module doc), as dicts with ``weights``,
@@ -146,7 +151,9 @@ def probe_weights(
         for stage, values in stage_changes(model.state_dict(), random_state).items():
             for key, value in values.items():
                 row[f"{stage}_{key}"] = value
-        logger.info(f"probed {name} in {time.perf_counter() - start:.1f} s ({len(train.classes)} / {len(test.classes)} boxes)")
+        logger.info(
+            f"probed {name} in {time.perf_counter() - start:.1f} s ({len(train.classes)} / {len(test.classes)} boxes)"
+        )
         rows.append(row)
     present = len(set(test.classes.tolist())) if rows else 0
     return rows, (1.0 / present if present else float("nan"))
@@ -163,15 +170,22 @@ def _fmt(value) -> str:
 def tables(rows: List[Dict]) -> Tuple[str, str]:
     """The two markdown tables (features; weight change per stage) of ``rows``."""
     main = tabulate(
-        [[r["weights"]] + [_fmt(r.get(c, float("nan"))) for c in MAIN_COLUMNS] +
-         [_fmt(r[k]) for k in sorted(r) if k.startswith("rank_p")] for r in rows],  # fmt: skip
+        [
+            [r["weights"]]
+            + [_fmt(r.get(c, float("nan"))) for c in MAIN_COLUMNS]
+            + [_fmt(r[k]) for k in sorted(r) if k.startswith("rank_p")]
+            for r in rows
+        ],  # fmt: skip
         headers=["weights", *MAIN_COLUMNS, *sorted(k for k in rows[0] if k.startswith("rank_p"))],
         tablefmt="github",
     )
     stages = [k[: -len("_weight_change")] for k in rows[0] if k.endswith("_weight_change")]
     change = tabulate(
-        [[r["weights"], r["loaded"]] + ["/".join(_fmt(r[f"{s}_{f}"]) or "-" for f in STAGE_FIELDS) for s in stages]
-         for r in rows],  # fmt: skip
+        [
+            [r["weights"], r["loaded"]]
+            + ["/".join(_fmt(r[f"{s}_{f}"]) or "-" for f in STAGE_FIELDS) for s in stages]
+            for r in rows
+        ],  # fmt: skip
         headers=["weights", "loaded", *stages],
         tablefmt="github",
     )
@@ -191,7 +205,9 @@ def load_config(config_file: str, opts=()):
 def probe_markdown(rows: List[Dict], header: str) -> str:
     """The header and both tables of ``rows``, in markdown."""
     main_table, change_table = tables(rows)
-    stage_note = "Per stage: weight norm ratio / weight change / norm-affine change against the random init."
+    stage_note = (
+        "Per stage: weight norm ratio / weight change / norm-affine change against the random init."
+    )
     return "\n\n".join([header, main_table, stage_note, change_table]) + "\n"
 
 
@@ -208,7 +224,9 @@ def write_probe_report(rows: List[Dict], header: str, output_dir: str) -> str:
     return text
 
 
-def probe_study_exports(study, report_dir: str, seed: int, max_train_images: int = 2000, max_images: int = 1000) -> str:
+def probe_study_exports(
+    study, report_dir: str, seed: int, max_train_images: int = 2000, max_images: int = 1000
+) -> str:
     """
     Probe the exported weights of every arm of ``study`` that pre-trains (seed ``seed``, finished
     runs only) beside the fine-tuning config's random initialisation: scored on the study's val
@@ -239,11 +257,23 @@ def probe_study_exports(study, report_dir: str, seed: int, max_train_images: int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m drcl2.tools.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m drcl2.tools.probe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config-file", required=True, help="the fine-tuning config of the weights")
-    parser.add_argument("--dataset", required=True, help="registered dataset the probe is scored on (e.g. a val split)")
-    parser.add_argument("--train-dataset", default=None, help="dataset the probe is trained on (default: DATASETS.TRAIN[0])")
+    parser.add_argument(
+        "--config-file", required=True, help="the fine-tuning config of the weights"
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="registered dataset the probe is scored on (e.g. a val split)",
+    )
+    parser.add_argument(
+        "--train-dataset",
+        default=None,
+        help="dataset the probe is trained on (default: DATASETS.TRAIN[0])",
+    )
     parser.add_argument("--max-train-images", type=int, default=2000)
     parser.add_argument("--max-images", type=int, default=1000, help="images of --dataset scored")
     parser.add_argument("--output-dir", default=None, help="write probe.csv and probe.md here")
@@ -256,7 +286,9 @@ def main(argv=None) -> int:
     import drcl2  # noqa: F401  (registers the datasets)
 
     try:
-        rows, chance = probe_weights(cfg, args.weights, train_dataset, args.dataset, args.max_train_images, args.max_images)
+        rows, chance = probe_weights(
+            cfg, args.weights, train_dataset, args.dataset, args.max_train_images, args.max_images
+        )
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

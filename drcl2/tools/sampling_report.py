@@ -251,8 +251,9 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
 
-    import drcl2  # noqa: F401  (registers drcl2's datasets)
     from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+
+    import drcl2  # noqa: F401  (registers drcl2's datasets)
 
     cfg = setup_cfg(args.config_file, args.opts)
     if not cfg.DATASETS.TRAIN:

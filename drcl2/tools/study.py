@@ -16,6 +16,7 @@ drcl2/study/spec.py for the study file. --probe SEED also probes every arm's exp
 that seed before fine-tuning (python -m drcl2.tools.probe; probe.csv / probe.md in the report, whose
 summary.md then shows the table).
 """
+
 import argparse
 import json
 import os
@@ -43,8 +44,12 @@ def _device_description(device: str) -> str:
 
 def _commit() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         return rev + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return ""
@@ -54,15 +59,24 @@ def _study_copy(output_dir: str, name=None) -> str:
     """The study file that a run left in ``output_dir`` (``<name>.study.yaml``)."""
     from ..study import StudyFileError
 
-    found = sorted(f[: -len(".study.yaml")] for f in os.listdir(output_dir) if f.endswith(".study.yaml")) \
-        if os.path.isdir(output_dir) else []
+    found = (
+        sorted(
+            f[: -len(".study.yaml")] for f in os.listdir(output_dir) if f.endswith(".study.yaml")
+        )
+        if os.path.isdir(output_dir)
+        else []
+    )
     if name is None and len(found) == 1:
         name = found[0]
     if name is None or name not in found:
         raise StudyFileError(
-            f"{output_dir}: " + (f"no study named '{name}'; " if name else "")
-            + (f"it holds the studies {found}: choose one with --name." if found else
-               "no <name>.study.yaml here: is it the output_dir of a study run?")
+            f"{output_dir}: "
+            + (f"no study named '{name}'; " if name else "")
+            + (
+                f"it holds the studies {found}: choose one with --name."
+                if found
+                else "no <name>.study.yaml here: is it the output_dir of a study run?"
+            )
         )
     return os.path.join(output_dir, f"{name}.study.yaml")
 
@@ -72,7 +86,11 @@ def _probe(study, report_dir: str, seed: int, max_images: int) -> None:
 
     from .probe import probe_study_exports
 
-    print(probe_study_exports(study, report_dir, seed, max_train_images=2 * max_images, max_images=max_images))
+    print(
+        probe_study_exports(
+            study, report_dir, seed, max_train_images=2 * max_images, max_images=max_images
+        )
+    )
 
 
 def _int_list(text):
@@ -80,24 +98,56 @@ def _int_list(text):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drcl2.tools.study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m drcl2.tools.study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--config-file", help="the study file (e.g. configs/study/toy.yaml)")
-    what.add_argument("--summarize", metavar="OUTPUT_DIR", help="rebuild the report of a study's finished runs")
-    parser.add_argument("--output-dir", help="where the runs go (default: the study file's output_dir)")
-    parser.add_argument("--name", help="with --summarize: which study of OUTPUT_DIR (when it holds several)")
-    parser.add_argument("--report-dir", help="where the report goes (default: OUTPUT_DIR/report_<study name>)")
+    what.add_argument(
+        "--summarize", metavar="OUTPUT_DIR", help="rebuild the report of a study's finished runs"
+    )
+    parser.add_argument(
+        "--output-dir", help="where the runs go (default: the study file's output_dir)"
+    )
+    parser.add_argument(
+        "--name", help="with --summarize: which study of OUTPUT_DIR (when it holds several)"
+    )
+    parser.add_argument(
+        "--report-dir", help="where the report goes (default: OUTPUT_DIR/report_<study name>)"
+    )
     parser.add_argument("--arms", help="comma-separated arms to run (default: all)")
-    parser.add_argument("--seeds", type=_int_list, help="comma-separated seeds to run (default: the study's)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="runs at a time (default: the study file's jobs; CPU: cores are shared out)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and the estimated time; train nothing")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep periodic checkpoints of finished stages")
-    parser.add_argument("--probe", type=int, metavar="SEED", default=None,
-                        help="probe the exported weights of this seed into the report (drcl2.tools.probe)")
-    parser.add_argument("--probe-max-images", type=int, default=1000,
-                        help="val images the probe scores (twice as many training images train it)")
+    parser.add_argument(
+        "--seeds", type=_int_list, help="comma-separated seeds to run (default: the study's)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at a time (default: the study file's jobs; CPU: cores are shared out)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the runs and the estimated time; train nothing"
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep periodic checkpoints of finished stages",
+    )
+    parser.add_argument(
+        "--probe",
+        type=int,
+        metavar="SEED",
+        default=None,
+        help="probe the exported weights of this seed into the report (drcl2.tools.probe)",
+    )
+    parser.add_argument(
+        "--probe-max-images",
+        type=int,
+        default=1000,
+        help="val images the probe scores (twice as many training images train it)",
+    )
     args = parser.parse_args(argv)
 
     from ..study import StudyFileError, StudyRunner, load_study, write_report
@@ -111,7 +161,9 @@ def main(argv=None) -> int:
         arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
         for a in arms or ():
             if a not in study.arms:
-                raise StudyFileError(f"--arms: '{a}' is not an arm of {study.path} (arms: {', '.join(study.arms)}).")
+                raise StudyFileError(
+                    f"--arms: '{a}' is not an arm of {study.path} (arms: {', '.join(study.arms)})."
+                )
     except StudyFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -141,8 +193,14 @@ def main(argv=None) -> int:
         shutil.copyfile(study.path, copy)  # for --summarize
     command = "python -m drcl2.tools.study " + " ".join(sys.argv[1:] if argv is None else argv)
     # a study may be trained by several commands (arms added later, a resumed run): keep them all
-    meta = {"invocations": invocations(json.load(open(meta_path)) if os.path.isfile(meta_path) else None)}
-    meta["invocations"].append({"command": command, "commit": _commit(), "device": _device_description(runner.device)})
+    meta = {
+        "invocations": invocations(
+            json.load(open(meta_path)) if os.path.isfile(meta_path) else None
+        )
+    }
+    meta["invocations"].append(
+        {"command": command, "commit": _commit(), "device": _device_description(runner.device)}
+    )
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     try:
@@ -151,7 +209,9 @@ def main(argv=None) -> int:
             _probe(study, report_dir, args.probe, args.probe_max_images)
     finally:
         paths = write_report(study, report_dir, meta)
-        print(f"report: {report_dir} ({', '.join(sorted(os.path.basename(p) for p in paths.values()))})")
+        print(
+            f"report: {report_dir} ({', '.join(sorted(os.path.basename(p) for p in paths.values()))})"
+        )
     print(open(paths["summary.md"]).read())
     return 0
 

@@ -8,6 +8,7 @@ The figures are the last evaluation that detectron2's EvalHook logged to ``OUTPU
 With ``--study``, the means over seeds of a committed study's arms follow (box AP, the same split
 first), so one run can be read against the seeded comparison.
 """
+
 import argparse
 import json
 import os
@@ -29,7 +30,9 @@ def read_eval_metrics(output_dir: str) -> Dict[str, Dict[str, float]]:
     """
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{path}' does not exist: is '{output_dir}' the OUTPUT_DIR of a run?")
+        raise FileNotFoundError(
+            f"'{path}' does not exist: is '{output_dir}' the OUTPUT_DIR of a run?"
+        )
     last = None
     with open(path) as f:
         for line in f:
@@ -59,26 +62,47 @@ def print_study_means(results_csv: str, arms) -> None:
     for split in ("val", "test"):
         table = []
         for arm in arms:
-            sel = [r for r in rows if r["arm"] == arm and r["split"] == split and r["task"] == "bbox"]
+            sel = [
+                r for r in rows if r["arm"] == arm and r["split"] == split and r["task"] == "bbox"
+            ]
             if not sel:
                 continue
             cells = []
             for key in KEYS:
                 m, sd, n = mean_std([float(r[key]) for r in sel])
                 cells.append(f"{m:.2f}" if n < 2 else f"{m:.2f} ± {sd:.2f}")
-            table.append([arm, f"{sel[0]['iters']}", ", ".join(sorted(r["seed"] for r in sel)), *cells])
+            table.append(
+                [arm, f"{sel[0]['iters']}", ", ".join(sorted(r["seed"] for r in sel)), *cells]
+            )
         if table:
-            print(f"\nThe committed study ({results_csv}), {split} split, box AP, mean ± std over seeds:")
-            print(tabulate(table, headers=["arm", "iterations", "seeds", *KEYS], tablefmt="github", disable_numparse=True))
+            print(
+                f"\nThe committed study ({results_csv}), {split} split, box AP, mean ± std over seeds:"
+            )
+            print(
+                tabulate(
+                    table,
+                    headers=["arm", "iterations", "seeds", *KEYS],
+                    tablefmt="github",
+                    disable_numparse=True,
+                )
+            )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m drcl2.tools.summarize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m drcl2.tools.summarize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output_dir", help="OUTPUT_DIR of a training run")
-    parser.add_argument("--study", help="results.csv of a study report (python -m drcl2.tools.study)")
-    parser.add_argument("--arms", default="scratch,scratch_long,supervised_pretrain,2drcl",
-                        help="the study's arms to print (comma-separated)")
+    parser.add_argument(
+        "--study", help="results.csv of a study report (python -m drcl2.tools.study)"
+    )
+    parser.add_argument(
+        "--arms",
+        default="scratch,scratch_long,supervised_pretrain,2drcl",
+        help="the study's arms to print (comma-separated)",
+    )
     args = parser.parse_args(argv)
     results = read_eval_metrics(args.output_dir)
     tasks = [t for t in ("bbox", "segm") if t in results]

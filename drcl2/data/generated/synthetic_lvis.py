@@ -10,13 +10,19 @@ RLE masks with ``str`` counts, dataset category ids). Nothing here is a model: d
 copies of ground-truth boxes plus confusions and background boxes, with scores rounded to two
 decimals so that ties (and therefore the evaluators' tie-breaking) are exercised.
 """
+
 import math
 import os
 
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = ["lvis_v1_categories", "synthetic_lvis_gt", "synthetic_lvis_detections", "synthetic_lvis_jpegs"]
+__all__ = [
+    "lvis_v1_categories",
+    "synthetic_lvis_gt",
+    "synthetic_lvis_detections",
+    "synthetic_lvis_jpegs",
+]
 
 
 def lvis_v1_categories():
@@ -99,7 +105,11 @@ def synthetic_lvis_gt(
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
-        num_pos = 0 if rng.random() < empty_image_prob else int(rng.integers(1, max_categories_per_image + 1))
+        num_pos = (
+            0
+            if rng.random() < empty_image_prob
+            else int(rng.integers(1, max_categories_per_image + 1))
+        )
         num_pos = min(num_pos, len(cat_ids))
         pos = rng.choice(cat_ids, size=num_pos, replace=False, p=weights) if num_pos else []
         remaining = np.setdiff1d(cat_ids, pos)
@@ -220,7 +230,9 @@ def synthetic_lvis_detections(
     return results
 
 
-def synthetic_lvis_jpegs(folder, num_images, width, height, *, instances=12, num_classes=1203, seed=0):
+def synthetic_lvis_jpegs(
+    folder, num_images, width, height, *, instances=12, num_classes=1203, seed=0
+):
     """
     Write ``num_images`` LVIS-like JPEGs of ``width`` x ``height`` into ``folder`` and return their
     detectron2 dataset dicts (``annotations``: ``instances`` polygons of 12-24 vertices with their
@@ -249,17 +261,28 @@ def synthetic_lvis_jpegs(folder, num_images, width, height, *, instances=12, num
             cv2.fillPoly(image, [poly.round().astype(np.int32)], colour)
             x0, y0 = poly.min(0)
             x1, y1 = poly.max(0)
-            annotations.append({
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": int(rng.integers(0, num_classes)),
-                "iscrowd": 0,
-                "segmentation": [poly.ravel().tolist()],
-            })
+            annotations.append(
+                {
+                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                    "bbox_mode": BoxMode.XYWH_ABS,
+                    "category_id": int(rng.integers(0, num_classes)),
+                    "iscrowd": 0,
+                    "segmentation": [poly.ravel().tolist()],
+                }
+            )
         path = os.path.join(folder, f"{width}x{height}_{i:04d}.jpg")
         tmp = os.path.join(folder, f".{os.getpid()}_{width}x{height}_{i:04d}.jpg")
         cv2.imwrite(tmp, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        os.replace(tmp, path)  # atomic: processes generating the same set at once never see half a file
-        records.append({"file_name": path, "image_id": len(records) + 1, "height": height, "width": width,
-                        "annotations": annotations})
+        os.replace(
+            tmp, path
+        )  # atomic: processes generating the same set at once never see half a file
+        records.append(
+            {
+                "file_name": path,
+                "image_id": len(records) + 1,
+                "height": height,
+                "width": width,
+                "annotations": annotations,
+            }
+        )
     return records

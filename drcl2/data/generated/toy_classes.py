@@ -15,6 +15,7 @@ the vocabulary mix shapes, colours and patterns for any K. The choices keep clas
   shape: light stripes across it, a light inside within a border of the colour, or one half in a
   dark shade of the colour.
 """
+
 import math
 import random
 from dataclasses import dataclass
@@ -24,7 +25,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["ToyClass", "toy_classes", "shape_polygon", "paint_pattern", "MAX_TOY_CLASSES", "COLOURS"]
+__all__ = [
+    "ToyClass",
+    "toy_classes",
+    "shape_polygon",
+    "paint_pattern",
+    "MAX_TOY_CLASSES",
+    "COLOURS",
+]
 
 # The toy set's ten shapes first (their order fixes the toy set), then the extension.
 SHAPES = (
@@ -110,7 +118,9 @@ def _crescent() -> List[Tuple[float, float]]:
     x = (1 + d * d - rho * rho) / (2 * d)
     outer_from = math.atan2(math.sqrt(1 - x * x), x)
     inner_from = math.atan2(math.sqrt(1 - x * x), x - d)
-    outer = [(math.cos(a), math.sin(a)) for a in np.linspace(outer_from, 2 * math.pi - outer_from, 20)]
+    outer = [
+        (math.cos(a), math.sin(a)) for a in np.linspace(outer_from, 2 * math.pi - outer_from, 20)
+    ]
     inner_angles = np.linspace(2 * math.pi - inner_from, inner_from, 16)
     inner = [(d + rho * math.cos(a), rho * math.sin(a)) for a in inner_angles]
     return outer + inner
@@ -119,23 +129,37 @@ def _crescent() -> List[Tuple[float, float]]:
 def _heart() -> List[Tuple[float, float]]:
     t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
     x = 16 * np.sin(t) ** 3
-    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))  # image y points down
+    y = -(
+        13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+    )  # image y points down
     return list(zip(x, y))
 
 
 # Shapes given as outlines in the object's own frame (rotated by its angle when drawn).
 _LOCAL_OUTLINES = {
-    "arrow": [(1.0, 0.0), (0.1, 0.8), (0.1, 0.35), (-1.0, 0.35), (-1.0, -0.35), (0.1, -0.35), (0.1, -0.8)],
+    "arrow": [
+        (1.0, 0.0),
+        (0.1, 0.8),
+        (0.1, 0.35),
+        (-1.0, 0.35),
+        (-1.0, -0.35),
+        (0.1, -0.35),
+        (0.1, -0.8),
+    ],
     "semicircle": _normalised([(math.cos(a), math.sin(a)) for a in np.linspace(0, math.pi, 17)]),
     "crescent": _normalised(_crescent()),
     "heart": _normalised(_heart()),
     "bar": _normalised([(-1.0, -0.42), (1.0, -0.42), (1.0, 0.42), (-1.0, 0.42)]),
     "trapezoid": _normalised([(-1.0, 0.55), (1.0, 0.55), (0.45, -0.55), (-0.45, -0.55)]),
-    "chevron": _normalised([(-0.8, -0.85), (0.0, -0.85), (0.8, 0.0), (0.0, 0.85), (-0.8, 0.85), (0.0, 0.0)]),
+    "chevron": _normalised(
+        [(-0.8, -0.85), (0.0, -0.85), (0.8, 0.0), (0.0, 0.85), (-0.8, 0.85), (0.0, 0.0)]
+    ),
 }
 
 
-def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
+def shape_polygon(
+    shape: str, cx: float, cy: float, r: float, angle: float
+) -> List[Tuple[float, float]]:
     """The outline of ``shape`` with radius ``r`` (it lies within the r-disc) centred at (cx, cy), rotated
     by ``angle`` (radians), as image points (x, y)."""
     if shape in _LOCAL_OUTLINES:
@@ -199,7 +223,10 @@ def paint_pattern(
     # the shape lies within its r-box: work on that crop of the image only
     height, width = shape_mask.shape
     x0, y0 = max(0, math.floor(center[0] - radius) - 1), max(0, math.floor(center[1] - radius) - 1)
-    x1, y1 = min(width, math.ceil(center[0] + radius) + 2), min(height, math.ceil(center[1] + radius) + 2)
+    x1, y1 = (
+        min(width, math.ceil(center[0] + radius) + 2),
+        min(height, math.ceil(center[1] + radius) + 2),
+    )
     inside = shape_mask[y0:y1, x0:x1] > 0
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5  # pixel centres
     u = (xx - center[0]) * math.cos(angle) + (yy - center[1]) * math.sin(angle)  # along the object

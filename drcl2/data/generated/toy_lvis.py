@@ -26,6 +26,7 @@ statistics; :func:`toy_lvis_categories` has them in milliseconds); :func:`genera
 the images (in parallel for large sets) and writes the JSON files. The same spec gives the same
 bytes, whatever the number of worker processes.
 """
+
 import functools
 import json
 import math
@@ -98,50 +99,90 @@ class ToyLVISSpec:
     num_test_images: int = 400
     min_image_size: int = 96  # shorter and longer sides are drawn from [min, max] independently
     max_image_size: int = 128
-    image_format: str = "png"  # "png" (lossless) or "jpg" (quality 90: ~7x smaller, faster to write)
-    max_objects_per_image: int = 5  # classes per image: 1..max (zipf), about (1 + max) / 2 on average (lvis)
+    image_format: str = (
+        "png"  # "png" (lossless) or "jpg" (quality 90: ~7x smaller, faster to write)
+    )
+    max_objects_per_image: int = (
+        5  # classes per image: 1..max (zipf), about (1 + max) / 2 on average (lvis)
+    )
     # object radii, as fractions of max_image_size, so that objects scale with the images (8-22 px at 128)
     min_object_scale: float = 0.0625
     max_object_scale: float = 0.171875
-    zipf_exponent: float = 1.5  # "zipf": class c (by rank) has probability proportional to 1 / (c + 1)^s
+    zipf_exponent: float = (
+        1.5  # "zipf": class c (by rank) has probability proportional to 1 / (c + 1)^s
+    )
     # val and test mix in this much of a uniform class distribution, so every class has boxes there
     val_uniform_mix: float = 0.5
     not_exhaustive_prob: float = 0.1  # images with one drawn but unannotated instance
-    max_box_occlusion: float = 0.25  # at most this fraction of an earlier box may be covered by a later one
-    max_total_box_occlusion: float = math.inf  # ... and by all later ones together (sum of the fractions)
+    max_box_occlusion: float = (
+        0.25  # at most this fraction of an earlier box may be covered by a later one
+    )
+    max_total_box_occlusion: float = (
+        math.inf
+    )  # ... and by all later ones together (sum of the fractions)
 
     def __post_init__(self):
         def check(field, ok, what):
             if not ok:
-                raise ValueError(f"ToyLVISSpec.{field}: must be {what}; got {getattr(self, field)!r}.")
+                raise ValueError(
+                    f"ToyLVISSpec.{field}: must be {what}; got {getattr(self, field)!r}."
+                )
 
-        check("name", re.fullmatch(r"[A-Za-z0-9_\-]+", str(self.name)),
-              "letters, digits, '_' or '-' (it names a folder)")
-        check("first_class", 0 <= self.first_class < MAX_TOY_CLASSES,
-              f"in [0, {MAX_TOY_CLASSES - 1}] (the class vocabulary)")
-        check("num_classes", 1 <= self.num_classes <= MAX_TOY_CLASSES - self.first_class,
-              f"in [1, {MAX_TOY_CLASSES} - first_class] (the class vocabulary)")
-        check("class_distribution", self.class_distribution in CLASS_DISTRIBUTIONS,
-              f"one of {CLASS_DISTRIBUTIONS}")
+        check(
+            "name",
+            re.fullmatch(r"[A-Za-z0-9_\-]+", str(self.name)),
+            "letters, digits, '_' or '-' (it names a folder)",
+        )
+        check(
+            "first_class",
+            0 <= self.first_class < MAX_TOY_CLASSES,
+            f"in [0, {MAX_TOY_CLASSES - 1}] (the class vocabulary)",
+        )
+        check(
+            "num_classes",
+            1 <= self.num_classes <= MAX_TOY_CLASSES - self.first_class,
+            f"in [1, {MAX_TOY_CLASSES} - first_class] (the class vocabulary)",
+        )
+        check(
+            "class_distribution",
+            self.class_distribution in CLASS_DISTRIBUTIONS,
+            f"one of {CLASS_DISTRIBUTIONS}",
+        )
         check("image_format", self.image_format in IMAGE_FORMATS, f"one of {IMAGE_FORMATS}")
         check("max_objects_per_image", self.max_objects_per_image >= 1, ">= 1")
         for split in SPLITS:
             field, n = f"num_{split}_images", getattr(self, f"num_{split}_images")
             # ids are unique across the splits (_FIRST_IDS)
             check(field, 1 <= n <= _MAX_IMAGES, f"in [1, {_MAX_IMAGES:,}]")
-            check(field, n * (self.max_objects_per_image + 1) <= _MAX_ANNOTATIONS,
-                  f"at most {_MAX_ANNOTATIONS:,} / (max_objects_per_image + 1)")
-        check("min_image_size", 1 <= self.min_image_size <= self.max_image_size, ">= 1 and <= max_image_size")
-        check("min_object_scale", 0 < self.min_object_scale <= self.max_object_scale,
-              "> 0 and <= max_object_scale")
-        check("max_object_scale", 2 * self.max_object_scale * self.max_image_size <= self.min_image_size,
-              "at most min_image_size / (2 * max_image_size), so that the largest object fits the smallest image")
+            check(
+                field,
+                n * (self.max_objects_per_image + 1) <= _MAX_ANNOTATIONS,
+                f"at most {_MAX_ANNOTATIONS:,} / (max_objects_per_image + 1)",
+            )
+        check(
+            "min_image_size",
+            1 <= self.min_image_size <= self.max_image_size,
+            ">= 1 and <= max_image_size",
+        )
+        check(
+            "min_object_scale",
+            0 < self.min_object_scale <= self.max_object_scale,
+            "> 0 and <= max_object_scale",
+        )
+        check(
+            "max_object_scale",
+            2 * self.max_object_scale * self.max_image_size <= self.min_image_size,
+            "at most min_image_size / (2 * max_image_size), so that the largest object fits the smallest image",
+        )
         check("zipf_exponent", self.zipf_exponent >= 0, ">= 0")
         for field in ("val_uniform_mix", "not_exhaustive_prob"):
             check(field, 0 <= getattr(self, field) <= 1, "in [0, 1]")
         check("max_box_occlusion", 0 < self.max_box_occlusion <= 1, "in (0, 1]")
-        check("max_total_box_occlusion", self.max_total_box_occlusion >= self.max_box_occlusion,
-              ">= max_box_occlusion")
+        check(
+            "max_total_box_occlusion",
+            self.max_total_box_occlusion >= self.max_box_occlusion,
+            ">= max_box_occlusion",
+        )
         if self.class_distribution == "lvis":
             _lvis_train_image_counts(self)  # raises if the images cannot hold LVIS's long tail
 
@@ -156,7 +197,11 @@ def toy_lvis_paths(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> Dict[str, st
 
 
 def _num_images(spec: ToyLVISSpec, split: str) -> int:
-    return {"train": spec.num_train_images, "val": spec.num_val_images, "test": spec.num_test_images}[split]
+    return {
+        "train": spec.num_train_images,
+        "val": spec.num_val_images,
+        "test": spec.num_test_images,
+    }[split]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,7 +215,7 @@ def _class_ranks(spec: ToyLVISSpec) -> List[int]:
 
 
 def _class_probabilities(spec: ToyLVISSpec, split: str) -> List[float]:
-    """"zipf": the probability of each class, per drawn object."""
+    """ "zipf": the probability of each class, per drawn object."""
     zipf = [1.0 / (rank + 1) ** spec.zipf_exponent for rank in _class_ranks(spec)]
     total = sum(zipf)
     probs = [z / total for z in zipf]
@@ -212,14 +257,16 @@ def _lvis_train_image_counts(spec: ToyLVISSpec) -> np.ndarray:
 
 
 def _lvis_image_counts(spec: ToyLVISSpec, split: str) -> np.ndarray:
-    """"lvis": images per class in ``split``; val and test mix in ``val_uniform_mix`` of a uniform
+    """ "lvis": images per class in ``split``; val and test mix in ``val_uniform_mix`` of a uniform
     distribution (every class has at least one image there)."""
     train = _lvis_train_image_counts(spec)
     if split == "train":
         return train
     n, k = _num_images(spec, split), spec.num_classes
     probs = (1 - spec.val_uniform_mix) * train / train.sum() + spec.val_uniform_mix / k
-    counts = np.clip(np.round(n * (1 + spec.max_objects_per_image) / 2 * probs), 1, n).astype(np.int64)
+    counts = np.clip(np.round(n * (1 + spec.max_objects_per_image) / 2 * probs), 1, n).astype(
+        np.int64
+    )
     # keep the split within 1..max classes per image
     while counts.sum() > n * spec.max_objects_per_image:
         counts[np.argmax(counts)] -= 1
@@ -242,7 +289,9 @@ def _dealt_classes(spec: ToyLVISSpec, split: str) -> Tuple[Tuple[int, ...], ...]
     counts = _lvis_image_counts(spec, split)
     n, most = _num_images(spec, split), spec.max_objects_per_image
     rng = np.random.default_rng([spec.seed, SPLITS.index(split), 7])
-    extra = rng.choice(n * (most - 1), size=int(counts.sum()) - n, replace=False) // max(most - 1, 1)
+    extra = rng.choice(n * (most - 1), size=int(counts.sum()) - n, replace=False) // max(
+        most - 1, 1
+    )
     capacity = 1 + np.bincount(extra, minlength=n).astype(np.float64)
     images: List[List[int]] = [[] for _ in range(n)]
     for c in np.argsort(-counts, kind="stable"):
@@ -367,7 +416,9 @@ def toy_lvis_layout(spec: ToyLVISSpec, split: str) -> List[Dict[str, Any]]:
         if lvis:
             wanted = list(dealt[i])
         else:
-            wanted = rng.choices(classes, weights=probs, k=rng.randint(1, spec.max_objects_per_image))
+            wanted = rng.choices(
+                classes, weights=probs, k=rng.randint(1, spec.max_objects_per_image)
+            )
         objects, boxes, covered = [], [], []
         unannotated_class = None
         if rng.random() < spec.not_exhaustive_prob:
@@ -377,7 +428,9 @@ def toy_lvis_layout(spec: ToyLVISSpec, split: str) -> List[Dict[str, Any]]:
         for j, category in enumerate(wanted):
             annotated = not (unannotated_class is not None and j == len(wanted) - 1)
             # "lvis" counts are exact by construction: no annotated object may be dropped
-            placed = _place_object(rng, spec, width, height, boxes, covered, must_place=lvis and annotated)
+            placed = _place_object(
+                rng, spec, width, height, boxes, covered, must_place=lvis and annotated
+            )
             if placed is None:
                 continue
             cx, cy, radius, box = placed
@@ -454,7 +507,9 @@ def toy_lvis_categories(spec: ToyLVISSpec) -> List[Dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------------
-def _render_background(rng: np.random.Generator, width: int, height: int, scale: float) -> Image.Image:
+def _render_background(
+    rng: np.random.Generator, width: int, height: int, scale: float
+) -> Image.Image:
     """
     A muted gradient with clutter: lines, dots and blocks of low-saturation colours, plus noise.
     Clutter sizes follow ``scale`` (the image size relative to 128 px; counts do not), so a larger
@@ -462,8 +517,10 @@ def _render_background(rng: np.random.Generator, width: int, height: int, scale:
     """
     base = rng.uniform(70, 190, size=3)
     tilt = rng.uniform(-40, 40, size=3)
-    ramp = np.linspace(0.0, 1.0, width)[None, :, None] if rng.random() < 0.5 else (
-        np.linspace(0.0, 1.0, height)[:, None, None]
+    ramp = (
+        np.linspace(0.0, 1.0, width)[None, :, None]
+        if rng.random() < 0.5
+        else (np.linspace(0.0, 1.0, height)[:, None, None])
     )
     pixels = np.broadcast_to(base + tilt * ramp, (height, width, 3)).copy()
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -475,12 +532,19 @@ def _render_background(rng: np.random.Generator, width: int, height: int, scale:
         kind = rng.integers(3)
         if kind == 0:
             x1, y1 = x0 + rng.uniform(-40, 40) * scale, y0 + rng.uniform(-40, 40) * scale
-            draw.line([(x0, y0), (x1, y1)], fill=colour, width=max(1, round(int(rng.integers(1, 3)) * scale)))
+            draw.line(
+                [(x0, y0), (x1, y1)],
+                fill=colour,
+                width=max(1, round(int(rng.integers(1, 3)) * scale)),
+            )
         elif kind == 1:
             s = rng.uniform(1, 3) * scale
             draw.ellipse([x0 - s, y0 - s, x0 + s, y0 + s], fill=colour)
         else:
-            draw.rectangle([x0, y0, x0 + rng.uniform(3, 14) * scale, y0 + rng.uniform(3, 14) * scale], fill=colour)
+            draw.rectangle(
+                [x0, y0, x0 + rng.uniform(3, 14) * scale, y0 + rng.uniform(3, 14) * scale],
+                fill=colour,
+            )
     noisy = rng.normal(0, 6, size=(height, width, 3))
     noisy += np.asarray(img)
     return Image.fromarray(np.clip(noisy, 0, 255, out=noisy).astype(np.uint8))
@@ -506,7 +570,8 @@ def _render_image(spec: ToyLVISSpec, split: str, layout: Dict[str, Any]):
     for obj in layout["objects"]:
         cls = classes[obj["category"]]
         colour = tuple(
-            int(v) for v in np.clip(np.array(COLOURS[cls.colour]) + rng.uniform(-20, 20, size=3), 0, 255)
+            int(v)
+            for v in np.clip(np.array(COLOURS[cls.colour]) + rng.uniform(-20, 20, size=3), 0, 255)
         )
         polygon = shape_polygon(cls.shape, *obj["center"], obj["radius"], obj["angle"])
         shape_mask = Image.new("L", img.size, 0)
@@ -516,7 +581,9 @@ def _render_image(spec: ToyLVISSpec, split: str, layout: Dict[str, Any]):
             m[shape_mask > 0] = 0
         masks.append(shape_mask.copy())
         ImageDraw.Draw(img).polygon(polygon, fill=colour)
-        paint_pattern(img, cls.pattern, shape_mask, colour, obj["center"], obj["radius"], obj["angle"], rng)
+        paint_pattern(
+            img, cls.pattern, shape_mask, colour, obj["center"], obj["radius"], obj["angle"], rng
+        )
     return img, masks
 
 
@@ -576,7 +643,9 @@ def _render_split(spec: ToyLVISSpec, split: str, out_dir: str, categories, num_w
         # files are the same as with one process
         size = max(1, math.ceil(len(layouts) / (num_workers * 8)))
         chunks = [layouts[i : i + size] for i in range(0, len(layouts), size)]
-        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context(_MP_CONTEXT)) as pool:
+        with ProcessPoolExecutor(
+            num_workers, mp_context=multiprocessing.get_context(_MP_CONTEXT)
+        ) as pool:
             parts = pool.map(functools.partial(_render_chunk, spec, split, out_dir), chunks)
             rendered = [image for part in parts for image in part]
     else:
@@ -600,7 +669,9 @@ def _render_split(spec: ToyLVISSpec, split: str, out_dir: str, categories, num_w
     }
 
 
-def _write_split(spec: ToyLVISSpec, split: str, out_dir: str, categories, num_workers: int = 1) -> None:
+def _write_split(
+    spec: ToyLVISSpec, split: str, out_dir: str, categories, num_workers: int = 1
+) -> None:
     """Render ``split`` into ``out_dir`` (``<split>/`` and ``annotations/<name>_<split>.json``)."""
     lvis_dict = _render_split(spec, split, out_dir, categories, num_workers)
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
@@ -667,7 +738,10 @@ def _add_split(root: str, spec: ToyLVISSpec, split: str, num_workers: int) -> No
         _write_split(spec, split, staging, toy_lvis_categories(spec), num_workers)
         os.rename(os.path.join(staging, split), image_dir)
         os.makedirs(os.path.dirname(paths[f"{split}_json"]), exist_ok=True)
-        os.rename(os.path.join(staging, "annotations", f"{spec.name}_{split}.json"), paths[f"{split}_json"])
+        os.rename(
+            os.path.join(staging, "annotations", f"{spec.name}_{split}.json"),
+            paths[f"{split}_json"],
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
