@@ -20,7 +20,7 @@ D2_DEPS := "numpy<2" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" "pycocotools>=2.0.2
 
 DEMO_OUT ?= output/demo
 
-.PHONY: install detectron2 demo test study clean-demo device-check install-wheels device-wheels
+.PHONY: install detectron2 demo test test-fast lint format study clean-demo device-check install-wheels device-wheels
 
 install: $(STAMP)
 
@@ -62,8 +62,22 @@ demo: install
 	@$(PY) -m drcl2.tools.summarize $(DEMO_OUT)/finetune --study docs/study/toy/results.csv \
 		--arms scratch,scratch_long,supervised_pretrain,2drcl,2drcl_v1
 
-test: install
+# The whole suite, after the style check (ruff, configured in pyproject.toml).
+test: install lint
 	@$(PY) -m pytest -q tests
+
+# The fast loop while editing: everything but the end-to-end runs (@pytest.mark.slow).
+test-fast: install
+	@$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+
+# Format the tree and fix what ruff can (import order, ...).
+format: install
+	@$(VENV)/bin/ruff format .
+	@$(VENV)/bin/ruff check --fix .
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

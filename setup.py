@@ -31,5 +31,6 @@ setup(
         "Pillow",
         "tabulate",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # the test suite and the style tool (configured in pyproject.toml; `make test` runs both)
+    extras_require={"test": ["pytest>=7", "ruff==0.17.6"]},
 )

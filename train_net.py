@@ -22,7 +22,8 @@ from drcl2.engine import setup_drcl2_logger
 
 
 def setup(args):
-    """The frozen config of ``args``: detectron2's defaults, drcl2's keys, the file, the overrides."""
+    """The frozen config of ``args``: detectron2's defaults, drcl2's keys, the file, the
+    overrides."""
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(args.config_file)

@@ -3,9 +3,10 @@
 Where things live:
     drcl2.config       add_drcl2_config(cfg): every drcl2 config key, with its default
     drcl2.data         the data path: LVIS-format datasets (register_lvis_format), the registered
-                       datasets and their checks, COCO-LT, the dynamic rebalancing sampler and maths,
-                       TwoViewDatasetMapper (its OpenCV / NumPy augmentation ops: drcl2.data.view_ops),
-                       precomputed proposals as LCL's boxes (proposals.py), the resumable training loader
+                       datasets and their checks, COCO-LT, the dynamic rebalancing sampler and
+                       maths, TwoViewDatasetMapper (its OpenCV / NumPy augmentation ops:
+                       drcl2.data.view_ops), precomputed proposals as LCL's boxes (proposals.py),
+                       the resumable training loader
     drcl2.data.generated  generators of the demo, study and test sets (not the data path): the toy
                        and large LVIS-format sets, the toy source set, synthetic LVIS data for tests
     drcl2.engine       Trainer: DefaultTrainer for 2DRCL pre-training and long-tail fine-tuning
@@ -17,12 +18,13 @@ Where things live:
     drcl2.checkpoint   export_finetune_weights(src, dst): DRCL2 checkpoint -> fine-tuning weights
     drcl2.study        seeded, equal-compute studies: the study file, the runner, the report
                        (python -m drcl2.tools.study)
-    drcl2.tools        command lines: python -m drcl2.tools.<name> (export_weights, dump_proposals, ...)
+    drcl2.tools        command lines: python -m drcl2.tools.<name> (export_weights, dump_proposals,
+                       ...)
 """
 
 from . import (
-    data,  # registers the generated LVIS-format sets and COCO-LT
-    modeling,  # registers the DRCL2, ATSS and FCOS meta-architectures
+    data,  # noqa: F401  (registers the generated LVIS-format sets and COCO-LT)
+    modeling,  # noqa: F401  (registers the DRCL2, ATSS and FCOS meta-architectures)
 )
 from .checkpoint import export_finetune_weights
 from .config import add_drcl2_config

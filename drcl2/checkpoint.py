@@ -63,9 +63,9 @@ def finetune_state_dict(
     if not any(k.startswith("backbone.") for k in keys):
         sample = ", ".join(keys[:5]) or "(no keys)"
         raise ValueError(
-            f"{source} is not a pre-training checkpoint: it has no 'backbone.*' entries (first keys: "
-            f"{sample}). Export the model_*.pth written by a MODEL.META_ARCHITECTURE 'DRCL2' run "
-            "(e.g. configs/pretrain_2drcl.yaml) or by a detectron2 detector."
+            f"{source} is not a pre-training checkpoint: it has no 'backbone.*' entries (first "
+            f"keys: {sample}). Export the model_*.pth written by a MODEL.META_ARCHITECTURE 'DRCL2' "
+            "run (e.g. configs/pretrain_2drcl.yaml) or by a detectron2 detector."
         )
     return OrderedDict(
         (k, v.detach().cpu() if torch.is_tensor(v) else v)
@@ -178,9 +178,10 @@ def stale_tmp_reason(path: str, now: Optional[float] = None) -> Optional[str]:
 def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
     """
     Write a file so that ``path`` holds either its old content or the complete new one, never a
-    part: ``write(f)`` fills a temporary file in the same folder (``.<name>.<host>-<pid>-<unique>.tmp``),
-    which is flushed to disk and renamed over ``path``. Paths with a URI scheme (``s3://``, ...) that
-    iopath handles are written directly (no rename there).
+    part: ``write(f)`` fills a temporary file in the same folder
+    (``.<name>.<host>-<pid>-<unique>.tmp``), which is flushed to disk and renamed over ``path``.
+    Paths with a URI scheme (``s3://``, ...) that iopath handles are written directly (no rename
+    there).
     """
     if "://" in path:
         with PathManager.open(path, mode) as f:
@@ -241,7 +242,8 @@ _CHECKPOINT_NAME = re.compile(r"^model_(\d+|final)\.pth$")
 
 
 def checkpoint_iteration(path: str) -> Optional[int]:
-    """The ``iteration`` a detectron2 checkpoint file holds, or None (memory-mapped: no tensor is read)."""
+    """The ``iteration`` a detectron2 checkpoint file holds, or None (memory-mapped: no tensor is
+    read)."""
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -280,7 +282,8 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 if reason is None:
                     continue
                 logger.warning(
-                    f"Removing {tmp}: an incomplete write left by a run killed while saving ({reason})."
+                    f"Removing {tmp}: an incomplete write left by a run killed while saving "
+                    f"({reason})."
                 )
                 try:
                     os.remove(tmp)
@@ -302,7 +305,8 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             and self._link(self._last_save[1], save_file)
         ):
             self.logger.info(
-                f"Saving checkpoint to {save_file} (a hard link to {self._last_save[1]}: same iteration)"
+                f"Saving checkpoint to {save_file} (a hard link to {self._last_save[1]}: same "
+                "iteration)"
             )
         else:
             data = {"model": self.model.state_dict()}
@@ -382,12 +386,13 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
 class DRCL2Checkpointer(AtomicDetectionCheckpointer):
     """
-    An :class:`AtomicDetectionCheckpointer` for DRCL2 models. Files loaded with detectron2's name-matching
-    heuristics (ImageNet ``.pkl`` from the model zoo, pycls ``.pyth``) are matched against the
-    *online* network only: with the target network's ``target_network.backbone.*`` copies in the
-    model, every ImageNet key would otherwise match two model keys and detectron2 refuses to load.
-    The target network then starts as a copy of the loaded online weights (``DRCL2`` copies it at
-    its first training step). Other checkpoints (DRCL2 ``model_*.pth``, resume) load unchanged.
+    An :class:`AtomicDetectionCheckpointer` for DRCL2 models. Files loaded with detectron2's
+    name-matching heuristics (ImageNet ``.pkl`` from the model zoo, pycls ``.pyth``) are matched
+    against the *online* network only: with the target network's ``target_network.backbone.*``
+    copies in the model, every ImageNet key would otherwise match two model keys and detectron2
+    refuses to load. The target network then starts as a copy of the loaded online weights
+    (``DRCL2`` copies it at its first training step). Other checkpoints (DRCL2 ``model_*.pth``,
+    resume) load unchanged.
     """
 
     def _load_model(self, checkpoint):

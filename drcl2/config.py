@@ -1,4 +1,5 @@
-"""drcl2's config keys. Call :func:`add_drcl2_config` on a detectron2 config before merging a file."""
+"""drcl2's config keys. Call :func:`add_drcl2_config` on a detectron2 config before merging a
+file."""
 
 from detectron2.config import CfgNode as CN
 
@@ -24,7 +25,8 @@ def add_drcl2_config(cfg):
     cfg.DATALOADER.DRCL2.CHUNK_ITERS = 10
 
     # ---------------------------------------------------------------------------------------------
-    # 2DRCL pre-training model (docs/method.md), MODEL.META_ARCHITECTURE == "DRCL2". The box pooler and
+    # 2DRCL pre-training model (docs/method.md), MODEL.META_ARCHITECTURE == "DRCL2". The box pooler
+    # and
     # box head follow MODEL.ROI_HEADS / MODEL.ROI_BOX_HEAD, the RPN MODEL.RPN, as in fine-tuning.
     # ---------------------------------------------------------------------------------------------
     cfg.MODEL.DRCL2 = CN()
@@ -88,7 +90,8 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.DRB = CN()
     # Dynamic rebalancing of instance selection / class weights w_c(lambda) (off: uniform weights).
     # Its image half is the sampler: True requires DATALOADER.SAMPLER_TRAIN
-    # "DynamicRepeatFactorTrainingSampler", False any other sampler (checked when the model is built).
+    # "DynamicRepeatFactorTrainingSampler", False any other sampler (checked when the model is
+    # built).
     cfg.MODEL.DRCL2.DRB.ENABLED = True
     # Where the class weights w_c(lambda) act inside the model (with DRB on): "instances" (which K
     # instances LCL draws), "sup" (the L_sup weights), "masking" (where box-guided masking puts
@@ -230,7 +233,8 @@ def add_drcl2_config(cfg):
     cfg.MODEL.ATSS.NORM = "GN"
     # Initial foreground probability of the classifier (sets its bias).
     cfg.MODEL.ATSS.PRIOR_PROB = 0.01
-    # k of the adaptive training sample selection: candidates per level and GT box (x anchors per location).
+    # k of the adaptive training sample selection: candidates per level and GT box (x anchors per
+    # location).
     cfg.MODEL.ATSS.TOPK = 9
     # Focal loss alpha.
     cfg.MODEL.ATSS.FOCAL_LOSS_ALPHA = 0.25
@@ -249,7 +253,8 @@ def add_drcl2_config(cfg):
 
     # detectron2's FCOS (drcl2.modeling.fcos, a registered subclass with from_config; detectron2
     # builds it from lazy configs only), MODEL.META_ARCHITECTURE == "FCOS". Defaults: those of
-    # detectron2's FCOS (detectron2/model_zoo/configs/common/models/fcos.py, in detectron2's package).
+    # detectron2's FCOS (detectron2/model_zoo/configs/common/models/fcos.py, in detectron2's
+    # package).
     cfg.MODEL.FCOS = CN()
     # Number of foreground classes.
     cfg.MODEL.FCOS.NUM_CLASSES = 80
@@ -278,7 +283,8 @@ def add_drcl2_config(cfg):
     # Evaluation (drcl2.evaluation).
     # ---------------------------------------------------------------------------------------------
     cfg.TEST.DRCL2 = CN()
-    # LVIS scoring backend: "faster" (faster-coco-eval's C++ LVIS mode) or "lvis" (reference lvis API).
+    # LVIS scoring backend: "faster" (faster-coco-eval's C++ LVIS mode) or "lvis" (reference lvis
+    # API).
     cfg.TEST.DRCL2.LVIS_BACKEND = "faster"
 
     # ---------------------------------------------------------------------------------------------

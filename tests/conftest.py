@@ -1,7 +1,7 @@
 """
-Shared test set-up. Tests use the repository's ``datasets/`` folder as the dataset root (the toy LVIS
-set is generated there once and reused, as by ``make demo``) unless $DETECTRON2_DATASETS is set; it
-must be set before drcl2 is imported, since drcl2 registers its datasets on import.
+Shared test set-up. Tests use the repository's ``datasets/`` folder as the dataset root (the toy
+LVIS set is generated there once and reused, as by ``make demo``) unless $DETECTRON2_DATASETS is
+set; it must be set before drcl2 is imported, since drcl2 registers its datasets on import.
 """
 
 import json
@@ -23,7 +23,8 @@ TEST_DEVICE = os.environ.get("DRCL2_TEST_DEVICE", "cpu")
 
 
 def cfg_from(path, *opts):
-    """A drcl2 config from a file of the repository, on TEST_DEVICE (the CPU), with no initial weights."""
+    """A drcl2 config from a file of the repository, on TEST_DEVICE (the CPU), with no initial
+    weights."""
     from detectron2.config import get_cfg
 
     from drcl2.config import add_drcl2_config
@@ -106,7 +107,8 @@ def one_thread():
 def drcl2_log(caplog, monkeypatch):
     """
     caplog on drcl2's loggers, even when a detectron2 setup_logger stopped their propagation; with
-    detectron2's rate limits (log_every_n_seconds) fresh, so a line an earlier test logged still shows.
+    detectron2's rate limits (log_every_n_seconds) fresh, so a line an earlier test logged still
+    shows.
     """
     import detectron2.utils.logger
 

@@ -122,7 +122,8 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, damage, d
 
 
 def test_fallback_ranks_model_final_by_its_iteration(tmp_path):
-    """A run extended after its model_final (iteration 9): the fallback takes the newer model_0000014."""
+    """A run extended after its model_final (iteration 9): the fallback takes the newer
+    model_0000014."""
     checkpointer = AtomicDetectionCheckpointer(_model(), save_dir=str(tmp_path))
     _save(checkpointer, 9)
     checkpointer.save("model_final", iteration=9)

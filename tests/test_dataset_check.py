@@ -1,4 +1,5 @@
-"""drcl2.data.dataset_check, the check_dataset tool and the Trainer's check before the first step."""
+"""drcl2.data.dataset_check, the check_dataset tool and the Trainer's check before the first
+step."""
 
 import io
 import json
@@ -88,8 +89,8 @@ def test_report_counts_each_kind_and_names_the_first(tmp_path):
         lines[0] == f"error: missing image files: 1 image (first: {tmp_path / 'images' / '2.png'})"
     )
     assert (
-        "warning: boxes of zero area: 2 annotations in 2 images; dropped for training, as detectron2 "
-        f"drops empty boxes (first: {tmp_path / 'images' / '1.png'}, annotation id 2)"
+        "warning: boxes of zero area: 2 annotations in 2 images; dropped for training, as "
+        f"detectron2 drops empty boxes (first: {tmp_path / 'images' / '1.png'}, annotation id 2)"
     ) in lines
     assert [f.kind for f in report.errors] == ["missing_file"]
     assert report.num_images == 4 and report.num_annotations == len(BOXES)
@@ -101,7 +102,8 @@ def test_report_counts_each_kind_and_names_the_first(tmp_path):
 
 
 def test_dropped_boxes_are_those_detectron2_drops(tmp_path):
-    """What the report calls dropped is exactly what detectron2's DatasetMapper removes in training."""
+    """What the report calls dropped is exactly what detectron2's DatasetMapper removes in
+    training."""
     dicts = _dicts(tmp_path)
     report = check_dataset_dicts(dicts, num_classes=2)
     reported = {}
@@ -121,7 +123,8 @@ def test_dropped_boxes_are_those_detectron2_drops(tmp_path):
 
 
 def test_unknown_category_ids_and_malformed_boxes_are_errors(tmp_path):
-    # a loader whose contiguous ids run past the classes (detectron2's LVIS v1 loader subtracts 1 from
+    # a loader whose contiguous ids run past the classes (detectron2's LVIS v1 loader subtracts 1
+    # from
     # any id); an LVIS-format json with such ids is refused on loading (test_lvis_format)
     dicts = _dicts(tmp_path)
     dicts[1]["annotations"][0]["category_id"] = 5
@@ -132,8 +135,8 @@ def test_unknown_category_ids_and_malformed_boxes_are_errors(tmp_path):
     assert [f.kind for f in report.errors] == ["unknown_category", "malformed_box"]
     lines = report.lines()
     assert lines[0] == (
-        "error: category ids outside the dataset's classes (contiguous ids 0..1) [-1, 5]: 2 annotations in "
-        f"2 images (first: {tmp_path / 'images' / '2.png'}, annotation id 3)"
+        "error: category ids outside the dataset's classes (contiguous ids 0..1) [-1, 5]: 2 "
+        f"annotations in 2 images (first: {tmp_path / 'images' / '2.png'}, annotation id 3)"
     )
     assert lines[1] == (
         "error: boxes that are not four finite numbers: 2 annotations in 2 images "
@@ -197,7 +200,8 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
     assert check_dataset_tool.main([json_file, "--image-root", image_root]) == 0
     out = capsys.readouterr().out
     assert out.startswith(
-        f"{json_file}: 4 images, 9 annotations; checked files, categories and boxes: 0 kinds of error"
+        f"{json_file}: 4 images, 9 annotations; checked files, categories and boxes: 0 kinds of "
+        "error"
     )
     assert (
         "warning: boxes entirely outside the image: 2 annotations in 1 image; dropped for training"
@@ -214,8 +218,8 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
         == 1
     )
     assert (
-        f"error: images that cannot be decoded (truncated, or not an image): 1 image (first: {image_root}/4.png: "
-        in (capsys.readouterr().out)
+        "error: images that cannot be decoded (truncated, or not an image): 1 image (first: "
+        f"{image_root}/4.png: " in (capsys.readouterr().out)
     )
     # a registered name; a json without --image-root; a json with unknown categories
     name = f"test_check_tool_{os.getpid()}"
@@ -266,7 +270,8 @@ def test_trainer_checks_training_and_test_sets_before_the_first_step(tmp_path, d
         # the test set is broken: refused at start, before any training step
         with pytest.raises(
             DatasetCheckError,
-            match=rf"dataset '{test}'.*\n  error: missing image files: 1 image \(first: {test_root}/3.png\)",
+            match=rf"dataset '{test}'.*\n  error: missing image files: 1 image "
+            rf"\(first: {test_root}/3.png\)",
         ):
             Trainer.build_train_dataset(cfg)
         # the training set's degenerate boxes were reported, not dropped silently

@@ -1,4 +1,5 @@
-"""COCO-LT: the split script on a generated COCO file, AP1-AP4 grouping, the evaluator, the configs."""
+"""COCO-LT: the split script on a generated COCO file, AP1-AP4 grouping, the evaluator, the
+configs."""
 
 import csv
 import importlib.util
@@ -217,7 +218,8 @@ def test_coco_lt_evaluator_groups_by_training_instances(coco_lt_case, tmp_path):
     evaluator = Trainer.build_evaluator(cfg, names["val"])
     assert isinstance(evaluator, COCOLTEvaluator)
     evaluator.reset()
-    # class 1 and 4 hit (AP 100); class 2: a miss scored above the hit (AP 50); class 3 missed (AP 0).
+    # class 1 and 4 hit (AP 100); class 2: a miss scored above the hit (AP 50); class 3 missed (AP
+    # 0).
     dets = [
         (_xyxy(boxes[1]), 0.9, 0),
         (_xyxy(boxes[4]), 0.8, 3),

@@ -12,7 +12,8 @@ import train_net
 
 
 def test_eval_only_writes_per_class_report(tmp_path, toy_val_mini):
-    """A freshly initialised R-18 Mask R-CNN (MODEL.WEIGHTS "") on demo val images: poor but real."""
+    """A freshly initialised R-18 Mask R-CNN (MODEL.WEIGHTS "") on demo val images: poor but
+    real."""
     name = toy_val_mini
     args = default_argument_parser().parse_args(
         [

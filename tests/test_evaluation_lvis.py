@@ -357,7 +357,8 @@ def test_evaluator_rejects_unknown_backend(known_ap_dataset):
 
 
 def test_evaluator_backends_agree_on_generated_set(lvis_case, tmp_path):
-    """The evaluator class (not only evaluate_lvis) with both backends, from detectron2-style outputs."""
+    """The evaluator class (not only evaluate_lvis) with both backends, from detectron2-style
+    outputs."""
     lvis_api, gt, dets, json_file = lvis_case
     name = f"drcl2_test_lvis_case_{os.getpid()}"
     ids = sorted(c["id"] for c in gt["categories"])

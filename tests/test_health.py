@@ -140,7 +140,8 @@ def test_probe_tool_tells_collapsed_weights_from_random_ones(toy_val_mini, tmp_p
     assert float(collapsed["rank_box"]) == pytest.approx(1.0, abs=0.01)
     assert float(collapsed["std_box"]) < 1e-6
     assert float(random["rank_box"]) > 3
-    # trained and scored on the same boxes, the random features separate the classes; the constant ones cannot
+    # trained and scored on the same boxes, the random features separate the classes; the constant
+    # ones cannot
     assert float(random["probe_box_balanced"]) > float(collapsed["probe_box_balanced"])
     classes = len({a["category_id"] for a in json.load(open(_json(toy_val_mini)))["annotations"]})
     assert float(collapsed["probe_box_balanced"]) == pytest.approx(1 / classes)
@@ -165,8 +166,15 @@ def _json(name):
 def test_probe_tool_names_a_missing_file(toy_val_mini, tmp_path, capsys):
     from drcl2.tools import probe
 
-    code = probe.main(["--config-file", "configs/toy/mask_rcnn_finetune.yaml", "--dataset", toy_val_mini,
-                       str(tmp_path / "nope.pth")])  # fmt: skip
+    code = probe.main(
+        [
+            "--config-file",
+            "configs/toy/mask_rcnn_finetune.yaml",
+            "--dataset",
+            toy_val_mini,
+            str(tmp_path / "nope.pth"),
+        ]
+    )
     assert code == 1 and "nope.pth" in capsys.readouterr().err
 
 
@@ -177,10 +185,22 @@ def test_health_hook_logs_without_changing_the_run(toy_val_mini, tmp_path):
 
     def run(period, out):
         cfg = cfg_from(
-            "configs/toy/pretrain_2drcl.yaml", "SOLVER.MAX_ITER", 3, "OUTPUT_DIR", str(out),
-            "DATALOADER.NUM_WORKERS", 0, "SOLVER.CHECKPOINT_PERIOD", 100, "MODEL.DRCL2.HEALTH.PERIOD", period,
-            "MODEL.DRCL2.HEALTH.DATASET", toy_val_mini, "MODEL.DRCL2.HEALTH.MAX_IMAGES", 8,
-        )  # fmt: skip
+            "configs/toy/pretrain_2drcl.yaml",
+            "SOLVER.MAX_ITER",
+            3,
+            "OUTPUT_DIR",
+            str(out),
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "SOLVER.CHECKPOINT_PERIOD",
+            100,
+            "MODEL.DRCL2.HEALTH.PERIOD",
+            period,
+            "MODEL.DRCL2.HEALTH.DATASET",
+            toy_val_mini,
+            "MODEL.DRCL2.HEALTH.MAX_IMAGES",
+            8,
+        )
         return losses_of_run(cfg, resume=False)[1]
 
     with_hook = run(2, tmp_path / "on")

@@ -13,9 +13,10 @@ The import graph of the drcl2 package, read with ``ast`` (nothing is imported):
   ``mod`` for ``name`` would not find it). A package's ``__init__`` is its public face and may
   re-export; reaching a name through a package's namespace is not checked.
 
-Edges: ``import drcl2.a.b`` and ``from drcl2.a import b`` (b a module) give an edge to ``drcl2.a.b``;
-``from drcl2.a import name`` (name not a module) gives an edge to ``drcl2.a``. Parent packages that
-Python runs first (``drcl2/__init__.py`` before ``drcl2.a``) are not edges: every package has them.
+Edges: ``import drcl2.a.b`` and ``from drcl2.a import b`` (b a module) give an edge to
+``drcl2.a.b``; ``from drcl2.a import name`` (name not a module) gives an edge to ``drcl2.a``. Parent
+packages that Python runs first (``drcl2/__init__.py`` before ``drcl2.a``) are not edges: every
+package has them.
 """
 
 import ast
@@ -79,7 +80,8 @@ def _function_lines(tree: ast.AST) -> Set[int]:
 
 def import_edges(modules: Dict[str, str]):
     """
-    The intra-package imports: {module: {imported module: [(line, "module level" | "in a function")]}}.
+    The intra-package imports: {module: {imported module: [(line, "module level" | "in a
+    function")]}}.
     """
     graph = {}
     for module, path in modules.items():
@@ -255,8 +257,9 @@ def reexport_uses(modules: Dict[str, str]) -> List[str]:
                 defined, imported = names[target]
                 if node.attr in imported:
                     found.append(
-                        f"{module} (line {node.lineno}) reads {node.value.id}.{node.attr}, which {target} "
-                        f"imports from elsewhere: import {node.attr} from the module that defines it"
+                        f"{module} (line {node.lineno}) reads {node.value.id}.{node.attr}, which "
+                        f"{target} imports from elsewhere: import {node.attr} from the module that "
+                        "defines it"
                     )
     return found
 
@@ -320,12 +323,19 @@ def test_the_checker_finds_a_circle_and_a_reexport(tmp_path):
         {
             "pkg/__init__.py": "from . import a\n",
             "pkg/a.py": "from .b import helper\n\ndef f():\n    return helper()\n",
-            "pkg/b.py": "def helper():\n    from . import a  # lazy, to break the circle\n    return a\n",
+            "pkg/b.py": (
+                "def helper():\n    from . import a  # lazy, to break the circle\n    return a\n"
+            ),
             "pkg/c.py": "from .losses import loss\n",
             "pkg/losses.py": "def loss():\n    return 0\n",
             "pkg/sub/__init__.py": "",
-            "pkg/sub/d.py": "from .. import c, losses\n\ndef g():\n    return c.loss() + losses.loss()\n",
-            "pkg/sub/e.py": "import pkg.sub.d as D\nfrom ..losses import loss\n\ndef h():\n    return D.g() + loss()\n",
+            "pkg/sub/d.py": (
+                "from .. import c, losses\n\ndef g():\n    return c.loss() + losses.loss()\n"
+            ),
+            "pkg/sub/e.py": (
+                "import pkg.sub.d as D\nfrom ..losses import loss\n\n"
+                "def h():\n    return D.g() + loss()\n"
+            ),
         },
     )
     modules = package_modules(str(tmp_path), "pkg")
@@ -350,7 +360,8 @@ def test_the_checker_finds_a_circle_and_a_reexport(tmp_path):
     assert cycles == [["pkg.a", "pkg.b", "pkg.a"]]
     assert "pkg.b imports pkg.a (line 2, in a function)" in describe_cycle(cycles[0], graph)
     assert find_cycles(graph, {("pkg.b", "pkg.a"): "allowed"}) == []
-    # c.loss is c's import of losses.loss: flagged; losses.loss and D.g are defined where they are read
+    # c.loss is c's import of losses.loss: flagged; losses.loss and D.g are defined where they are
+    # read
     found = reexport_uses(modules)
     assert len(found) == 1 and found[0].startswith(
         "pkg.sub.d (line 4) reads c.loss, which pkg.c imports"

@@ -178,7 +178,8 @@ def train_step(model, iteration=None):
 
 
 def test_target_moves_once_per_new_iteration_with_that_iterations_momentum():
-    """Catches: no EMA without drcl2's hook, an EMA at every forward, the momentum of the wrong iteration."""
+    """Catches: no EMA without drcl2's hook, an EMA at every forward, the momentum of the wrong
+    iteration."""
     model = build(*NO_AR, *NO_SR, *NO_RPN)
     params = dict(model.named_parameters())
     online = params[TARGET.replace("target_network.", "")]
@@ -197,7 +198,8 @@ def test_target_moves_once_per_new_iteration_with_that_iterations_momentum():
 
 
 def test_without_a_trainer_each_training_forward_is_a_new_iteration():
-    """Catches: a target that only moves under an EventStorage (detectron2's RPN losses need one)."""
+    """Catches: a target that only moves under an EventStorage (detectron2's RPN losses need
+    one)."""
     model = build(*NO_AR, *NO_SR, *NO_RPN)
     target = dict(model.named_parameters())[TARGET]
     seen = []
@@ -233,7 +235,8 @@ def test_checkpoint_resume_gives_the_uninterrupted_target():
 
 
 def test_drb_without_class_statistics_refuses_to_train():
-    """Catches: a warning (or silent uniform weights) instead of an error under a foreign trainer."""
+    """Catches: a warning (or silent uniform weights) instead of an error under a foreign
+    trainer."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg()).train()
     assert model.rebalance_schedule is not None

@@ -1,6 +1,6 @@
 """
-DRCL2 across processes: two CPU processes (gloo, detectron2's ``launch``), the model wrapped in DDP as
-DefaultTrainer wraps it.
+DRCL2 across processes: two CPU processes (gloo, detectron2's ``launch``), the model wrapped in DDP
+as DefaultTrainer wraps it.
 
 * Equivalence: the average over ranks of every loss, and every parameter's gradient after DDP's
   averaging, equal one process on the concatenated batch (same views, same seeded draws).
@@ -38,7 +38,8 @@ CASES = {  # name: (options, rank 1 holds no instance); each option on and off, 
 
 
 def global_batch():
-    """4 images (<= 64 px: every batch pads to 64 x 64, as the concatenated one does), 1-4 instances."""
+    """4 images (<= 64 px: every batch pads to 64 x 64, as the concatenated one does), 1-4
+    instances."""
     boxes1 = [[4, 4, 30, 30], [20, 10, 60, 40], [0, 30, 20, 60], [30, 30, 60, 60]]
     boxes2 = [[10, 6, 40, 36], [30, 14, 64, 44], [2, 20, 18, 50], [24, 28, 50, 54]]
     spec = [  # (size v1, size v2, classes)

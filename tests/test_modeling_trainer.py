@@ -1,4 +1,5 @@
-"""2DRCL pre-training on the toy LVIS set through drcl2's Trainer (export, resume) and detectron2's DefaultTrainer."""
+"""2DRCL pre-training on the toy LVIS set through drcl2's Trainer (export, resume) and detectron2's
+DefaultTrainer."""
 
 import os
 

@@ -1,4 +1,5 @@
-"""One-stage fine-tuning: ATSS (sample selection, losses, inference), detectron2's RetinaNet and FCOS
+"""One-stage fine-tuning: ATSS (sample selection, losses, inference), detectron2's RetinaNet and
+FCOS
 from yacs configs, the 2DRCL export loading into each, and a toy ATSS fine-tune + evaluation."""
 
 import logging
@@ -286,7 +287,8 @@ ONE_STAGE = {
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Per pre-training config, the exported fine-tuning weights of a DRCL2 model (nudged off init)."""
+    """Per pre-training config, the exported fine-tuning weights of a DRCL2 model (nudged off
+    init)."""
     out = {}
     for name, (pretrain, _) in ONE_STAGE.items():
         folder = tmp_path_factory.mktemp("export")
@@ -340,12 +342,33 @@ def test_export_loads_into_one_stage_detector(exports, setting, config, caplog):
 # ------------------------------------------------------------------------------------------------
 def test_toy_atss_finetune_and_evaluate(exports, toy_val_mini, tmp_path, one_thread):
     args = default_argument_parser().parse_args(
-        ["--config-file", f"{REPO_ROOT}/{TOY_ATSS}", "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
-         "MODEL.WEIGHTS", exports["toy/path"], "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3",
-         "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
-         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
-         "DATASETS.TEST", f"('{toy_val_mini}',)", "OUTPUT_DIR", str(tmp_path)]
-    )  # fmt: skip
+        [
+            "--config-file",
+            f"{REPO_ROOT}/{TOY_ATSS}",
+            "MODEL.DEVICE",
+            "cpu",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "MODEL.WEIGHTS",
+            exports["toy/path"],
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.MAX_ITER",
+            "3",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "96",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "INPUT.MAX_SIZE_TEST",
+            "96",
+            "DATASETS.TEST",
+            f"('{toy_val_mini}',)",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ]
+    )
     train_net.main(args)
     results = read_eval_metrics(str(tmp_path))
     assert set(results) == {"bbox"}  # a box-only detector: no mask evaluation

@@ -142,7 +142,8 @@ def test_columns_give_back_detectron2s_coco_json():
 
 @pytest.fixture
 def generated_lvis(tmp_path):
-    """A generated LVIS-style set (5 categories) registered under a fresh name; (name, gt, outputs)."""
+    """A generated LVIS-style set (5 categories) registered under a fresh name; (name, gt,
+    outputs)."""
     cats = [
         {"id": i + 1, "name": f"c{i + 1}", "frequency": "rcf"[i % 3], "image_count": 3}
         for i in range(5)
@@ -199,7 +200,8 @@ def test_masks_for_some_images_only_are_refused_at_the_first_such_image(generate
     e.process(in0, out0)
     with pytest.raises(
         ValueError,
-        match=rf"'pred_masks' for image {in0[0]['image_id']} but not for image {in1[0]['image_id']}",
+        match=rf"'pred_masks' for image {in0[0]['image_id']} "
+        rf"but not for image {in1[0]['image_id']}",
     ):
         e.process(in1, out1)
     # tasks that ask for masks: the first image without them is refused
@@ -223,7 +225,8 @@ def test_masks_for_some_images_only_are_refused_at_the_first_such_image(generate
 
 def test_lvis_benchmark_end_to_end_verdict(capsys):
     """`benchmark lvis_eval` at a tiny size (not a timed test): both figures are printed and the
-    end-to-end verdict says ok exactly when the measured speed-up in CPU seconds reaches the target."""
+    end-to-end verdict says ok exactly when the measured speed-up in CPU seconds reaches the
+    target."""
     import re
 
     from drcl2.tools import benchmark

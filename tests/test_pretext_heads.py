@@ -28,7 +28,8 @@ ALL_OFF = [
 
 @DRCL2_HEAD_REGISTRY.register()
 class TinyPoolHead(PretextHead):
-    """BYOL between a linear map of view 1's mean online p3 and its target copy on view 2's target p3."""
+    """BYOL between a linear map of view 1's mean online p3 and its target copy on view 2's target
+    p3."""
 
     @configurable
     def __init__(self, *, proj: nn.Module, weight: float = 1.0):

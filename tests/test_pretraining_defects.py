@@ -1,7 +1,7 @@
 """
-The four measured defects of 2DRCL v1's design (docs/method.md, "What changed after the first study") and
-the parts added to fix them: each test fails on v1's behaviour (kept behind config keys, so the test
-shows that it can fail) and passes on the new default.
+The four measured defects of 2DRCL v1's design (docs/method.md, "What changed after the first
+study") and the parts added to fix them: each test fails on v1's behaviour (kept behind config keys,
+so the test shows that it can fail) and passes on the new default.
 """
 
 import copy
@@ -92,9 +92,12 @@ def test_l_sup_finds_positives_of_a_class_seen_once_in_the_batch(monkeypatch):
         calls = []
         original = lcl_head.balanced_supervised_contrastive_loss
         monkeypatch.setattr(
-            lcl_head, "balanced_supervised_contrastive_loss",
-            lambda online, oc, ow, target, tc, *a: calls.append((oc, tc)) or original(online, oc, ow, target, tc, *a),
-        )  # fmt: skip
+            lcl_head,
+            "balanced_supervised_contrastive_loss",
+            lambda online, oc, ow, target, tc, *a: (
+                calls.append((oc, tc)) or original(online, oc, ow, target, tc, *a)
+            ),
+        )
         model = build("MODEL.DRCL2.LCL.MEMORY_PER_CLASS", memory, *NO_AR, *NO_SR, *NO_RPN,
                       "MODEL.DRCL2.HCL.ENABLED", False)  # fmt: skip
         for iteration in range(2):
@@ -189,8 +192,17 @@ def test_lcl_backbone_gradient_scale(scale):
 
 def test_lcl_infonce_instance_term():
     """LCL.LOSS infonce: the instance term has negatives, so identical views do not zero it out."""
-    model = build("MODEL.DRCL2.HCL.ENABLED", False, *NO_AR, *NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.LOSS", "infonce",
-                  "MODEL.DRCL2.LCL.SUPERVISED", False)  # fmt: skip
+    model = build(
+        "MODEL.DRCL2.HCL.ENABLED",
+        False,
+        *NO_AR,
+        *NO_SR,
+        *NO_RPN,
+        "MODEL.DRCL2.LCL.LOSS",
+        "infonce",
+        "MODEL.DRCL2.LCL.SUPERVISED",
+        False,
+    )
     losses = step_data(model, batch())
     assert set(losses) == {"loss_lcl_inst"} and losses["loss_lcl_inst"].item() > 0.1
     with pytest.raises(ValueError, match="MODEL.DRCL2.LCL.LOSS"):

@@ -3,7 +3,8 @@ The default toy pre-training and fine-tuning, a few iterations on the CPU, again
 every loss of every iteration equal to the last bit. It pins the method's behaviour across
 refactoring (a change that moves a loss is a behaviour change, and says so here first).
 
-    DRCL2_WRITE_REFERENCE=1 pytest tests/test_reference_losses.py   # rewrite the reference, on purpose
+    DRCL2_WRITE_REFERENCE=1 pytest tests/test_reference_losses.py   # rewrite the reference, on
+                                                                    purpose
 """
 
 import json

@@ -2,9 +2,10 @@
 Every reference in the repository's code, configs and docs leads to something in the repository, so
 that a reader of a fresh clone can follow it:
 
-* paths (``configs/...``, ``docs/...``, ``drcl2/...``, ``datasets/...``, ``tests/...``, the top-level
-  files, ``../...`` relative to the file, any ``NAME.md``) name an existing file or folder; ``*``,
-  ``<placeholder>``, ``$VAR`` and ``{a,b}`` are patterns that must match at least one;
+* paths (``configs/...``, ``docs/...``, ``drcl2/...``, ``datasets/...``, ``tests/...``, the
+  top-level files, ``../...`` relative to the file, any ``NAME.md``) name an existing file or
+  folder; ``*``, ``<placeholder>``, ``$VAR`` and ``{a,b}`` are patterns that must match at least
+  one;
 * markdown links ``[text](target#anchor)`` resolve from the page, anchors to one of its headings;
 * a section named after a page (``docs/method.md, "DRB"``, ``datasets/README.md, section 'COCO'``,
   ``README, "Long runs"``) is one of that page's headings or bold paragraph labels;
@@ -47,7 +48,9 @@ SKIPPED_DIRS = {".git", ".venv", "output", ".whl", "__pycache__", ".pytest_cache
 ALLOWED: Dict[str, str] = {
     r"output/": "run outputs (OUTPUT_DIR, studies' runs), made at run time and git-ignored",
     r"\.venv/": "the virtual environment `make install` creates",
-    r"docs/device/": "the device check's reports, written on the GPU day (drcl2/tools/device_check.py)",
+    r"docs/device/": (
+        "the device check's reports, written on the GPU day (drcl2/tools/device_check.py)"
+    ),
     r"drcl2/(lambda|momentum|lcl_skipped)$": "event-storage scalar names, not paths",
     r"configs/toy/no_such\.yaml$": "a test's deliberately missing config",
 }
@@ -108,7 +111,8 @@ def _alternatives(text: str) -> List[str]:
 
 
 def _as_glob(path: str) -> str:
-    """Placeholders as ``*``: ``<name>``, ``$VAR``, ``$(VAR)``, ``${VAR}``, an f-string's ``{arch}``."""
+    """Placeholders as ``*``: ``<name>``, ``$VAR``, ``$(VAR)``, ``${VAR}``, an f-string's
+    ``{arch}``."""
     return re.sub(r"<[^>]*>|\$\(\w+\)|\$?\{[^{},]*\}|\$\w+", "*", path)
 
 
@@ -322,7 +326,8 @@ def test_the_checks_can_fail():
     refs = [
         _clean(m.group(0))
         for m in PATH_RE.finditer(
-            "see METHOD.md, (configs/toy/x.yaml), `docs/method.md`, ../shared/notes and output/run/."
+            "see METHOD.md, (configs/toy/x.yaml), `docs/method.md`, ../shared/notes and "
+            "output/run/."
         )
     ]
     assert refs == [

@@ -1,7 +1,7 @@
 """
 Exact resume: a run interrupted after a checkpoint and resumed with --resume gives the batches and
-losses of the uninterrupted run (pre-training with the dynamic sampler, fine-tuning with detectron2's
-RepeatFactorTrainingSampler; aspect-ratio grouping on; DataLoader workers 0 and 2).
+losses of the uninterrupted run (pre-training with the dynamic sampler, fine-tuning with
+detectron2's RepeatFactorTrainingSampler; aspect-ratio grouping on; DataLoader workers 0 and 2).
 """
 
 import os
@@ -301,7 +301,8 @@ def test_mapping_keeps_the_callers_cuda_random_state(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mapping_keeps_the_callers_cuda_random_state_on_gpu():
-    """GPU half: the CUDA stream after a seeded mapping is the one without it (the step's sampling)."""
+    """GPU half: the CUDA stream after a seeded mapping is the one without it (the step's
+    sampling)."""
     torch.manual_seed(0)
     expected = torch.rand(4, device="cuda")
     torch.manual_seed(0)
@@ -367,7 +368,8 @@ def test_check_resume_command_reports_zero_differences(tmp_path, capsys):
 
 
 def test_a_drawn_seed_is_kept_by_the_checkpoint(tmp_path):
-    """SEED -1: the seed drawn at start is saved, and the resumed run takes it (and rebuilds its loader with it)."""
+    """SEED -1: the seed drawn at start is saved, and the resumed run takes it (and rebuilds its
+    loader with it)."""
     cfg = _cfg("finetune", tmp_path, 0)
     cfg.merge_from_list(["SEED", -1, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1])
     cut, _, _ = _train(cfg, resume=False, stop_after=0)

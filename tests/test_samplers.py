@@ -161,8 +161,14 @@ def test_pass_counts_with_a_moving_lambda(dicts):
     largest count over the pass's λs allows, and the pass holds about sum_I r_I(λ) images.
     """
     r0, r1 = _image_factor_sets(dicts)
-    sampler = make(dicts, schedule=RebalanceSchedule(0.0, 1.0), max_iter=int(r1.sum()) // 8, chunk_iters=1,
-                   shuffle=False, seed=4)  # fmt: skip
+    sampler = make(
+        dicts,
+        schedule=RebalanceSchedule(0.0, 1.0),
+        max_iter=int(r1.sum()) // 8,
+        chunk_iters=1,
+        shuffle=False,
+        seed=4,
+    )
     n = int(r0.sum() * 0.5)
     counts = torch.bincount(torch.tensor(take(sampler, n)), minlength=len(dicts)).double()
     ceiling = torch.maximum(r0, r1).ceil()  # r_I(λ) lies between the two factor sets

@@ -269,10 +269,21 @@ def test_summary_maths_on_a_hand_made_csv(tmp_path):
     assert mean_std([float("nan"), 3.0])[2] == 1
     assert paired_differences(rows, "2drcl", "scratch", "test", "bbox", "APr") == [5.0, 2.0]
     assert paired_differences(rows, "2drcl", "scratch_long", "test", "bbox", "AP") == [2.0, -1.0]
-    per_class = [{"arm": a, "seed": s, "split": "test", "class": c, "frequency_group": g, "train_image_count": n,
-                  "ap_box": v, "ap_mask": ""}
-                 for a, v0 in (("2drcl", 30.0), ("scratch", 20.0), ("scratch_long", 25.0)) for s in (1, 2)
-                 for c, g, n, v in (("a", "r", 3, v0), ("b", "f", 300, v0 + 10))]  # fmt: skip
+    per_class = [
+        {
+            "arm": a,
+            "seed": s,
+            "split": "test",
+            "class": c,
+            "frequency_group": g,
+            "train_image_count": n,
+            "ap_box": v,
+            "ap_mask": "",
+        }
+        for a, v0 in (("2drcl", 30.0), ("scratch", 20.0), ("scratch_long", 25.0))
+        for s in (1, 2)
+        for c, g, n, v in (("a", "r", 3, v0), ("b", "f", 300, v0 + 10))
+    ]
     paths = write_report(
         study, str(tmp_path / "report"), {"command": "cmd", "device": "dev"}, rows, per_class
     )
@@ -296,9 +307,10 @@ def test_summary_maths_on_a_hand_made_csv(tmp_path):
 # end to end on a tiny generated set: run, skip when finished, resume when interrupted
 # ------------------------------------------------------------------------------------------------
 TINY = (
-    '[MODEL.DEVICE, cpu, DATALOADER.NUM_WORKERS, "0", SOLVER.IMS_PER_BATCH, "2", INPUT.MIN_SIZE_TRAIN, "(64,)", '
-    'INPUT.MAX_SIZE_TRAIN, "96", INPUT.MIN_SIZE_TEST, "64", INPUT.MAX_SIZE_TEST, "96", '
-    'MODEL.RPN.POST_NMS_TOPK_TRAIN, "64", MODEL.RPN.POST_NMS_TOPK_TEST, "32", TEST.DETECTIONS_PER_IMAGE, "10"]'
+    '[MODEL.DEVICE, cpu, DATALOADER.NUM_WORKERS, "0", SOLVER.IMS_PER_BATCH, "2", '
+    'INPUT.MIN_SIZE_TRAIN, "(64,)", INPUT.MAX_SIZE_TRAIN, "96", INPUT.MIN_SIZE_TEST, "64", '
+    'INPUT.MAX_SIZE_TEST, "96", MODEL.RPN.POST_NMS_TOPK_TRAIN, "64", '
+    'MODEL.RPN.POST_NMS_TOPK_TEST, "32", TEST.DETECTIONS_PER_IMAGE, "10"]'
 )
 
 
@@ -473,7 +485,9 @@ def test_source_weights_train_once_and_keep_only_the_resnet(
     source_cfg.write_text(
         textwrap.dedent(f"""
         _BASE_: {REPO_ROOT}/configs/toy/mask_rcnn_source.yaml
-        MODEL: {{ROI_HEADS: {{NUM_CLASSES: 30}}, RPN: {{POST_NMS_TOPK_TRAIN: 64, POST_NMS_TOPK_TEST: 32}}}}
+        MODEL:
+          ROI_HEADS: {{NUM_CLASSES: 30}}
+          RPN: {{POST_NMS_TOPK_TRAIN: 64, POST_NMS_TOPK_TEST: 32}}
         DATASETS:
           TRAIN: ("lvis_v1_toy_train",)
           TEST: ("lvis_v1_toy_val",)

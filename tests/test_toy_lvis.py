@@ -147,9 +147,9 @@ def test_registered_toy_datasets(toy_lvis_root):
     assert os.path.isfile(dicts[0]["file_name"])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The generalised generator: the default set unchanged, LVIS's class shares, more class identities
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _set_digest(base):
     """sha256 over every file's relative path and sha256, in path order."""
     import hashlib
@@ -170,7 +170,8 @@ def test_default_set_is_byte_identical_to_the_original_generator(demo_set):
         assert hashlib.sha256(f.read()).hexdigest() == (
             "1270c0b0aee4fb16e1f8b3e18abf17d299f3eabbcfa5991b7fa26ba3f10f2921"
         ), (
-            "the default train JSON changed (or a Pillow / OpenCV upgrade changed how shapes rasterise)"
+            "the default train JSON changed (or a Pillow / OpenCV upgrade changed how shapes "
+            "rasterise)"
         )
     assert (
         _set_digest(demo_set["image_root"])

@@ -1,4 +1,5 @@
-"""What drcl2's Trainer refuses or reports at start and on failure: class counts, schedule keys, drcl2's log lines, NaN."""
+"""What drcl2's Trainer refuses or reports at start and on failure: class counts, schedule keys,
+drcl2's log lines, NaN."""
 
 import logging
 import os

@@ -70,7 +70,8 @@ def test_each_op_matches_torchvision_on_the_same_parameters(order):
 
 
 def test_blur_kernel_is_torchvisions_and_small_images_work():
-    # torchvision's kernel: softmax(-(x / sigma)^2) on linspace(-(k-1)/(2 sqrt 2), ...), i.e. a sampled Gaussian.
+    # torchvision's kernel: softmax(-(x / sigma)^2) on linspace(-(k-1)/(2 sqrt 2), ...), i.e. a
+    # sampled Gaussian.
     from torchvision.transforms.v2.functional._misc import _get_gaussian_kernel1d
 
     for k, s in ((23, 0.1), (23, 1.3), (9, 2.0)):

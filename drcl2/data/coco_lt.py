@@ -54,7 +54,8 @@ COCO_LT_DATASETS = {
 
 
 def coco_lt_group(instance_count):
-    """1..4 for the AP1..AP4 group of a class with ``instance_count`` training instances; 0 if none."""
+    """1..4 for the AP1..AP4 group of a class with ``instance_count`` training instances; 0 if
+    none."""
     return int(np.searchsorted(COCO_LT_GROUP_BOUNDS, instance_count, side="right"))
 
 
@@ -146,7 +147,9 @@ def make_coco_lt(coco_dict, *, seed=0, scale=1.0):
     subset = {
         "info": {
             **coco_dict.get("info", {}),
-            "description": "COCO-LT: long-tailed subset of COCO train2017 (drcl2.data.coco_lt.make_coco_lt)",
+            "description": (
+                "COCO-LT: long-tailed subset of COCO train2017 (drcl2.data.coco_lt.make_coco_lt)"
+            ),
             "coco_lt_rule": "LVIS v1 train image-count curve at evenly spaced ranks; images taken "
             "rare-first while every class they contain is below its target",
             "coco_lt_seed": seed,
@@ -164,12 +167,12 @@ def make_coco_lt(coco_dict, *, seed=0, scale=1.0):
 
 def register_coco_lt(root):
     """
-    Register ``coco_lt_train`` (the COCO-LT json written by ``datasets/prepare_cocolt.py``, images of
-    train2017) and ``coco_lt_val`` (COCO val2017, i.e. the files of detectron2's ``coco_2017_val``)
-    under ``root``, like detectron2's ``register_coco_instances`` but with
+    Register ``coco_lt_train`` (the COCO-LT json written by ``datasets/prepare_cocolt.py``, images
+    of train2017) and ``coco_lt_val`` (COCO val2017, i.e. the files of detectron2's
+    ``coco_2017_val``) under ``root``, like detectron2's ``register_coco_instances`` but with
     ``evaluator_type="coco_lt"`` (drcl2's Trainer then evaluates with COCOLTEvaluator: COCO metrics
-    plus AP1-AP4 from ``coco_lt_train``'s instance counts, named by ``train_dataset_name``).
-    Nothing is read now.
+    plus AP1-AP4 from ``coco_lt_train``'s instance counts, named by ``train_dataset_name``). Nothing
+    is read now.
     """
     meta = _get_builtin_metadata("coco")
     for name, (json_file, image_root) in COCO_LT_DATASETS.items():

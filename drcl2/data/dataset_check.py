@@ -14,8 +14,9 @@ Errors (the dataset cannot be trained or evaluated as it is: drcl2's Trainer ref
   LVIS-format json, a ``category_id`` not in ``categories`` is already refused when it is loaded);
 * ``malformed_box``: a box that is not four finite numbers;
 * with ``decode_images``: ``undecodable``, an image that cannot be decoded (truncated, not an
-  image), and ``size_mismatch``, an image whose decoded size (after EXIF rotation, as detectron2 reads
-  it) differs from the dict's ``height`` / ``width`` (detectron2's mapper raises on it mid-run).
+  image), and ``size_mismatch``, an image whose decoded size (after EXIF rotation, as detectron2
+  reads it) differs from the dict's ``height`` / ``width`` (detectron2's mapper raises on it
+  mid-run).
 
 Warnings (training goes on; logged with their counts):
 
@@ -162,8 +163,8 @@ class DatasetReport:
     def summary(self) -> str:
         checked = "files, categories and boxes" + (", decoded images" if self.decoded else "")
         head = (
-            f"{self.source}: {self.num_images} images, {self.num_annotations} annotations; checked {checked}: "
-            f"{len(self.errors)} kinds of error, {len(self.warnings)} kinds of warning."
+            f"{self.source}: {self.num_images} images, {self.num_annotations} annotations; checked "
+            f"{checked}: {len(self.errors)} kinds of error, {len(self.warnings)} kinds of warning."
         )
         return "\n".join([head] + ["  " + line for line in self.lines()])
 
@@ -229,7 +230,8 @@ def _box_array(boxes: List[Any]):
 def _check_boxes(
     report: DatasetReport, dataset_dicts: Sequence[Dict[str, Any]], num_classes: Optional[int]
 ):
-    """Category ids and boxes of every annotation, classified as detectron2's training mapper treats them."""
+    """Category ids and boxes of every annotation, classified as detectron2's training mapper treats
+    them."""
     refs = [
         (i, j) for i, r in enumerate(dataset_dicts) for j in range(len(r.get("annotations", ())))
     ]

@@ -110,17 +110,18 @@ def check_dataset_files(dataset_names: Iterable[str]) -> None:
         ):
             if path and not PathManager.exists(path):
                 raise FileNotFoundError(
-                    f"Dataset '{name}': its {what} '{path}' does not exist. Datasets are found under "
-                    f"$DETECTRON2_DATASETS (now '{os.getenv('DETECTRON2_DATASETS', 'datasets')}'); "
-                    f"see datasets/README.md, section '{_readme_section(name)}'."
+                    f"Dataset '{name}': its {what} '{path}' does not exist. Datasets are found "
+                    "under $DETECTRON2_DATASETS (now "
+                    f"'{os.getenv('DETECTRON2_DATASETS', 'datasets')}'); see datasets/README.md, "
+                    f"section '{_readme_section(name)}'."
                 )
 
 
 def _check_hint(names) -> str:
     sections = sorted({_readme_section(n) for n in names})
     return (
-        f"See datasets/README.md, section(s) {sections}; `python -m drcl2.tools.check_dataset NAME` "
-        "lists the same findings (with --images it also decodes every image)."
+        f"See datasets/README.md, section(s) {sections}; `python -m drcl2.tools.check_dataset "
+        "NAME` lists the same findings (with --images it also decodes every image)."
     )
 
 

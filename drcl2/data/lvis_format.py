@@ -1,18 +1,18 @@
 """
 Any dataset in LVIS's JSON format, registered with metadata built from the JSON itself.
 
-detectron2's :func:`~detectron2.data.datasets.register_lvis_instances` looks the class list up by the
-dataset's *name* (LVIS v0.5 or v1) and assumes category ids 1..N. A user's own long-tailed dataset has
-its own categories, so :func:`register_lvis_format` derives everything from the file:
+detectron2's :func:`~detectron2.data.datasets.register_lvis_instances` looks the class list up by
+the dataset's *name* (LVIS v0.5 or v1) and assumes category ids 1..N. A user's own long-tailed
+dataset has its own categories, so :func:`register_lvis_format` derives everything from the file:
 
 * ``thing_classes`` and ``thing_dataset_id_to_contiguous_id`` (categories sorted by id);
 * ``class_image_count`` (detectron2's format, as used by its federated loss:
   ``[{"id": dataset_id, "image_count": n}, ...]``) and ``class_frequency`` (``"r"``/``"c"``/``"f"``
   per contiguous id, by LVIS's rule on training image counts).
 
-Counts and frequencies are taken from the categories' ``image_count`` / ``frequency`` fields where the
-file has them (LVIS files carry the *training* counts in both train and val files); otherwise they are
-counted from the file's own annotations, which is right for a training file.
+Counts and frequencies are taken from the categories' ``image_count`` / ``frequency`` fields where
+the file has them (LVIS files carry the *training* counts in both train and val files); otherwise
+they are counted from the file's own annotations, which is right for a training file.
 """
 
 import json
@@ -45,7 +45,8 @@ COMMON_MAX_IMAGES = 100
 
 
 def frequency_group(image_count: int) -> str:
-    """LVIS frequency group of a class seen in ``image_count`` training images: r (<= 10), c (11-100), f."""
+    """LVIS frequency group of a class seen in ``image_count`` training images: r (<= 10), c
+    (11-100), f."""
     if image_count <= RARE_MAX_IMAGES:
         return "r"
     if image_count <= COMMON_MAX_IMAGES:
@@ -58,8 +59,8 @@ def lvis_v1_rank_image_counts(num_classes: int) -> List[int]:
     LVIS v1's long tail resampled to ``num_classes`` classes: the training image counts of the
     classes at ``num_classes`` evenly spaced ranks (rank ``round(i * 1202 / (num_classes - 1))``) of
     LVIS v1's 1,203 classes sorted by count, descending (1,977 down to 1; detectron2's copy of the
-    counts). Being LVIS's absolute counts at evenly spaced ranks, they fall into LVIS's rare / common
-    / frequent groups in LVIS's shares (337 / 461 / 405 of 1,203).
+    counts). Being LVIS's absolute counts at evenly spaced ranks, they fall into LVIS's rare /
+    common / frequent groups in LVIS's shares (337 / 461 / 405 of 1,203).
     """
     from detectron2.data.datasets.lvis_v1_category_image_count import LVIS_CATEGORY_IMAGE_COUNT
 
@@ -100,8 +101,8 @@ def validate_lvis_format(lvis_dict: Dict[str, Any], json_file: str) -> None:
             for field in fields:
                 if field not in entry:
                     raise ValueError(
-                        f"'{json_file}' is not in LVIS format: {section}[{i}] has no '{field}' field "
-                        f"(see {README_SECTION})."
+                        f"'{json_file}' is not in LVIS format: {section}[{i}] has no '{field}' "
+                        f"field (see {README_SECTION})."
                     )
     for i, img in enumerate(lvis_dict["images"]):
         if "file_name" not in img and "coco_url" not in img:
@@ -121,10 +122,11 @@ def validate_lvis_format(lvis_dict: Dict[str, Any], json_file: str) -> None:
     if unknown:
         anns = [lvis_dict["annotations"][i] for i in unknown]
         raise ValueError(
-            f"'{json_file}': {len(unknown)} annotations in {len({a['image_id'] for a in anns})} images have "
-            f"category ids {sorted({a['category_id'] for a in anns}, key=str)[:10]} that are not in "
-            f"'categories' (first: annotations[{unknown[0]}], id {anns[0]['id']}, image_id "
-            f"{anns[0]['image_id']}). Add the categories, or remove the annotations (see {README_SECTION})."
+            f"'{json_file}': {len(unknown)} annotations in {len({a['image_id'] for a in anns})} "
+            f"images have category ids {sorted({a['category_id'] for a in anns}, key=str)[:10]} "
+            f"that are not in 'categories' (first: annotations[{unknown[0]}], id {anns[0]['id']}, "
+            f"image_id {anns[0]['image_id']}). Add the categories, or remove the annotations (see "
+            f"{README_SECTION})."
         )
     for i, ann in enumerate(lvis_dict["annotations"]):
         if ann["image_id"] not in img_ids:
@@ -189,7 +191,8 @@ def _image_file(image_root: str, img: Dict[str, Any]) -> str:
     if "file_name" in img:
         return os.path.join(image_root, img["file_name"])
     # LVIS v1 gives no file name, only the COCO url, e.g.
-    # 'http://images.cocodataset.org/train2017/000000155379.jpg' -> image_root/train2017/000000155379.jpg
+    # 'http://images.cocodataset.org/train2017/000000155379.jpg' ->
+    # image_root/train2017/000000155379.jpg
     split_folder, file_name = img["coco_url"].split("/")[-2:]
     return os.path.join(image_root, split_folder, file_name)
 
@@ -209,7 +212,8 @@ def load_lvis_format_json(
     Args:
         json_file: the annotation file.
         image_root: folder that image ``file_name`` (or the COCO url's split folder) is relative to.
-        dataset_name: if given, its registered ``thing_dataset_id_to_contiguous_id`` maps category ids;
+        dataset_name: if given, its registered ``thing_dataset_id_to_contiguous_id`` maps category
+        ids;
             otherwise the mapping is built from the file's categories (sorted by id).
         lvis_dict: the already parsed ``json_file``, to avoid reading it twice.
     """
@@ -272,8 +276,9 @@ def register_lvis_format(name: str, json_file: str, image_root: str) -> None:
     """
     if not PathManager.isdir(image_root):
         raise FileNotFoundError(
-            f"Image folder '{image_root}' of dataset '{name}' does not exist. Put the images there, "
-            f"or set $DETECTRON2_DATASETS to the folder that holds your datasets (see {README_SECTION})."
+            f"Image folder '{image_root}' of dataset '{name}' does not exist. Put the images "
+            "there, or set $DETECTRON2_DATASETS to the folder that holds your datasets (see "
+            f"{README_SECTION})."
         )
     metadata = lvis_format_metadata(read_lvis_format_json(json_file))
     DatasetCatalog.register(name, lambda: load_lvis_format_json(json_file, image_root, name))

@@ -50,8 +50,8 @@ def read_proposal_file(proposal_file: str) -> dict:
 
     def fail(why):
         raise ValueError(
-            f"Proposal file '{proposal_file}' (DATASETS.PROPOSAL_FILES_TRAIN): {why} Write proposal "
-            "files with `python -m drcl2.tools.dump_proposals` (detectron2's format)."
+            f"Proposal file '{proposal_file}' (DATASETS.PROPOSAL_FILES_TRAIN): {why} Write "
+            "proposal files with `python -m drcl2.tools.dump_proposals` (detectron2's format)."
         )
 
     if not PathManager.exists(proposal_file):
@@ -82,8 +82,8 @@ def read_proposal_file(proposal_file: str) -> dict:
         mode = None
     if mode not in PROPOSAL_BOX_MODES:
         fail(
-            f"bbox_mode {proposals.get('bbox_mode')!r} is not supported; proposals must be absolute "
-            f"pixel boxes: BoxMode.XYXY_ABS ({int(BoxMode.XYXY_ABS)}) or XYWH_ABS "
+            f"bbox_mode {proposals.get('bbox_mode')!r} is not supported; proposals must be "
+            f"absolute pixel boxes: BoxMode.XYXY_ABS ({int(BoxMode.XYXY_ABS)}) or XYWH_ABS "
             f"({int(BoxMode.XYWH_ABS)})."
         )
     for image_id, boxes, logits in zip(
@@ -109,8 +109,8 @@ def check_proposal_files(dataset_names: Sequence[str], proposal_files: Sequence[
     """
     if len(proposal_files) != len(dataset_names):
         raise ValueError(
-            f"DATASETS.PROPOSAL_FILES_TRAIN = {tuple(proposal_files)} must name one proposal file per "
-            f"dataset of DATASETS.TRAIN = {tuple(dataset_names)}."
+            f"DATASETS.PROPOSAL_FILES_TRAIN = {tuple(proposal_files)} must name one proposal file "
+            f"per dataset of DATASETS.TRAIN = {tuple(dataset_names)}."
         )
     for name, path in zip(dataset_names, proposal_files):
         ids = {str(i) for i in read_proposal_file(path)["ids"]}

@@ -10,12 +10,12 @@ image of a rank's stream has a **position** (0, 1, 2, ... in the order the sampl
   the same views whichever worker maps it, for any ``DATALOADER.NUM_WORKERS``;
 * workers take positions round robin (worker w of W: p ≡ w mod W) and the DataLoader returns them
   in position order, so the main process sees the images in stream order;
-* aspect-ratio grouping runs in the main process, on the images a batch pads (:func:`orientation_bucket`:
-  the mapped image's orientation, or for two views whether both are landscape, both portrait or
-  mixed), and :meth:`ResumableTrainLoader.state_dict` records, after each batch, the next position
-  and the positions still waiting in the buckets. A loader built from that state maps the waiting
-  images again (same seeds, same views) and goes on from the next position: the batches that
-  follow are those of the uninterrupted run.
+* aspect-ratio grouping runs in the main process, on the images a batch pads
+  (:func:`orientation_bucket`: the mapped image's orientation, or for two views whether both are
+  landscape, both portrait or mixed), and :meth:`ResumableTrainLoader.state_dict` records, after
+  each batch, the next position and the positions still waiting in the buckets. A loader built from
+  that state maps the waiting images again (same seeds, same views) and goes on from the next
+  position: the batches that follow are those of the uninterrupted run.
 
 The training step's own randomness (RPN / ROI sampling, 2DRCL's masking) is seeded per iteration
 by :class:`drcl2.engine.hooks.StepSeedHook`.
@@ -92,12 +92,13 @@ def orientation_bucket(mapped: dict) -> int:
     images a batch pads from it: 0 all landscape, 1 all portrait (or square); for two views,
     2 when view 1 is landscape and view 2 portrait, 3 the other way round.
 
-    Those images are its two views' (``"view1"`` / ``"view2"``, :class:`TwoViewDatasetMapper`: each view is
-    cropped on its own, so the original's orientation says nothing of theirs), else its
+    Those images are its two views' (``"view1"`` / ``"view2"``, :class:`TwoViewDatasetMapper`: each
+    view is cropped on its own, so the original's orientation says nothing of theirs), else its
     ``"image"``, else the original's ``width`` / ``height`` (detectron2's rule). Mixed pairs are
     split by which view is landscape: measured by ``python -m drcl2.tools.benchmark padding``, one
     bucket for all mixed pairs padded more than detectron2's rule when view 1 is the whole image
-    (2DRCL v2), two buckets pad less than either, with or without view 1 cropped (README, "Long runs").
+    (2DRCL v2), two buckets pad less than either, with or without view 1 cropped (README, "Long
+    runs").
     """
     views = [
         mapped[k]["image"]
@@ -111,9 +112,10 @@ def orientation_bucket(mapped: dict) -> int:
             landscape = [mapped["width"] > mapped["height"]]
         except KeyError as e:
             raise KeyError(
-                "DATALOADER.ASPECT_RATIO_GROUPING needs images ('image', or 'view1' / 'view2' with "
-                "an 'image') or 'width' and 'height' in the mapper's output dicts; this mapper's has "
-                f"keys {sorted(mapped)}. Keep them, or set DATALOADER.ASPECT_RATIO_GROUPING False."
+                "DATALOADER.ASPECT_RATIO_GROUPING needs images ('image', or 'view1' / 'view2' "
+                "with an 'image') or 'width' and 'height' in the mapper's output dicts; this "
+                f"mapper's has keys {sorted(mapped)}. Keep them, or set "
+                "DATALOADER.ASPECT_RATIO_GROUPING False."
             ) from e
     if len(set(landscape)) == 1:
         return 0 if landscape[0] else 1
@@ -201,7 +203,8 @@ class ResumableTrainLoader:
     ):
         """
         Args:
-            dataset: the training dicts (serialized once, as detectron2 does, unless ``serialize`` is
+            dataset: the training dicts (serialized once, as detectron2 does, unless ``serialize``
+            is
                 False).
             sampler: an (infinite) iterable of dataset indices, this rank's stream (detectron2's
                 samplers, :class:`DynamicRepeatFactorTrainingSampler`). It must be deterministic:
@@ -212,7 +215,8 @@ class ResumableTrainLoader:
             aspect_ratio_grouping: batch images of the same orientation together (detectron2's
                 ``DATALOADER.ASPECT_RATIO_GROUPING``; by :func:`orientation_bucket`).
             num_workers: DataLoader worker processes (0: map in the main process).
-            seed: the run's seed; image at position p is mapped under ``derived_seed(seed, 0, rank, p)``.
+            seed: the run's seed; image at position p is mapped under ``derived_seed(seed, 0, rank,
+            p)``.
             rank: this process's rank.
             state: a :meth:`state_dict` to resume from (None: start at position 0).
         """
@@ -266,7 +270,8 @@ class ResumableTrainLoader:
         return loader
 
     def state_at_iteration(self, iteration: int) -> Dict:
-        """The state of a stream restarted at ``iteration`` (position ``iteration * batch_size``)."""
+        """The state of a stream restarted at ``iteration`` (position ``iteration *
+        batch_size``)."""
         return {
             "next_position": int(iteration) * self.batch_size,
             "buckets": [[] for _ in range(self._num_buckets)],

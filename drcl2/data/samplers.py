@@ -45,9 +45,10 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
     ``j * chunk_iters ...``) uses the schedule's λ at its first iteration (:meth:`lam_at`). A
     pass starts with one uniform draw u_I per image and a shuffle; when λ changes at a chunk
     boundary, the rest of the pass is re-drawn: image I keeps ``n_I(λ) - (times already emitted in
-    this pass)`` more appearances (at least 0), with ``n_I(λ) = floor(r_I(λ)) + [u_I < frac(r_I(λ))]``
-    from the same u_I, shuffled again. So λ moves within a pass (a short schedule may be a single
-    pass, and LVIS 1x is only about 10), and each pass still holds every image about r_I times.
+    this pass)`` more appearances (at least 0), with ``n_I(λ) = floor(r_I(λ)) + [u_I <
+    frac(r_I(λ))]`` from the same u_I, shuffled again. So λ moves within a pass (a short schedule
+    may be a single pass, and LVIS 1x is only about 10), and each pass still holds every image about
+    r_I times.
 
     Positions are counted in the global (all ranks) stream: iteration = images emitted globally
     // ``ims_per_batch``.
@@ -175,7 +176,8 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
         )
 
     def _counts(self, lam: float, uniform: np.ndarray) -> np.ndarray:
-        """n_I(λ): the stochastic rounding of r_I(λ) with the pass's uniform draws, ndarray[N] int64."""
+        """n_I(λ): the stochastic rounding of r_I(λ) with the pass's uniform draws, ndarray[N]
+        int64."""
         factors = mix_repeat_factors(self._image_level, self._instance_level, lam)
         int_part = np.trunc(factors)
         frac_part = factors - int_part  # float32, as detectron2 splits its factors

@@ -45,10 +45,10 @@ logger = logging.getLogger(__name__)
 
 class RandomResizedCropAugmentation(T.Augmentation):
     """
-    The crop of torchvision's ``RandomResizedCrop`` as a detectron2 augmentation: a window covering a
-    random fraction ``scale`` of the image area with aspect ratio (w / h) log-uniform in ``ratio``;
-    the resize is left to a following :class:`ResizeShortestEdge`. After 10 failed draws it falls
-    back to the largest centred window with an aspect ratio inside ``ratio``.
+    The crop of torchvision's ``RandomResizedCrop`` as a detectron2 augmentation: a window covering
+    a random fraction ``scale`` of the image area with aspect ratio (w / h) log-uniform in
+    ``ratio``; the resize is left to a following :class:`ResizeShortestEdge`. After 10 failed draws
+    it falls back to the largest centred window with an aspect ratio inside ``ratio``.
     """
 
     def __init__(
@@ -193,11 +193,11 @@ class TwoViewDatasetMapper:
     dict's ``annotations``). An image with no kept instance yields empty ``instances``.
 
     View 1 also carries the detection targets of its own: ``"targets"`` = ``Instances(gt_boxes,
-    gt_classes[, gt_masks])`` of every non-crowd annotation that survives view 1 alone, by detectron2's
-    rule (``transform_instance_annotations`` + ``filter_empty_instances``: the box clipped to the
-    view, kept if not empty), as detectron2's ``DatasetMapper`` would give a detector. The RPN and
-    the supervised detection losses of pre-training train on these: an object visible in view 1 is
-    a target there whether or not it survives view 2's crop.
+    gt_classes[, gt_masks])`` of every non-crowd annotation that survives view 1 alone, by
+    detectron2's rule (``transform_instance_annotations`` + ``filter_empty_instances``: the box
+    clipped to the view, kept if not empty), as detectron2's ``DatasetMapper`` would give a
+    detector. The RPN and the supervised detection losses of pre-training train on these: an object
+    visible in view 1 is a target there whether or not it survives view 2's crop.
 
     With ``shared_geometry`` both views take the same crop, resize and flip (only the photometric
     augmentations differ), so every box corresponds exactly across the views.
@@ -237,7 +237,8 @@ class TwoViewDatasetMapper:
         Args:
             is_train: must be True (two views are a training-time construct).
             geometric1, geometric2: detectron2 augmentations of each view; at most one
-                :class:`CropTransform` per view is expected to drop pixels (used for ``min_visible``).
+                :class:`CropTransform` per view is expected to drop pixels (used for
+                ``min_visible``).
             photometric1, photometric2: a :class:`~drcl2.data.view_ops.FastViewPhotometric` (on
                 the uint8 HWC image in ``image_format``), callables on a uint8 RGB
                 Tensor[3, H, W] (e.g. from :func:`build_view_photometric`), or None.
@@ -304,8 +305,8 @@ class TwoViewDatasetMapper:
         if d.AUG_BACKEND == "opencv":
             if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
                 raise ValueError(
-                    f"INPUT.DRCL2.AUG_BACKEND 'opencv' augments INPUT.FORMAT 'BGR' or 'RGB' images; "
-                    f"got {cfg.INPUT.FORMAT!r}."
+                    "INPUT.DRCL2.AUG_BACKEND 'opencv' augments INPUT.FORMAT 'BGR' or 'RGB' "
+                    f"images; got {cfg.INPUT.FORMAT!r}."
                 )
             photometric = lambda **kw: FastViewPhotometric(channel_order=cfg.INPUT.FORMAT, **kw)  # noqa
         else:
@@ -548,10 +549,11 @@ class TwoViewDatasetMapper:
             return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
         if "proposal_boxes" not in dataset_dict:
             raise ValueError(
-                f"TwoViewDatasetMapper: image {dataset_dict.get('image_id')!r} ({dataset_dict.get('file_name')}) "
-                "has no precomputed proposals, but MODEL.DRCL2.LCL.BOX_SOURCE is 'proposals'. Set "
-                "MODEL.LOAD_PROPOSALS True and DATASETS.PROPOSAL_FILES_TRAIN to one proposal file per "
-                "training set (python -m drcl2.tools.dump_proposals writes them)."
+                f"TwoViewDatasetMapper: image {dataset_dict.get('image_id')!r} "
+                f"({dataset_dict.get('file_name')}) has no precomputed proposals, but "
+                "MODEL.DRCL2.LCL.BOX_SOURCE is 'proposals'. Set MODEL.LOAD_PROPOSALS True and "
+                "DATASETS.PROPOSAL_FILES_TRAIN to one proposal file per training set (python -m "
+                "drcl2.tools.dump_proposals writes them)."
             )
         proposals = top_proposals(dataset_dict, self.proposal_topk)
         return proposals, label_proposals(proposals, gt_boxes, gt_classes, self.proposal_match_iou)

@@ -65,7 +65,8 @@ def _grey_weights(order: str) -> np.ndarray:
 
 
 def _lut(values: np.ndarray) -> np.ndarray:
-    """A uint8 LUT from float values: clamp to [0, 255], then truncate (torch's float -> uint8 cast)."""
+    """A uint8 LUT from float values: clamp to [0, 255], then truncate (torch's float -> uint8
+    cast)."""
     return np.clip(values, 0, 255).astype(np.uint8)
 
 
@@ -228,10 +229,11 @@ class FastViewPhotometric:
 
     def __repr__(self):
         return (
-            f"FastViewPhotometric(color_jitter_prob={self.color_jitter_prob}, ranges={self.ranges}, "
-            f"grayscale_prob={self.grayscale_prob}, blur_prob={self.blur_prob}, "
-            f"blur_kernel_size={self.blur_kernel_size}, blur_sigma={self.blur_sigma}, "
-            f"solarize_prob={self.solarize_prob}, channel_order={self.channel_order!r})"
+            f"FastViewPhotometric(color_jitter_prob={self.color_jitter_prob}, "
+            f"ranges={self.ranges}, grayscale_prob={self.grayscale_prob}, "
+            f"blur_prob={self.blur_prob}, blur_kernel_size={self.blur_kernel_size}, "
+            f"blur_sigma={self.blur_sigma}, solarize_prob={self.solarize_prob}, "
+            f"channel_order={self.channel_order!r})"
         )
 
     def _timed(self, name, fn, *args):

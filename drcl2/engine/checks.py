@@ -54,6 +54,6 @@ def check_num_classes(cfg) -> None:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != num_classes:
             raise ValueError(
-                f"{key} = {num_classes}, but the training dataset '{name}' has {len(classes)} classes "
-                f"(its metadata's thing_classes). Set {key} {len(classes)}."
+                f"{key} = {num_classes}, but the training dataset '{name}' has {len(classes)} "
+                f"classes (its metadata's thing_classes). Set {key} {len(classes)}."
             )

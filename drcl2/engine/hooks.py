@@ -181,12 +181,14 @@ class HealthProbeHook(HookBase):
         h = cfg.MODEL.DRCL2.HEALTH
         if not h.DATASET:
             raise ValueError(
-                f"MODEL.DRCL2.HEALTH.PERIOD = {h.PERIOD} needs MODEL.DRCL2.HEALTH.DATASET: a registered "
-                "held-out dataset with box annotations (e.g. the val split), or set PERIOD 0."
+                f"MODEL.DRCL2.HEALTH.PERIOD = {h.PERIOD} needs MODEL.DRCL2.HEALTH.DATASET: a "
+                "registered held-out dataset with box annotations (e.g. the val split), or set "
+                "PERIOD 0."
             )
         if h.MAX_IMAGES < 4:
             raise ValueError(
-                f"MODEL.DRCL2.HEALTH.MAX_IMAGES = {h.MAX_IMAGES}: the probe needs at least 4 images."
+                f"MODEL.DRCL2.HEALTH.MAX_IMAGES = {h.MAX_IMAGES}: the probe needs at least 4 "
+                "images."
             )
         return cls(
             h.PERIOD,
@@ -230,8 +232,14 @@ class HealthProbeHook(HookBase):
         )
         even = features.images % 2 == 0
         figures = feature_health(features.subset(even), features.subset(~even), self._num_classes)
-        names = {"probe_roi_balanced": "probe_roi", "probe_box_balanced": "probe_box", "rank_roi": "rank_roi",
-                 "rank_box": "rank_box", "std_box": "std_box", "box_norm": "box_norm"}  # fmt: skip
+        names = {
+            "probe_roi_balanced": "probe_roi",
+            "probe_box_balanced": "probe_box",
+            "rank_roi": "rank_roi",
+            "rank_box": "rank_box",
+            "std_box": "std_box",
+            "box_norm": "box_norm",
+        }
         out = {f"health/{short}": figures[key] for key, short in names.items()}
         out.update({f"health/{k}": v for k, v in figures.items() if k.startswith("rank_p")})
         return {k: v for k, v in out.items() if v == v}  # NaN: not measured (no box head)

@@ -172,7 +172,8 @@ class Trainer(DefaultTrainer):
             if self.cfg.SEED >= 0:
                 logger.warning(
                     f"The checkpoint was trained with seed {saved['seed']}, this run has SEED "
-                    f"{self.cfg.SEED}: the resumed run is not the continuation of the interrupted one."
+                    f"{self.cfg.SEED}: the resumed run is not the continuation of the interrupted "
+                    "one."
                 )
             else:
                 self.seed, seed_restored = int(saved["seed"]), True
@@ -184,8 +185,8 @@ class Trainer(DefaultTrainer):
         if state is None:
             logger.warning(
                 "The checkpoint holds no data loader state for this number of processes: the data "
-                f"stream goes on at image {self.start_iter} x batch, and aspect-ratio buckets start "
-                "empty (the batches differ from the uninterrupted run's)."
+                f"stream goes on at image {self.start_iter} x batch, and aspect-ratio buckets "
+                "start empty (the batches differ from the uninterrupted run's)."
             )
         loader = self._trainer.data_loader
         if seed_restored or not hasattr(loader, "load_state_dict"):
@@ -249,7 +250,8 @@ class Trainer(DefaultTrainer):
     def build_train_dataset(cls, cfg):
         """
         The training dataset dicts of ``cfg.DATASETS.TRAIN``, filtered as detectron2 does; they and
-        the test datasets are checked first (:func:`~drcl2.data.datasets.check_datasets_before_training`).
+        the test datasets are checked first
+        (:func:`~drcl2.data.datasets.check_datasets_before_training`).
         """
         check_dataset_files(cfg.DATASETS.TRAIN)
         if cfg.MODEL.LOAD_PROPOSALS:  # fail naming the file, not with detectron2's bare KeyError
@@ -285,8 +287,8 @@ class Trainer(DefaultTrainer):
         world = comm.get_world_size()
         if cfg.SOLVER.IMS_PER_BATCH % world != 0:
             raise ValueError(
-                f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number "
-                f"of processes ({world})."
+                f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the "
+                f"number of processes ({world})."
             )
         args = (
             dataset,
@@ -367,7 +369,8 @@ class Trainer(DefaultTrainer):
                 output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
                 backend=cfg.TEST.DRCL2.LVIS_BACKEND,
-                train_dataset_names=cfg.DATASETS.TRAIN,  # r/c/f groups a json lacks: training counts
+                # r/c/f groups a json lacks: training counts
+                train_dataset_names=cfg.DATASETS.TRAIN,
             )
         if evaluator_type == "coco_lt":
             return COCOLTEvaluator(
@@ -383,6 +386,6 @@ class Trainer(DefaultTrainer):
             )
         raise NotImplementedError(
             f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type!r}); "
-            "drcl2's Trainer evaluates 'lvis', 'coco' and 'coco_lt' datasets. Override Trainer.build_evaluator "
-            "for other kinds."
+            "drcl2's Trainer evaluates 'lvis', 'coco' and 'coco_lt' datasets. Override "
+            "Trainer.build_evaluator for other kinds."
         )

@@ -1,6 +1,7 @@
 """
-COCO-LT evaluation: detectron2's COCO metrics plus AP1-AP4, the AP of classes grouped by their number
-of *training* instances ([1, 20), [20, 400), [400, 8000), [8000, inf)), and the per-class report.
+COCO-LT evaluation: detectron2's COCO metrics plus AP1-AP4, the AP of classes grouped by their
+number of *training* instances ([1, 20), [20, 400), [400, 8000), [8000, inf)), and the per-class
+report.
 """
 
 import json
@@ -83,8 +84,9 @@ class COCOLTEvaluator(COCOEvaluator):
             train_dataset_name = self._metadata.get("train_dataset_name", None)
         if train_dataset_name is None:
             raise ValueError(
-                f"COCOLTEvaluator needs the training set for AP1-AP4: pass train_dataset_name or set "
-                f"MetadataCatalog.get('{dataset_name}').train_dataset_name (coco_lt_val has 'coco_lt_train')."
+                "COCOLTEvaluator needs the training set for AP1-AP4: pass train_dataset_name or "
+                f"set MetadataCatalog.get('{dataset_name}').train_dataset_name (coco_lt_val has "
+                "'coco_lt_train')."
             )
         self._train_dataset_name = train_dataset_name
         self._train_counts = None
@@ -101,8 +103,9 @@ class COCOLTEvaluator(COCOEvaluator):
                 )
             if not PathManager.exists(json_file):
                 raise FileNotFoundError(
-                    f"{json_file} (training set '{self._train_dataset_name}') does not exist; create it "
-                    "with `python datasets/prepare_cocolt.py` (see datasets/README.md, COCO-LT)."
+                    f"{json_file} (training set '{self._train_dataset_name}') does not exist; "
+                    "create it with `python datasets/prepare_cocolt.py` (see datasets/README.md, "
+                    "COCO-LT)."
                 )
             with PathManager.open(json_file) as f:
                 self._train_counts = class_counts(json.load(f))

@@ -55,8 +55,8 @@ __all__ = [
 def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
     """
     RankMe effective rank of ``features`` (Tensor[N, D]): ``exp(-sum_k p_k log p_k)`` with
-    ``p_k = s_k / ||s||_1 + eps`` over the singular values ``s`` of the (uncentred) matrix. Between 1
-    (every row on one line, e.g. constant features) and min(N, D); NaN for an empty matrix.
+    ``p_k = s_k / ||s||_1 + eps`` over the singular values ``s`` of the (uncentred) matrix. Between
+    1 (every row on one line, e.g. constant features) and min(N, D); NaN for an empty matrix.
     """
     if features.numel() == 0:
         return float("nan")
@@ -139,7 +139,8 @@ def linear_probe(
 def nearest_centroid(
     train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int
 ):
-    """Predict the class whose mean l2-normalised training feature is closest in cosine: LongTensor[M]."""
+    """Predict the class whose mean l2-normalised training feature is closest in cosine:
+    LongTensor[M]."""
     z = F.normalize(train_x.double(), dim=1)
     sums = torch.zeros(num_classes, z.shape[1], dtype=z.dtype).index_add_(0, train_y.long(), z)
     seen = torch.bincount(train_y.long(), minlength=num_classes) > 0
@@ -219,8 +220,8 @@ def extract_box_features(
 ) -> BoxFeatures:
     """
     Run ``backbone`` (eval mode; its previous mode is restored) over the images of
-    ``dataset_dicts``, resized as at test time (``ResizeShortestEdge(min_size, max_size)``), and pool
-    the non-crowd annotated boxes with ``box_pooler`` (levels by box scale) into ``box_head``.
+    ``dataset_dicts``, resized as at test time (``ResizeShortestEdge(min_size, max_size)``), and
+    pool the non-crowd annotated boxes with ``box_pooler`` (levels by box scale) into ``box_head``.
 
     Args:
         backbone, box_pooler, box_head, in_features: a detectron2 backbone (FPN) and the
@@ -407,7 +408,8 @@ STAGES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 
 
 def _is_norm_key(name: str, tensor: torch.Tensor) -> bool:
-    """A norm layer's affine weight / bias (GN, BN, FrozenBN): 1-d, under a ``norm`` / ``bn`` module."""
+    """A norm layer's affine weight / bias (GN, BN, FrozenBN): 1-d, under a ``norm`` / ``bn``
+    module."""
     parts = name.split(".")
     return (
         tensor.dim() == 1
@@ -425,8 +427,8 @@ def stage_changes(
     Returns:
         stage -> {"weight_norm_ratio": ||W|| / ||W0|| over the stage's conv / linear weights,
         "weight_change": ||W - W0|| / ||W0|| (meaningful when ``state`` was trained from this very
-        ``initial``), "affine_change": ||a - a0|| / ||a0|| over the norm layers' weights and biases};
-        NaN where the stage has no such tensors in both.
+        ``initial``), "affine_change": ||a - a0|| / ||a0|| over the norm layers' weights and
+        biases}; NaN where the stage has no such tensors in both.
     """
     out = {}
     for stage, prefixes in STAGES:

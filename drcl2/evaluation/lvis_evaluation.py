@@ -16,11 +16,13 @@ The "faster" backend gives the lvis API's numbers (to 1e-4 or better, tested) be
 * **detection area and box**: as ``LVISResults``: box area ``w * h`` for "bbox", mask area and
   ``toBbox(mask)`` for "segm" (detectron2 removes the predicted box before mask evaluation).
 * **crowd / ignore**: the lvis API computes IoU with ``iscrowd = 0`` for every ground truth, so we
-  pass ground truth with ``iscrowd = 0``. It honours a per-annotation ``ignore`` flag, which COCOeval
-  cannot express without crowd IoU: such annotations are rejected with an error (LVIS has none).
+  pass ground truth with ``iscrowd = 0``. It honours a per-annotation ``ignore`` flag, which
+  COCOeval cannot express without crowd IoU: such annotations are rejected with an error (LVIS has
+  none).
 * **federated rules**: detections of categories neither annotated in an image nor listed in its
-  ``neg_category_ids`` are dropped (by us, after the per-image limit, as LVIS does); unmatched detections of ``not_exhaustive_category_ids`` are
-  ignored; area ranges (all, small < 32², medium < 96², large) are the same in both.
+  ``neg_category_ids`` are dropped (by us, after the per-image limit, as LVIS does); unmatched
+  detections of ``not_exhaustive_category_ids`` are ignored; area ranges (all, small < 32², medium <
+  96², large) are the same in both.
 * **order and ties**: detections keep their input order within an image, and both implementations
   sort by score with stable sorts, per (image, category) and per category over images in id order.
 * **summary**: AP, AP50, AP75, APs/m/l and APr/c/f are means of the precision array over the entries
@@ -171,8 +173,8 @@ def complete_lvis_ground_truth(
         for ann in no_area:
             ann["area"] = _annotation_area(ann, *sizes[ann["image_id"]])
         logger.info(
-            f"{source}: {len(no_area)} of {len(lvis_dataset['annotations'])} annotations have no 'area'; "
-            "using their polygons' area (their box's without a segmentation)."
+            f"{source}: {len(no_area)} of {len(lvis_dataset['annotations'])} annotations have no "
+            "'area'; using their polygons' area (their box's without a segmentation)."
         )
     for field in ("neg_category_ids", "not_exhaustive_category_ids"):
         missing = [img for img in images if field not in img]
@@ -180,7 +182,8 @@ def complete_lvis_ground_truth(
             img[field] = []
         if missing:
             logger.info(
-                f"{source}: {len(missing)} of {len(images)} images have no '{field}'; using [] for them."
+                f"{source}: {len(missing)} of {len(images)} images have no '{field}'; using [] for "
+                "them."
             )
 
     no_frequency = [
@@ -200,18 +203,18 @@ def complete_lvis_ground_truth(
             images_per_category[ann["category_id"]].add(ann["image_id"])
         counts = {cat_id: len(ids) for cat_id, ids in images_per_category.items()}
         origin = (
-            f"the image counts of {source} itself, as no training counts are known (the groups should "
-            "come from the training set: pass train_dataset_names to LVISEvaluator, as drcl2's "
-            "Trainer does with DATASETS.TRAIN)"
+            f"the image counts of {source} itself, as no training counts are known (the groups "
+            "should come from the training set: pass train_dataset_names to LVISEvaluator, as "
+            "drcl2's Trainer does with DATASETS.TRAIN)"
         )
         log = logger.warning
     for c in no_frequency:
         c["frequency"] = frequency_group(int(counts.get(c["id"], 0)))
     groups = {g: sum(c["frequency"] == g for c in no_frequency) for g in _FREQUENCY_GROUPS}
     log(
-        f"{source}: {len(no_frequency)} of {len(lvis_dataset['categories'])} categories have no 'frequency'; "
-        f"derived their r/c/f groups with LVIS's rule (r <= 10 < c <= 100 < f images) from {origin}: "
-        f"{groups['r']} r, {groups['c']} c, {groups['f']} f."
+        f"{source}: {len(no_frequency)} of {len(lvis_dataset['categories'])} categories have no "
+        "'frequency'; derived their r/c/f groups with LVIS's rule (r <= 10 < c <= 100 < f images) "
+        f"from {origin}: {groups['r']} r, {groups['c']} c, {groups['f']} f."
     )
 
 
@@ -220,7 +223,8 @@ def faster_lvis_ground_truth(lvis_dataset, source="the LVIS json"):
     A faster-coco-eval ``COCO`` index of an LVIS json, set up as the lvis API evaluates it.
 
     Args:
-        lvis_dataset (dict): the loaded LVIS json (``images``, ``annotations``, ``categories``); it is
+        lvis_dataset (dict): the loaded LVIS json (``images``, ``annotations``, ``categories``); it
+        is
             not modified (annotations are shallow-copied with ``iscrowd = 0``).
         source (str): where the json came from, for error messages.
 
@@ -235,8 +239,8 @@ def faster_lvis_ground_truth(lvis_dataset, source="the LVIS json"):
     if no_frequency:
         raise ValueError(
             f"{source}: categories {no_frequency[:10]} have no 'frequency' in {_FREQUENCY_GROUPS}; "
-            "LVIS evaluation groups APr/APc/APf by it. Add it to the json's categories, or derive it "
-            "from training image counts with complete_lvis_ground_truth (LVISEvaluator does)."
+            "LVIS evaluation groups APr/APc/APf by it. Add it to the json's categories, or derive "
+            "it from training image counts with complete_lvis_ground_truth (LVISEvaluator does)."
         )
     annotations = []
     for ann in lvis_dataset["annotations"]:
@@ -312,8 +316,8 @@ def summarize_lvis_precision(precision, iou_thrs, category_frequencies):
 
     Args:
         precision (ndarray[T, R, K, A]): precision at T IoU thresholds, R recall thresholds, K
-            categories (sorted by id), A area ranges (all, small, medium, large); -1 where a category
-            has no ground truth.
+            categories (sorted by id), A area ranges (all, small, medium, large); -1 where a
+            category has no ground truth.
         iou_thrs (ndarray[T]): the IoU thresholds (0.5:0.05:0.95).
         category_frequencies (list[str]): "r" / "c" / "f" of each of the K categories.
 
@@ -350,7 +354,8 @@ def per_category_ap(precision):
         precision (ndarray[T, R, K, A]): as in :func:`summarize_lvis_precision`.
 
     Returns:
-        ndarray[K]: AP (IoU 0.5:0.95, all areas) of each category, in [0, 1]; NaN without ground truth.
+        ndarray[K]: AP (IoU 0.5:0.95, all areas) of each category, in [0, 1]; NaN without ground
+        truth.
     """
     s = precision[..., 0]
     valid = s > -1
@@ -374,7 +379,8 @@ def _evaluate_faster(gt, results, iou_type, max_dets_per_image):
     dt = _faster_results(gt, federated_filter(gt, results), iou_type)
     coco_eval = COCOeval_faster(gt, dt, iou_type, lvis_style=True, print_function=logger.debug)
     coco_eval.params.maxDets = [max_dets_per_image]
-    # Only categories with ground truth can score: LVISEval leaves the others' precision at -1, which
+    # Only categories with ground truth can score: LVISEval leaves the others' precision at -1,
+    # which
     # every summary skips. Evaluating them anyway costs a (image, category) pair each, which on LVIS
     # with 1,203 categories is most of the C++ time. Their per-class AP is NaN, as the lvis API's.
     all_cat_ids = sorted(gt.cats)
@@ -465,7 +471,8 @@ def evaluate_lvis(
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}.")
     if max_dets_per_image == 0:
         raise ValueError(
-            "max_dets_per_image (TEST.DETECTIONS_PER_IMAGE) must be positive, or negative for no limit."
+            "max_dets_per_image (TEST.DETECTIONS_PER_IMAGE) must be positive, or negative for no "
+            "limit."
         )
     if len(results) == 0:
         logger.warning("No predictions from the model!")
@@ -473,7 +480,8 @@ def evaluate_lvis(
     unknown = {r["image_id"] for r in results} - set(lvis_gt.imgs)
     if unknown:
         raise ValueError(
-            f"Detections refer to image ids {sorted(unknown)[:10]} that are not in the ground truth."
+            f"Detections refer to image ids {sorted(unknown)[:10]} that are not in the ground "
+            "truth."
         )
     if backend == "faster":
         with _cyclic_gc_paused():
@@ -533,7 +541,8 @@ class LVISEvaluator(_D2LVISEvaluator):
         """
         if backend not in LVIS_BACKENDS:
             raise ValueError(
-                f"TEST.DRCL2.LVIS_BACKEND / backend must be one of {LVIS_BACKENDS}, got {backend!r}."
+                f"TEST.DRCL2.LVIS_BACKEND / backend must be one of {LVIS_BACKENDS}, got "
+                f"{backend!r}."
             )
         patch_lvis_numpy()
         super().__init__(
@@ -563,9 +572,9 @@ class LVISEvaluator(_D2LVISEvaluator):
         """Masks for every image or for none: fail at the first image that breaks the rule."""
         if self._tasks is not None and "segm" in self._tasks and not has_masks:
             raise ValueError(
-                f"LVISEvaluator of {self._dataset_name}: tasks include 'segm' but the model gave no "
-                f"'pred_masks' for image {image_id}. Evaluate boxes only (tasks=('bbox',)) or check "
-                "the model's mask head (MODEL.MASK_ON)."
+                f"LVISEvaluator of {self._dataset_name}: tasks include 'segm' but the model gave "
+                f"no 'pred_masks' for image {image_id}. Evaluate boxes only (tasks=('bbox',)) or "
+                "check the model's mask head (MODEL.MASK_ON)."
             )
         if self._first_instances is None:
             self._first_instances = (image_id, has_masks)
@@ -580,9 +589,10 @@ class LVISEvaluator(_D2LVISEvaluator):
 
     def process(self, inputs, outputs):
         """
-        As detectron2's, but each image's instances are kept as columns (:func:`instances_to_columns`).
-        A model that gives masks for some images and not for others is refused at the first such
-        image (ValueError naming both), not when the segm evaluation meets it at the end.
+        As detectron2's, but each image's instances are kept as columns
+        (:func:`instances_to_columns`). A model that gives masks for some images and not for others
+        is refused at the first such image (ValueError naming both), not when the segm evaluation
+        meets it at the end.
         """
         for input, output in zip(inputs, outputs):
             prediction = {"image_id": input["image_id"]}
@@ -631,7 +641,8 @@ class LVISEvaluator(_D2LVISEvaluator):
         return copy.deepcopy(self._results)
 
     def _category_id_map(self):
-        """A function: the model's contiguous class ids (int64 array) -> the dataset's category ids."""
+        """A function: the model's contiguous class ids (int64 array) -> the dataset's category
+        ids."""
         mapping = getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None)
         if mapping is None:
             return lambda classes: classes + 1  # LVIS: 0-indexed -> 1-indexed, as detectron2
@@ -667,8 +678,9 @@ class LVISEvaluator(_D2LVISEvaluator):
         if len(masks_of) == 2:
             raise ValueError(
                 f"LVISEvaluator of {self._dataset_name}: the predictions have masks for image "
-                f"{masks_of[True]} but not for image {masks_of[False]}. Mask evaluation needs a mask "
-                "for every detection of every image: a model must give masks for all images or for none."
+                f"{masks_of[True]} but not for image {masks_of[False]}. Mask evaluation needs a "
+                "mask for every detection of every image: a model must give masks for all images "
+                "or for none."
             )
         has_masks = True in masks_of and any(len(p["instances"]["scores"]) for p in predictions)
         tasks = self._tasks or (("bbox", "segm") if has_masks else ("bbox",))

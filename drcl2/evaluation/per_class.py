@@ -46,14 +46,16 @@ def lvis_per_class_rows(metadata, categories, per_class_ap):
             ("r"/"c"/"f" per contiguous id).
         categories (list[dict]): the evaluated json's categories (``id``, ``name``, optionally
             ``frequency`` and ``image_count``, the training image count, as LVIS files carry them
-            and as :func:`~drcl2.evaluation.lvis_evaluation.complete_lvis_ground_truth` derives them).
-        per_class_ap (dict[str, dict[int, float]]): task ("bbox"/"segm") -> dataset category id -> AP.
+            and as :func:`~drcl2.evaluation.lvis_evaluation.complete_lvis_ground_truth` derives
+            them).
+        per_class_ap (dict[str, dict[int, float]]): task ("bbox"/"segm") -> dataset category id ->
+        AP.
 
     Returns:
         list[dict]: rows sorted by dataset category id. The frequency group is the json's
         ``frequency`` (the group the evaluation used), else ``class_frequency``, else LVIS's rule on
-        the image count (r <= 10 < c <= 100 < f); the image count is the json's ``image_count``, else
-        ``class_image_count``'s.
+        the image count (r <= 10 < c <= 100 < f); the image count is the json's ``image_count``,
+        else ``class_image_count``'s.
     """
     id_map = metadata.get("thing_dataset_id_to_contiguous_id", None)
     thing_classes = metadata.get("thing_classes", None)

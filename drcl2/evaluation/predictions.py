@@ -218,7 +218,8 @@ def columns_to_coco_json(columns: Dict, image_id, category_ids=None) -> List[Dic
     category_id, bbox (XYWH), score and, with masks, segmentation ({"size", "counts": str}).
 
     Args:
-        category_ids (ndarray or None): replaces ``columns["classes"]`` (e.g. mapped to dataset ids).
+        category_ids (ndarray or None): replaces ``columns["classes"]`` (e.g. mapped to dataset
+        ids).
     """
     classes = (columns["classes"] if category_ids is None else category_ids).tolist()
     boxes = columns["boxes"].tolist()
@@ -243,7 +244,8 @@ def columns_to_coco_json(columns: Dict, image_id, category_ids=None) -> List[Dic
 
 
 def columns_from_coco_json(results: List[Dict]) -> Dict:
-    """Columns (as :func:`instances_to_columns`) of one image's detectron2-format detection dicts."""
+    """Columns (as :func:`instances_to_columns`) of one image's detectron2-format detection
+    dicts."""
     n = len(results)
     has_mask = n > 0 and "segmentation" in results[0]
     rles, size = None, None

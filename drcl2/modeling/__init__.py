@@ -1,17 +1,9 @@
 """
-2DRCL modeling: the DRCL2 meta-architecture, its pretext heads (DRCL2_HEAD_REGISTRY), losses, masking
-and EMA target network; the one-stage fine-tuning detectors ATSS and (detectron2's) FCOS, and their
-P3-P7 backbone.
+2DRCL modeling: the DRCL2 meta-architecture, its pretext heads (DRCL2_HEAD_REGISTRY), losses,
+masking and EMA target network; the one-stage fine-tuning detectors ATSS and (detectron2's) FCOS,
+and their P3-P7 backbone.
 """
 
-from . import (
-    decorrelation_head,
-    detection_head,
-    hcl_head,
-    lcl_head,
-    reconstruction_heads,
-    rpn_loss_head,
-)  # register the built-in heads
 from .atss import ATSS  # registers the ATSS meta-architecture
 from .backbone import build_fcos_resnet_fpn_backbone  # registers the P6/P7-from-P5 ResNet-FPN
 from .decorrelation_head import FeatureDecorrelationHead

@@ -1,8 +1,8 @@
 """
-The supervised detection losses inside 2DRCL pre-training (docs/method.md, "Heads and losses", ``DET``):
-``loss_cls``, ``loss_box_reg`` (and ``loss_mask`` with ``MODEL.MASK_ON``) of detectron2's ROI heads
-on view 1, so that pre-training is what the paper's abstract calls it — self-supervised and
-supervised learning combined — with the contrastive and reconstruction terms as auxiliaries.
+The supervised detection losses inside 2DRCL pre-training (docs/method.md, "Heads and losses",
+``DET``): ``loss_cls``, ``loss_box_reg`` (and ``loss_mask`` with ``MODEL.MASK_ON``) of detectron2's
+ROI heads on view 1, so that pre-training is what the paper's abstract calls it — self-supervised
+and supervised learning combined — with the contrastive and reconstruction terms as auxiliaries.
 """
 
 from detectron2.config import configurable
@@ -52,14 +52,16 @@ class SupervisedDetectionHead(PretextHead):
     def losses(self, ctx: StepContext, normalizers):
         if "proposals" not in ctx.state or ctx.targets1 is None:
             raise ValueError(
-                "DRCL2: the supervised detection head (MODEL.DRCL2.DET) needs view 1's proposals (the RPN "
-                "head, MODEL.DRCL2.RPN.ENABLED) and its targets (drcl2's TwoViewDatasetMapper)."
+                "DRCL2: the supervised detection head (MODEL.DRCL2.DET) needs view 1's proposals "
+                "(the RPN head, MODEL.DRCL2.RPN.ENABLED) and its targets (drcl2's "
+                "TwoViewDatasetMapper)."
             )
         images = ImageList(ctx.x1, ctx.image_sizes1)
         _, losses = ctx.module("roi_heads")(
             images, ctx.online1, ctx.state["proposals"], ctx.targets1
         )
-        # detectron2 averages the box losses over this rank's sampled RoIs (a fixed number per image):
+        # detectron2 averages the box losses over this rank's sampled RoIs (a fixed number per
+        # image):
         # rescale to the global per-image mean (see DRCL2's class doc). The mask loss is a mean over
         # this rank's foreground RoIs, as in detectron2's own multi-GPU training.
         scale = self.weight * comm.get_world_size() * len(ctx.targets1) / sum(ctx.image_counts)

@@ -1,5 +1,6 @@
 """
-The collectives of DRCL2's training step (docs/method.md: across GPUs every loss is the global mean).
+The collectives of DRCL2's training step (docs/method.md: across GPUs every loss is the global
+mean).
 
 Each is a ``torch.distributed`` collective of tensors on the default process group (NCCL on GPU,
 gloo on CPU), on the caller's device: nothing is pickled, and no tensor on another rank's device is
@@ -25,7 +26,8 @@ __all__ = ["all_gather_counts", "all_gather_rows", "ddp_normalizer", "batch_norm
 
 def all_gather_counts(counts: torch.Tensor) -> torch.Tensor:
     """
-    The per-rank counts of one step (images, instances, pixels, ...) of every rank, in one collective.
+    The per-rank counts of one step (images, instances, pixels, ...) of every rank, in one
+    collective.
 
     Args:
         counts: Tensor[K] (float64: exact for integer counts and sums of weights), this rank's.

@@ -14,7 +14,8 @@ __all__ = ["cosine_momentum", "make_target", "momentum_update"]
 
 def cosine_momentum(base_momentum: float, iteration: int, max_iter: int) -> float:
     """
-    BYOL's cosine momentum schedule, rising from ``base_momentum`` at iteration 0 to 1 at ``max_iter``.
+    BYOL's cosine momentum schedule, rising from ``base_momentum`` at iteration 0 to 1 at
+    ``max_iter``.
 
     Args:
         base_momentum: m0 in [0, 1].

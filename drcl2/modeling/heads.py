@@ -1,7 +1,8 @@
 """
 The small heads of 2DRCL (docs/method.md): projector / predictor MLPs, the appearance-reconstruction
 decoder and the semantic-reconstruction predictors. Each is @configurable-free plain nn.Module with
-typed arguments; the pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them from the config.
+typed arguments; the pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them
+from the config.
 """
 
 from typing import Dict, List
@@ -221,7 +222,8 @@ class SemanticPredictors(nn.Module):
 
 
 class _Float32(nn.Module):
-    """Runs the wrapped normalisation in float32 or wider with autocast off (AMP-safe statistics)."""
+    """Runs the wrapped normalisation in float32 or wider with autocast off (AMP-safe
+    statistics)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()

@@ -1,4 +1,5 @@
-"""LCL, local (RoIAlign-based, object-level) contrastive learning (docs/method.md): ``loss_lcl_inst``, ``loss_lcl_sup``."""
+"""LCL, local (RoIAlign-based, object-level) contrastive learning (docs/method.md):
+``loss_lcl_inst``, ``loss_lcl_sup``."""
 
 import logging
 
@@ -88,7 +89,8 @@ class LocalContrastiveHead(PretextHead):
             raise ValueError(
                 f"LocalContrastiveHead: loss must be one of {LCL_LOSSES}; got {loss!r}."
             )
-        # With no gradient into the backbone LCL reads no level as far as DDP is concerned: the model
+        # With no gradient into the backbone LCL reads no level as far as DDP is concerned: the
+        # model
         # joins the levels no other head reads with a zero weight.
         super().__init__(
             in_features=box_in_features if backbone_grad > 0 else (),
@@ -171,10 +173,11 @@ class LocalContrastiveHead(PretextHead):
             skipped = 1.0
             log_every_n_seconds(
                 logging.WARNING,
-                f"LCL skipped this step: {ctx.instance_counts} drawn instance(s) per process are too few for "
-                "the batch norm of its MLPs (MODEL.DRCL2.HEAD_NORM); its loss is 0. Draw more boxes "
-                "(MODEL.DRCL2.LCL.NUM_INSTANCES, SOLVER.IMS_PER_BATCH) or use a HEAD_NORM without batch "
-                "statistics ('GN', 'LN', ''). The scalar drcl2/lcl_skipped counts such steps.",
+                f"LCL skipped this step: {ctx.instance_counts} drawn instance(s) per process are "
+                "too few for the batch norm of its MLPs (MODEL.DRCL2.HEAD_NORM); its loss is 0. "
+                "Draw more boxes (MODEL.DRCL2.LCL.NUM_INSTANCES, SOLVER.IMS_PER_BATCH) or use a "
+                "HEAD_NORM without batch statistics ('GN', 'LN', ''). The scalar "
+                "drcl2/lcl_skipped counts such steps.",
                 n=60,
                 name=__name__,
             )

@@ -1,7 +1,7 @@
 """
-The 2DRCL loss terms (docs/method.md), as pure functions of tensors so each can be unit-tested without a
-model. Every function computes in float32 or wider whatever its input dtype (safe under AMP; float64
-inputs stay float64).
+The 2DRCL loss terms (docs/method.md), as pure functions of tensors so each can be unit-tested
+without a model. Every function computes in float32 or wider whatever its input dtype (safe under
+AMP; float64 inputs stay float64).
 
 Each is a mean over items (images, instances, pixels). ``normalizer=None`` averages over this call's
 items; a number divides the summed loss by it instead. Under DDP the model passes the global count
@@ -28,7 +28,8 @@ __all__ = [
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 when it is a half-precision float (AMP), else unchanged (float32, float64)."""
+    """``x`` in float32 when it is a half-precision float (AMP), else unchanged (float32,
+    float64)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -66,7 +67,8 @@ def info_nce_loss(
     normalizer: Optional[float] = None,
 ) -> torch.Tensor:
     """
-    InfoNCE ``-mean_i log( exp(q_i.k_{p(i)}/tau) / sum_j exp(q_i.k_j/tau) )`` with cosine similarity.
+    InfoNCE ``-mean_i log( exp(q_i.k_{p(i)}/tau) / sum_j exp(q_i.k_j/tau) )`` with cosine
+    similarity.
 
     Args:
         query: Tensor[N, D], online embeddings of this rank's images.
@@ -193,8 +195,8 @@ def semantic_reconstruction_loss(
     normalizer: Optional[float] = None,
 ) -> torch.Tensor:
     """
-    SR loss on one feature level: weighted mean over locations of ``1 - cos`` (cosine over channels),
-    weight 1 at masked locations, ``visible_weight`` at visible ones, 0 on padding:
+    SR loss on one feature level: weighted mean over locations of ``1 - cos`` (cosine over
+    channels), weight 1 at masked locations, ``visible_weight`` at visible ones, 0 on padding:
     ``sum_l w_l (1 - cos_l) / sum_l w_l``.
 
     Args:
@@ -259,7 +261,8 @@ def decorrelation_loss(features: torch.Tensor, eps: float = 1e-4) -> torch.Tenso
 
 
 def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass (0: none)."""
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass (0:
+    none)."""
     if scale == 1.0:
         return x
     if scale == 0.0:
@@ -274,7 +277,8 @@ def _matmul_no_autocast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _divide(total: torch.Tensor, normalizer) -> torch.Tensor:
-    """``total / normalizer`` in the dtype of ``total`` (a float64 count tensor must not promote it)."""
+    """``total / normalizer`` in the dtype of ``total`` (a float64 count tensor must not promote
+    it)."""
     if torch.is_tensor(normalizer):
         normalizer = normalizer.to(total.dtype)
     return total / normalizer

@@ -1,5 +1,6 @@
 """
-Box-guided patch masking for dual reconstruction (docs/method.md, "Masking"): pure functions of tensors.
+Box-guided patch masking for dual reconstruction (docs/method.md, "Masking"): pure functions of
+tensors.
 """
 
 import math

@@ -57,10 +57,11 @@ class DRCL2(nn.Module):
     Input: a list of dicts from :class:`drcl2.data.TwoViewDatasetMapper`, each with ``"view1"`` and
     ``"view2"`` = ``{"image": Tensor[3, H, W], "instances": Instances(gt_boxes, gt_classes, ...)}``,
     instances row-aligned across the views, and the dataset's ``"image_id"``; with
-    ``lcl_box_source="proposals"`` each view also holds ``"proposals"`` = ``Instances(proposal_boxes,
-    gt_classes)`` (class -1: unlabelled), LCL's and box-guided masking's boxes. Output (training
-    only): a dict of losses with the keys of the enabled heads: ``loss_hcl``, ``loss_lcl_inst``,
-    ``loss_lcl_sup``, ``loss_ar``, ``loss_sr``, ``loss_rpn_cls``, ``loss_rpn_loc``.
+    ``lcl_box_source="proposals"`` each view also holds ``"proposals"`` =
+    ``Instances(proposal_boxes, gt_classes)`` (class -1: unlabelled), LCL's and box-guided masking's
+    boxes. Output (training only): a dict of losses with the keys of the enabled heads:
+    ``loss_hcl``, ``loss_lcl_inst``, ``loss_lcl_sup``, ``loss_ar``, ``loss_sr``, ``loss_rpn_cls``,
+    ``loss_rpn_loc``.
 
     Any trainer can drive it; the model keeps its own state:
 
@@ -270,7 +271,8 @@ class DRCL2(nn.Module):
 
     @property
     def masking_enabled(self) -> bool:
-        """A reconstruction head (``masks_input``: AR, SR) makes the online network see the masked view."""
+        """A reconstruction head (``masks_input``: AR, SR) makes the online network see the masked
+        view."""
         return any(h.masks_input for h in self.heads) and self.mask_ratio > 0
 
     def online_target_pairs(self) -> Dict[str, nn.Module]:
@@ -498,8 +500,8 @@ class DRCL2(nn.Module):
         for i, x in enumerate(batched_inputs):
             if "view1" not in x or "view2" not in x:
                 raise ValueError(
-                    f"DRCL2 expects inputs from TwoViewDatasetMapper (keys 'view1', 'view2'); input "
-                    f"{i} has keys {sorted(x)}. Use drcl2.engine.Trainer or pass "
+                    "DRCL2 expects inputs from TwoViewDatasetMapper (keys 'view1', 'view2'); "
+                    f"input {i} has keys {sorted(x)}. Use drcl2.engine.Trainer or pass "
                     "mapper=TwoViewDatasetMapper(cfg) to build_detection_train_loader."
                 )
         views = [x["view1"] for x in batched_inputs] + [x["view2"] for x in batched_inputs]
@@ -531,8 +533,8 @@ class DRCL2(nn.Module):
             for i, x in enumerate(batched_inputs):
                 if "proposals" not in x[v]:
                     raise ValueError(
-                        f"DRCL2: MODEL.DRCL2.LCL.BOX_SOURCE is 'proposals' but input {i} "
-                        f"(image {x.get('image_id')!r}) has no {v} 'proposals'. Build the data with "
+                        f"DRCL2: MODEL.DRCL2.LCL.BOX_SOURCE is 'proposals' but input {i} (image "
+                        f"{x.get('image_id')!r}) has no {v} 'proposals'. Build the data with "
                         "TwoViewDatasetMapper from the same config (it carries the proposals of "
                         "DATASETS.PROPOSAL_FILES_TRAIN when MODEL.LOAD_PROPOSALS is True)."
                     )
@@ -663,7 +665,8 @@ def _image_key(x: Dict, index: int, num_images: int) -> int:
 
 
 def _mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 finaliser over them): neighbouring keys give unrelated streams."""
+    """A 63-bit seed from integers (SplitMix64 finaliser over them): neighbouring keys give
+    unrelated streams."""
     mask = (1 << 64) - 1
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -716,7 +719,8 @@ def check_drcl2_config(cfg) -> None:
         fail(
             "MODEL.DRCL2.DET.ENABLED",
             True,
-            "the supervised detection head trains on the RPN's proposals: set MODEL.DRCL2.RPN.ENABLED True.",
+            "the supervised detection head trains on the RPN's proposals: set "
+            "MODEL.DRCL2.RPN.ENABLED True.",
         )
     if d.LCL.LOSS not in LCL_LOSSES:
         fail("MODEL.DRCL2.LCL.LOSS", d.LCL.LOSS, f"must be one of {LCL_LOSSES}.")
@@ -743,9 +747,9 @@ def check_drcl2_config(cfg) -> None:
             fail(
                 "MODEL.LOAD_PROPOSALS",
                 cfg.MODEL.LOAD_PROPOSALS,
-                "MODEL.DRCL2.LCL.BOX_SOURCE 'proposals' reads precomputed proposals: set it True and "
-                "DATASETS.PROPOSAL_FILES_TRAIN to one file per training set "
-                "(python -m drcl2.tools.dump_proposals writes them).",
+                "MODEL.DRCL2.LCL.BOX_SOURCE 'proposals' reads precomputed proposals: set it True "
+                "and DATASETS.PROPOSAL_FILES_TRAIN to one file per training set (python -m "
+                "drcl2.tools.dump_proposals writes them).",
             )
         if len(cfg.DATASETS.PROPOSAL_FILES_TRAIN) != len(cfg.DATASETS.TRAIN):
             fail(
@@ -800,9 +804,9 @@ def check_drcl2_config(cfg) -> None:
         fail(
             "DATASETS.TEST",
             tuple(cfg.DATASETS.TEST),
-            "DRCL2 pre-training has no inference, so nothing to evaluate (the run would train, then "
-            "fail in evaluation and skip the export). Set DATASETS.TEST to (); fine-tune the "
-            "exported weights and evaluate the fine-tuned detector.",
+            "DRCL2 pre-training has no inference, so nothing to evaluate (the run would train, "
+            "then fail in evaluation and skip the export). Set DATASETS.TEST to (); fine-tune "
+            "the exported weights and evaluate the fine-tuned detector.",
         )
 
 

@@ -28,7 +28,8 @@ Add a task by registering one class and naming it in the config::
             return {"my_proj": "my_proj"}
 
         def losses(self, ctx, normalizers):
-            ...  # ctx.module("my_proj"), ctx.online1["p3"], ctx.target2["p3"], ctx.target_module("my_proj")
+            ...  # ctx.module("my_proj"), ctx.online1["p3"], ctx.target2["p3"],
+                 ctx.target_module("my_proj")
             return {"loss_my": ...}
 
     cfg.MODEL.DRCL2.EXTRA_HEADS = ["MyHead"]
@@ -179,7 +180,8 @@ class PretextHead:
         return type(self).__name__
 
     def online_modules(self) -> Dict[str, nn.Module]:
-        """Model attribute name -> module: the trainable modules the head brings (the model owns them)."""
+        """Model attribute name -> module: the trainable modules the head brings (the model owns
+        them)."""
         return {}
 
     def target_modules(self) -> Dict[str, str]:

@@ -58,8 +58,8 @@ class AppearanceReconstructionHead(PretextHead):
         d = cfg.MODEL.DRCL2
         if d.AR.IN_FEATURE not in input_shape:
             raise ValueError(
-                f"MODEL.DRCL2.AR.IN_FEATURE = {d.AR.IN_FEATURE!r}: must name a backbone output among "
-                f"{sorted(input_shape)}."
+                f"MODEL.DRCL2.AR.IN_FEATURE = {d.AR.IN_FEATURE!r}: must name a backbone output "
+                f"among {sorted(input_shape)}."
             )
         return {
             "decoder": AppearanceDecoder(
@@ -108,7 +108,8 @@ class SemanticReconstructionHead(PretextHead):
     """
     L_SR: per level of ``predictors.in_features``, a predictor maps the online features of the
     masked view 1 to the target features of the unmasked view 1; 1 - cos per location, masked
-    locations weighted 1, visible ``visible_weight``; the mean over levels. Module: ``sr_predictors``.
+    locations weighted 1, visible ``visible_weight``; the mean over levels. Module:
+    ``sr_predictors``.
     """
 
     @configurable
@@ -147,7 +148,8 @@ class SemanticReconstructionHead(PretextHead):
         return {"sr_predictors": self.predictors}
 
     def counts(self, ctx: StepContext):
-        """The weight sum of every level; its (masked, valid) location masks kept for :meth:`losses`."""
+        """The weight sum of every level; its (masked, valid) location masks kept for
+        :meth:`losses`."""
         masks, sums = {}, []
         H, W = ctx.padded_size
         for name in self.in_features:

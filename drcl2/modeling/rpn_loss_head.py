@@ -1,4 +1,5 @@
-"""The detector-aligned RPN term (docs/method.md): ``loss_rpn_cls``, ``loss_rpn_loc`` on view 1's annotated boxes."""
+"""The detector-aligned RPN term (docs/method.md): ``loss_rpn_cls``, ``loss_rpn_loc`` on view 1's
+annotated boxes."""
 
 from typing import Dict, List
 
@@ -68,8 +69,9 @@ class RPNLossHead(PretextHead):
         if self.targets == "view":
             if ctx.targets1 is None:
                 raise ValueError(
-                    "DRCL2: MODEL.DRCL2.RPN.TARGETS is 'view' but the inputs carry no view1 'targets'; "
-                    "build them with drcl2's TwoViewDatasetMapper (or set RPN.TARGETS 'pairs')."
+                    "DRCL2: MODEL.DRCL2.RPN.TARGETS is 'view' but the inputs carry no view1 "
+                    "'targets'; build them with drcl2's TwoViewDatasetMapper (or set RPN.TARGETS "
+                    "'pairs')."
                 )
             targets = ctx.targets1
         else:

@@ -214,7 +214,8 @@ def _paired_table(rows, arms, split, task):
 
 def invocations(meta: Optional[dict]) -> List[dict]:
     """The study commands recorded in ``<name>.study_meta.json``, oldest first (``{"invocations":
-    [{"command", "commit", "device"}, ...]}``; a file of one bare invocation is read as a list of one)."""
+    [{"command", "commit", "device"}, ...]}``; a file of one bare invocation is read as a list of
+    one)."""
     if not meta:
         return []
     return (
@@ -227,7 +228,8 @@ def invocations(meta: Optional[dict]) -> List[dict]:
 
 
 def _source_lines(study) -> List[str]:
-    """The source initialisation's own accuracy and cost (``source.json``), when the study has one."""
+    """The source initialisation's own accuracy and cost (``source.json``), when the study has
+    one."""
     from .runner import read_source_record
 
     source = study.source_weights
@@ -237,9 +239,10 @@ def _source_lines(study) -> List[str]:
     box, mask = record["results"].get("bbox", {}), record["results"].get("segm", {})
     return [
         f"- source initialisation: `{record['config']}`, {record['iters']:,} iterations, "
-        f"{record['wall_s'] / 60:.0f} min on {record['device']}; on its own `{record['dataset']}`: box AP "
-        f"{box.get('AP', float('nan')):.1f} (AP50 {box.get('AP50', float('nan')):.1f}), mask AP "
-        f"{mask.get('AP', float('nan')):.1f}; its ResNet (`backbone.bottom_up.*`) starts the `weights: source` stages"
+        f"{record['wall_s'] / 60:.0f} min on {record['device']}; on its own `{record['dataset']}`: "
+        f"box AP {box.get('AP', float('nan')):.1f} (AP50 {box.get('AP50', float('nan')):.1f}), "
+        f"mask AP {mask.get('AP', float('nan')):.1f}; its ResNet (`backbone.bottom_up.*`) starts "
+        "the `weights: source` stages"
     ]
 
 
@@ -271,8 +274,8 @@ def summary_markdown(study, rows, meta: Optional[dict] = None) -> str:
         f"their wall time adds up to {wall / 60:.0f} min"
     )
     out.append(
-        "- mean ± sample std over seeds; Δ = arm − baseline on the same seed, mean ± std over seeds; "
-        "APr verdict: 'gain > std' when mean ΔAPr exceeds its std"
+        "- mean ± sample std over seeds; Δ = arm − baseline on the same seed, mean ± std over "
+        "seeds; APr verdict: 'gain > std' when mean ΔAPr exceeds its std"
     )
     out += _source_lines(study)
     out.append("")
@@ -447,14 +450,13 @@ def write_report(
         )
         if baseline is not None:
             notes.append(
-                f"- `{os.path.basename(path)}`: per-class {split} box AP of {arm} minus its best baseline "
-                f"by mean {split} AP, {baseline}"
+                f"- `{os.path.basename(path)}`: per-class {split} box AP of {arm} minus its best "
+                f"baseline by mean {split} AP, {baseline}"
             )
     if notes:
         text += (
-            f"\n## Plots\n\n- `groups.png`: {split} box APr / APc / APf per arm (mean ± std over seeds)\n"
-            + "\n".join(notes)
-            + "\n"
+            f"\n## Plots\n\n- `groups.png`: {split} box APr / APc / APf per arm (mean ± std over "
+            "seeds)\n" + "\n".join(notes) + "\n"
         )
     probe = os.path.join(report_dir, "probe.md")  # python -m drcl2.tools.study ... --probe SEED
     if os.path.isfile(probe):

@@ -40,7 +40,8 @@ LABELS = {"pretrain": "pre-train", "finetune": "fine-tune"}
 
 
 def train_net_path() -> str:
-    """The repository's ``train_net.py`` (working directory first, then next to the drcl2 package)."""
+    """The repository's ``train_net.py`` (working directory first, then next to the drcl2
+    package)."""
     import drcl2
 
     candidates = [
@@ -53,7 +54,8 @@ def train_net_path() -> str:
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(
-        f"train_net.py not found (looked at {candidates}); run the study from the drcl2 repository root."
+        f"train_net.py not found (looked at {candidates}); run the study from the drcl2 repository "
+        "root."
     )
 
 
@@ -158,7 +160,8 @@ def write_backbone_weights(checkpoint: str, dst: str) -> int:
     model = {k: v for k, v in state["model"].items() if k.startswith(SOURCE_PREFIX)}
     if not model:
         raise ValueError(
-            f"{checkpoint}: no '{SOURCE_PREFIX}*' weights in it: is it a detectron2 R-CNN checkpoint?"
+            f"{checkpoint}: no '{SOURCE_PREFIX}*' weights in it: is it a detectron2 R-CNN "
+            "checkpoint?"
         )
     payload = {
         "model": model,
@@ -219,7 +222,8 @@ class StudyRunner:
 
     @staticmethod
     def schedule_opts(config: str, iters: int) -> List[str]:
-        """``SOLVER.MAX_ITER`` ``iters``, with the config's learning-rate steps and warm-up stretched
+        """``SOLVER.MAX_ITER`` ``iters``, with the config's learning-rate steps and warm-up
+        stretched
         (or shrunk) from its ``SOLVER.MAX_ITER`` to that length."""
         from detectron2.config import get_cfg
 
@@ -291,7 +295,8 @@ class StudyRunner:
         return stage.iters * (rate or self.study.estimate_s_per_iter[stage.kind])
 
     def pending(self, runs) -> List[Tuple[Arm, int, Stage]]:
-        """Unfinished stages of ``runs``, each stage folder once (a reused pre-training runs once)."""
+        """Unfinished stages of ``runs``, each stage folder once (a reused pre-training runs
+        once)."""
         seen, out = set(), []
         for arm, seed in runs:
             for stage in arm.stages:
@@ -337,7 +342,8 @@ class StudyRunner:
             )
         lines.append(
             f"{len(pending)} of {sum(len(a.stages) for a, _ in runs)} stages to run, "
-            f"{sum(s.iters for _, _, s in pending):,} iterations; estimated {_minutes(self.remaining_s(runs, rates))} min "
+            f"{sum(s.iters for _, _, s in pending):,} iterations; estimated "
+            f"{_minutes(self.remaining_s(runs, rates))} min "
             + (
                 "(from measured rates)"
                 if rates
@@ -354,11 +360,23 @@ class StudyRunner:
     def source_command(self) -> List[str]:
         source = self.study.source_weights
         return [
-            sys.executable, train_net_path(), "--config-file", source.config, "--num-gpus", str(self.study.num_gpus),
-            "--resume", "OUTPUT_DIR", self.source_dir(), "MODEL.DEVICE", self.device, "TEST.EVAL_PERIOD", "0",
+            sys.executable,
+            train_net_path(),
+            "--config-file",
+            source.config,
+            "--num-gpus",
+            str(self.study.num_gpus),
+            "--resume",
+            "OUTPUT_DIR",
+            self.source_dir(),
+            "MODEL.DEVICE",
+            self.device,
+            "TEST.EVAL_PERIOD",
+            "0",
             *self.schedule_opts(source.config, source.iters),
-            "SOLVER.CHECKPOINT_PERIOD", str(self.study.checkpoint_period),
-        ]  # fmt: skip
+            "SOLVER.CHECKPOINT_PERIOD",
+            str(self.study.checkpoint_period),
+        ]
 
     def ensure_source_weights(self) -> None:
         """
@@ -374,8 +392,8 @@ class StudyRunner:
         out = self.source_dir()
         os.makedirs(out, exist_ok=True)
         self.log(
-            f"source weights: supervised detection pre-training on the source set ({source.iters} it, "
-            f"{source.config}) -> {source.output}"
+            f"source weights: supervised detection pre-training on the source set ({source.iters} "
+            f"it, {source.config}) -> {source.output}"
         )
         cmd = self.source_command()
         wall = self._run(
@@ -404,8 +422,8 @@ class StudyRunner:
         _write_json(source_record_path(source.output), record)
         box = results.get("bbox", {})
         self.log(
-            f"source weights ready in {sum(attempts) / 60:.1f} min; source {record['dataset']} box AP "
-            f"{box.get('AP', float('nan')):.1f}"
+            f"source weights ready in {sum(attempts) / 60:.1f} min; source {record['dataset']} box "
+            f"AP {box.get('AP', float('nan')):.1f}"
         )
 
     def _run(
@@ -518,7 +536,8 @@ class StudyRunner:
             summary = ""
             if "results" in record:
                 box = record["results"]["val"].get("bbox", {})
-                summary = f"; val box AP {box.get('AP', float('nan')):.1f}, APr {box.get('APr', float('nan')):.1f}"
+                nan = float("nan")
+                summary = f"; val box AP {box.get('AP', nan):.1f}, APr {box.get('APr', nan):.1f}"
             self.log(
                 f"[{i}/{total}] {arm.name} seed {seed}: {LABELS[stage.kind]} done in "
                 f"{record['wall_s'] / 60:.1f} min{summary}"

@@ -17,7 +17,8 @@ A study file is YAML with these keys (this docstring is the format's reference):
     schedule: {P: 500, F: 500}         # named iteration counts, used by the stages' `iters`
     checkpoint_period: 100             # SOLVER.CHECKPOINT_PERIOD (an interrupted run resumes there)
     estimate_s_per_iter: {pretrain: 0.6, finetune: 0.5}   # --dry-run's ETA before anything ran
-    source_weights:                    # optional: the weights that `weights: source` stages start from
+    source_weights:                    # optional: the weights that `weights: source` stages start
+                                       from
       config: configs/toy/Base-RCNN-FPN-R18.yaml
       output: output/study/source/r18_source.pth
       iters: 3000
@@ -32,7 +33,8 @@ A study file is YAML with these keys (this docstring is the format's reference):
         compare_to: [scratch]          # paired differences in the report
         seeds: [1]                     # optional: fewer (or other) seeds than the study's
       2drcl_backbone:
-        pretrain: {from: 2drcl}        # the pre-training runs of another arm (same seeds), not again
+        pretrain: {from: 2drcl}        # the pre-training runs of another arm (same seeds), not
+                                       again
         finetune: {config: configs/toy/mask_rcnn_finetune.yaml, iters: F, parts: [backbone]}
 
 ``iters`` is a number or a sum of names from ``schedule`` (``F + P``). The stage's learning-rate
@@ -57,9 +59,20 @@ __all__ = ["Stage", "Arm", "SourceWeights", "Study", "load_study", "StudyFileErr
 STAGES = ("pretrain", "finetune")
 DEVICES = ("cpu", "cuda", "auto")
 _STUDY_KEYS = {
-    "name", "output_dir", "num_gpus", "jobs", "device", "seeds", "datasets", "schedule", "checkpoint_period",
-    "estimate_s_per_iter", "source_weights", "arms", "per_class_delta",
-}  # fmt: skip
+    "name",
+    "output_dir",
+    "num_gpus",
+    "jobs",
+    "device",
+    "seeds",
+    "datasets",
+    "schedule",
+    "checkpoint_period",
+    "estimate_s_per_iter",
+    "source_weights",
+    "arms",
+    "per_class_delta",
+}
 _ARM_KEYS = {"group", "pretrain", "finetune", "compare_to", "seeds"}
 _STAGE_KEYS = {"config", "iters", "opts", "weights", "parts"}
 PARTS = ("backbone", "proposal_generator", "roi_heads.box_head")  # what an export holds
@@ -172,7 +185,8 @@ def _unknown_keys(path, where, given, allowed):
 
 
 def _resolve(path, key, file, study_dir):
-    """A config path as written (relative to the working directory), else relative to the study file."""
+    """A config path as written (relative to the working directory), else relative to the study
+    file."""
     if not isinstance(file, str) or not file:
         _fail(path, key, f"must be a path to a config file; got {file!r}.")
     for candidate in (file, os.path.join(study_dir, file)):
@@ -181,7 +195,8 @@ def _resolve(path, key, file, study_dir):
     _fail(
         path,
         key,
-        f"config file '{file}' not found (looked in the working directory and next to the study file).",
+        f"config file '{file}' not found (looked in the working directory and next to the study "
+        "file).",
     )
 
 

@@ -14,22 +14,22 @@ Loading the ground-truth json and generating the data are not timed. Prints both
 largest difference, wall-clock and CPU seconds (CPU time is the fairer figure on a shared machine)
 and the speed-ups.
 
-End to end (``--e2e``, on by default): the two evaluator classes as a Trainer runs them, each with an
-output folder: ``process()`` of every image's model output (``Instances`` with boxes, scores,
-classes and full-image bool masks, decoded from the generated detections; the decoding is not
-timed, the two evaluators' ``process`` calls alternate image by image) and then ``evaluate()``
-(predictions file, ``lvis_instances_results.json``, scoring, and for drcl2 the per-class report):
+End to end (``--e2e``, on by default): the two evaluator classes as a Trainer runs them, each with
+an output folder: ``process()`` of every image's model output (``Instances`` with boxes, scores,
+classes and full-image bool masks, decoded from the generated detections; the decoding is not timed,
+the two evaluators' ``process`` calls alternate image by image) and then ``evaluate()`` (predictions
+file, ``lvis_instances_results.json``, scoring, and for drcl2 the per-class report):
 
     detectron2 : detectron2.evaluation.LVISEvaluator (per-mask RLE encoding, torch.save of the list
                  of dicts, json.dumps, the lvis API)
     drcl2      : drcl2.evaluation.LVISEvaluator (columns, box-cropped RLE encoding, columnar
                  predictions file, orjson, faster-coco-eval)
 
-Target: drcl2 end to end >= 5x faster than detectron2's in CPU seconds (this process, all its threads:
-work moved to another thread still counts), with the same metrics; wall-clock seconds are printed
-beside them. The default run
-(2,000 images, both comparisons) takes about 15 minutes on 2 CPU cores, most of it detectron2's
-``process()``; ``--num-images 600`` about 4, ``--no-e2e`` skips the end-to-end part.
+Target: drcl2 end to end >= 5x faster than detectron2's in CPU seconds (this process, all its
+threads: work moved to another thread still counts), with the same metrics; wall-clock seconds are
+printed beside them. The default run (2,000 images, both comparisons) takes about 15 minutes on 2
+CPU cores, most of it detectron2's ``process()``; ``--num-images 600`` about 4, ``--no-e2e`` skips
+the end-to-end part.
 """
 
 import contextlib
@@ -133,8 +133,9 @@ def run(args):
         f"{len(dets)} detections ({args.dets_per_image}/image, max_dets_per_image={args.max_dets})"
     )
     print(
-        f"device: CPU, {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-        f"torch threads={torch.get_num_threads()}; best of {args.repeats} run(s)"
+        f"device: CPU, {platform.processor() or platform.machine()}, "
+        f"os.cpu_count()={os.cpu_count()}, torch threads={torch.get_num_threads()}; best of "
+        f"{args.repeats} run(s)"
     )
 
     def reference():
@@ -179,8 +180,8 @@ def run(args):
         print(f"{'lvis API':<10} {t_ref:9.2f} {cpu_ref:9.2f}")
         print(f"{'faster':<10} {t_ours:9.2f} {cpu_ours:9.2f}")
         print(
-            f"speed-up (lvis API / faster): {t_ref / t_ours:.2f}x wall, {cpu_ref / cpu_ours:.2f}x CPU  "
-            f"[tasks: {' + '.join(args.tasks)}]"
+            f"speed-up (lvis API / faster): {t_ref / t_ours:.2f}x wall, {cpu_ref / cpu_ours:.2f}x "
+            f"CPU  [tasks: {' + '.join(args.tasks)}]"
         )
         out.update(
             {
@@ -309,8 +310,8 @@ def _end_to_end(args, gt, dets, json_file_content):
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(
-        f"\nend to end: process() of {len(gt['images'])} model outputs + evaluate(), each evaluator "
-        f"with an output folder (tasks: {' + '.join(args.tasks)})"
+        f"\nend to end: process() of {len(gt['images'])} model outputs + evaluate(), each "
+        f"evaluator with an output folder (tasks: {' + '.join(args.tasks)})"
     )
     header = f"{'evaluator':<11} {'task':<5} " + " ".join(f"{k:>8}" for k in LVIS_METRICS)
     print(header)
@@ -327,25 +328,27 @@ def _end_to_end(args, gt, dets, json_file_content):
     )
     print(f"max |difference| over all keys: {diff:.2e} (AP points)")
     print(
-        f"{'evaluator':<11} {'process':>17} {'evaluate':>17} {'total':>17} {'.pth MiB':>9} {'json MiB':>9}"
+        f"{'evaluator':<11} {'process':>17} {'evaluate':>17} {'total':>17} {'.pth MiB':>9} "
+        f"{'json MiB':>9}"
     )
     print(f"{'':<11} " + " ".join(f"{'wall s':>8} {'CPU s':>8}" for _ in range(3)))
     totals = {n: wall[n]["process"] + wall[n]["evaluate"] for n in names}
     cpu_totals = {n: cpu[n]["process"] + cpu[n]["evaluate"] for n in names}
     for n in names:
         print(
-            f"{n:<11} {wall[n]['process']:8.2f} {cpu[n]['process']:8.2f} {wall[n]['evaluate']:8.2f} "
-            f"{cpu[n]['evaluate']:8.2f} {totals[n]:8.2f} {cpu_totals[n]:8.2f} "
-            f"{sizes[n]['instances_predictions.pth']:9.1f} {sizes[n]['lvis_instances_results.json']:9.1f}"
+            f"{n:<11} {wall[n]['process']:8.2f} {cpu[n]['process']:8.2f} "
+            f"{wall[n]['evaluate']:8.2f} {cpu[n]['evaluate']:8.2f} {totals[n]:8.2f} "
+            f"{cpu_totals[n]:8.2f} {sizes[n]['instances_predictions.pth']:9.1f} "
+            f"{sizes[n]['lvis_instances_results.json']:9.1f}"
         )
     speedup = cpu_totals["detectron2"] / cpu_totals["drcl2"]
     wall_speedup = totals["detectron2"] / totals["drcl2"]
     verdict = "ok" if speedup >= E2E_TARGET else "MISSED"
     print(
-        f"speed-up end to end (detectron2 / drcl2): {speedup:.2f}x CPU, {wall_speedup:.2f}x wall; process "
-        f"{cpu['detectron2']['process'] / cpu['drcl2']['process']:.2f}x CPU, evaluate "
-        f"{cpu['detectron2']['evaluate'] / cpu['drcl2']['evaluate']:.2f}x CPU; "
-        f"target >= {E2E_TARGET:.1f}x in CPU seconds: {verdict}"
+        f"speed-up end to end (detectron2 / drcl2): {speedup:.2f}x CPU, {wall_speedup:.2f}x wall; "
+        f"process {cpu['detectron2']['process'] / cpu['drcl2']['process']:.2f}x CPU, evaluate "
+        f"{cpu['detectron2']['evaluate'] / cpu['drcl2']['evaluate']:.2f}x CPU; target >= "
+        f"{E2E_TARGET:.1f}x in CPU seconds: {verdict}"
     )
     print(
         f"load average during the run (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"

@@ -105,7 +105,8 @@ def _mappers():
 
 
 def _per_image(mappers, records, rounds, seed):
-    """{name: [seconds per call]}: the mappers' calls alternate image by image (order flipped each round)."""
+    """{name: [seconds per call]}: the mappers' calls alternate image by image (order flipped each
+    round)."""
     names = list(mappers)
     times = {name: [] for name in names}
     np.random.seed(seed)
@@ -121,7 +122,8 @@ def _per_image(mappers, records, rounds, seed):
 
 
 def _loader_rate(mapper, records, args):
-    """Images/s through detectron2's train loader (``num_workers`` processes, batch ``batch_size``)."""
+    """Images/s through detectron2's train loader (``num_workers`` processes, batch
+    ``batch_size``)."""
     from detectron2.data import build_detection_train_loader
     from detectron2.data.samplers import TrainingSampler
 
@@ -177,8 +179,8 @@ def run(args):
 
     d2, ours, before = _mappers()
     print(
-        f"mapper benchmark — {_device()}; one thread (torch and OpenCV); torch {torch.__version__}, "
-        f"OpenCV {cv2.__version__}"
+        f"mapper benchmark — {_device()}; one thread (torch and OpenCV); torch "
+        f"{torch.__version__}, OpenCV {cv2.__version__}"
     )
     print(
         f"detectron2: DatasetMapper of {D2_CONFIG} (masks on); two-view: TwoViewDatasetMapper of "
@@ -246,8 +248,8 @@ def run(args):
             total = sum(sum(v) for v in timings.values()) / n_images
             split.append(["sum of the parts", "", "", f"{total * 1e3:.2f}"])
             print(
-                f"\ntwo-view split at {width}x{height} (ms; 'calls' per image: an op that runs on some "
-                "views only counts by how often it ran)"
+                f"\ntwo-view split at {width}x{height} (ms; 'calls' per image: an op that runs on "
+                "some views only counts by how often it ran)"
             )
             print(
                 tabulate(
@@ -267,7 +269,8 @@ def run(args):
     print(
         "\nper image (median), one thread"
         + (
-            f"; images/s through build_detection_train_loader, NUM_WORKERS {args.workers}, batch {args.batch_size}"
+            f"; images/s through build_detection_train_loader, NUM_WORKERS {args.workers}, batch "
+            f"{args.batch_size}"
             if args.loader_batches > 0
             else ""
         )

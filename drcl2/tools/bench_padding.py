@@ -1,6 +1,7 @@
 """Padding of the two views' batches under each aspect-ratio grouping rule (no pixels are decoded).
 
-    python -m drcl2.tools.benchmark padding [--config-file configs/pretrain_2drcl.yaml] [--images 20000] [--opts KEY VALUE ...]
+    python -m drcl2.tools.benchmark padding [--config-file configs/pretrain_2drcl.yaml] [--images
+    20000] [--opts KEY VALUE ...]
 
 Draws each view's size as TwoViewDatasetMapper does (its geometric augmentations of the config,
 applied to image shapes only) for generated COCO/LVIS-like originals (640 px long side, 2/3
@@ -34,7 +35,8 @@ def add_arguments(parser):
 
 
 def _view_shapes(mapper, h, w):
-    """(h, w) of the two views of an h x w image: the mapper's geometric transforms on the shape only."""
+    """(h, w) of the two views of an h x w image: the mapper's geometric transforms on the shape
+    only."""
     from detectron2.data import transforms as T
 
     shapes = []
@@ -82,8 +84,8 @@ def run(args):
     }
     overrides = f" with {' '.join(args.opts)}" if args.opts else ""
     print(
-        f"{args.images} generated images, views of {args.config_file}{overrides}; padding of a batch's ImageList "
-        "over its views' own pixels:"
+        f"{args.images} generated images, views of {args.config_file}{overrides}; padding of a "
+        "batch's ImageList over its views' own pixels:"
     )
     print(f"{'images/GPU':>10} " + " ".join(f"{name:>10}" for name in rules))
     for batch_size in args.batch_sizes:

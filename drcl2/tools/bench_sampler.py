@@ -211,7 +211,8 @@ def run(args):
     ipb, chunk = args.ims_per_batch, args.chunk_iters
 
     def one_pass(schedule, max_iter):
-        """One pass of our global stream (as the iterator would list it), λ following ``schedule``."""
+        """One pass of our global stream (as the iterator would list it), λ following
+        ``schedule``."""
         sampler = DynamicRepeatFactorTrainingSampler(
             dicts, repeat_thresh=t, schedule=schedule, max_iter=max_iter, ims_per_batch=ipb,
             chunk_iters=chunk, seed=args.seed,
@@ -256,8 +257,9 @@ def run(args):
     # ---- report -------------------------------------------------------------------------------
     print(f"\nDRB sampler benchmark — {_device()}")
     print(
-        f"data: {source}: {len(dicts):,} images, {num_inst:,} instances, {num_cls:,} classes "
-        f"(set built in {gen_s:.1f} s); t = {t}; >= {reps} repeats each (more for fast ones), median (min)"
+        f"data: {source}: {len(dicts):,} images, {num_inst:,} instances, {num_cls:,} classes (set "
+        f"built in {gen_s:.1f} s); t = {t}; >= {reps} repeats each (more for fast ones), median "
+        "(min)"
     )
     print(
         f"images per pass: {pass_len[0.0]:,.0f} at λ=0 (= detectron2), {pass_len[0.5]:,.0f} at "
@@ -268,15 +270,39 @@ def run(args):
         return f"{x[0] * 1e3:.1f} ({x[1] * 1e3:.1f})"
 
     rows = [
-        _row("set-up (statistics + factors)", ms(d2_setup), ms(our_setup), our_setup[0] / d2_setup[0], 1.5, "x"),
-        _row("one pass of indices, λ fixed", ms(d2_pass_t), ms(fixed_t), fixed_t[0] / d2_pass_t[0], 1.0, "x"),
+        _row(
+            "set-up (statistics + factors)",
+            ms(d2_setup),
+            ms(our_setup),
+            our_setup[0] / d2_setup[0],
+            1.5,
+            "x",
+        ),
+        _row(
+            "one pass of indices, λ fixed",
+            ms(d2_pass_t),
+            ms(fixed_t),
+            fixed_t[0] / d2_pass_t[0],
+            1.0,
+            "x",
+        ),
         _row(
             f"one pass, λ moving (re-drawn every {chunk} it x {ipb} images)",
-            ms(d2_pass_t), ms(moving_t), moving_ms_per_iter[0], 1.0, " ms/it",
-        ),  # fmt: skip
-        [f"one pass through the iterator, λ moving (mean of {n_passes})", ms(d2_iter_t), ms(our_iter_t),
-         f"{our_iter_t[0] / d2_iter_t[0]:.2f}x", "", ""],
-    ]  # fmt: skip
+            ms(d2_pass_t),
+            ms(moving_t),
+            moving_ms_per_iter[0],
+            1.0,
+            " ms/it",
+        ),
+        [
+            f"one pass through the iterator, λ moving (mean of {n_passes})",
+            ms(d2_iter_t),
+            ms(our_iter_t),
+            f"{our_iter_t[0] / d2_iter_t[0]:.2f}x",
+            "",
+            "",
+        ],
+    ]
     print(
         tabulate(
             rows,

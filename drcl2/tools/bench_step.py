@@ -1,5 +1,6 @@
 """
-DRCL2 training step vs a supervised Mask R-CNN (GeneralizedRCNN) step, same device, batch and backbone.
+DRCL2 training step vs a supervised Mask R-CNN (GeneralizedRCNN) step, same device, batch and
+backbone.
 
     python -m drcl2.tools.benchmark step --config-file configs/toy/pretrain_2drcl.yaml
     python -m drcl2.tools.benchmark step --config-file configs/pretrain_2drcl.yaml \\
@@ -19,15 +20,15 @@ take the same time).
 
 Reported per model: median step time over ``--iters`` timed steps (after ``--warmup``) twice: with
 both models in one process, their steps alternating (what a busy, shared machine slows alike: the
-figure for the ratio), and each model alone in its own process; images/s (from the interleaved time),
-peak memory, and for DRCL2 the time split by part: each ``drcl2.*`` ``record_function`` scope of
-the model (online forward, target forward, masking, each head / loss) from torch.profiler over
-``--profile-iters`` extra steps, plus backward, optimizer step and EMA update timed directly.
-On CPU, denormal floats are flushed to zero (``torch.set_flush_denormal``; ``--keep-denormals``
-to keep them): otherwise tiny gradients hit x86's slow path and dominate the timings. The flag
-holds for the calling thread only, so CPU runs use one thread unless ``--threads`` says otherwise
-(with two threads on a shared 2-core machine, the second thread's denormals and other processes
-made the same run vary 5x).
+figure for the ratio), and each model alone in its own process; images/s (from the interleaved
+time), peak memory, and for DRCL2 the time split by part: each ``drcl2.*`` ``record_function`` scope
+of the model (online forward, target forward, masking, each head / loss) from torch.profiler over
+``--profile-iters`` extra steps, plus backward, optimizer step and EMA update timed directly. On
+CPU, denormal floats are flushed to zero (``torch.set_flush_denormal``; ``--keep-denormals`` to keep
+them): otherwise tiny gradients hit x86's slow path and dominate the timings. The flag holds for the
+calling thread only, so CPU runs use one thread unless ``--threads`` says otherwise (with two
+threads on a shared 2-core machine, the second thread's denormals and other processes made the same
+run vary 5x).
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the peak
 resident set size (``ru_maxrss``) of a fresh process that runs only that model's measurement (so
 it includes the Python runtime and the model, and is comparable between the two rows).
@@ -339,7 +340,8 @@ def _compare(args):
     if device.startswith("cuda"):
         device += f" ({torch.cuda.get_device_name(0)})"
     else:
-        device += f" ({platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} threads)"
+        threads = args.threads or torch.get_num_threads()
+        device += f" ({platform.processor() or platform.machine()}, {threads} threads)"
     print(
         f"device: {device}; batch {args.batch_size} images; AMP {'on' if args.amp else 'off'}; "
         f"{args.warmup} warm-up + {args.iters} timed steps (median); memory: {ours['memory_kind']}"
@@ -481,7 +483,8 @@ def _compare_ddp(args):
     if device.startswith("cuda"):
         device += f" ({torch.cuda.get_device_name(0)}), NCCL"
     else:
-        device += f" ({platform.processor() or platform.machine()}, {args.threads} thread(s) per process), gloo"
+        cpu = platform.processor() or platform.machine()
+        device += f" ({cpu}, {args.threads} thread(s) per process), gloo"
     print(
         f"device: {device}; {args.num_processes} DDP processes x {args.batch_size} images; AMP "
         f"{'on' if args.amp else 'off'}; {args.warmup} warm-up + {args.iters} timed steps (median, "

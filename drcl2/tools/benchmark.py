@@ -4,8 +4,10 @@ drcl2's benchmarks, each printing a table (device, sizes, repeats and the figure
     python -m drcl2.tools.benchmark sampler      # dynamic rebalancing sampler vs detectron2's RFS
     python -m drcl2.tools.benchmark step ...     # DRCL2 training step vs supervised Mask R-CNN
     python -m drcl2.tools.benchmark lvis_eval    # LVIS evaluation: faster-coco-eval vs lvis API
-    python -m drcl2.tools.benchmark mapper       # two-view data pipeline vs detectron2's DatasetMapper
-    python -m drcl2.tools.benchmark padding      # padding of the views' batches per aspect-ratio grouping rule
+    python -m drcl2.tools.benchmark mapper       # two-view data pipeline vs detectron2's
+                                                 DatasetMapper
+    python -m drcl2.tools.benchmark padding      # padding of the views' batches per aspect-ratio
+                                                 grouping rule
 
 Each benchmark lives in its own module ``drcl2.tools.bench_<name>`` with two functions,
 ``add_arguments(parser)`` and ``run(args)``.

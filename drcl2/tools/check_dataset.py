@@ -3,7 +3,8 @@ Check a dataset before training on it: the check drcl2's Trainer runs at start, 
 
     python -m drcl2.tools.check_dataset lvis_v1_toy_train               # a registered dataset
     python -m drcl2.tools.check_dataset /data/my/annotations/train.json --image-root /data/my/images
-    python -m drcl2.tools.check_dataset my.json --image-root DIR --images   # also decode every image
+    python -m drcl2.tools.check_dataset my.json --image-root DIR --images   # also decode every
+                                                                            image
 
 Errors (exit status 1): missing image files, category ids not in the json's ``categories`` (or
 outside a registered dataset's classes), malformed boxes and, with ``--images``, images that cannot
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
         elif os.path.isfile(args.dataset):
             if not args.image_root:
                 parser.error(
-                    f"{args.dataset} is a json: give --image-root, the folder its images' file_name are relative to"
+                    f"{args.dataset} is a json: give --image-root, the folder its images' "
+                    "file_name are relative to"
                 )
             if not os.path.isdir(args.image_root):
                 raise FileNotFoundError(f"--image-root '{args.image_root}' is not a folder.")

@@ -237,7 +237,8 @@ def main(argv=None):
     )
     print(f"config {args.config_file}, {args.iters} iterations, {how}:")
     print(
-        f"{'loss':<20} largest relative difference (resumed vs uninterrupted): all resumed iterations, the first"
+        f"{'loss':<20} largest relative difference (resumed vs uninterrupted): all resumed "
+        "iterations, the first"
     )
     for name, d in worst.items():
         print(f"{name:<20} {d:.3g}  {first[name]:.3g}")

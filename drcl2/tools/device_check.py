@@ -1,7 +1,8 @@
 """
 The GPU day's check: one command that records, in one report, what only a GPU can show.
 
-    python -m drcl2.tools.device_check              # on a GPU machine (make device-check installs first)
+    python -m drcl2.tools.device_check              # on a GPU machine (make device-check installs
+                                                    first)
     python -m drcl2.tools.device_check --dry-run    # the same plan on the CPU, at tiny sizes
 
 Each step runs in processes of its own under its own time limit (``--limit STEP=SECONDS``), so a
@@ -178,7 +179,7 @@ def _run(
 
 
 def _tail(text: str, n: int = 25) -> List[str]:
-    lines = [l for l in text.splitlines() if "warn" not in l.lower()]
+    lines = [line for line in text.splitlines() if "warn" not in line.lower()]
     return lines[-n:]
 
 
@@ -350,13 +351,17 @@ def step_resume(plan: Plan, step: Step) -> None:
     step.lines += [
         f"`python {' '.join(args)}`",
         "",
-        "| loss | largest relative difference, resumed vs uninterrupted: all resumed iterations | the first |",
+        "| loss | largest relative difference, resumed vs uninterrupted: all resumed iterations "
+        "| the first |",
         "|---|---|---|",
         *[f"| {k} | {worst[k]:.3g} | {first[k]:.3g} |" for k in worst],
     ]
     bad = {k: v for k, v in first.items() if v > FIRST_RESUMED_TOLERANCE}
     if bad:
-        step.status = f"the first resumed iteration differs (relative > {FIRST_RESUMED_TOLERANCE:g}): {sorted(bad)}"
+        step.status = (
+            f"the first resumed iteration differs (relative > {FIRST_RESUMED_TOLERANCE:g}): "
+            f"{sorted(bad)}"
+        )
     else:
         step.ok, step.status = True, "ok"
 
@@ -470,7 +475,9 @@ def _commit() -> str:
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -597,7 +604,8 @@ def main(argv=None) -> int:
     print(f"[device_check] report: {path} ({total / 60:.1f} min)")
     if failed:
         print(
-            f"[device_check] FAILED: {', '.join(f'{s.name} ({s.status})' for s in steps if not s.ok)}"
+            "[device_check] FAILED: "
+            f"{', '.join(f'{s.name} ({s.status})' for s in steps if not s.ok)}"
         )
         return 1
     print("[device_check] every step passed")

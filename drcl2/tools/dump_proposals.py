@@ -1,12 +1,14 @@
 """
-Make the class-agnostic proposals of 2DRCL's LCL boxes (``MODEL.DRCL2.LCL.BOX_SOURCE: "proposals"``):
-run an RPN-only detector (``MODEL.META_ARCHITECTURE: "ProposalNetwork"``) over a dataset and write
-detectron2's proposal-file format (a pickle with ``ids``, ``boxes`` [R, 4] XYXY_ABS in the original
-image, ``objectness_logits`` [R] and ``bbox_mode``), which ``DATASETS.PROPOSAL_FILES_TRAIN`` reads:
+Make the class-agnostic proposals of 2DRCL's LCL boxes (``MODEL.DRCL2.LCL.BOX_SOURCE:
+"proposals"``): run an RPN-only detector (``MODEL.META_ARCHITECTURE: "ProposalNetwork"``) over a
+dataset and write detectron2's proposal-file format (a pickle with ``ids``, ``boxes`` [R, 4]
+XYXY_ABS in the original image, ``objectness_logits`` [R] and ``bbox_mode``), which
+``DATASETS.PROPOSAL_FILES_TRAIN`` reads:
 
     python -m drcl2.tools.dump_proposals --config-file configs/proposals/rpn_R_50_FPN_1x.yaml \\
         MODEL.WEIGHTS output/proposals/rpn_R_50_FPN_1x/model_final.pth \\
-        --dataset lvis_v1_train --output output/proposals/lvis_v1_train_rpn_R_50_FPN_1x.pkl --num-gpus 8
+        --dataset lvis_v1_train --output output/proposals/lvis_v1_train_rpn_R_50_FPN_1x.pkl
+        --num-gpus 8
 
 Images are resized as at test time (``INPUT.MIN_SIZE_TEST``); each image keeps the RPN's
 ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals. Other ``KEY VALUE`` pairs override the config.
@@ -65,8 +67,8 @@ def dump_proposals(model: torch.nn.Module, data_loader, progress: bool = True) -
             for x, result in zip(inputs, model(inputs)):
                 if "proposals" not in result:
                     raise ValueError(
-                        f"dump_proposals: the model returned {sorted(result)}, no 'proposals'. Use an "
-                        "RPN-only config (MODEL.META_ARCHITECTURE: 'ProposalNetwork', e.g. "
+                        f"dump_proposals: the model returned {sorted(result)}, no 'proposals'. Use "
+                        "an RPN-only config (MODEL.META_ARCHITECTURE: 'ProposalNetwork', e.g. "
                         "configs/proposals/rpn_R_50_FPN_1x.yaml)."
                     )
                 p = result["proposals"].to("cpu")

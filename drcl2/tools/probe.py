@@ -55,22 +55,33 @@ logger = logging.getLogger("drcl2.probe")
 
 # The columns of the printed table (all of them go to the CSV).
 MAIN_COLUMNS = (
-    "probe_roi_top1", "probe_roi_balanced", "probe_roi_balanced_r", "probe_roi_balanced_c", "probe_roi_balanced_f",
-    "probe_box_balanced", "ncc_box", "rank_roi", "rank_box", "std_roi", "std_box", "box_norm",
-)  # fmt: skip
+    "probe_roi_top1",
+    "probe_roi_balanced",
+    "probe_roi_balanced_r",
+    "probe_roi_balanced_c",
+    "probe_roi_balanced_f",
+    "probe_box_balanced",
+    "ncc_box",
+    "rank_roi",
+    "rank_box",
+    "std_roi",
+    "std_box",
+    "box_norm",
+)
 STAGE_FIELDS = ("weight_norm_ratio", "weight_change", "affine_change")
 
 
 def probe_modules(model) -> Tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, List[str]]:
-    """(backbone, box_pooler, box_head, box_in_features) of a detectron2 R-CNN (or a DRCL2 model)."""
+    """(backbone, box_pooler, box_head, box_in_features) of a detectron2 R-CNN (or a DRCL2
+    model)."""
     roi_heads = getattr(model, "roi_heads", None)
     if not hasattr(model, "backbone") or not all(
         hasattr(roi_heads, k) for k in ("box_pooler", "box_head", "box_in_features")
     ):
         raise ValueError(
-            f"The probe needs a model with `backbone` and `roi_heads.box_pooler` / `box_head` (an R-CNN); "
-            f"{type(model).__name__} has none. Give the probe the Mask / Faster R-CNN config the "
-            "weights are fine-tuned with (e.g. configs/toy/mask_rcnn_finetune.yaml)."
+            "The probe needs a model with `backbone` and `roi_heads.box_pooler` / `box_head` (an "
+            f"R-CNN); {type(model).__name__} has none. Give the probe the Mask / Faster R-CNN "
+            "config the weights are fine-tuned with (e.g. configs/toy/mask_rcnn_finetune.yaml)."
         )
     return model.backbone, roi_heads.box_pooler, roi_heads.box_head, list(roi_heads.box_in_features)
 
@@ -103,7 +114,8 @@ def load_finetune_parts(model, path: str) -> List[str]:
 
 
 def _label(spec: str) -> Tuple[str, str]:
-    """(row name, path) of a WEIGHTS argument: ``NAME=PATH``, ``random``, or a path (named by its folders)."""
+    """(row name, path) of a WEIGHTS argument: ``NAME=PATH``, ``random``, or a path (named by its
+    folders)."""
     if "=" in spec and not os.path.exists(spec):
         name, path = spec.split("=", 1)
         return name, path
@@ -140,9 +152,12 @@ def probe_weights(
         loaded = ["random init"] if path == "random" else load_finetune_parts(model, path)
         modules = probe_modules(model)
         kwargs = dict(
-            min_size=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST, pixel_mean=cfg.MODEL.PIXEL_MEAN,
-            pixel_std=cfg.MODEL.PIXEL_STD, image_format=cfg.INPUT.FORMAT,
-        )  # fmt: skip
+            min_size=cfg.INPUT.MIN_SIZE_TEST,
+            max_size=cfg.INPUT.MAX_SIZE_TEST,
+            pixel_mean=cfg.MODEL.PIXEL_MEAN,
+            pixel_std=cfg.MODEL.PIXEL_STD,
+            image_format=cfg.INPUT.FORMAT,
+        )
         start = time.perf_counter()
         train = extract_box_features(*modules, train_dicts, **kwargs)
         test = extract_box_features(*modules, test_dicts, **kwargs)
@@ -152,7 +167,8 @@ def probe_weights(
             for key, value in values.items():
                 row[f"{stage}_{key}"] = value
         logger.info(
-            f"probed {name} in {time.perf_counter() - start:.1f} s ({len(train.classes)} / {len(test.classes)} boxes)"
+            f"probed {name} in {time.perf_counter() - start:.1f} s ({len(train.classes)} / "
+            f"{len(test.classes)} boxes)"
         )
         rows.append(row)
     present = len(set(test.classes.tolist())) if rows else 0
@@ -193,7 +209,8 @@ def tables(rows: List[Dict]) -> Tuple[str, str]:
 
 
 def load_config(config_file: str, opts=()):
-    """The probe's config: drcl2's keys, the file, the overrides, on CUDA when there is one, no MODEL.WEIGHTS."""
+    """The probe's config: drcl2's keys, the file, the overrides, on CUDA when there is one, no
+    MODEL.WEIGHTS."""
     cfg = get_cfg()
     add_drcl2_config(cfg)
     cfg.merge_from_file(config_file)
@@ -212,7 +229,8 @@ def probe_markdown(rows: List[Dict], header: str) -> str:
 
 
 def write_probe_report(rows: List[Dict], header: str, output_dir: str) -> str:
-    """Write ``probe.csv`` and ``probe.md`` (:func:`probe_markdown`) to ``output_dir``; return the markdown."""
+    """Write ``probe.csv`` and ``probe.md`` (:func:`probe_markdown`) to ``output_dir``; return the
+    markdown."""
     text = probe_markdown(rows, header)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "probe.csv"), "w", newline="") as f:
@@ -247,10 +265,11 @@ def probe_study_exports(
         cfg, weights, study.datasets["train"], study.datasets["val"], max_train_images, max_images
     )
     header = (
-        f"Exported weights of seed {seed} before fine-tuning (`python -m drcl2.tools.probe`; `random` = "
-        f"the initialisation of {finetune_config} at seed {seed}, what `scratch` fine-tunes): probe trained "
-        f"on {study.datasets['train']} (<= {max_train_images} images), scored on {study.datasets['val']} "
-        f"(<= {max_images} images, {int(rows[0]['boxes'])} boxes); balanced-probe chance {chance:.3f}."
+        f"Exported weights of seed {seed} before fine-tuning (`python -m drcl2.tools.probe`; "
+        f"`random` = the initialisation of {finetune_config} at seed {seed}, what `scratch` "
+        f"fine-tunes): probe trained on {study.datasets['train']} (<= {max_train_images} images), "
+        f"scored on {study.datasets['val']} (<= {max_images} images, {int(rows[0]['boxes'])} "
+        f"boxes); balanced-probe chance {chance:.3f}."
     )
     return write_probe_report(rows, header, report_dir)
 
@@ -293,9 +312,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     header = (
-        f"Probe of {len(rows)} weights: config {args.config_file}, trained on {train_dataset} "
-        f"(<= {args.max_train_images} images), scored on {args.dataset} (<= {args.max_images} images, "
-        f"{int(rows[0]['boxes'])} boxes); balanced-probe chance {chance:.3f}; device {cfg.MODEL.DEVICE}."
+        f"Probe of {len(rows)} weights: config {args.config_file}, trained on {train_dataset} (<= "
+        f"{args.max_train_images} images), scored on {args.dataset} (<= {args.max_images} images, "
+        f"{int(rows[0]['boxes'])} boxes); balanced-probe chance {chance:.3f}; device "
+        f"{cfg.MODEL.DEVICE}."
     )
     print(probe_markdown(rows, header))
     if args.output_dir:

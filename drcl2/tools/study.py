@@ -4,7 +4,8 @@ val and test) and write its report:
 
     python -m drcl2.tools.study --config-file configs/study/toy.yaml [--dry-run]
         [--arms scratch,2drcl] [--seeds 1,2] [--jobs 2] [--report-dir docs/study/toy]
-    python -m drcl2.tools.study --summarize output/study/toy [--name toy] [--report-dir DIR] [--probe 1]
+    python -m drcl2.tools.study --summarize output/study/toy [--name toy] [--report-dir DIR]
+    [--probe 1]
 
 Runs land in OUTPUT_DIR/<arm>/seed<k>/{pretrain,finetune} (OUTPUT_DIR from the study file or
 --output-dir). Finished runs are skipped, interrupted ones resume from their last checkpoint, so the
@@ -210,7 +211,8 @@ def main(argv=None) -> int:
     finally:
         paths = write_report(study, report_dir, meta)
         print(
-            f"report: {report_dir} ({', '.join(sorted(os.path.basename(p) for p in paths.values()))})"
+            f"report: {report_dir} "
+            f"({', '.join(sorted(os.path.basename(p) for p in paths.values()))})"
         )
     print(open(paths["summary.md"]).read())
     return 0

@@ -2,11 +2,12 @@
 Print the LVIS results of a finished run as a table (AP, APr, APc, APf; boxes and masks) and where
 its outputs are:
 
-    python -m drcl2.tools.summarize OUTPUT_DIR [--study docs/study/toy/results.csv --arms scratch,2drcl]
+    python -m drcl2.tools.summarize OUTPUT_DIR [--study docs/study/toy/results.csv --arms
+    scratch,2drcl]
 
-The figures are the last evaluation that detectron2's EvalHook logged to ``OUTPUT_DIR/metrics.json``.
-With ``--study``, the means over seeds of a committed study's arms follow (box AP, the same split
-first), so one run can be read against the seeded comparison.
+The figures are the last evaluation that detectron2's EvalHook logged to
+``OUTPUT_DIR/metrics.json``. With ``--study``, the means over seeds of a committed study's arms
+follow (box AP, the same split first), so one run can be read against the seeded comparison.
 """
 
 import argparse
@@ -41,7 +42,8 @@ def read_eval_metrics(output_dir: str) -> Dict[str, Dict[str, float]]:
                 last = record
     if last is None:
         raise ValueError(
-            f"'{path}' holds no evaluation results: the run had no DATASETS.TEST, or did not finish."
+            f"'{path}' holds no evaluation results: the run had no DATASETS.TEST, or did not "
+            "finish."
         )
     results: Dict[str, Dict[str, float]] = {}
     for key, value in last.items():
@@ -76,7 +78,8 @@ def print_study_means(results_csv: str, arms) -> None:
             )
         if table:
             print(
-                f"\nThe committed study ({results_csv}), {split} split, box AP, mean ± std over seeds:"
+                f"\nThe committed study ({results_csv}), {split} split, box AP, mean ± std over "
+                "seeds:"
             )
             print(
                 tabulate(

@@ -7,7 +7,8 @@ LVIS-format set it is given; nothing here runs while training on real data):
                      lvis_v1_toy_source (the source set, the toy stand-in for ImageNet) and
                      lvis_v1_gen_large (GPU runs)
     toy_classes      their class vocabulary: coloured, patterned shapes and how each is drawn
-    synthetic_lvis   LVIS-like ground truth, detections and JPEGs for the evaluator and pipeline tests
+    synthetic_lvis   LVIS-like ground truth, detections and JPEGs for the evaluator and pipeline
+                     tests
                      and benchmarks
 
 drcl2.data.datasets registers the generated sets (lvis_v1_toy_*, lvis_v1_toy_source_*,

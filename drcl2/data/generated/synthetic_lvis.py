@@ -5,10 +5,10 @@ for the data pipeline (:func:`synthetic_lvis_jpegs`).
 
 The ground truth is a federated LVIS v1 json (``images`` with ``neg_category_ids`` and
 ``not_exhaustive_category_ids``, polygon ``segmentation``, ``area`` = mask area, categories with
-``frequency``); the detections are what detectron2's ``instances_to_coco_json`` produces (XYWH boxes,
-RLE masks with ``str`` counts, dataset category ids). Nothing here is a model: detections are jittered
-copies of ground-truth boxes plus confusions and background boxes, with scores rounded to two
-decimals so that ties (and therefore the evaluators' tie-breaking) are exercised.
+``frequency``); the detections are what detectron2's ``instances_to_coco_json`` produces (XYWH
+boxes, RLE masks with ``str`` counts, dataset category ids). Nothing here is a model: detections are
+jittered copies of ground-truth boxes plus confusions and background boxes, with scores rounded to
+two decimals so that ties (and therefore the evaluators' tie-breaking) are exercised.
 """
 
 import math

@@ -91,19 +91,20 @@ MAX_TOY_CLASSES = len(_VOCABULARY)
 def toy_classes(num_classes: int, first: int = 0) -> Tuple[ToyClass, ...]:
     """
     ``num_classes`` classes of the vocabulary from class ``first`` on: the first 30 are the toy
-    set's; a set from ``first`` >= 30 on has none of them (the source set, the stand-in for ImageNet).
+    set's; a set from ``first`` >= 30 on has none of them (the source set, the stand-in for
+    ImageNet).
     """
     if not 0 <= first or not 1 <= num_classes <= MAX_TOY_CLASSES - first:
         raise ValueError(
-            f"toy_classes: classes {first}..{first + num_classes - 1} are not all in the vocabulary of "
-            f"{MAX_TOY_CLASSES} classes (first >= 0, num_classes >= 1)."
+            f"toy_classes: classes {first}..{first + num_classes - 1} are not all in the "
+            f"vocabulary of {MAX_TOY_CLASSES} classes (first >= 0, num_classes >= 1)."
         )
     return _VOCABULARY[first : first + num_classes]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shapes
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _normalised(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
     """Centre an outline on its box and scale it to touch the unit circle."""
     pts = np.asarray(points, dtype=np.float64)
@@ -160,7 +161,8 @@ _LOCAL_OUTLINES = {
 def shape_polygon(
     shape: str, cx: float, cy: float, r: float, angle: float
 ) -> List[Tuple[float, float]]:
-    """The outline of ``shape`` with radius ``r`` (it lies within the r-disc) centred at (cx, cy), rotated
+    """The outline of ``shape`` with radius ``r`` (it lies within the r-disc) centred at (cx, cy),
+    rotated
     by ``angle`` (radians), as image points (x, y)."""
     if shape in _LOCAL_OUTLINES:
         ca, sa = math.cos(angle), math.sin(angle)
@@ -200,9 +202,9 @@ def shape_polygon(
     return [(cx + r * x, cy + r * y) for x, y in pts]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Patterns
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def paint_pattern(
     img: Image.Image,
     pattern: str,
@@ -214,8 +216,8 @@ def paint_pattern(
     rng: np.random.Generator,
 ) -> None:
     """
-    Paint ``pattern`` over a shape already filled with ``colour`` in ``img`` (in place). Only pixels of
-    ``shape_mask`` (uint8[H, W], 1 inside the shape) change, so the silhouette stays the shape's.
+    Paint ``pattern`` over a shape already filled with ``colour`` in ``img`` (in place). Only pixels
+    of ``shape_mask`` (uint8[H, W], 1 inside the shape) change, so the silhouette stays the shape's.
     Solid classes draw nothing and take nothing from ``rng``.
     """
     if pattern == "solid":

@@ -3,22 +3,24 @@ Generated, deterministic, long-tailed detection sets in LVIS v1 format: the demo
 (``lvis_v1_toy``) and a larger one for GPU runs (``lvis_v1_gen_large``), both described by a
 :class:`ToyLVISSpec`.
 
-Classes are coloured, patterned shapes (:mod:`drcl2.data.generated.toy_classes`). Two class distributions:
+Classes are coloured, patterned shapes (:mod:`drcl2.data.generated.toy_classes`). Two class
+distributions:
 
 * ``"zipf"`` (the toy set: 30 classes, 800 training images): each object's class is drawn from a
   Zipf-like distribution, so that by LVIS's rule on training image counts (rare <= 10 images,
   common 11-100, frequent > 100) the classes fall into all three groups.
 * ``"lvis"`` (the large set: hundreds of classes): every class gets an exact number of training
   images, read off LVIS v1's own long tail at evenly spaced ranks
-  (:func:`~drcl2.data.lvis_format.lvis_v1_rank_image_counts`), so the rare / common / frequent shares
-  of the classes are LVIS's (337 / 461 / 405 of 1,203). The frequent counts are compressed towards
-  101 so that the set has about ``(1 + max_objects_per_image) / 2`` classes per image (LVIS v1: 3.6);
-  rare and common counts are LVIS's own. Each class is then dealt to that many distinct images.
+  (:func:`~drcl2.data.lvis_format.lvis_v1_rank_image_counts`), so the rare / common / frequent
+  shares of the classes are LVIS's (337 / 461 / 405 of 1,203). The frequent counts are compressed
+  towards 101 so that the set has about ``(1 + max_objects_per_image) / 2`` classes per image (LVIS
+  v1: 3.6); rare and common counts are LVIS's own. Each class is then dealt to that many distinct
+  images.
 
 Images are PNGs or JPEGs with cluttered backgrounds, several objects each, some overlapping, objects
 and clutter scaled with the image size; annotations carry polygon segmentations of the visible part
-of each object, ``neg_category_ids`` (classes verified absent) and ``not_exhaustive_category_ids`` (a
-class with a drawn but unannotated instance), as in LVIS v1.
+of each object, ``neg_category_ids`` (classes verified absent) and ``not_exhaustive_category_ids``
+(a class with a drawn but unannotated instance), as in LVIS v1.
 
 Generation happens in two steps so that a set can be registered without touching the disk:
 :func:`toy_lvis_layout` decides, from the seed alone, which objects go where (this fixes the class
@@ -95,7 +97,8 @@ class ToyLVISSpec:
     class_distribution: str = "zipf"  # "zipf" or "lvis" (LVIS v1's r/c/f shares; module docstring)
     num_train_images: int = 800
     num_val_images: int = 200
-    # held-out split for reported results: drawn like val, from its own seeds (nothing is tuned on it)
+    # held-out split for reported results: drawn like val, from its own seeds (nothing is tuned on
+    # it)
     num_test_images: int = 400
     min_image_size: int = 96  # shorter and longer sides are drawn from [min, max] independently
     max_image_size: int = 128
@@ -105,7 +108,8 @@ class ToyLVISSpec:
     max_objects_per_image: int = (
         5  # classes per image: 1..max (zipf), about (1 + max) / 2 on average (lvis)
     )
-    # object radii, as fractions of max_image_size, so that objects scale with the images (8-22 px at 128)
+    # object radii, as fractions of max_image_size, so that objects scale with the images (8-22 px
+    # at 128)
     min_object_scale: float = 0.0625
     max_object_scale: float = 0.171875
     zipf_exponent: float = (
@@ -172,7 +176,8 @@ class ToyLVISSpec:
         check(
             "max_object_scale",
             2 * self.max_object_scale * self.max_image_size <= self.min_image_size,
-            "at most min_image_size / (2 * max_image_size), so that the largest object fits the smallest image",
+            "at most min_image_size / (2 * max_image_size), so that the largest object fits the "
+            "smallest image",
         )
         check("zipf_exponent", self.zipf_exponent >= 0, ">= 0")
         for field in ("val_uniform_mix", "not_exhaustive_prob"):
@@ -204,9 +209,9 @@ def _num_images(spec: ToyLVISSpec, split: str) -> int:
     }[split]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Class frequencies
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _class_ranks(spec: ToyLVISSpec) -> List[int]:
     """A fixed, seed-dependent assignment of long-tail ranks to classes, shared by all splits."""
     ranks = list(range(spec.num_classes))
@@ -235,8 +240,9 @@ def _lvis_train_image_counts(spec: ToyLVISSpec) -> np.ndarray:
     n, most = spec.num_train_images, spec.max_objects_per_image
     if n <= COMMON_MAX_IMAGES:
         raise ValueError(
-            f"ToyLVISSpec.num_train_images: class_distribution 'lvis' needs more than {COMMON_MAX_IMAGES} "
-            f"training images (LVIS's frequent classes are in > {COMMON_MAX_IMAGES}); got {n}."
+            "ToyLVISSpec.num_train_images: class_distribution 'lvis' needs more than "
+            f"{COMMON_MAX_IMAGES} training images (LVIS's frequent classes are in > "
+            f"{COMMON_MAX_IMAGES}); got {n}."
         )
     curve = np.asarray(lvis_v1_rank_image_counts(spec.num_classes), dtype=np.int64)
     frequent = curve > COMMON_MAX_IMAGES
@@ -249,9 +255,9 @@ def _lvis_train_image_counts(spec: ToyLVISSpec) -> np.ndarray:
     counts = np.minimum(counts, n)
     if not n <= counts.sum() <= n * most:
         raise ValueError(
-            f"ToyLVISSpec: {spec.num_classes} classes with LVIS's long tail need {counts.sum():,} class-image "
-            f"pairs, which {n:,} training images of 1..{most} classes cannot hold: change num_train_images, "
-            "max_objects_per_image or num_classes."
+            f"ToyLVISSpec: {spec.num_classes} classes with LVIS's long tail need {counts.sum():,} "
+            f"class-image pairs, which {n:,} training images of 1..{most} classes cannot hold: "
+            "change num_train_images, max_objects_per_image or num_classes."
         )
     return counts[_class_ranks(spec)]
 
@@ -298,8 +304,9 @@ def _dealt_classes(spec: ToyLVISSpec, split: str) -> Tuple[Tuple[int, ...], ...]
         eligible = np.flatnonzero(capacity > 0)
         if len(eligible) < counts[c]:
             raise RuntimeError(
-                f"Toy LVIS generator: no {counts[c]} distinct images of {spec.name} {split} have room left for "
-                f"class {c}; raise ToyLVISSpec.num_{split}_images or max_objects_per_image, or lower num_classes."
+                f"Toy LVIS generator: no {counts[c]} distinct images of {spec.name} {split} have "
+                f"room left for class {c}; raise ToyLVISSpec.num_{split}_images or "
+                "max_objects_per_image, or lower num_classes."
             )
         # weighted sampling without replacement (Efraimidis-Spirakis keys)
         keys = np.log(rng.random(len(eligible))) / capacity[eligible]
@@ -331,7 +338,8 @@ LVIS_GEN_LARGE = ToyLVISSpec(
 
 # The source set, the toy stand-in for ImageNet (or Objects365 before LVIS): 120 classes of the
 # vocabulary disjoint from the toy set's 30 (classes 30-149: the toy shapes in other colours and
-# patterns, and 6 other shapes), a flatter class distribution than the toy set's (zipf 0.5), ten times
+# patterns, and 6 other shapes), a flatter class distribution than the toy set's (zipf 0.5), ten
+# times
 # its training images, drawn by the same renderer. A detector trained on it gives the source
 # initialisation of configs/study/toy_init.yaml (its ResNet only, as ImageNet weights).
 TOY_SOURCE = ToyLVISSpec(
@@ -349,9 +357,9 @@ TOY_SOURCE = ToyLVISSpec(
 GENERATED_SETS = {"toy": ToyLVISSpec(), "large": LVIS_GEN_LARGE, "source": TOY_SOURCE}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layout: classes, positions and sizes of every object; no pixels.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _box_occlusion(old: Tuple[float, ...], new: Tuple[float, ...]) -> float:
     """Fraction of box ``old`` (x0, y0, x1, y1) covered by box ``new``."""
     w = min(old[2], new[2]) - max(old[0], new[0])
@@ -385,8 +393,9 @@ def _place_object(rng, spec, width, height, boxes, covered, must_place):
             return cx, cy, radius, box
     if must_place:
         raise RuntimeError(
-            f"Toy LVIS generator: no room for an object in a {width}x{height} image of {spec.name}; lower "
-            "ToyLVISSpec.max_objects_per_image or max_object_scale, or raise max_box_occlusion."
+            f"Toy LVIS generator: no room for an object in a {width}x{height} image of "
+            f"{spec.name}; lower ToyLVISSpec.max_objects_per_image or max_object_scale, or raise "
+            "max_box_occlusion."
         )
     return None
 
@@ -504,9 +513,9 @@ def toy_lvis_categories(spec: ToyLVISSpec) -> List[Dict[str, Any]]:
     ]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Rendering
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _render_background(
     rng: np.random.Generator, width: int, height: int, scale: float
 ) -> Image.Image:
@@ -588,7 +597,8 @@ def _render_image(spec: ToyLVISSpec, split: str, layout: Dict[str, Any]):
 
 
 def _render_annotated(spec: ToyLVISSpec, split: str, layout: Dict[str, Any], out_dir: str):
-    """Render one image into ``out_dir``; return its LVIS image entry and annotations (without ids)."""
+    """Render one image into ``out_dir``; return its LVIS image entry and annotations (without
+    ids)."""
     file_name = f"{split}/{layout['id']:012d}.{spec.image_format}"
     img, masks = _render_image(spec, split, layout)
     if spec.image_format == "jpg":
@@ -729,9 +739,9 @@ def _add_split(root: str, spec: ToyLVISSpec, split: str, num_workers: int) -> No
     image_dir = os.path.join(paths["image_root"], split)
     if os.path.exists(image_dir):
         raise FileExistsError(
-            f"'{image_dir}' exists but '{paths[f'{split}_json']}' does not: an interrupted or foreign "
-            f"'{split}' split. It is not drcl2's to overwrite: move it away and the split will be "
-            "generated again."
+            f"'{image_dir}' exists but '{paths[f'{split}_json']}' does not: an interrupted or "
+            f"foreign '{split}' split. It is not drcl2's to overwrite: move it away and the split "
+            "will be generated again."
         )
     staging = tempfile.mkdtemp(prefix=f".{spec.name}-{split}-", dir=root)
     try:
@@ -761,9 +771,9 @@ def ensure_toy_lvis(
         return generate_toy_lvis(root, spec, num_workers)
     if "train" in missing or "val" in missing:
         raise FileExistsError(
-            f"'{paths['image_root']}' exists but holds no complete generated LVIS set (its annotation "
-            "files are missing). It is not drcl2's to overwrite: move it away, or point "
-            "$DETECTRON2_DATASETS elsewhere, and the set will be generated again."
+            f"'{paths['image_root']}' exists but holds no complete generated LVIS set (its "
+            "annotation files are missing). It is not drcl2's to overwrite: move it away, or "
+            "point $DETECTRON2_DATASETS elsewhere, and the set will be generated again."
         )
     for split in missing:
         _add_split(root, spec, split, _workers(spec, num_workers))
