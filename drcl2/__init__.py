@@ -29,7 +29,7 @@ from . import (
 from .checkpoint import export_finetune_weights
 from .config import add_drcl2_config
 from .data import register_lvis_format
-from .engine import Trainer
+from .engine import Trainer, setup_drcl2_logger
 from .evaluation import COCOLTEvaluator, LVISEvaluator
 from .modeling import DRCL2
 
@@ -37,6 +37,7 @@ __all__ = [
     "add_drcl2_config",
     "register_lvis_format",
     "Trainer",
+    "setup_drcl2_logger",
     "LVISEvaluator",
     "COCOLTEvaluator",
     "DRCL2",

@@ -145,15 +145,6 @@ def add_drcl2_config(cfg):
     # Names of further pretext heads (registered in drcl2.modeling.DRCL2_HEAD_REGISTRY) to train
     # besides the built-in ones switched on below (HCL, LCL, AR, SR, RPN).
     cfg.MODEL.DRCL2.EXTRA_HEADS = []
-    cfg.MODEL.DRCL2.HEALTH = CN()
-    # Every this many iterations (and before the first), log the representation's health to the
-    # EventStorage (drcl2.engine.hooks.HealthProbeHook: linear-probe accuracy, effective ranks,
-    # collapse check, on MAX_IMAGES images of DATASET); 0: off. Works for DRCL2 and R-CNN runs.
-    cfg.MODEL.DRCL2.HEALTH.PERIOD = 0
-    # The held-out dataset (registered name, with box annotations) the health probe reads.
-    cfg.MODEL.DRCL2.HEALTH.DATASET = ""
-    # How many of its images (the first ones); the probe trains on the even ones, scores the odd.
-    cfg.MODEL.DRCL2.HEALTH.MAX_IMAGES = 100
     cfg.MODEL.DRCL2.RPN = CN()
     # Class-agnostic RPN loss on the boxes of v1 (pre-trains the RPN) on/off.
     cfg.MODEL.DRCL2.RPN.ENABLED = True
@@ -282,6 +273,16 @@ def add_drcl2_config(cfg):
     # ---------------------------------------------------------------------------------------------
     # Evaluation (drcl2.evaluation).
     # ---------------------------------------------------------------------------------------------
+    # The representation's health while a detector trains (drcl2.engine.hooks.HealthProbeHook:
+    # linear-probe accuracy, effective ranks, collapse check, on MAX_IMAGES images of DATASET), in
+    # metrics.json and TensorBoard; for DRCL2 pre-training and R-CNN runs alike.
+    cfg.TEST.HEALTH = CN()
+    # Every this many iterations (and before the first); 0: off.
+    cfg.TEST.HEALTH.PERIOD = 0
+    # The held-out dataset (registered name, with box annotations, the training set's classes).
+    cfg.TEST.HEALTH.DATASET = ""
+    # How many of its images (the first ones); the probe trains on the even ones, scores the odd.
+    cfg.TEST.HEALTH.MAX_IMAGES = 100
     cfg.TEST.DRCL2 = CN()
     # LVIS scoring backend: "faster" (faster-coco-eval's C++ LVIS mode) or "lvis" (reference lvis
     # API).

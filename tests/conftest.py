@@ -88,6 +88,37 @@ def toy_val_mini(toy_lvis_root, tmp_path_factory):
     return "lvis_v1_toy_val_mini"
 
 
+@pytest.fixture(scope="session")
+def own_lvis_json(toy_lvis_root, tmp_path_factory):
+    """
+    A user's own LVIS-format set, as a new user brings one: 5 categories with ids 1, 2, 4, 7, 9 and
+    r / c / f frequencies, 12 images (the toy set's first training images, their boxes relabelled
+    by the toy class modulo 5); ``(json_file, image_root)``. Not registered.
+    """
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get("lvis_v1_toy_train")
+    with open(meta.json_file) as f:
+        data = json.load(f)
+    ids = [1, 2, 4, 7, 9]
+    images = data["images"][:12]
+    keep = {img["id"] for img in images}
+    anns = [a for a in data["annotations"] if a["image_id"] in keep]
+    for a in anns:
+        a["category_id"] = ids[(a["category_id"] - 1) % 5]
+    categories = [
+        {"id": c, "name": f"thing{c}", "frequency": "rcfcf"[i], "image_count": 0, "synonyms": []}
+        for i, c in enumerate(ids)
+    ]
+    for img in images:
+        img.pop("neg_category_ids", None)
+        img["not_exhaustive_category_ids"] = []
+        img["neg_category_ids"] = []
+    path = tmp_path_factory.mktemp("own_lvis") / "own_train.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return str(path), meta.image_root
+
+
 @pytest.fixture
 def one_thread():
     """

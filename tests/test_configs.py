@@ -50,12 +50,16 @@ def test_configs_are_found():
 
 
 @pytest.mark.parametrize("config_file", CONFIGS)
-def test_config_loads(config_file, tmp_path_factory):
-    output_dir = tmp_path_factory.getbasetemp() / "configs"
-    cfg = _setup(config_file, output_dir)
+def test_config_loads(config_file, tmp_path):
+    from drcl2.engine import save_config
+
+    output_dir = tmp_path / "configs"
+    cfg = _setup(config_file, output_dir)  # with the start-up checks
     assert cfg.VERSION == 2
     assert cfg.OUTPUT_DIR == str(output_dir)
-    assert os.path.isfile(os.path.join(output_dir, "config.yaml"))  # written by default_setup
+    assert not os.path.exists(output_dir / "config.yaml")  # written once the run is accepted ...
+    save_config(cfg)
+    assert (output_dir / "config.yaml").read_text() == cfg.dump()  # ... by save_config
     if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
         from drcl2.modeling.meta_arch import check_drcl2_config
 

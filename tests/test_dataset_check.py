@@ -74,7 +74,7 @@ def _dicts(tmp_path, **kw):
     return load_lvis_format_json(json_file, image_root)
 
 
-def test_report_counts_each_kind_and_names_the_first(tmp_path):
+def test_report_counts_each_kind_and_names_the_cases(tmp_path):
     report = check_dataset_dicts(_dicts(tmp_path, missing=(2,)), source="train.json", num_classes=2)
     counts = {k: (f.count, len(f.images)) for k, f in report.findings.items()}
     assert counts == {
@@ -85,13 +85,13 @@ def test_report_counts_each_kind_and_names_the_first(tmp_path):
         "clipped": (2, 2),
     }
     lines = report.lines()
-    assert (
-        lines[0] == f"error: missing image files: 1 image (first: {tmp_path / 'images' / '2.png'})"
-    )
+    assert lines[0] == f"error: missing image files: 1 image ({tmp_path / 'images' / '2.png'})"
+    zero = report.findings["zero_area"]
     assert (
         "warning: boxes of zero area: 2 annotations in 2 images; dropped for training, as "
-        f"detectron2 drops empty boxes (first: {tmp_path / 'images' / '1.png'}, annotation id 2)"
+        f"detectron2 drops empty boxes ({zero.cases[0]}; {zero.cases[1]})"
     ) in lines
+    assert zero.cases[0] == f"{tmp_path / 'images' / '1.png'}, annotation id 2"
     assert [f.kind for f in report.errors] == ["missing_file"]
     assert report.num_images == 4 and report.num_annotations == len(BOXES)
     with pytest.raises(
@@ -134,13 +134,15 @@ def test_unknown_category_ids_and_malformed_boxes_are_errors(tmp_path):
     report = check_dataset_dicts(dicts, num_classes=2)
     assert [f.kind for f in report.errors] == ["unknown_category", "malformed_box"]
     lines = report.lines()
+    images = tmp_path / "images"
     assert lines[0] == (
         "error: category ids outside the dataset's classes (contiguous ids 0..1) [-1, 5]: 2 "
-        f"annotations in 2 images (first: {tmp_path / 'images' / '2.png'}, annotation id 3)"
+        f"annotations in 2 images ({images / '2.png'}, annotation id 3; "
+        f"{images / '4.png'}, annotation id 9)"
     )
     assert lines[1] == (
         "error: boxes that are not four finite numbers: 2 annotations in 2 images "
-        f"(first: {tmp_path / 'images' / '1.png'}, annotation id 1)"
+        f"({images / '1.png'}, annotation id 1; {images / '3.png'}, annotation id 7)"
     )
     assert report.findings["clipped"].count == 1  # annotation 7, now malformed, is not also clipped
 
@@ -218,7 +220,7 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
         == 1
     )
     assert (
-        "error: images that cannot be decoded (truncated, or not an image): 1 image (first: "
+        "error: images that cannot be decoded (truncated, or not an image): 1 image ("
         f"{image_root}/4.png: " in (capsys.readouterr().out)
     )
     # a registered name; a json without --image-root; a json with unknown categories
@@ -228,8 +230,7 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
         os.remove(os.path.join(image_root, "3.png"))
         assert check_dataset_tool.main([name]) == 1
         assert (
-            f"error: missing image files: 1 image (first: {image_root}/3.png)"
-            in capsys.readouterr().out
+            f"error: missing image files: 1 image ({image_root}/3.png)" in capsys.readouterr().out
         )
     finally:
         DatasetCatalog.remove(name)
@@ -242,6 +243,22 @@ def test_tool_on_a_json_and_on_a_name(tmp_path, capsys):
     json.dump(data, open(json_file, "w"))
     assert check_dataset_tool.main([json_file, "--image-root", image_root]) == 1
     assert "category ids [7] that are not in 'categories'" in capsys.readouterr().err
+
+
+def test_every_bad_file_is_counted_and_named(tmp_path, capsys):
+    """Seven missing images: the report names five and says how many more; --all names all."""
+    json_file, image_root = _minimal_layout(str(tmp_path))
+    data = json.load(open(json_file))
+    extra = [dict(data["images"][0], id=100 + i, file_name=f"gone{i}.png") for i in range(7)]
+    data["images"] += extra
+    json.dump(data, open(json_file, "w"))
+    assert check_dataset_tool.main([json_file, "--image-root", image_root]) == 1
+    out = capsys.readouterr().out
+    assert ": 1 kind of error, 4 kinds of warning." in out  # singular and plural
+    gone = [f"{image_root}/gone{i}.png" for i in range(7)]
+    assert f"error: missing image files: 7 images ({'; '.join(gone[:5])}; and 2 more)" in out
+    assert check_dataset_tool.main([json_file, "--image-root", image_root, "--all"]) == 1
+    assert f"error: missing image files: 7 images ({'; '.join(gone)})" in capsys.readouterr().out
 
 
 def _cfg(train, test):
@@ -271,7 +288,7 @@ def test_trainer_checks_training_and_test_sets_before_the_first_step(tmp_path, d
         with pytest.raises(
             DatasetCheckError,
             match=rf"dataset '{test}'.*\n  error: missing image files: 1 image "
-            rf"\(first: {test_root}/3.png\)",
+            rf"\({test_root}/3.png\)",
         ):
             Trainer.build_train_dataset(cfg)
         # the training set's degenerate boxes were reported, not dropped silently
@@ -296,7 +313,7 @@ def test_trainer_checks_training_and_test_sets_before_the_first_step(tmp_path, d
         cfg.DATASETS.DRCL2.CHECK_IMAGES = True
         with pytest.raises(
             DatasetCheckError,
-            match=rf"cannot be decoded.*: 1 image \(first: {train_root}/1.png: OSError",
+            match=rf"cannot be decoded.*: 1 image \({train_root}/1.png: OSError",
         ):
             Trainer.build_train_dataset(cfg)
     finally:

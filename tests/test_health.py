@@ -194,11 +194,11 @@ def test_health_hook_logs_without_changing_the_run(toy_val_mini, tmp_path):
             0,
             "SOLVER.CHECKPOINT_PERIOD",
             100,
-            "MODEL.DRCL2.HEALTH.PERIOD",
+            "TEST.HEALTH.PERIOD",
             period,
-            "MODEL.DRCL2.HEALTH.DATASET",
+            "TEST.HEALTH.DATASET",
             toy_val_mini,
-            "MODEL.DRCL2.HEALTH.MAX_IMAGES",
+            "TEST.HEALTH.MAX_IMAGES",
             8,
         )
         return losses_of_run(cfg, resume=False)[1]
@@ -225,10 +225,10 @@ def test_health_hook_needs_a_dataset():
 
     cfg = cfg_from(
         "configs/toy/pretrain_2drcl.yaml",
-        "MODEL.DRCL2.HEALTH.PERIOD",
+        "TEST.HEALTH.PERIOD",
         10,
-        "MODEL.DRCL2.HEALTH.DATASET",
+        "TEST.HEALTH.DATASET",
         "",
     )
-    with pytest.raises(ValueError, match="MODEL.DRCL2.HEALTH.DATASET"):
+    with pytest.raises(ValueError, match="TEST.HEALTH.DATASET"):
         HealthProbeHook.from_config(cfg)

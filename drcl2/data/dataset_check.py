@@ -98,23 +98,36 @@ class DatasetCheckError(ValueError):
     """A dataset has errors (see :class:`DatasetReport`); the message is the full report."""
 
 
+# cases a report line names (every case is kept in Finding.cases; check_dataset --all prints them)
+NAMED_CASES = 5
+
+
 @dataclass
 class Finding:
-    """One kind of problem: how many annotations / images, and the first case."""
+    """One kind of problem: how many annotations / images, and every case (file, annotation id)."""
 
     kind: str
     count: int = 0
     images: set = field(default_factory=set)
-    first: str = ""
+    cases: List[str] = field(default_factory=list)
     values: set = field(default_factory=set)  # e.g. the unknown category ids
 
+    @property
+    def first(self) -> str:
+        return self.cases[0] if self.cases else ""
+
     def add(self, image_key, where, value=None):
-        if self.count == 0:
-            self.first = where
         self.count += 1
         self.images.add(image_key)
+        self.cases.append(where)
         if value is not None:
             self.values.add(value)
+
+    def named(self, limit: Optional[int] = NAMED_CASES) -> str:
+        """The cases, the first ``limit`` of them (None: all) and how many more."""
+        shown = self.cases if limit is None else self.cases[:limit]
+        more = len(self.cases) - len(shown)
+        return "; ".join(shown) + (f"; and {more} more" if more else "")
 
 
 @dataclass
@@ -139,10 +152,11 @@ class DatasetReport:
     def warnings(self) -> List[Finding]:
         return [self.findings[k] for k in WARNINGS if k in self.findings]
 
-    def lines(self) -> List[str]:
+    def lines(self, limit: Optional[int] = NAMED_CASES) -> List[str]:
         """
-        One line per finding, errors first, e.g. "warning: boxes of zero area: 12 annotations in 9
-        images; dropped for training, ... (first: a.jpg, annotation id 3)".
+        One line per finding, errors first, naming the first ``limit`` cases (None: all), e.g.
+        "warning: boxes of zero area: 12 annotations in 9 images; dropped for training, ...
+        (a.jpg, annotation id 3; b.jpg, annotation id 7; ...; and 7 more)".
         """
         out = []
         for level, kinds in (("error", ERRORS), ("warning", WARNINGS)):
@@ -157,16 +171,19 @@ class DatasetReport:
                     f" in {_plural(len(f.images), 'image')}" if unit == "annotation" else ""
                 )
                 then = f"; {consequence}" if consequence else ""
-                out.append(f"{level}: {what}{values}: {counted}{then} (first: {f.first})")
+                out.append(f"{level}: {what}{values}: {counted}{then} ({f.named(limit)})")
         return out
 
-    def summary(self) -> str:
+    def summary(self, limit: Optional[int] = NAMED_CASES) -> str:
+        """The report: a head line, then :meth:`lines` (``limit`` cases named per finding)."""
         checked = "files, categories and boxes" + (", decoded images" if self.decoded else "")
+        kinds = f"{_plural(len(self.errors), 'kind')} of error, "
+        kinds += f"{_plural(len(self.warnings), 'kind')} of warning"
         head = (
-            f"{self.source}: {self.num_images} images, {self.num_annotations} annotations; checked "
-            f"{checked}: {len(self.errors)} kinds of error, {len(self.warnings)} kinds of warning."
+            f"{self.source}: {_plural(self.num_images, 'image')}, "
+            f"{_plural(self.num_annotations, 'annotation')}; checked {checked}: {kinds}."
         )
-        return "\n".join([head] + ["  " + line for line in self.lines()])
+        return "\n".join([head] + ["  " + line for line in self.lines(limit)])
 
     def raise_if_errors(self, hint: str = "") -> None:
         """Raise :class:`DatasetCheckError` (the summary, and ``hint``) if there are errors."""

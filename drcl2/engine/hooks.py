@@ -128,7 +128,7 @@ class LoaderStateHook(HookBase):
 
 class HealthProbeHook(HookBase):
     """
-    Watches the representation while it trains (``MODEL.DRCL2.HEALTH.PERIOD``): before the first
+    Watches the representation while it trains (``TEST.HEALTH.PERIOD``): before the first
     iteration and every ``period`` iterations, on a fixed held-out set of images, the main process
     pools the ground-truth boxes from the model's online ``backbone`` (and ``roi_heads.box_head``
     when the model has one) and puts into the :class:`EventStorage` (TensorBoard, ``metrics.json``):
@@ -178,17 +178,16 @@ class HealthProbeHook(HookBase):
     def from_config(cls, cfg):
         from detectron2.data import DatasetCatalog
 
-        h = cfg.MODEL.DRCL2.HEALTH
+        h = cfg.TEST.HEALTH
         if not h.DATASET:
             raise ValueError(
-                f"MODEL.DRCL2.HEALTH.PERIOD = {h.PERIOD} needs MODEL.DRCL2.HEALTH.DATASET: a "
+                f"TEST.HEALTH.PERIOD = {h.PERIOD} needs TEST.HEALTH.DATASET: a "
                 "registered held-out dataset with box annotations (e.g. the val split), or set "
                 "PERIOD 0."
             )
         if h.MAX_IMAGES < 4:
             raise ValueError(
-                f"MODEL.DRCL2.HEALTH.MAX_IMAGES = {h.MAX_IMAGES}: the probe needs at least 4 "
-                "images."
+                f"TEST.HEALTH.MAX_IMAGES = {h.MAX_IMAGES}: the probe needs at least 4 images."
             )
         return cls(
             h.PERIOD,

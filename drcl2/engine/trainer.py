@@ -29,7 +29,7 @@ from ..data.proposals import check_proposal_files
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.samplers import DynamicRepeatFactorTrainingSampler
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
-from .checks import check_num_classes, check_training_config
+from .checks import check_config
 from .hooks import HealthProbeHook, LoaderStateHook, RebalanceLambdaHook, StepSeedHook
 from .pretrain_hooks import unwrap_model
 
@@ -83,9 +83,10 @@ class Trainer(DefaultTrainer):
       (:class:`~drcl2.data.resumable_loader.ResumableTrainLoader`), each step's random numbers are
       seeded per iteration, and checkpoints hold the seed and the data loader's state, so a run
       killed and resumed with ``--resume`` gives the batches and losses of the uninterrupted one;
-    * writes checkpoints atomically (:class:`~drcl2.checkpoint.AtomicDetectionCheckpointer`) and
-      refuses, at start, a ``NUM_CLASSES`` that is not the training set's or a bad rebalancing
-      schedule.
+    * writes checkpoints atomically (:class:`~drcl2.checkpoint.AtomicDetectionCheckpointer`),
+      warns when ``--resume`` finds no checkpoint, and refuses, at start
+      (:func:`~drcl2.engine.checks.check_config`), an unregistered dataset, a ``NUM_CLASSES`` that
+      is not that of every dataset the run reads, or a bad rebalancing schedule.
 
     detectron2's ``DefaultTrainer`` does not know drcl2's sampler name ("Unknown training sampler"):
     use this Trainer, or build the sampler with :meth:`build_train_sampler` in your own trainer.
@@ -101,7 +102,8 @@ class Trainer(DefaultTrainer):
             setup_logger()
         setup_drcl2_logger(_log_file_dir(cfg.OUTPUT_DIR))
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        check_training_config(cfg)
+        # before anything is built, generated or written (train_net.py has run them already)
+        check_config(cfg)
         # The seed of the data stream and of each step's random numbers; a checkpoint records it,
         # so a resumed run goes on with the same one even when SEED is -1 (drawn here).
         self.seed = resolve_seed(cfg.SEED)
@@ -112,7 +114,6 @@ class Trainer(DefaultTrainer):
             )  # DRCL2's per-image draws (instances, masks) follow the run's seed
         optimizer = self.build_optimizer(cfg, model)
         train_dataset = self.build_train_dataset(cfg)
-        check_num_classes(cfg)
         data_loader = self.build_train_loader(cfg, dataset=train_dataset, seed=self.seed)
         if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
             # DRB's class weights need the training set's class statistics; build_model does not
@@ -130,6 +131,16 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def run_step(self):
+        """detectron2's step; a divergence raised inside the model (e.g. the RPN's "Predicted boxes
+        or scores contain Inf/NaN") is re-raised with the iteration it happened at."""
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            if "iteration" in str(e):  # detectron2's own loss check names it
+                raise
+            raise FloatingPointError(f"iteration {self.iter}: {e}") from e
 
     def build_checkpointer(self, cfg, model):
         """
@@ -163,6 +174,13 @@ class Trainer(DefaultTrainer):
         uninterrupted run. A checkpoint without loader state (or from another number of processes)
         resumes the stream at image ``k * batch`` instead, with a warning.
         """
+        if resume and not self.checkpointer.has_checkpoint():
+            logger.warning(
+                f"--resume: no checkpoint in '{self.cfg.OUTPUT_DIR}' (no last_checkpoint file): "
+                f"training starts from iteration 0 with MODEL.WEIGHTS "
+                f"'{self.cfg.MODEL.WEIGHTS}'. If this run was meant to go on from an earlier one, "
+                "stop it and check OUTPUT_DIR."
+            )
         super().resume_or_load(resume=resume)
         if self.start_iter == 0:
             return
@@ -221,7 +239,7 @@ class Trainer(DefaultTrainer):
         ret.insert(at, self._loader_state_hook)
         if self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
             ret.insert(0, RebalanceLambdaHook.from_config(self.cfg))  # logs drb/lambda each step
-        if self.cfg.MODEL.DRCL2.HEALTH.PERIOD > 0 and comm.is_main_process():
+        if self.cfg.TEST.HEALTH.PERIOD > 0 and comm.is_main_process():
             # before the writers, so that its figures are written at the step they are measured
             writer = next(
                 (i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret)

@@ -3,16 +3,17 @@ Check a dataset before training on it: the check drcl2's Trainer runs at start, 
 
     python -m drcl2.tools.check_dataset lvis_v1_toy_train               # a registered dataset
     python -m drcl2.tools.check_dataset /data/my/annotations/train.json --image-root /data/my/images
-    python -m drcl2.tools.check_dataset my.json --image-root DIR --images   # also decode every
-                                                                            image
+    python -m drcl2.tools.check_dataset my.json --image-root DIR --images   # decode every image
+    python -m drcl2.tools.check_dataset my.json --image-root DIR --all      # name every case
 
 Errors (exit status 1): missing image files, category ids not in the json's ``categories`` (or
 outside a registered dataset's classes), malformed boxes and, with ``--images``, images that cannot
 be decoded (truncated, not an image) or whose decoded size differs from the json. Warnings (exit
 status 0): boxes of zero area, with a negative side, or outside the image, which training drops as
-detectron2 does, and boxes clipped to the image. Each is counted, with the first case named; see
-``drcl2.data.dataset_check``. A json is read as LVIS format (``drcl2.data.load_lvis_format_json``);
-registered names are the datasets that ``import drcl2`` registers (detectron2's, drcl2's).
+detectron2 does, and boxes clipped to the image. Each is counted, with its first 5 cases named
+(every one with ``--all``); see ``drcl2.data.dataset_check``. A json is read as LVIS format
+(``drcl2.data.load_lvis_format_json``); registered names are the datasets that ``import drcl2``
+registers (detectron2's, drcl2's).
 """
 
 import argparse
@@ -38,6 +39,11 @@ def main(argv=None) -> int:
         "--images", action="store_true", help="also decode every image (reads the whole dataset)"
     )
     parser.add_argument(
+        "--all",
+        action="store_true",
+        help="name every case of each finding (default: the first 5, and how many more)",
+    )
+    parser.add_argument(
         "--num-workers",
         type=int,
         default=os.cpu_count() or 1,
@@ -46,7 +52,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import drcl2  # noqa: F401  registers drcl2's datasets (and, through detectron2, its builtin ones)
-    from drcl2.data.dataset_check import check_dataset_dicts
+    from drcl2.data.dataset_check import NAMED_CASES, check_dataset_dicts
     from drcl2.data.datasets import check_dataset_files
     from drcl2.data.lvis_format import load_lvis_format_json, read_lvis_format_json
 
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
         decode_images=args.images,
         num_workers=args.num_workers,
     )
-    print(report.summary())
+    print(report.summary(limit=None if args.all else NAMED_CASES))
     return 1 if report.errors else 0
 
 

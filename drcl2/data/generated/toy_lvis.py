@@ -31,6 +31,7 @@ bytes, whatever the number of worker processes.
 
 import functools
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -48,6 +49,8 @@ from PIL import Image, ImageDraw
 
 from ..lvis_format import COMMON_MAX_IMAGES, frequency_group, lvis_v1_rank_image_counts
 from .toy_classes import COLOURS, MAX_TOY_CLASSES, paint_pattern, shape_polygon, toy_classes
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ToyLVISSpec",
@@ -713,6 +716,11 @@ def generate_toy_lvis(
     """
     paths = toy_lvis_paths(root, spec)
     workers = _workers(spec, num_workers)
+    images = sum(_num_images(spec, split) for split in SPLITS)
+    logger.info(
+        f"Generating the {spec.name} set ({images:,} images) into '{paths['image_root']}' "
+        f"(first use; {workers} rendering process(es))"
+    )
     os.makedirs(root, exist_ok=True)
     categories = toy_lvis_categories(spec)
     staging = tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root)
