@@ -592,13 +592,14 @@ class LVISEvaluator(_D2LVISEvaluator):
         As detectron2's, but each image's instances are kept as columns
         (:func:`instances_to_columns`). A model that gives masks for some images and not for others
         is refused at the first such image (ValueError naming both), not when the segm evaluation
-        meets it at the end.
+        meets it at the end; an image without detections is judged by neither rule.
         """
         for input, output in zip(inputs, outputs):
             prediction = {"image_id": input["image_id"]}
             if "instances" in output:
                 instances = output["instances"]
-                self._check_masks(input["image_id"], instances.has("pred_masks"))
+                if len(instances):  # an image without detections has no masks to lack
+                    self._check_masks(input["image_id"], instances.has("pred_masks"))
                 pixel_counts = None
                 if instances.has("pred_masks") and instances.pred_masks.device.type != "cpu":
                     # counted where the masks are (free on a GPU); the encoder checks them
@@ -668,10 +669,14 @@ class LVISEvaluator(_D2LVISEvaluator):
         predictions = [_as_columns(p) for p in predictions]
         to_dataset = self._category_id_map()
         lvis_results = []
-        masks_of = {}  # has masks -> an image id (a gathered or loaded set can mix them, too)
+        # has masks -> an image id with detections (a gathered or loaded set can mix them, too).
+        # An image without detections has no masks to lack: saved files keep no masks for it
+        # (detectron2's list holds [] for it, whatever the model gave), so it counts for neither.
+        masks_of = {}
         for p in predictions:
             columns = p["instances"]
-            masks_of.setdefault(columns["rles"] is not None, p["image_id"])
+            if len(columns["scores"]):
+                masks_of.setdefault(columns["rles"] is not None, p["image_id"])
             lvis_results.extend(
                 columns_to_coco_json(columns, p["image_id"], to_dataset(columns["classes"]))
             )
@@ -682,8 +687,13 @@ class LVISEvaluator(_D2LVISEvaluator):
                 "mask for every detection of every image: a model must give masks for all images "
                 "or for none."
             )
-        has_masks = True in masks_of and any(len(p["instances"]["scores"]) for p in predictions)
+        has_masks = True in masks_of
         tasks = self._tasks or (("bbox", "segm") if has_masks else ("bbox",))
+        if "segm" in tasks and False in masks_of:
+            raise ValueError(
+                f"LVISEvaluator of {self._dataset_name}: tasks include 'segm' but the predictions "
+                f"have no masks (image {masks_of[False]}). Evaluate boxes only (tasks=('bbox',))."
+            )
 
         if self._output_dir:
             file_path = os.path.join(self._output_dir, "lvis_instances_results.json")
