@@ -204,10 +204,7 @@ def _without_detections(outputs, which):
 
 def _evaluate_file(name, path, output_dir):
     """A fresh evaluator's metrics on a saved predictions file."""
-    e = LVISEvaluator(name, distributed=False, output_dir=output_dir)
-    e.reset()
-    e._predictions = load_predictions(path)
-    return e.evaluate()
+    return LVISEvaluator(name, distributed=False, output_dir=output_dir).evaluate_file(path)
 
 
 @pytest.mark.parametrize("writer", ["drcl2", "detectron2"])
@@ -241,6 +238,13 @@ def test_saved_predictions_with_empty_images_give_the_live_metrics(
     assert set(live_results) == {"bbox", "segm"}
     again = _evaluate_file(name, path, str(tmp_path / "again"))
     assert again == live_results
+    # in the folder it reads from: the file is left as it was, the report is written again
+    before = (tmp_path / "live" / "instances_predictions.pth").read_bytes()
+    assert _evaluate_file(name, path, str(tmp_path / "live")) == live_results
+    assert (tmp_path / "live" / "instances_predictions.pth").read_bytes() == before
+    assert (tmp_path / "again" / "per_class_ap.csv").read_text() == (
+        tmp_path / "live" / "per_class_ap.csv"
+    ).read_text()
 
 
 def test_saved_predictions_still_refuse_detections_without_masks(generated_lvis, tmp_path):
@@ -280,10 +284,8 @@ def test_saved_predictions_still_refuse_detections_without_masks(generated_lvis,
     torch.save(boxes_only, tmp_path / "boxes.pth")
     assert set(_evaluate_file(name, str(tmp_path / "boxes.pth"), None)) == {"bbox"}
     e = LVISEvaluator(name, tasks=("bbox", "segm"), distributed=False)
-    e.reset()
-    e._predictions = load_predictions(str(tmp_path / "boxes.pth"))
     with pytest.raises(ValueError, match=rf"tasks include 'segm'.*no masks \(image {with_masks}\)"):
-        e.evaluate()
+        e.evaluate_file(str(tmp_path / "boxes.pth"))
 
 
 def test_live_images_without_detections_need_no_masks(generated_lvis):

@@ -55,6 +55,7 @@ from .predictions import (
     columns_to_coco_json,
     dump_json,
     instances_to_columns,
+    load_predictions,
     save_predictions,
 )
 
@@ -508,7 +509,8 @@ class LVISEvaluator(_D2LVISEvaluator):
     detectron2's, written with orjson), ``instances_predictions.pth`` (the same predictions, as one
     tensor per field rather than detectron2's pickled list of dicts: read it with
     :func:`drcl2.evaluation.load_predictions`), ``per_class_ap.csv`` and ``per_class_ap.png``
-    (per-class AP against training image count).
+    (per-class AP against training image count). :meth:`evaluate_file` evaluates a saved
+    predictions file (drcl2's or detectron2's) again, with the same numbers.
 
     ``process`` keeps each image's detections as a few arrays (:func:`instances_to_columns`: the
     masks RLE-encoded inside their boxes, byte-identical to pycocotools) instead of a dict per
@@ -621,7 +623,22 @@ class LVISEvaluator(_D2LVISEvaluator):
                 return
         else:
             predictions = self._predictions
+        return self._evaluate_all(predictions, save=True)
 
+    def evaluate_file(self, path):
+        """
+        The metrics of saved predictions, the same as :meth:`evaluate` gave for them live: drcl2's
+        ``instances_predictions.pth`` or detectron2's, read with :func:`load_predictions` (images
+        without detections included). On this process alone, whatever ``distributed``. With
+        ``output_dir``, the json and the per-class report are written there again, the predictions
+        file is not (it may be the one read).
+        """
+        self.reset()
+        self._predictions = load_predictions(path)
+        return self._evaluate_all(self._predictions, save=False)
+
+    def _evaluate_all(self, predictions, save):
+        """:meth:`evaluate` on gathered predictions; ``save``: write instances_predictions.pth."""
         if len(predictions) == 0:
             self._logger.warning("[LVISEvaluator] Did not receive valid predictions.")
             return {}
@@ -630,6 +647,7 @@ class LVISEvaluator(_D2LVISEvaluator):
         with _cyclic_gc_paused():
             if self._output_dir:
                 PathManager.mkdirs(self._output_dir)
+            if self._output_dir and save:
                 save_predictions(
                     predictions, os.path.join(self._output_dir, "instances_predictions.pth")
                 )
