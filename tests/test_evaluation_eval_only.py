@@ -1,43 +1,55 @@
-"""`train_net.py --eval-only` on the demo set writes the per-class report (CSV and PNG)."""
+"""
+`train_net.py --eval-only` on the demo set writes the per-class report (CSV and PNG), and the
+predictions file it writes scores the same again (LVISEvaluator.evaluate_file).
+"""
 
 import csv
 import math
 import os
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, cfg_from
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 
 import train_net
+
+CONFIG = os.path.join("configs", "toy", "mask_rcnn_finetune.yaml")
+
+
+def _eval_only_opts(name, output_dir):
+    return [
+        "DATASETS.TEST",
+        f"('{name}',)",
+        "MODEL.WEIGHTS",
+        "",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        # An untrained head scores every class about equally: keep inference cheap on 2 cores.
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        "50",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "20",
+        "OUTPUT_DIR",
+        str(output_dir),
+    ]
+
+
+def _eval_only(name, output_dir):
+    """``train_net.py --eval-only`` of a freshly initialised model; its results."""
+    args = default_argument_parser().parse_args(
+        ["--config-file", os.path.join(REPO_ROOT, CONFIG), "--eval-only"]
+        + _eval_only_opts(name, output_dir)
+    )
+    return train_net.main(args)
 
 
 def test_eval_only_writes_per_class_report(tmp_path, toy_val_mini):
     """A freshly initialised R-18 Mask R-CNN (MODEL.WEIGHTS "") on demo val images: poor but
     real."""
     name = toy_val_mini
-    args = default_argument_parser().parse_args(
-        [
-            "--config-file",
-            os.path.join(REPO_ROOT, "configs", "toy", "mask_rcnn_finetune.yaml"),
-            "--eval-only",
-            "DATASETS.TEST",
-            f"('{name}',)",
-            "MODEL.WEIGHTS",
-            "",
-            "MODEL.DEVICE",
-            "cpu",
-            "DATALOADER.NUM_WORKERS",
-            "0",
-            # An untrained head scores every class about equally: keep inference cheap on 2 cores.
-            "MODEL.RPN.POST_NMS_TOPK_TEST",
-            "50",
-            "TEST.DETECTIONS_PER_IMAGE",
-            "20",
-            "OUTPUT_DIR",
-            str(tmp_path),
-        ]
-    )
-    results = train_net.main(args)
+    results = _eval_only(name, tmp_path)
     for task in ("bbox", "segm"):
         assert set(results[task]) >= {
             "AP",
@@ -76,3 +88,47 @@ def test_eval_only_writes_per_class_report(tmp_path, toy_val_mini):
                 assert r[column] == ""
     png = (inference / "per_class_ap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_only_predictions_with_an_empty_image_score_the_same_again(
+    tmp_path, toy_val_mini, monkeypatch
+):
+    """
+    The model gives no detection for the first image (an empty Instances, its pred_masks [0, H,
+    W], as detectron2 gives it); the instances_predictions.pth that --eval-only writes, evaluated
+    again by the evaluator the Trainer builds, gives exactly the same results.
+    """
+    from drcl2 import Trainer
+    from drcl2.evaluation import load_predictions
+
+    name = toy_val_mini
+    first = DatasetCatalog.get(name)[0]["image_id"]
+    build_model = Trainer.build_model
+
+    def build_model_without_detections_for_the_first_image(cls, cfg):
+        model = build_model(cfg)
+        forward = model.forward
+
+        def forward_(batched_inputs):
+            outputs = forward(batched_inputs)
+            for inputs, output in zip(batched_inputs, outputs):
+                if not model.training and inputs["image_id"] == first:
+                    output["instances"] = output["instances"][:0]
+                    assert output["instances"].pred_masks.shape[0] == 0
+            return outputs
+
+        model.forward = forward_
+        return model
+
+    monkeypatch.setattr(
+        Trainer, "build_model", classmethod(build_model_without_detections_for_the_first_image)
+    )
+    results = _eval_only(name, tmp_path)
+    assert set(results) == {"bbox", "segm"}
+    path = tmp_path / "inference" / "instances_predictions.pth"
+    saved = {p["image_id"]: p["instances"] for p in load_predictions(str(path))}
+    assert saved[first] == [] and all(saved[i] for i in saved if i != first)
+
+    cfg = cfg_from(CONFIG, *_eval_only_opts(name, tmp_path))
+    evaluator = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path / "again"))
+    assert evaluator.evaluate_file(str(path)) == results

@@ -349,6 +349,11 @@ def test_evaluator_writes_known_per_class_ap(known_ap_dataset, tmp_path, backend
         assert table["drum"][column] == ""  # no ground truth: AP undefined
     png = (out / "per_class_ap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # Image 2 has no detection (an empty pred_masks): its saved predictions score the same again.
+    again = LVISEvaluator(known_ap_dataset, distributed=False, backend=backend).evaluate_file(
+        str(out / "instances_predictions.pth")
+    )
+    assert again == results
 
 
 def test_evaluator_rejects_unknown_backend(known_ap_dataset):

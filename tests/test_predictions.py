@@ -26,6 +26,7 @@ from drcl2.evaluation.predictions import (
     columns_to_coco_json,
     encode_masks,
     instances_to_columns,
+    save_predictions,
 )
 
 
@@ -189,6 +190,120 @@ def test_evaluator_writes_detectron2s_files_and_metrics(generated_lvis, tmp_path
     assert raw["format"] == "drcl2.columnar_predictions.v1" and raw["boxes"].shape[1] == 4
     # load_predictions also reads detectron2's own file
     assert load_predictions(str(tmp_path / "detectron2" / "instances_predictions.pth")) == ref_pth
+
+
+def _without_detections(outputs, which):
+    """Empty the instances of images ``which`` as detectron2 does for an image with no detection:
+    every field kept, ``pred_masks`` included (shape [0, H, W])."""
+    for k in which:
+        out = outputs[k][1][0]
+        out["instances"] = out["instances"][:0]
+        assert out["instances"].pred_masks.shape[0] == 0
+    return [outputs[k][0][0]["image_id"] for k in which]
+
+
+def _evaluate_file(name, path, output_dir):
+    """A fresh evaluator's metrics on a saved predictions file."""
+    return LVISEvaluator(name, distributed=False, output_dir=output_dir).evaluate_file(path)
+
+
+@pytest.mark.parametrize("writer", ["drcl2", "detectron2"])
+def test_saved_predictions_with_empty_images_give_the_live_metrics(
+    generated_lvis, tmp_path, writer
+):
+    """
+    Images without detection (the first one among them) have an empty ``pred_masks``; their saved
+    form has no masks. Evaluated again from drcl2's or detectron2's ``instances_predictions.pth``,
+    they count as images without detections, and the metrics are exactly the live ones.
+    """
+    name, gt, outputs = generated_lvis
+    empty = _without_detections(outputs, (0, 3))
+    patch_lvis_numpy()  # the lvis API of detectron2's evaluator uses np.float
+    cls = LVISEvaluator if writer == "drcl2" else D2LVISEvaluator
+    live = cls(name, distributed=False, output_dir=str(tmp_path / "live"))
+    live.reset()
+    for inputs, outs in outputs:
+        live.process(inputs, outs)
+    with contextlib.redirect_stdout(io.StringIO()):
+        live_results = live.evaluate()
+    path = str(tmp_path / "live" / "instances_predictions.pth")
+    saved = {p["image_id"]: p["instances"] for p in load_predictions(path)}
+    assert all(saved[i] == [] for i in empty) and len(saved) == len(outputs)
+    if writer == "detectron2":  # the live reference is drcl2's own evaluator
+        live = LVISEvaluator(name, distributed=False)
+        live.reset()
+        for inputs, outs in outputs:
+            live.process(inputs, outs)
+        live_results = live.evaluate()
+    assert set(live_results) == {"bbox", "segm"}
+    again = _evaluate_file(name, path, str(tmp_path / "again"))
+    assert again == live_results
+    # in the folder it reads from: the file is left as it was, the report is written again
+    before = (tmp_path / "live" / "instances_predictions.pth").read_bytes()
+    assert _evaluate_file(name, path, str(tmp_path / "live")) == live_results
+    assert (tmp_path / "live" / "instances_predictions.pth").read_bytes() == before
+    assert (tmp_path / "again" / "per_class_ap.csv").read_text() == (
+        tmp_path / "live" / "per_class_ap.csv"
+    ).read_text()
+
+
+def test_saved_predictions_still_refuse_detections_without_masks(generated_lvis, tmp_path):
+    """Only images without detections are exempt: a file where an image with detections has no
+    masks while others have them is refused (either format), and so is a boxes-only file when the
+    tasks ask for masks."""
+    name, gt, outputs = generated_lvis
+    _without_detections(outputs, (0,))
+    e = LVISEvaluator(name, distributed=False, output_dir=str(tmp_path / "live"))
+    e.reset()
+    for inputs, outs in outputs:
+        e.process(inputs, outs)
+    e.evaluate()
+    predictions = load_predictions(str(tmp_path / "live" / "instances_predictions.pth"))
+    assert predictions[0]["instances"] == [] and predictions[2]["instances"]
+    for d in predictions[2]["instances"]:
+        del d["segmentation"]
+    torch.save(predictions, tmp_path / "detectron2.pth")
+    save_predictions(
+        [dict(p, instances=columns_from_coco_json(p["instances"])) for p in predictions],
+        str(tmp_path / "drcl2.pth"),
+    )
+    with_masks, without = predictions[1]["image_id"], predictions[2]["image_id"]
+    for path in (tmp_path / "detectron2.pth", tmp_path / "drcl2.pth"):
+        with pytest.raises(
+            ValueError, match=rf"masks for image {with_masks} but not for image {without}\."
+        ):
+            _evaluate_file(name, str(path), None)
+    # boxes only: evaluated as boxes (the empty first image changes nothing), refused for segm
+    boxes_only = [
+        dict(
+            p,
+            instances=[{k: v for k, v in d.items() if k != "segmentation"} for d in p["instances"]],
+        )
+        for p in predictions
+    ]
+    torch.save(boxes_only, tmp_path / "boxes.pth")
+    assert set(_evaluate_file(name, str(tmp_path / "boxes.pth"), None)) == {"bbox"}
+    e = LVISEvaluator(name, tasks=("bbox", "segm"), distributed=False)
+    with pytest.raises(ValueError, match=rf"tasks include 'segm'.*no masks \(image {with_masks}\)"):
+        e.evaluate_file(str(tmp_path / "boxes.pth"))
+
+
+def test_live_images_without_detections_need_no_masks(generated_lvis):
+    """A model that leaves ``pred_masks`` out for an image without detections (detectron2 gives an
+    empty one) is not refused, and scores as if it had given the empty masks."""
+    name, gt, outputs = generated_lvis
+    _without_detections(outputs, (0, 3))
+    results = []
+    for drop in (False, True):
+        if drop:
+            for k in (0, 3):
+                outputs[k][1][0]["instances"].remove("pred_masks")
+        e = LVISEvaluator(name, distributed=False, tasks=("bbox", "segm") if drop else None)
+        e.reset()
+        for inputs, outs in outputs:
+            e.process(inputs, outs)
+        results.append(e.evaluate())
+    assert set(results[0]) == {"bbox", "segm"} and results[1] == results[0]
 
 
 def test_masks_for_some_images_only_are_refused_at_the_first_such_image(generated_lvis, tmp_path):

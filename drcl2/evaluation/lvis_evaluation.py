@@ -55,6 +55,7 @@ from .predictions import (
     columns_to_coco_json,
     dump_json,
     instances_to_columns,
+    load_predictions,
     save_predictions,
 )
 
@@ -508,7 +509,8 @@ class LVISEvaluator(_D2LVISEvaluator):
     detectron2's, written with orjson), ``instances_predictions.pth`` (the same predictions, as one
     tensor per field rather than detectron2's pickled list of dicts: read it with
     :func:`drcl2.evaluation.load_predictions`), ``per_class_ap.csv`` and ``per_class_ap.png``
-    (per-class AP against training image count).
+    (per-class AP against training image count). :meth:`evaluate_file` evaluates a saved
+    predictions file (drcl2's or detectron2's) again, with the same numbers.
 
     ``process`` keeps each image's detections as a few arrays (:func:`instances_to_columns`: the
     masks RLE-encoded inside their boxes, byte-identical to pycocotools) instead of a dict per
@@ -592,13 +594,14 @@ class LVISEvaluator(_D2LVISEvaluator):
         As detectron2's, but each image's instances are kept as columns
         (:func:`instances_to_columns`). A model that gives masks for some images and not for others
         is refused at the first such image (ValueError naming both), not when the segm evaluation
-        meets it at the end.
+        meets it at the end; an image without detections is judged by neither rule.
         """
         for input, output in zip(inputs, outputs):
             prediction = {"image_id": input["image_id"]}
             if "instances" in output:
                 instances = output["instances"]
-                self._check_masks(input["image_id"], instances.has("pred_masks"))
+                if len(instances):  # an image without detections has no masks to lack
+                    self._check_masks(input["image_id"], instances.has("pred_masks"))
                 pixel_counts = None
                 if instances.has("pred_masks") and instances.pred_masks.device.type != "cpu":
                     # counted where the masks are (free on a GPU); the encoder checks them
@@ -620,7 +623,22 @@ class LVISEvaluator(_D2LVISEvaluator):
                 return
         else:
             predictions = self._predictions
+        return self._evaluate_all(predictions, save=True)
 
+    def evaluate_file(self, path):
+        """
+        The metrics of saved predictions, the same as :meth:`evaluate` gave for them live: drcl2's
+        ``instances_predictions.pth`` or detectron2's, read with :func:`load_predictions` (images
+        without detections included). On this process alone, whatever ``distributed``. With
+        ``output_dir``, the json and the per-class report are written there again, the predictions
+        file is not (it may be the one read).
+        """
+        self.reset()
+        self._predictions = load_predictions(path)
+        return self._evaluate_all(self._predictions, save=False)
+
+    def _evaluate_all(self, predictions, save):
+        """:meth:`evaluate` on gathered predictions; ``save``: write instances_predictions.pth."""
         if len(predictions) == 0:
             self._logger.warning("[LVISEvaluator] Did not receive valid predictions.")
             return {}
@@ -629,6 +647,7 @@ class LVISEvaluator(_D2LVISEvaluator):
         with _cyclic_gc_paused():
             if self._output_dir:
                 PathManager.mkdirs(self._output_dir)
+            if self._output_dir and save:
                 save_predictions(
                     predictions, os.path.join(self._output_dir, "instances_predictions.pth")
                 )
@@ -668,10 +687,14 @@ class LVISEvaluator(_D2LVISEvaluator):
         predictions = [_as_columns(p) for p in predictions]
         to_dataset = self._category_id_map()
         lvis_results = []
-        masks_of = {}  # has masks -> an image id (a gathered or loaded set can mix them, too)
+        # has masks -> an image id with detections (a gathered or loaded set can mix them, too).
+        # An image without detections has no masks to lack: saved files keep no masks for it
+        # (detectron2's list holds [] for it, whatever the model gave), so it counts for neither.
+        masks_of = {}
         for p in predictions:
             columns = p["instances"]
-            masks_of.setdefault(columns["rles"] is not None, p["image_id"])
+            if len(columns["scores"]):
+                masks_of.setdefault(columns["rles"] is not None, p["image_id"])
             lvis_results.extend(
                 columns_to_coco_json(columns, p["image_id"], to_dataset(columns["classes"]))
             )
@@ -682,8 +705,13 @@ class LVISEvaluator(_D2LVISEvaluator):
                 "mask for every detection of every image: a model must give masks for all images "
                 "or for none."
             )
-        has_masks = True in masks_of and any(len(p["instances"]["scores"]) for p in predictions)
+        has_masks = True in masks_of
         tasks = self._tasks or (("bbox", "segm") if has_masks else ("bbox",))
+        if "segm" in tasks and False in masks_of:
+            raise ValueError(
+                f"LVISEvaluator of {self._dataset_name}: tasks include 'segm' but the predictions "
+                f"have no masks (image {masks_of[False]}). Evaluate boxes only (tasks=('bbox',))."
+            )
 
         if self._output_dir:
             file_path = os.path.join(self._output_dir, "lvis_instances_results.json")
