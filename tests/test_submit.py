@@ -34,6 +34,7 @@ def _submit_args(output_dir, *flags, opts=()):
 def test_dry_run_prints_the_job_and_submits_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--dry-run", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu"]
+    flags += ["--sbatch", "account=proj", "--sbatch", "exclusive"]
     argv = _submit_args(out, *flags, "--time", "01:30:00", opts=["SOLVER.IMS_PER_BATCH", "8"])
     assert submit.main(argv) == 0
     printed = capsys.readouterr().out
@@ -44,6 +45,8 @@ def test_dry_run_prints_the_job_and_submits_nothing(tmp_path, capsys):
         "#SBATCH --partition=gpu",
         "#SBATCH --time=90",
         "#SBATCH --requeue",
+        "#SBATCH --account=proj",
+        "#SBATCH --exclusive\n",
         "#SBATCH --signal=USR2@90",
         "#SBATCH --job-name=drcl2_mask_rcnn_finetune",
         f"#SBATCH --output={out}/slurm/%j_0_log.out",
@@ -80,6 +83,7 @@ def test_dry_run_of_an_evaluation_requeues_it_unchanged(tmp_path, capsys):
         (["--config-file", TOY_CONFIG, "--num-gpus", "8"], "--num-gpus is set by this tool: use"),
         (["--config-file", TOY_CONFIG, "--dist-url", "tcp://a:1"], "--dist-url is set by this"),
         (["--config-file", TOY_CONFIG, "OUTPUT_DIR", ""], "OUTPUT_DIR is empty"),
+        (["--sbatch", "qos=", "--config-file", TOY_CONFIG], "--sbatch qos=: expected KEY=VALUE"),
         (["--config-file", TOY_CONFIG, "SOLVER.MAX_ITER"], f"--config-file {TOY_CONFIG} with"),
         (
             ["--nodes", "3", "--gpus-per-node", "1", "--config-file", TOY_CONFIG],

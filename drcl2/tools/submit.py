@@ -257,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--mem-gb", type=int, default=None, help="memory of each machine (default: the cluster's)"
     )
     job.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --sbatch account=proj --sbatch qos=high "
+        "--sbatch constraint=volta32gb --sbatch exclusive",
+    )
+    job.add_argument(
         "--slurm-dir",
         default=None,
         metavar="DIR",
@@ -331,6 +339,12 @@ def build_job(argv=None) -> argparse.Namespace:
     for flag, value in (("--cpus-per-task", args.cpus_per_task), ("--mem-gb", args.mem_gb)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1 (got {value}).")
+    extra = {}
+    for option in args.sbatch:
+        key, sep, value = option.partition("=")
+        if not key.strip("- ") or (sep and not value):
+            parser.error(f"--sbatch {option}: expected KEY=VALUE or KEY, e.g. account=proj.")
+        extra[key.strip("- ").replace("-", "_")] = value if sep else True  # KEY: a bare flag
     if args.max_timeouts < 0:
         parser.error(f"--max-timeouts must be 0 or more (got {args.max_timeouts}).")
     try:
@@ -401,7 +415,8 @@ def build_job(argv=None) -> argparse.Namespace:
         gpus_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task or args.gpus_per_node * (cfg.DATALOADER.NUM_WORKERS + 1),
         time=args.time_min,
-        additional_parameters={"requeue": True},  # SLURM may requeue it too (node failure)
+        # SLURM may requeue it too (node failure, preemption): the next attempt resumes then too
+        additional_parameters={"requeue": True, **extra},
     )
     if cfg.MODEL.DEVICE == "cpu":
         del params["gpus_per_node"]  # --gpus-per-node CPU processes, no GPU to ask for
