@@ -250,7 +250,8 @@ def test_two_machines_preempted_requeued_and_resumed(toy_lvis_root, tmp_path, mo
     assert "Calling checkpoint method" in task0 and "Requeued job" in task0, task0[-3000:]
     log = (out / "log.txt").read_text()
     starts = [int(k) for k in re.findall(r"Starting training from iteration (\d+)", log)]
-    assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 2, (starts, seconds)
+    # the first attempt stopped at the signal, the second went on from its last checkpoint
+    assert starts[0] == 0 and len(starts) == 2 and 2 <= starts[1] < 8, (starts, seconds)
     assert "--resume" in task0.split("Requeued job")[1]  # the command the second attempt ran
     assert "preempted" in task0
     # the training processes ignore the signal (their task stops them): task 1's ended when

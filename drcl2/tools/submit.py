@@ -25,6 +25,7 @@ attempt, which may land on other nodes) sees: a shared file system. See docs/DIS
 """
 
 import argparse
+import copy
 import ctypes
 import glob
 import multiprocessing
@@ -146,8 +147,7 @@ class TrainNetJob:
         OUTPUT_DIR's last checkpoint. An evaluation (``--eval-only``) runs again unchanged (with
         ``--resume`` it would evaluate OUTPUT_DIR's last checkpoint instead of MODEL.WEIGHTS).
         """
-        job = TrainNetJob.__new__(TrainNetJob)
-        job.__dict__.update(self.__getstate__())
+        job = copy.copy(self)  # through __getstate__: not the process that runs this one
         job.resume = self.resume or not self.eval_only
         return job
 
