@@ -30,6 +30,8 @@ setup(
         "matplotlib",
         "Pillow",
         "tabulate",
+        # python -m drcl2.tools.submit: train_net.py on SLURM, requeued and resumed on preemption.
+        "submitit>=1.5,<2",
     ],
     # the test suite and the style tool (configured in pyproject.toml; `make test` runs both)
     extras_require={"test": ["pytest>=7", "ruff==0.17.6"]},
