@@ -273,9 +273,9 @@ def test_predictions_on_image_files_draw_the_detections_above_the_threshold(
     torch.save({"model": {}}, weights)
     monkeypatch.setattr(Trainer, "build_model", classmethod(lambda cls, cfg: _FixedDetector()))
     out = tmp_path / "pred"
-    argv = ["predictions", "--config-file", os.path.join(REPO_ROOT, FINETUNE), "--images"]
-    argv += [str(jpeg), "--output-dir", str(out), "MODEL.WEIGHTS", str(weights), "MODEL.DEVICE"]
-    assert visualize.main(argv + ["cpu"]) == 0, capsys.readouterr().err
+    argv = ["predictions", "--config-file", os.path.join(REPO_ROOT, FINETUNE)]
+    argv += ["--output-dir", str(out), "--images", str(jpeg), "MODEL.WEIGHTS", str(weights)]
+    assert visualize.main(argv + ["MODEL.DEVICE", "cpu"]) == 0, capsys.readouterr().err
     (name,) = os.listdir(out)
     assert name == "000_photo.png"
     picture = _png(out / name)
