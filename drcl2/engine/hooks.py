@@ -12,7 +12,13 @@ from detectron2.utils import comm
 from ..data.rebalance import RebalanceSchedule, chunked_lambda
 from ..data.resumable_loader import STEP_STREAM, derived_seed, seed_global_random_state
 
-__all__ = ["RebalanceLambdaHook", "StepSeedHook", "LoaderStateHook", "HealthProbeHook"]
+__all__ = [
+    "RebalanceLambdaHook",
+    "StepSeedHook",
+    "LoaderStateHook",
+    "HealthProbeHook",
+    "TwoViewVisHook",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -263,3 +269,75 @@ class HealthProbeHook(HookBase):
     def after_step(self):
         if (self.trainer.iter + 1) % self._period == 0 and comm.is_main_process():
             self._log()
+
+
+class TwoViewVisHook(HookBase):
+    """
+    Every ``period`` iterations (``VIS_PERIOD``; iterations 0, period, 2 period, ... as detectron2's
+    ``GeneralizedRCNN`` draws its proposals), puts the views picture of the first image of the
+    step's batch into the :class:`EventStorage` as image ``name`` (TensorBoard): view 1 with the
+    masked patches and view 2 side by side, with the pairs' boxes
+    (:func:`~drcl2.utils.visualize.draw_two_views`) and the draws of that very step
+    (:meth:`DRCL2.draws`).
+
+    The batch is taken from the DRCL2 model's input (a forward pre-hook) on the main process. The
+    hook draws no random numbers from the global generators, so the run's losses (and exact resume)
+    are the same with it on or off.
+    """
+
+    def __init__(self, period: int, *, image_format: str, metadata=None, name: str = "drcl2/views"):
+        """
+        Args:
+            period (int): iterations between pictures (> 0).
+            image_format (str): ``INPUT.FORMAT`` of the views.
+            metadata: the training set's metadata (class names), or None.
+            name (str): the image's name in the storage.
+        """
+        self._period = int(period)
+        self._image_format = image_format
+        self._metadata = metadata
+        self._name = name
+        self._batch = None
+        self._handle = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        from detectron2.data import MetadataCatalog
+
+        names = cfg.DATASETS.TRAIN
+        return cls(
+            cfg.VIS_PERIOD,
+            image_format=cfg.INPUT.FORMAT,
+            metadata=MetadataCatalog.get(names[0]) if names else None,
+        )
+
+    def _capture(self, module, args):
+        if module.training and self.trainer.iter % self._period == 0 and args:
+            self._batch = args[0]
+
+    def before_train(self):
+        from .pretrain_hooks import unwrap_model
+
+        self._handle = unwrap_model(self.trainer.model).register_forward_pre_hook(self._capture)
+
+    def after_step(self):
+        batch, self._batch = self._batch, None
+        if not batch:
+            return
+        from ..utils.visualize import views_pictures
+        from .pretrain_hooks import unwrap_model
+
+        (picture,) = views_pictures(
+            unwrap_model(self.trainer.model),
+            batch,
+            self.trainer.iter,
+            image_format=self._image_format,
+            metadata=self._metadata,
+            num_images=1,
+        )
+        self.trainer.storage.put_image(self._name, torch.from_numpy(picture).permute(2, 0, 1))
+
+    def after_train(self):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

@@ -30,7 +30,13 @@ from ..data.resumable_loader import ResumableTrainLoader
 from ..data.samplers import DynamicRepeatFactorTrainingSampler
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
 from .checks import check_config
-from .hooks import HealthProbeHook, LoaderStateHook, RebalanceLambdaHook, StepSeedHook
+from .hooks import (
+    HealthProbeHook,
+    LoaderStateHook,
+    RebalanceLambdaHook,
+    StepSeedHook,
+    TwoViewVisHook,
+)
 from .pretrain_hooks import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -252,11 +258,19 @@ class Trainer(DefaultTrainer):
     def _add_drcl2_hooks(self, ret):
         """
         2DRCL pre-training: the export of ``OUTPUT_DIR/model_final_finetune.pth`` after the last
-        iteration. (The model moves its EMA target network itself, at each new iteration.)
+        iteration, and with ``VIS_PERIOD`` > 0 the views picture every VIS_PERIOD iterations
+        (:class:`TwoViewVisHook`). (The model moves its EMA target network itself, at each new
+        iteration.)
         """
         from .pretrain_hooks import ExportFinetuneWeightsHook
 
         cfg = self.cfg
+        if cfg.VIS_PERIOD > 0 and comm.is_main_process():
+            # the views picture into TensorBoard, before the writers so it goes out at its step
+            writer = next(
+                (i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret)
+            )
+            ret.insert(writer, TwoViewVisHook.from_config(cfg))
         ret.append(
             ExportFinetuneWeightsHook(
                 os.path.join(cfg.OUTPUT_DIR, "model_final_finetune.pth"), cfg.SOLVER.MAX_ITER

@@ -4,7 +4,7 @@ The 2DRCL pre-training meta-architecture (docs/method.md): ``MODEL.META_ARCHITEC
 
 import math
 import zlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -344,6 +344,53 @@ class DRCL2(nn.Module):
         """w_c(lambda) = (r_c^ins) ** lambda, Tensor[C]."""
         return self.class_repeat_factors.float() ** lam
 
+    def term_weights_at(self, iteration: int) -> Tuple[float, Dict[str, torch.Tensor]]:
+        """
+        DRB at ``iteration``: lambda, and the class weights of each term of ``DRB_TERMS``
+        (``{term: Tensor[C]}``): w_c(lambda) for the terms of DRB.APPLY_TO, 1 for the others.
+        """
+        lam = 0.0
+        if self.rebalance_schedule is not None:
+            lam = self.rebalance_schedule.lam(iteration / max(self.max_iter, 1))
+        weights = self.class_weights_at(lam)  # [C]
+        return lam, {
+            t: weights if t in self.drb_apply_to else torch.ones_like(weights) for t in DRB_TERMS
+        }
+
+    @torch.no_grad()
+    def draws(self, batched_inputs: List[Dict], iteration: int):
+        """
+        The random draws a training step at ``iteration`` makes for ``batched_inputs`` (the same
+        :meth:`_draw` as :meth:`forward`, with the same class weights; no network runs and no
+        global random state is used), to look at what a step trains on
+        (``python -m drcl2.tools.visualize views``, ``VIS_PERIOD``).
+
+        Args:
+            batched_inputs: N dicts from :class:`TwoViewDatasetMapper`, the whole batch of the step
+                (an image repeated in a batch draws differently each time).
+            iteration: the training iteration.
+
+        Returns:
+            list of N LongTensor[K_i] (the instances drawn for LCL / box-guided masking: rows of
+            the LCL boxes, ``view*/instances`` or ``view*/proposals``) or N None;
+            list of N BoolTensor[h_i, w_i] (True = masked pixel of view 1, (h_i, w_i) its size)
+            or None when nothing masks.
+        """
+        _, term_weights = self.term_weights_at(iteration)
+        sizes = [tuple(x["view1"]["image"].shape[-2:]) for x in batched_inputs]
+        padded_size = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        sampled, pixel_mask = self._draw(
+            batched_inputs,
+            term_weights["instances"],
+            term_weights["masking"],
+            sizes,
+            padded_size,
+            iteration,
+        )
+        if pixel_mask is None:
+            return sampled, None
+        return sampled, [m[:h, :w].cpu() for m, (h, w) in zip(pixel_mask, sizes)]
+
     # ------------------------------------------------------------------------------------------
     def forward(self, batched_inputs: List[Dict]):
         """
@@ -375,14 +422,7 @@ class DRCL2(nn.Module):
             storage, iteration = None, int(self.last_iteration) + 1
         with record_function("drcl2.ema"):
             self._start_iteration(iteration)
-        lam = 0.0
-        if self.rebalance_schedule is not None:
-            lam = self.rebalance_schedule.lam(iteration / max(self.max_iter, 1))
-        weights = self.class_weights_at(lam)  # [C]
-        # DRB.APPLY_TO: the terms that take w_c(lambda); the others weigh every class 1
-        term_weights = {
-            t: weights if t in self.drb_apply_to else torch.ones_like(weights) for t in DRB_TERMS
-        }
+        lam, term_weights = self.term_weights_at(iteration)
         if storage is not None:
             storage.put_scalar("drcl2/lambda", lam, smoothing_hint=False)
             # the momentum of this iteration's EMA step (applied at the start of the next one)
