@@ -49,7 +49,7 @@ from PIL import Image
 
 from ..config import add_drcl2_config
 from ..engine import Trainer, resolve_seed
-from ..engine.checks import check_num_classes, check_training_config
+from ..engine.checks import check_config
 from ..utils.visualize import draw_predictions, views_pictures
 
 __all__ = ["load_config", "main", "write_predictions", "write_views"]
@@ -75,8 +75,8 @@ def _check_registered(names: Sequence[str], key: str) -> None:
     for name in names:
         if name not in registered:
             raise KeyError(
-                f"{key}: {name!r} is not a registered dataset; registered: "
-                f"{', '.join(sorted(registered))}."
+                f"{key}: dataset '{name}' is not registered! Available datasets are: "
+                f"{', '.join(registered)}."
             )
 
 
@@ -103,11 +103,9 @@ def write_views(cfg, num_images: int, output_dir: str, start_iter: int = 0) -> L
             f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r}. Use `predictions` for a "
             "detector."
         )
-    _check_registered(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
-    check_training_config(cfg)  # as the Trainer does at start
+    check_config(cfg)  # the Trainer's start-up checks
     seed = resolve_seed(cfg.SEED)
     dataset = Trainer.build_train_dataset(cfg)
-    check_num_classes(cfg)
     model = Trainer.build_model(cfg)
     model.seed = seed  # as the Trainer: the draws follow the run's seed
     model.set_class_statistics(dataset)
