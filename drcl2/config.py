@@ -156,7 +156,8 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.DET = CN()
     # Supervised detection losses in pre-training (detectron2's ROI heads on v1: box classification
     # and regression, the mask head with MODEL.MASK_ON) on/off; needs the RPN term (its proposals).
-    cfg.MODEL.DRCL2.DET.ENABLED = False
+    # 2DRCL v1: off.
+    cfg.MODEL.DRCL2.DET.ENABLED = True
     # Weight w_det of the ROI heads' losses in the total loss.
     cfg.MODEL.DRCL2.DET.WEIGHT = 1.0
 
@@ -165,14 +166,15 @@ def add_drcl2_config(cfg):
     # Resize and flip follow INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN / RANDOM_FLIP.
     # ---------------------------------------------------------------------------------------------
     cfg.INPUT.DRCL2 = CN()
-    # Probability that each view (v1, v2) takes the random resized crop (else the whole image).
-    cfg.INPUT.DRCL2.CROP_PROB = (1.0, 1.0)
+    # Probability that each view (v1, v2) takes the random resized crop (else the whole image):
+    # view 1 is the detection view, the whole image resized and flipped (2DRCL v1: (1.0, 1.0)).
+    cfg.INPUT.DRCL2.CROP_PROB = (0.0, 1.0)
     # Both views take view 1's crop, resize and flip: boxes correspond exactly, only the photometric
     # augmentations differ (AlignDet's views).
     cfg.INPUT.DRCL2.SHARED_GEOMETRY = False
     # Photometric augmentation of view 1 (colour jitter, grey, blur, solarization) on/off; off makes
-    # view 1 a detector's training input (resize + flip, and the crop of CROP_PROB).
-    cfg.INPUT.DRCL2.VIEW1_PHOTOMETRIC = True
+    # view 1 a detector's training input (resize + flip, and the crop of CROP_PROB). 2DRCL v1: on.
+    cfg.INPUT.DRCL2.VIEW1_PHOTOMETRIC = False
     # Random resized crop: range of the fraction of the image area kept.
     cfg.INPUT.DRCL2.CROP_SCALE = (0.3, 1.0)
     # Random resized crop: range of the aspect ratio (w / h), sampled log-uniformly.

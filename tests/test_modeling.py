@@ -587,13 +587,14 @@ def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
     assert seen[1].tolist() == [[[True, False]]] * 2
 
 
+# the paper's ablation rows, each config adding one part to the one before; the last is the method
 ABLATIONS = {
-    "pretrain_det": set(),
-    "pretrain_hcl": {"loss_hcl"},
-    "pretrain_hlcl": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup"},
-    "pretrain_hlcl_drb": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup"},
-    "pretrain_hlcl_drb_ar": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar"},
-    "pretrain_hlcl_drb_ar_sr": LOSS_KEYS - {"loss_rpn_cls", "loss_rpn_loc"},
+    "ablations/pretrain_det": set(),
+    "ablations/pretrain_hcl": {"loss_hcl"},
+    "ablations/pretrain_hlcl": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup"},
+    "ablations/pretrain_hlcl_drb": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup"},
+    "ablations/pretrain_hlcl_drb_ar": {"loss_hcl", "loss_lcl_inst", "loss_lcl_sup", "loss_ar"},
+    "pretrain_2drcl": LOSS_KEYS - {"loss_rpn_cls", "loss_rpn_loc"},
 }
 
 
@@ -601,7 +602,7 @@ ABLATIONS = {
 def test_ablation_rows_switch_the_parts(name):
     cfg = get_cfg()
     add_drcl2_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/ablations", name + ".yaml"))
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", name + ".yaml"))
     # The row's switches on the tiny model so that it builds fast.
     tiny = tiny_cfg()
     tiny.MODEL.DRCL2 = cfg.MODEL.DRCL2
@@ -619,9 +620,10 @@ def test_ablation_rows_switch_the_parts(name):
         "loss_cls",
         "loss_box_reg",
     }
-    assert (model.rebalance_schedule is not None) == ("drb" in name)
+    drb = "drb" in name or name == "pretrain_2drcl"
+    assert (model.rebalance_schedule is not None) == drb
     dynamic = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
-    assert dynamic == ("drb" in name)
+    assert dynamic == drb
 
 
 @pytest.mark.parametrize(

@@ -154,11 +154,11 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(two_processes
 
 # ------------------------------------------------------------------------------------------------
 ROWS = [
-    "pretrain_hcl",
-    "pretrain_hlcl",
-    "pretrain_hlcl_drb",
-    "pretrain_hlcl_drb_ar",
-    "pretrain_hlcl_drb_ar_sr",
+    "ablations/pretrain_hcl",
+    "ablations/pretrain_hlcl",
+    "ablations/pretrain_hlcl_drb",
+    "ablations/pretrain_hlcl_drb_ar",
+    "pretrain_2drcl",
 ]
 LCL_ONLY = [
     "MODEL.DRCL2.HCL.ENABLED",
@@ -182,7 +182,7 @@ def row_options(name):
 
     cfg = get_cfg()
     add_drcl2_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/ablations", name + ".yaml"))
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", name + ".yaml"))
     d = cfg.MODEL.DRCL2
     return [
         opt
