@@ -23,7 +23,10 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path, capsys):
     assert (
         "| scratch | val | bbox |" in report and "| 2drcl | val | bbox |" in report
     )  # the study slice
-    assert "1 passed" in report  # the CPU half of the CUDA random-state test ran
+    # the GPU run's test selection on the emulated device, and the CPU half of the CUDA
+    # random-state test
+    assert "with DRCL2_TEST_DEVICE=emulated: " in report and " passed" in report
+    assert "failed" not in report.split("## tests")[1].split("## ")[0]
     # the study slice's runs are those of the toy study's arms, at 2 iterations
     assert os.path.isfile(
         tmp_path / "study" / "2drcl" / "seed1" / "pretrain" / "model_final_finetune.pth"
