@@ -42,3 +42,30 @@ def test_a_step_out_of_time_fails_the_command_by_name(tmp_path, capsys):
     assert "FAILED: data (ran out of its 0.5 s)" in printed
     report = (tmp_path / "report.md").read_text()
     assert "| env | ok |" in report and "| data | ran out of its" in report
+
+
+def test_report_dir_takes_the_report_and_the_logs(tmp_path, capsys):
+    """--report-dir: the report and every step's log in a folder of their own (on a lent GPU
+    machine, the one it hands back); the runs stay in --work-dir."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--work-dir", str(work), "--report-dir", str(out), "--steps", "env,data"]
+    code = device_check.main(["--dry-run", *argv, "--limit", "data=0.5"])
+    assert code == 1 and "FAILED: data" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "| env | ok |" in report and "Last lines of `logs/data.log`" in report
+    assert (out / "logs" / "data.log").read_text().startswith("$ ")
+    assert not (work / "data.log").exists() and not (work / "report.md").exists()
+
+    # the GPU run's report, named by date and device, in the given folder (no CUDA here: env
+    # fails)
+    assert device_check.main([*argv[:4], "--steps", "env"]) == 1
+    (gpu_report,) = out.glob("20*-*.md")
+    assert "| env | no CUDA device" in gpu_report.read_text()
+
+
+def test_log_dir_apart_from_the_report(tmp_path, capsys):
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    argv = ["--dry-run", "--work-dir", str(work), "--log-dir", str(logs), "--steps", "data"]
+    assert device_check.main([*argv, "--limit", "data=0.5"]) == 1
+    assert (logs / "data.log").is_file() and not (work / "data.log").exists()
+    assert f"Last lines of `{logs / 'data.log'}`" in (work / "report.md").read_text()

@@ -21,9 +21,12 @@ step that fails or hangs costs its own minutes only and the next one still runs:
 
 The default limits of the steps add up to 7 minutes (env takes seconds); ``make device-check``
 installs first (from carried wheels: well under a minute), 8 minutes in all at most.
-The report goes to ``docs/device/<date>-<gpu>.md`` (``--dry-run``: the work folder); every step's
-full output to ``--work-dir``. Exit status 0 when every step passed, else 1 with the failed steps
-named on the last line.
+The report goes to ``docs/device/<date>-<gpu>.md`` (``--dry-run``: ``report.md`` in the work
+folder), every step's full output to ``--work-dir``, the steps' runs (toy data, checkpoints, the
+study) to ``--work-dir``. ``--report-dir DIR`` puts the report in DIR and the logs in DIR/logs
+(``--log-dir`` elsewhere): on a lent GPU machine only what is written under the folder it hands
+back returns, and the runs' checkpoints are too big for it. Exit status 0 when every step passed,
+else 1 with the failed steps named on the last line.
 
 ``--dry-run`` runs the same steps on the CPU with tiny sizes (a 36-image toy set, one benchmark
 step of the toy model, 4 resume iterations, 2-iteration study stages), so the command is known to
@@ -122,9 +125,24 @@ class Step:
 @dataclass
 class Plan:
     dry_run: bool
-    work_dir: str
+    work_dir: str  # the steps' runs (data, checkpoints, study)
     limits: Dict[str, float]
     env: Dict[str, str]  # the steps' environment
+    log_dir: str = ""  # every step's full output (default: work_dir)
+    report_dir: str = ""  # the report's folder (log paths in the report are shown relative to it)
+
+    def __post_init__(self):
+        self.log_dir = self.log_dir or self.work_dir
+        self.report_dir = self.report_dir or self.work_dir
+
+    def shown(self, path: str) -> str:
+        """``path`` as the report shows it: relative to the report's folder or the repository
+        when inside one of them, else absolute."""
+        for root in (self.report_dir, REPO_ROOT):
+            rel = os.path.relpath(path, root)
+            if not rel.startswith(os.pardir):
+                return rel
+        return os.path.abspath(path)
 
     @property
     def python(self):
@@ -136,7 +154,7 @@ def _run(
 ) -> Optional[str]:
     """Run ``python args`` (its own process group) under the step's time limit; its output, or None
     when it failed or ran out of time (``step`` then says so)."""
-    log = os.path.join(plan.work_dir, f"{log_name or step.name}.log")
+    log = os.path.join(plan.log_dir, f"{log_name or step.name}.log")
     limit = plan.limits[step.name] - step.seconds
     command = [plan.python, *args]
     with open(log, "a") as f:
@@ -168,7 +186,7 @@ def _run(
         return output
     step.lines += [
         "",
-        f"Last lines of `{os.path.relpath(log, REPO_ROOT)}`:",
+        f"Last lines of `{plan.shown(log)}`:",
         "",
         "```",
         *_tail(output),
@@ -453,7 +471,7 @@ STEPS: Dict[str, Callable[[Plan, Step], None]] = {
 
 # ------------------------------------------------------------------------------------------------
 def _log(plan: Plan, step: Step) -> str:
-    path = os.path.join(plan.work_dir, f"{step.name}.log")
+    path = os.path.join(plan.log_dir, f"{step.name}.log")
     return open(path).read() if os.path.isfile(path) else ""
 
 
@@ -497,7 +515,8 @@ def _report(plan: Plan, steps: List[Step], total: float, path: str) -> None:
         f"# Device check: {title}",
         "",
         f"`python -m drcl2.tools.device_check{' --dry-run' if plan.dry_run else ''}` on "
-        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {total / 60:.1f} min in all.",
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {total / 60:.1f} min in all. "
+        f"Every step's full output: `{plan.shown(plan.log_dir)}/<step>.log`.",
         "",
         "| step | result | seconds | limit |",
         "|---|---|---|---|",
@@ -532,12 +551,29 @@ def main(argv=None) -> int:
         help="another time limit for a step (repeatable)",
     )
     parser.add_argument(
-        "--work-dir", default="output/device_check", help="logs and runs of every step"
+        "--work-dir",
+        default="output/device_check",
+        help="the steps' runs (toy data, checkpoints, study), and their logs unless --log-dir or "
+        "--report-dir is given",
+    )
+    parser.add_argument(
+        "--report-dir",
+        default=None,
+        help="the report's folder, and its logs/ folder the steps' logs (small files only: what "
+        "a lent GPU machine hands back); default: docs/device/ (--dry-run: --work-dir), the logs "
+        "in --work-dir",
+    )
+    parser.add_argument(
+        "--log-dir",
+        default=None,
+        help="every step's full output (default: <--report-dir>/logs when it is given, else "
+        "--work-dir)",
     )
     parser.add_argument(
         "--report",
         default=None,
-        help="the report's path (default: docs/device/<date>-<gpu>.md; --dry-run: in --work-dir)",
+        help="the report's path (default: <--report-dir>/<date>-<gpu>.md; --dry-run: "
+        "<--report-dir>/report.md)",
     )
     args = parser.parse_args(argv)
     names = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -551,10 +587,21 @@ def main(argv=None) -> int:
             parser.error(f"--limit {item}: expected STEP=SECONDS with STEP in {list(STEPS)}")
         limits[name] = float(seconds)
     work_dir = os.path.abspath(args.work_dir)
-    os.makedirs(work_dir, exist_ok=True)
+    if args.report:
+        report_dir = os.path.dirname(os.path.abspath(args.report))
+    elif args.report_dir:
+        report_dir = os.path.abspath(args.report_dir)
+    else:
+        report_dir = work_dir if args.dry_run else os.path.join(REPO_ROOT, "docs", "device")
+    if args.log_dir:
+        log_dir = os.path.abspath(args.log_dir)
+    else:
+        log_dir = os.path.join(report_dir, "logs") if args.report_dir else work_dir
+    for folder in (work_dir, log_dir, report_dir):
+        os.makedirs(folder, exist_ok=True)
     for name in names:  # each run starts its logs afresh
-        if os.path.exists(os.path.join(work_dir, f"{name}.log")):
-            os.remove(os.path.join(work_dir, f"{name}.log"))
+        if os.path.exists(os.path.join(log_dir, f"{name}.log")):
+            os.remove(os.path.join(log_dir, f"{name}.log"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(
         [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -567,7 +614,14 @@ def main(argv=None) -> int:
         )
     else:
         env.setdefault("DETECTRON2_DATASETS", os.path.join(REPO_ROOT, "datasets"))
-    plan = Plan(dry_run=args.dry_run, work_dir=work_dir, limits=limits, env=env)
+    plan = Plan(
+        dry_run=args.dry_run,
+        work_dir=work_dir,
+        limits=limits,
+        env=env,
+        log_dir=log_dir,
+        report_dir=report_dir,
+    )
 
     start = time.perf_counter()
     steps = []
@@ -591,11 +645,12 @@ def main(argv=None) -> int:
         if torch.cuda.is_available() and not args.dry_run
         else "cpu-dry-run"
     )
-    path = args.report or (
-        os.path.join(work_dir, "report.md")
-        if args.dry_run
+    path = (
+        os.path.abspath(args.report)
+        if args.report
         else os.path.join(
-            REPO_ROOT, "docs", "device", f"{datetime.date.today().isoformat()}-{_slug(gpu)}.md"
+            report_dir,
+            "report.md" if args.dry_run else f"{datetime.date.today().isoformat()}-{_slug(gpu)}.md",
         )
     )
     _report(plan, steps, total, path)
