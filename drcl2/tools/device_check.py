@@ -19,8 +19,9 @@ step that fails or hangs costs its own minutes only and the next one still runs:
     study    the toy study's scratch and 2drcl arms, seed 1 (python -m drcl2.tools.study
              --config-file configs/study/toy.yaml --arms scratch,2drcl --seeds 1): its wall time
 
-The default limits of the steps add up to 7 minutes (env takes seconds); ``make device-check``
-installs first (from carried wheels: well under a minute), 8 minutes in all at most.
+The default limits of the steps add up to 7 minutes (env takes seconds), sized from each step's
+measured dry-run cost (``LIMITS``); ``make device-check`` installs first (from carried wheels: well
+under a minute), 8 minutes in all at most.
 The report goes to ``docs/device/<date>-<gpu>.md`` (``--dry-run``: ``report.md`` in the work
 folder), every step's full output to ``--work-dir``, the steps' runs (toy data, checkpoints, the
 study) to ``--work-dir``. ``--report-dir DIR`` puts the report in DIR and the logs in DIR/logs
@@ -51,14 +52,34 @@ __all__ = ["STEPS", "main"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# seconds per step: (GPU run, --dry-run on 2 CPU cores)
+# Seconds per step: (GPU run, --dry-run on 2 CPU cores), sized from the dry run's measured cost.
+# Two dry runs on this project's 2-core machine with other work on it (load 5-7), run 1 / run 2:
+#   env 0 / 0, data 10 / 7, tests 50 / 29, step 50 / 24, resume 43 / 25, study 113 / 70 s
+# (4.5 / 2.6 min in all; tests: the GPU run's selection on the emulated device, 72 tests).
+# Dry run: 3x the slower run, rounded up to 10 s (env runs in this process: its limit is not
+# enforced). GPU run: the dry run's cost is mostly process starts and imports (data: 0.2 s of its
+# 7-10 s is generation), an upper bound for the same steps' fixed cost on the GPU machine's 16
+# cores; to it comes the work only the GPU run does, estimated per step, then a margin:
+#   env     CUDA start and nvidia-smi, ~10 s                                            -> 30
+#   data    the full toy set: 1,364 more images at the dry run's 154 images/s, +9 s:
+#           ~20 s, x2                                                                   -> 40
+#   tests   the same tests without the emulation (the plain CPU run: 20 s) plus CUDA
+#           start and warm-up, ~15 s: 35-50 s                                           -> 75
+#   step    R-50-FPN at 640x480, AMP: 2 models x (13 interleaved + 13 alone) + 3
+#           profiled steps, ~55 steps at <= 0.5 s, +30 s: ~80 s                         -> 100
+#   resume  20 + 10 + 10 toy iterations (~0.05 s each) and 3 CUDA starts, +10 s: ~55 s   -> 75
+#   study   what is left of 7 minutes (with the install, 8 of the 10 a lent machine gives one
+#           command)                                                                    -> 120
+#           Its fixed cost alone (3 trainings' starts, 2 evaluations) is 70-113 s in the dry
+#           run, and the full toy schedules add 1,500 iterations: it may run out of time, and
+#           the report then gives the iterations reached (its s/iter, what the step is for).
 LIMITS = {
-    "env": (30, 60),
-    "data": (45, 120),
-    "tests": (90, 240),
-    "step": (80, 240),
-    "resume": (75, 300),
-    "study": (120, 400),
+    "env": (30, 30),
+    "data": (40, 30),
+    "tests": (75, 150),
+    "step": (100, 150),
+    "resume": (75, 130),
+    "study": (120, 340),
 }
 # The model tests run on the GPU as they are, with DRCL2_TEST_DEVICE=cuda (tests/conftest.py), and
 # the tests that skip without CUDA.
