@@ -34,7 +34,7 @@ the tags follow Python tensor objects, not storages: close enough to CUDA's rule
 own code, which is what this mode is for (the GPU run of the device check stays the proof).
 """
 
-import types
+from types import GetSetDescriptorType
 from typing import Optional
 
 import torch
@@ -63,7 +63,7 @@ def _target(device) -> str:
 def _descriptor(func) -> Optional[str]:
     """'device.__get__', 'data.__set__', ... for a Tensor property's getter / setter, else None."""
     owner = getattr(func, "__self__", None)
-    if isinstance(owner, types.GetSetDescriptorType):
+    if isinstance(owner, GetSetDescriptorType):
         return f"{owner.__name__}.{func.__name__}"
     return None
 
@@ -135,6 +135,10 @@ class EmulatedDevice(TorchFunctionMode):
             return self._index(func, args, kwargs)
         if func is torch.Tensor.copy_:
             return func(*args, **kwargs)  # a copy between devices is allowed
+        if func is torch.Tensor.__deepcopy__:  # (self, memo): the memo holds unrelated tensors
+            result = func(*args, **kwargs)
+            self._set(result, self.tag(args[0]), [args[0]])
+            return result
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if kwargs.get("device") is not None:  # a factory (or new_*, *_like) with a device
             result = func(*args, **kwargs)
@@ -164,7 +168,7 @@ class EmulatedDevice(TorchFunctionMode):
     def _to(self, func, args, kwargs):
         source, rest = args[0], args[1:]
         other = next((a for a in rest if isinstance(a, torch.Tensor)), kwargs.get("other"))
-        if isinstance(other, torch.Tensor):  # .to(other): other's device
+        if isinstance(other, torch.Tensor):  # .to(other): other's device (untagged: unknown)
             tag = self.tag(other)
         else:
             device = torch._C._nn._parse_to(*rest, **kwargs)[0]

@@ -4,6 +4,7 @@ test mixing tensors of the model's device with host tensors fails as it would on
 CUDA allows passes; the device check's test selection passes under it.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -99,6 +100,11 @@ def test_what_cuda_allows_passes(mode):
     state = {k: v.cpu() for k, v in module.state_dict().items()}
     module.load_state_dict(state)
     assert module.weight.device == DEVICE
+    # a deep copy of host and device tensors together (its memo holds both) keeps each in place
+    copied = copy.deepcopy({"host": torch.ones(3), "module": module})
+    assert (
+        copied["host"].device == torch.device("cpu") and copied["module"].weights.device == DEVICE
+    )
 
 
 def test_the_model_runs_on_the_emulated_device_and_its_own_mixes_raise(mode, monkeypatch):
