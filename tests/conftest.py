@@ -18,8 +18,15 @@ if REPO_ROOT not in sys.path:  # train_net.py lives at the top of the repository
 
 
 # The model tests' device: the CPU, or "cuda" where python -m drcl2.tools.device_check runs them
-# on a GPU (DRCL2_TEST_DEVICE=cuda).
+# on a GPU (DRCL2_TEST_DEVICE=cuda), or "emulated": the CPU playing an accelerator, so that a test
+# mixing the model's tensors with host tensors fails here as it would on a GPU (the device check's
+# dry run; tests/emulated_device.py).
 TEST_DEVICE = os.environ.get("DRCL2_TEST_DEVICE", "cpu")
+EMULATED_DEVICE = TEST_DEVICE == "emulated"
+if EMULATED_DEVICE:
+    from emulated_device import DEVICE
+
+    TEST_DEVICE = str(DEVICE)
 
 
 def cfg_from(path, *opts):
@@ -43,6 +50,18 @@ def pytest_configure(config):
     )
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated")
     config.addinivalue_line("markers", "slow: end-to-end runs (training, studies, subprocesses)")
+
+
+@pytest.fixture(autouse=True)
+def emulated_device():
+    """DRCL2_TEST_DEVICE=emulated: every test runs under the emulated accelerator's rules."""
+    if not EMULATED_DEVICE:
+        yield None
+        return
+    from emulated_device import EmulatedDevice
+
+    with EmulatedDevice() as mode:
+        yield mode
 
 
 @pytest.fixture(scope="session")

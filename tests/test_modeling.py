@@ -408,12 +408,13 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
     w = model.class_repeat_factors**0.8
     assert w.max() > 2.5  # the rare class is up-weighted
     sampled = []  # classes of the drawn instances, per image
+    # The draws run on the host (the model hands them CPU copies): compared on the model's device.
     for (classes, class_weights, _, _), idx in calls["sample_instances"]:  # one call per image
-        assert torch.allclose(class_weights, w)
+        assert torch.allclose(class_weights.to(w.device), w)
         sampled.append(classes[idx])
     assert len(sampled) == len(calls["box_guided_patch_mask"]) == 2
     for ((_, _, _, _, box_weights, _), _), classes in zip(calls["box_guided_patch_mask"], sampled):
-        assert torch.allclose(box_weights, w[classes])
+        assert torch.allclose(box_weights.to(w.device), w[classes])
     (((_, _, sup_weights, *_), _),) = calls["balanced_supervised_contrastive_loss"]
     assert torch.allclose(sup_weights, w[torch.cat(sampled)])
 
@@ -424,7 +425,7 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
     )
     step(model, 8)
     for (_, class_weights, _, _), _ in calls["sample_instances"]:
-        assert torch.equal(class_weights, torch.ones_like(w))
+        assert torch.equal(class_weights.to(w.device), torch.ones_like(w))
     for (_, _, _, _, box_weights, _), _ in calls["box_guided_patch_mask"]:
         assert torch.equal(box_weights, torch.ones_like(box_weights))
     (((_, classes, sup_weights, *_), _),) = calls["balanced_supervised_contrastive_loss"]
@@ -441,7 +442,7 @@ def _info_nce(z, t, tau=0.2):
     logits = (
         torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(t, dim=1).t() / tau
     )
-    return torch.nn.functional.cross_entropy(logits, torch.arange(len(z)))
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(z), device=z.device))
 
 
 @pytest.mark.parametrize(
@@ -500,7 +501,7 @@ def test_class_statistics_are_buffers_and_drive_instance_weights():
     assert bool(sd["class_statistics_set"]) and sd["class_repeat_factors"].shape == (5,)
     r = sd["class_repeat_factors"]
     assert r[4] > r[0] >= 1.0  # the rare class is up-weighted
-    assert torch.allclose(model.class_weights_at(0.0), torch.ones(5))
+    assert torch.allclose(model.class_weights_at(0.0), torch.ones(5, device=model.device))
     assert torch.allclose(model.class_weights_at(0.5), r**0.5)
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES"):
         model.set_class_statistics([{"annotations": [{"category_id": 7}]}])

@@ -48,6 +48,41 @@ def test_only_the_reconstruction_terms_see_where_the_masks_fall(online_view):
         assert {"loss_rpn_cls", "loss_hcl", "loss_lcl_inst"} <= changed
 
 
+@pytest.mark.parametrize("online_view", ["reconstruction", "all"])
+def test_the_supervised_detection_head_reads_the_unmasked_view1(online_view):
+    """
+    DET (MODEL.DRCL2.DET) trains on view 1 as fine-tuning sees images, unmasked: with masking on
+    (SR), moving the masked patches (all inside the drawn boxes vs none of them) must leave its
+    losses unchanged, while L_SR moves. In 2DRCL v1's "all" mode every head reads the masked view,
+    so they change (the test can fail). Catches: DET reading the masked view 1
+    (``ctx.online_masked``) instead of ``ctx.online1``.
+    """
+    model = build(
+        "MODEL.DRCL2.DET.ENABLED",
+        True,
+        "MODEL.DRCL2.MASK.ONLINE_VIEW",
+        online_view,
+        "MODEL.DRCL2.MASK.RATIO",
+        0.3,
+        "MODEL.DRCL2.HCL.ENABLED",
+        False,
+        "MODEL.DRCL2.LCL.ENABLED",
+        False,
+        *NO_AR,
+    )
+    in_boxes, random = losses_with_mask(model, 1.0), losses_with_mask(model, 0.0)
+    det = {"loss_cls", "loss_box_reg"}
+    assert det | {"loss_sr"} <= set(in_boxes) == set(random)
+    changed = {
+        k for k in in_boxes if abs(in_boxes[k] - random[k]) > 1e-6 * max(1.0, abs(random[k]))
+    }
+    assert "loss_sr" in changed  # the masks did move
+    if online_view == "reconstruction":
+        assert not changed & det, {k: (in_boxes[k], random[k]) for k in det}
+    else:
+        assert det <= changed
+
+
 def batch_with_an_object_cut_from_view2():
     """batch() with, in image 0, a fourth object visible in view 1 only (a target, not a pair)."""
     data = batch()
@@ -111,6 +146,42 @@ def test_l_sup_finds_positives_of_a_class_seen_once_in_the_batch(monkeypatch):
     with_memory, model = positives_per_anchor(16)
     assert sorted(with_memory) == [2, 2, 6, 6, 6]  # and as many from the first step, in the memory
     assert "lcl_memory.embeddings" in model.state_dict()  # saved with checkpoints
+
+
+def test_class_memory_holds_each_class_the_target_embeddings_of_its_own_instances(monkeypatch):
+    """
+    After a step, the rows of class c in the class memory (LCL.MEMORY_PER_CLASS) are the
+    l2-normalised target embeddings of the step's drawn instances of class c, in draw order.
+    Catches: the memory pushed with wrong labels (e.g. shuffled, same counts per class), which the
+    counts of positives above cannot see.
+    """
+    from drcl2.modeling import meta_arch
+
+    drawn = []  # the classes of the drawn instances, image by image
+    original = meta_arch.sample_instances
+
+    def sample_instances(classes, *args, **kwargs):
+        idx = original(classes, *args, **kwargs)
+        drawn.append(classes[idx])
+        return idx
+
+    monkeypatch.setattr(meta_arch, "sample_instances", sample_instances)
+    model = build("MODEL.DRCL2.LCL.MEMORY_PER_CLASS", 4, *NO_AR, *NO_SR, *NO_RPN,
+                  "MODEL.DRCL2.HCL.ENABLED", False)  # fmt: skip
+    targets = []
+    model.target_network["lcl_projector"].register_forward_hook(
+        lambda m, args, out: targets.append(out.detach())
+    )
+    step_data(model, batch())
+    (t2,) = targets  # the target embeddings of view 2, the drawn instances in order
+    t2 = torch.nn.functional.normalize(t2.float(), dim=1)
+    classes = torch.cat(drawn).to(t2.device)
+    assert len(classes) == len(t2) == 5  # batch(): every instance drawn (K = 8)
+    memory = model.lcl_memory
+    assert memory.filled.tolist() == [1, 3, 1, 0, 0]  # classes 0, 1, 1 and 2, 1
+    for c in range(3):
+        rows = memory.embeddings[c, : int(memory.filled[c])]
+        assert torch.allclose(rows, t2[classes == c], atol=1e-6), f"class {c}"
 
 
 def test_class_memory_is_first_in_first_out():
