@@ -54,7 +54,7 @@ def test_config_loads(config_file, tmp_path):
     save_config(cfg)
     assert (output_dir / "config.yaml").read_text() == cfg.dump()  # ... by save_config
     if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
-        from drcl2.modeling.meta_arch import check_drcl2_config
+        from drcl2.engine.checks import check_drcl2_config
 
         check_drcl2_config(cfg)  # e.g. DRB's two switches (class weights, sampler) agree
 
@@ -226,7 +226,7 @@ def test_every_pretraining_export_loads_into_its_fine_tuning_detector(pretrain, 
 def test_proposal_configs(rpn, pretrain):
     """The proposal path's pairs: an RPN-only detector on the set that the proposal pre-training
     reads its proposals for, and a pre-training config that reads them (detectron2's keys)."""
-    from drcl2.modeling.meta_arch import check_drcl2_config
+    from drcl2.engine.checks import check_drcl2_config
 
     rpn_cfg, pre = _merged(rpn), _merged(pretrain)
     assert (

@@ -13,7 +13,10 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from drcl2.config import add_drcl2_config
+from drcl2.data.rebalance import build_rebalance_schedule
+from drcl2.engine.checks import check_drcl2_config
 from drcl2.modeling import DRCL2
+from drcl2.modeling.draws import model_draws
 from drcl2.modeling.ema import cosine_momentum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,11 +100,17 @@ STATS = [{"annotations": [{"category_id": c} for c in (0, 1, 1, 2, 3)]}] * 9 + [
 
 
 def build(*opts):
-    """The tiny DRCL2 (same weights every call), class statistics handed over when DRB is on."""
+    """The tiny DRCL2 (same weights every call); with DRB, the schedule and class statistics
+    handed over (as drcl2's Trainer does)."""
     torch.manual_seed(0)
-    model = build_model(tiny_cfg("DATALOADER.DRCL2.REPEAT_THRESHOLD", 0.5, *opts))
-    model.train()
-    if model.rebalance_schedule is not None:
+    cfg = tiny_cfg("DATALOADER.DRCL2.REPEAT_THRESHOLD", 0.5, *opts)
+    return hand_over_drb(build_model(cfg).train(), cfg)
+
+
+def hand_over_drb(model, cfg):
+    """What drcl2's Trainer hands a DRCL2 model with DRB on: the schedule and class statistics."""
+    if model.drb:
+        model.rebalance_schedule = build_rebalance_schedule(cfg)
         model.set_class_statistics(STATS)
     return model
 
@@ -123,7 +132,7 @@ def test_one_step_losses_and_gradients():
     losses, storage = step(model)
     assert set(losses) == LOSS_KEYS
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
-    assert "drcl2/lambda" in storage.latest()
+    assert "drcl2/momentum" in storage.latest()  # (lambda is the Trainer's drb/lambda)
     sum(losses.values()).backward()
 
     groups = {
@@ -131,12 +140,12 @@ def test_one_step_losses_and_gradients():
         "backbone.fpn_": "FPN",
         "proposal_generator.": "RPN",
         "roi_heads.box_head.": "box head",
-        "hcl_projector.": "HCL projector",
-        "hcl_predictor.": "HCL predictor",
-        "lcl_projector.": "LCL projector",
-        "lcl_predictor.": "LCL predictor",
-        "ar_decoder.": "AR decoder",
-        "sr_predictors.": "SR predictors",
+        "heads.hcl.projector.": "HCL projector",
+        "heads.hcl.predictor.": "HCL predictor",
+        "heads.lcl.projector.": "LCL projector",
+        "heads.lcl.predictor.": "LCL predictor",
+        "heads.ar.decoder.": "AR decoder",
+        "heads.sr.predictors.": "SR predictors",
     }
     params = dict(model.named_parameters())
     for prefix, what in groups.items():
@@ -239,7 +248,7 @@ def test_drb_without_class_statistics_refuses_to_train():
     trainer."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg()).train()
-    assert model.rebalance_schedule is not None
+    assert model.drb and model.rebalance_schedule is None
     with pytest.raises(RuntimeError, match=r"model\.set_class_statistics\(dataset_dicts\)"):
         step(model)
 
@@ -250,15 +259,15 @@ def test_drb_without_class_statistics_refuses_to_train():
         (
             "HCL",
             {"loss_hcl"},
-            ["hcl_projector.", "hcl_predictor.", "target_network.hcl_projector."],
+            ["heads.hcl.", "target_network.hcl_projector."],
         ),
         (
             "LCL",
             {"loss_lcl_inst", "loss_lcl_sup"},
-            ["roi_heads.", "lcl_projector.", "lcl_predictor.", "target_network.box_head."],
+            ["roi_heads.", "heads.lcl.", "target_network.box_head."],
         ),
-        ("AR", {"loss_ar"}, ["ar_decoder."]),
-        ("SR", {"loss_sr"}, ["sr_predictors."]),
+        ("AR", {"loss_ar"}, ["heads.ar."]),
+        ("SR", {"loss_sr"}, ["heads.sr."]),
         ("RPN", {"loss_rpn_cls", "loss_rpn_loc"}, ["proposal_generator."]),
     ],
 )
@@ -278,7 +287,7 @@ def test_decor_adds_its_loss_and_reads_view1_inside_the_images():
     from drcl2.modeling.decorrelation_head import FeatureDecorrelationHead
 
     model = build("MODEL.DRCL2.DECOR.ENABLED", True, *NO_AR, *NO_SR)
-    head = next(h for h in model.heads if isinstance(h, FeatureDecorrelationHead))
+    head = next(h for h in model.heads.values() if isinstance(h, FeatureDecorrelationHead))
     assert head.in_features == ["p2", "p3", "p4", "p5"]
     losses, _ = step(model)
     assert set(losses) == LOSS_KEYS - {"loss_ar", "loss_sr"} | {"loss_decor"}
@@ -333,10 +342,13 @@ def test_online_sees_masked_x1_and_target_sees_unmasked_x1_and_x2(symmetric, onl
     step(model, 5)
     images, instances1, _ = model.preprocess(batch())
     x1, x2 = images.tensor[:2], images.tensor[2:]
-    w = model.class_weights_at(0.5)
-    _, mask = model._draw(batch(), w, w, images.image_sizes[:2], tuple(x1.shape[-2:]), 5)
+    _, mask = model_draws(model, batch(), 5)
+    mask = torch.stack(
+        [torch.nn.functional.pad(m, (0, 64 - m.shape[1], 0, 64 - m.shape[0])) for m in mask]
+    )
     for i, (h, w) in enumerate(images.image_sizes[:2]):  # MASK.RATIO 0.5 of the 16 px patches
         assert 0.3 < mask[i, :h, :w].float().mean() < 0.7
+    mask = mask.to(x1.device)
     masked_x1 = x1 * ~mask[:, None]
     assert not torch.equal(masked_x1, x1)
     online = [x1, masked_x1] if online_view == "reconstruction" else [masked_x1]
@@ -359,7 +371,7 @@ def test_permuting_view2_boxes_changes_l_inst():
         "MODEL.DRCL2.LCL.NUM_INSTANCES",
         2,
     )  # K < instances: the draw matters
-    model.lcl_predictor = torch.nn.Identity()
+    model.heads["lcl"].predictor = torch.nn.Identity()
     data = batch()
     for x in data:
         x["view2"] = {"image": x["view1"]["image"].clone(), "instances": x["view1"]["instances"]}
@@ -384,7 +396,7 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
     At iteration 8 of 10 (lambda = 0.8), the weights of instance selection, box-guided masking and
     L_sup are (r_c^ins)^0.8. Catches: lambda stuck at 0, the statistics not used, a stale lambda.
     """
-    from drcl2.modeling import lcl_head, meta_arch
+    from drcl2.modeling import draws, lcl_head
 
     calls = {}
 
@@ -397,14 +409,14 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
         monkeypatch.setattr(module, fn.__name__, wrapped)
 
     for module, fn in (
-        (meta_arch, meta_arch.sample_instances),
-        (meta_arch, meta_arch.box_guided_patch_mask),
+        (draws, draws.sample_instances),
+        (draws, draws.box_guided_patch_mask),
         (lcl_head, lcl_head.balanced_supervised_contrastive_loss),
     ):
         spy(module, fn)
     model = build(*NO_SR, *NO_RPN, "MODEL.DRCL2.LCL.NUM_INSTANCES", 2)
-    _, storage = step(model, 8)
-    assert storage.latest()["drcl2/lambda"][0] == pytest.approx(0.8)
+    step(model, 8)
+    assert model.term_weights_at(8)[0] == pytest.approx(0.8)
     w = model.class_repeat_factors**0.8
     assert w.max() > 2.5  # the rare class is up-weighted
     sampled = []  # classes of the drawn instances, per image
@@ -431,7 +443,7 @@ def test_late_iteration_weights_are_r_ins_to_the_lambda(monkeypatch):
     (((_, classes, sup_weights, *_), _),) = calls["balanced_supervised_contrastive_loss"]
     assert torch.allclose(sup_weights, w[classes])
     with pytest.raises(ValueError, match="MODEL.DRCL2.DRB.APPLY_TO"):
-        build(*NO_SR, "MODEL.DRCL2.DRB.APPLY_TO", ["images"])
+        check_drcl2_config(tiny_cfg("MODEL.DRCL2.DRB.APPLY_TO", ["images"]))
 
 
 def _byol(z, t):
@@ -458,9 +470,9 @@ def test_symmetric_and_infonce_follow_their_formulas(loss, symmetric):
         "MODEL.DRCL2.HCL.LOSS", loss, "MODEL.DRCL2.SYMMETRIC", symmetric, *NO_AR, *NO_SR, *NO_RPN
     )
     z, t, e, u = [], [], [], []
-    record_outputs(model.hcl_predictor, z)
+    record_outputs(model.heads["hcl"].predictor, z)
     record_outputs(model.target_network["hcl_projector"], t)
-    record_outputs(model.lcl_predictor, e)
+    record_outputs(model.heads["lcl"].predictor, e)
     record_outputs(model.target_network["lcl_projector"], u)
     losses, _ = step(model)
     pair = _byol if loss == "byol" else _info_nce
@@ -529,9 +541,13 @@ def test_class_statistics_are_buffers_and_drive_instance_weights():
         ("SOLVER.IMS_PER_BATCH", 1, "SOLVER.IMS_PER_BATCH"),
     ],
 )
-def test_invalid_config_fails_at_build_naming_the_key(opt, value, key):
+def test_invalid_config_is_refused_before_training_naming_the_key(opt, value, key):
+    """By the start-up checks (the model's and shared keys, and how they agree with the data path)
+    or when the model is built (each head checks its own keys)."""
+    cfg = tiny_cfg(opt, value)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        build_model(tiny_cfg(opt, value))
+        check_drcl2_config(cfg)
+        build_model(cfg)
 
 
 def test_one_image_batches_train_with_a_norm_without_batch_statistics():
@@ -581,9 +597,8 @@ def test_sr_on_p6_uses_the_backbone_stride(monkeypatch):
         for v in ("view1", "view2"):
             x[v] = view(7, (64, 96), [[48, 0, 64, 16]], [0])
     step_data(model, data)
-    images, _, _ = model.preprocess(data)
-    w = model.class_weights_at(0.0)
-    _, pixels = model._draw(data, w, w, images.image_sizes[:2], (64, 96), 0)
+    _, pixels = model_draws(model, data, 0)
+    pixels = torch.stack(pixels)
     assert pixels[:, :16, 48:64].all() and pixels.sum() == 2 * 16 * 16
     assert seen[1].tolist() == [[[True, False]]] * 2
 
@@ -611,9 +626,7 @@ def test_ablation_rows_switch_the_parts(name):
     assert cfg.MODEL.DRCL2.DET.ENABLED and cfg.MODEL.MASK_ON  # every row of 2DRCL v2
     tiny.DATALOADER.SAMPLER_TRAIN = cfg.DATALOADER.SAMPLER_TRAIN
     torch.manual_seed(0)
-    model = build_model(tiny).train()
-    if model.rebalance_schedule is not None:
-        model.set_class_statistics(STATS)
+    model = hand_over_drb(build_model(tiny).train(), tiny)
     losses, _ = step(model)
     assert set(losses) == ABLATIONS[name] | {
         "loss_rpn_cls",
@@ -622,7 +635,7 @@ def test_ablation_rows_switch_the_parts(name):
         "loss_box_reg",
     }
     drb = "drb" in name or name == "pretrain_2drcl"
-    assert (model.rebalance_schedule is not None) == drb
+    assert model.drb == drb
     dynamic = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
     assert dynamic == drb
 
@@ -634,7 +647,9 @@ def test_ablation_rows_switch_the_parts(name):
 def test_drb_switches_both_halves_together(drb, sampler):
     """One half of DRB without the other (class weights vs sampler) is refused, naming both keys."""
     with pytest.raises(ValueError, match="MODEL.DRCL2.DRB.ENABLED.*DATALOADER.SAMPLER_TRAIN"):
-        build_model(tiny_cfg("MODEL.DRCL2.DRB.ENABLED", drb, "DATALOADER.SAMPLER_TRAIN", sampler))
+        check_drcl2_config(
+            tiny_cfg("MODEL.DRCL2.DRB.ENABLED", drb, "DATALOADER.SAMPLER_TRAIN", sampler)
+        )
 
 
 def test_all_parts_off_fails():
@@ -642,7 +657,7 @@ def test_all_parts_off_fails():
     for part in ("HCL", "LCL", "AR", "SR", "RPN"):
         opts += [f"MODEL.DRCL2.{part}.ENABLED", False]
     with pytest.raises(ValueError, match="every part is off"):
-        build_model(tiny_cfg(*opts))
+        check_drcl2_config(tiny_cfg(*opts))
 
 
 def test_inference_is_refused_with_a_pointer_to_export():
@@ -677,7 +692,7 @@ def test_one_step_on_gpu_with_amp():
 def test_rpn_losses_only_equals_detectron2_rpn_forward():
     from detectron2.structures import ImageList
 
-    from drcl2.modeling.rpn_loss_head import rpn_losses_only
+    from drcl2.modeling.rpn_losses import rpn_losses_only
 
     model = build()
     images, instances1, _ = model.preprocess(batch())

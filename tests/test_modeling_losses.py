@@ -196,8 +196,8 @@ def test_normalizers_replace_the_local_counts():
     ],
 )
 def test_batch_norm_trains_on_a_split_batch(norm, sizes, trains):
+    from drcl2.modeling.blocks import MLPHead
     from drcl2.modeling.distributed import batch_norm_trains
-    from drcl2.modeling.heads import MLPHead
 
     assert batch_norm_trains(sizes, MLPHead(4, 8, 4, norm)) is trains
 

@@ -1,5 +1,6 @@
 """Pretext tasks as registered heads: a user's head named in the config trains with (or without)
-the built-in ones, and the target network copies exactly the modules the enabled heads declare."""
+the built-in ones, holds its own layers, and the target network copies exactly the modules the
+enabled heads declare."""
 
 import pytest
 import torch
@@ -40,16 +41,13 @@ class TinyPoolHead(PretextHead):
     def from_config(cls, cfg, input_shape):
         return {"proj": nn.Linear(input_shape["p3"].channels, 8), "weight": 2.0}
 
-    def online_modules(self):
-        return {"tiny_proj": self.proj}
-
     def target_modules(self):
-        return {"tiny_proj": "tiny_proj"}
+        return ("proj",)
 
     def losses(self, ctx, normalizers):
-        z = ctx.module("tiny_proj")(ctx.online1["p3"].mean(dim=(2, 3)))
+        z = self.proj(ctx.online1["p3"].mean(dim=(2, 3)))
         with torch.no_grad():
-            t = ctx.target_module("tiny_proj")(ctx.target2["p3"].mean(dim=(2, 3)))
+            t = ctx.target(self, "proj")(ctx.target2["p3"].mean(dim=(2, 3)))
         return {"loss_tiny": self.weight * byol_loss(z, t)}
 
 
@@ -76,14 +74,15 @@ def test_a_registered_head_named_in_the_config_trains_with_the_builtin_ones():
         *NO_SR,
         *NO_RPN,
     )
-    assert [h.name for h in model.heads] == ["HolisticContrastiveHead", "TinyPoolHead"]
-    assert isinstance(model.tiny_proj, nn.Linear)
-    assert set(model.target_network) == {"backbone", "hcl_projector", "tiny_proj"}
-    start = model.tiny_proj.weight.detach().clone()
+    assert list(model.heads) == ["hcl", "TinyPoolHead"]
+    assert isinstance(model.heads["TinyPoolHead"].proj, nn.Linear)
+    assert set(model.target_network) == {"backbone", "hcl_projector", "TinyPoolHead_proj"}
+    start = model.heads["TinyPoolHead"].proj.weight.detach().clone()
     losses = train_steps(model, 3)
     assert set(losses) == {"loss_hcl", "loss_tiny"} and torch.isfinite(losses["loss_tiny"])
     # the head's module trained, and its target copy follows it by EMA (neither start nor online)
-    online, target = model.tiny_proj.weight, model.target_network["tiny_proj"].weight
+    online = model.heads["TinyPoolHead"].proj.weight
+    target = model.target_network["TinyPoolHead_proj"].weight
     assert not torch.equal(online, start)
     assert not torch.equal(target, start) and not torch.equal(target, online)
 
@@ -98,7 +97,8 @@ def test_an_extra_head_alone(tmp_path):
         "RepeatFactorTrainingSampler",
         *ALL_OFF,
     )
-    assert set(model.target_network) == {"backbone", "tiny_proj"}  # exactly what the head declares
+    # exactly what the head declares
+    assert set(model.target_network) == {"backbone", "TinyPoolHead_proj"}
     losses = train_steps(model, 1)
     assert set(losses) == {"loss_tiny"}
     # the export keeps the detector's parts only: the head's module is not exported
@@ -109,13 +109,17 @@ def test_an_extra_head_alone(tmp_path):
 
 def test_the_builtin_heads_and_their_targets():
     model = build()
-    assert [h.name for h in model.heads] == [
-        "RPNLossHead",
-        "HolisticContrastiveHead",
-        "LocalContrastiveHead",
-        "AppearanceReconstructionHead",
-        "SemanticReconstructionHead",
-    ]
+    assert {k: h.name for k, h in model.heads.items()} == {
+        "hcl": "HolisticContrastiveHead",
+        "lcl": "LocalContrastiveHead",
+        "ar": "AppearanceReconstructionHead",
+        "sr": "SemanticReconstructionHead",
+    }
+    # the detector's parts are the model's, not a head's
+    assert model.proposal_generator is not None and not any(
+        n.startswith("heads.") and ("box_head" in n or "rpn" in n)
+        for n, _ in model.named_parameters()
+    )
     assert set(model.target_network) == {"backbone", "hcl_projector", "box_head", "lcl_projector"}
     # the LCL target box head follows the online roi_heads.box_head
     assert model.online_target_pairs()["box_head"] is model.roi_heads.box_head
@@ -127,13 +131,17 @@ def test_head_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"EXTRA_HEADS.*'NoSuchHead'.*registered"):
         build("MODEL.DRCL2.EXTRA_HEADS", ["NoSuchHead"])
 
+    with pytest.raises(ValueError, match=r"EXTRA_HEADS.*'TinyPoolHead' is listed twice"):
+        build("MODEL.DRCL2.EXTRA_HEADS", ["TinyPoolHead", "TinyPoolHead"])
+
     @DRCL2_HEAD_REGISTRY.register()
     class SquattingHead(TinyPoolHead):
-        def online_modules(self):
-            return {"hcl_projector": self.proj}
+        def losses(self, ctx, normalizers):
+            return {"loss_hcl": super().losses(ctx, normalizers)["loss_tiny"]}
 
     try:
-        with pytest.raises(ValueError, match="SquattingHead declares module 'hcl_projector'"):
-            build("MODEL.DRCL2.EXTRA_HEADS", ["SquattingHead"])
+        model = build("MODEL.DRCL2.EXTRA_HEADS", ["SquattingHead"])
+        with pytest.raises(ValueError, match=r"SquattingHead returns losses \['loss_hcl'\]"):
+            train_steps(model, 1)
     finally:
         DRCL2_HEAD_REGISTRY._obj_map.pop("SquattingHead")

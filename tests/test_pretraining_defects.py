@@ -11,9 +11,10 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build, step_data
+from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build, step_data, tiny_cfg
 
-from drcl2.modeling.heads import ClassMemory
+from drcl2.engine.checks import check_drcl2_config
+from drcl2.modeling.blocks import ClassMemory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,12 +100,12 @@ def test_an_object_visible_only_in_view1_is_an_rpn_target(monkeypatch, targets):
     Defect 3: the RPN's targets are view 1's own objects, so an object that the crop of view 2 cut
     away is not taught as background in view 1 (2DRCL v1, "pairs", used the pairs of both views).
     """
-    from drcl2.modeling import rpn_loss_head
+    from drcl2.modeling import meta_arch
 
     seen = []
-    original = rpn_loss_head.rpn_losses_only
+    original = meta_arch.rpn_losses_only
     monkeypatch.setattr(
-        rpn_loss_head, "rpn_losses_only", lambda rpn, f, gt: seen.append(gt) or original(rpn, f, gt)
+        meta_arch, "rpn_losses_only", lambda rpn, f, gt: seen.append(gt) or original(rpn, f, gt)
     )
     model = build(
         "MODEL.DRCL2.RPN.TARGETS", targets, "MODEL.DRCL2.LCL.ENABLED", False, *NO_AR, *NO_SR
@@ -145,7 +146,7 @@ def test_l_sup_finds_positives_of_a_class_seen_once_in_the_batch(monkeypatch):
     assert sorted(batch_only) == [1, 1, 3, 3, 3]
     with_memory, model = positives_per_anchor(16)
     assert sorted(with_memory) == [2, 2, 6, 6, 6]  # and as many from the first step, in the memory
-    assert "lcl_memory.embeddings" in model.state_dict()  # saved with checkpoints
+    assert "heads.lcl.memory.embeddings" in model.state_dict()  # saved with checkpoints
 
 
 def test_class_memory_holds_each_class_the_target_embeddings_of_its_own_instances(monkeypatch):
@@ -155,17 +156,17 @@ def test_class_memory_holds_each_class_the_target_embeddings_of_its_own_instance
     Catches: the memory pushed with wrong labels (e.g. shuffled, same counts per class), which the
     counts of positives above cannot see.
     """
-    from drcl2.modeling import meta_arch
+    from drcl2.modeling import draws
 
     drawn = []  # the classes of the drawn instances, image by image
-    original = meta_arch.sample_instances
+    original = draws.sample_instances
 
     def sample_instances(classes, *args, **kwargs):
         idx = original(classes, *args, **kwargs)
         drawn.append(classes[idx])
         return idx
 
-    monkeypatch.setattr(meta_arch, "sample_instances", sample_instances)
+    monkeypatch.setattr(draws, "sample_instances", sample_instances)
     model = build("MODEL.DRCL2.LCL.MEMORY_PER_CLASS", 4, *NO_AR, *NO_SR, *NO_RPN,
                   "MODEL.DRCL2.HCL.ENABLED", False)  # fmt: skip
     targets = []
@@ -177,7 +178,7 @@ def test_class_memory_holds_each_class_the_target_embeddings_of_its_own_instance
     t2 = torch.nn.functional.normalize(t2.float(), dim=1)
     classes = torch.cat(drawn).to(t2.device)
     assert len(classes) == len(t2) == 5  # batch(): every instance drawn (K = 8)
-    memory = model.lcl_memory
+    memory = model.heads["lcl"].memory
     assert memory.filled.tolist() == [1, 3, 1, 0, 0]  # classes 0, 1, 1 and 2, 1
     for c in range(3):
         rows = memory.embeddings[c, : int(memory.filled[c])]
@@ -238,7 +239,9 @@ def test_supervised_detection_head_trains_the_exported_box_head():
 
 def test_supervised_detection_needs_the_rpn():
     with pytest.raises(ValueError, match="MODEL.DRCL2.DET.ENABLED"):
-        build("MODEL.DRCL2.DET.ENABLED", True, *NO_RPN)
+        check_drcl2_config(tiny_cfg("MODEL.DRCL2.DET.ENABLED", True, *NO_RPN))
+    with pytest.raises(ValueError, match="detection losses need the RPN"):
+        build("MODEL.DRCL2.DET.ENABLED", True, *NO_RPN)  # a model built from Python likewise
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0])

@@ -118,7 +118,7 @@ def test_rpn_dump_pretrain_export_finetune(tmp_path, toy_train_mini):
     mapped = Trainer.build_train_mapper(pre_cfg)(Trainer.build_train_dataset(pre_cfg)[0])
     assert len(mapped["view1"]["proposals"]) > 0  # the mapper carries the dumped proposals
     pretrain = Trainer(pre_cfg)
-    assert pretrain.model.lcl_box_source == "proposals"
+    assert pretrain.model.box_source == "proposals"
     pretrain.resume_or_load(resume=False)
     pretrain.train()
     losses = pretrain.storage.latest()

@@ -227,7 +227,7 @@ def test_unlabelled_proposals_join_the_instance_term_but_not_the_supervised_one(
         "DATASETS.PROPOSAL_FILES_TRAIN",
         ("unused.pkl",),
     )
-    assert proposal_model.lcl_box_source == "proposals"
+    assert proposal_model.box_source == "proposals"
     with EventStorage(0):
         torch.manual_seed(1)  # the RPN samples its anchors from the global generator
         gt = gt_model(proposal_batch())
@@ -270,11 +270,11 @@ def test_all_unlabelled_proposals_give_a_zero_supervised_term_with_gradients(one
         losses = model(data)
     assert losses["loss_lcl_sup"].item() == 0.0 and losses["loss_lcl_inst"].item() > 0
     sum(losses.values()).backward()
-    assert all(p.grad is not None for p in model.lcl_predictor.parameters())
+    assert all(p.grad is not None for p in model.heads["lcl"].predictor.parameters())
 
 
 def test_proposal_box_source_needs_the_proposal_keys():
-    from drcl2.modeling.meta_arch import check_drcl2_config
+    from drcl2.engine.checks import check_drcl2_config
 
     cfg = tiny_cfg("MODEL.DRCL2.LCL.BOX_SOURCE", "proposals")
     with pytest.raises(ValueError, match="MODEL.LOAD_PROPOSALS"):
@@ -303,38 +303,35 @@ def test_unlabelled_proposals_weigh_one_in_box_guided_masking(monkeypatch, one_t
     """With DRB weights far from 1 (iteration 8 of 10, a rare class), the masking weight of an
     unlabelled proposal is 1 and that of a labelled one w_c(lambda). Catches: class -1 indexing the
     last class's weight."""
-    from test_modeling import STATS
+    from test_modeling import hand_over_drb
 
-    from drcl2.modeling import meta_arch
+    from drcl2.modeling import draws
 
     calls = []
-    original = meta_arch.box_guided_patch_mask
+    original = draws.box_guided_patch_mask
     monkeypatch.setattr(
-        meta_arch, "box_guided_patch_mask", lambda *a, **k: calls.append(a) or original(*a, **k)
+        draws, "box_guided_patch_mask", lambda *a, **k: calls.append(a) or original(*a, **k)
     )
     torch.manual_seed(0)
-    model = build_model(
-        tiny_cfg(
-            "DATALOADER.DRCL2.REPEAT_THRESHOLD",
-            0.5,
-            "MODEL.LOAD_PROPOSALS",
-            True,
-            "MODEL.DRCL2.LCL.BOX_SOURCE",
-            "proposals",
-            "DATASETS.PROPOSAL_FILES_TRAIN",
-            ("unused.pkl",),
-            "MODEL.DRCL2.HCL.ENABLED",
-            False,
-            "MODEL.DRCL2.SR.ENABLED",
-            False,
-            "MODEL.DRCL2.RPN.ENABLED",
-            False,
-            "MODEL.DRCL2.LCL.NUM_INSTANCES",
-            8,
-        )
+    cfg = tiny_cfg(
+        "DATALOADER.DRCL2.REPEAT_THRESHOLD",
+        0.5,
+        "MODEL.LOAD_PROPOSALS",
+        True,
+        "MODEL.DRCL2.LCL.BOX_SOURCE",
+        "proposals",
+        "DATASETS.PROPOSAL_FILES_TRAIN",
+        ("unused.pkl",),
+        "MODEL.DRCL2.HCL.ENABLED",
+        False,
+        "MODEL.DRCL2.SR.ENABLED",
+        False,
+        "MODEL.DRCL2.RPN.ENABLED",
+        False,
+        "MODEL.DRCL2.LCL.NUM_INSTANCES",
+        8,
     )
-    model.train()
-    model.set_class_statistics(STATS)
+    model = hand_over_drb(build_model(cfg).train(), cfg)
     data = proposal_batch()
     for (
         item

@@ -51,7 +51,7 @@ ALLOWED: Dict[str, str] = {
     r"docs/device/": (
         "the device check's reports, written on the GPU day (drcl2/tools/device_check.py)"
     ),
-    r"drcl2/(lambda|momentum|lcl_skipped)$": "event-storage scalar names, not paths",
+    r"drcl2/(momentum|lcl_skipped|views)$": "event-storage scalar and image names, not paths",
     r"configs/toy/no_such\.yaml$": "a test's deliberately missing config",
 }
 

@@ -53,7 +53,7 @@ def test_shipped_study_files_parse(path, monkeypatch):
     from detectron2.data import MetadataCatalog
 
     from drcl2.config import add_drcl2_config
-    from drcl2.modeling.meta_arch import check_drcl2_config
+    from drcl2.engine.checks import check_drcl2_config
     from drcl2.study import StudyRunner
 
     study = load_study(path)

@@ -12,6 +12,9 @@ import torch
 from conftest import REPO_ROOT, cfg_from
 from PIL import Image
 
+from drcl2.data.rebalance import build_rebalance_schedule
+from drcl2.modeling.draws import model_draws
+
 PRETRAIN = "configs/toy/pretrain_2drcl.yaml"
 FINETUNE = "configs/toy/mask_rcnn_finetune.yaml"
 FAST = ("DATALOADER.NUM_WORKERS", "0")
@@ -26,8 +29,11 @@ def pretraining(toy_lvis_root):
     dataset = Trainer.build_train_dataset(cfg)
     model = Trainer.build_model(cfg)
     model.seed = cfg.SEED
+    schedule = build_rebalance_schedule(cfg)  # as the Trainer: one schedule, model and sampler
+    model.rebalance_schedule = schedule
     model.set_class_statistics(dataset)
-    batch = next(iter(Trainer.build_train_loader(cfg, dataset=dataset, seed=cfg.SEED)))
+    loader = Trainer.build_train_loader(cfg, dataset=dataset, seed=cfg.SEED, schedule=schedule)
+    batch = next(iter(loader))
     return cfg, model, batch
 
 
@@ -81,7 +87,7 @@ def test_views_tool_draws_the_two_views_their_pairs_and_the_masked_patches(
     assert files[0].endswith(os.path.splitext(os.path.basename(batch[0]["file_name"]))[0] + ".png")
 
     # The first picture against the first image of the Trainer's first batch, drawn by the model.
-    sampled, masks = model.draws(batch, 0)
+    sampled, masks = model_draws(model, batch, 0)
     x, mask = batch[0], masks[0].numpy()
     assert mask.any() and (~mask).any()
     view1, view2 = _rgb(x["view1"], cfg.INPUT.FORMAT), _rgb(x["view2"], cfg.INPUT.FORMAT)
@@ -173,10 +179,10 @@ def test_draws_are_those_of_the_training_step(pretraining):
             model.train()
             model(batch)
         del model._draw
-        sampled, masks = model.draws(batch, iteration)
+        sampled, masks = model_draws(model, batch, iteration)
         ones = {t: torch.ones_like(w) for t, w in weights.items()}
         model.term_weights_at = lambda it: (0.0, ones)
-        unweighted = model.draws(batch, iteration)
+        unweighted = model_draws(model, batch, iteration)
     finally:
         model.__dict__.pop("_draw", None)
         model.__dict__.pop("term_weights_at", None)
@@ -191,7 +197,7 @@ def test_draws_are_those_of_the_training_step(pretraining):
     assert any(not torch.equal(a, b) for a, b in zip(unweighted[0], sampled)) or any(
         not torch.equal(a, b) for a, b in zip(unweighted[1], masks)
     )
-    _, other = model.draws(batch, iteration + 1)
+    _, other = model_draws(model, batch, iteration + 1)
     assert any(not torch.equal(a, b) for a, b in zip(other, masks))  # per iteration
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "sample_instances",
     "instance_class_weights",
     "RebalanceSchedule",
+    "build_rebalance_schedule",
     "chunked_lambda",
 ]
 
@@ -316,16 +317,27 @@ def instance_class_weights(gt_classes: torch.Tensor, class_weights: torch.Tensor
 
 class RebalanceSchedule:
     """
-    The DRB progress λ as a function of training progress: 0 until ``start``, rising to 1 at
-    ``end`` (``start`` and ``end`` are fractions of the schedule), then 1.
+    The DRB progress λ: as a function of training progress, 0 until ``start``, rising to 1 at
+    ``end`` (``start`` and ``end`` are fractions of the schedule), then 1; ``mode="linear"``: λ = s,
+    ``mode="cosine"``: λ = (1 - cos(π s)) / 2, with s = (progress - start) / (end - start)
+    (``start == end`` makes λ a step at ``start``).
 
-    ``mode="linear"``: λ = s; ``mode="cosine"``: λ = (1 - cos(π s)) / 2, with
-    s = (progress - start) / (end - start). ``start == end`` makes λ a step at ``start``.
+    The λ of an iteration (:meth:`at`) is taken in chunks of ``chunk_iters`` iterations of a
+    ``max_iter`` schedule: the value at the first iteration of the chunk. A run builds one schedule
+    (:func:`build_rebalance_schedule`, drcl2's Trainer) and hands it to the sampler, the model and
+    the ``drb/lambda`` log, so that all three use one λ per iteration.
     """
 
     MODES = ("linear", "cosine")
 
-    def __init__(self, start: float = 0.0, end: float = 1.0, mode: str = "linear"):
+    def __init__(
+        self,
+        start: float = 0.0,
+        end: float = 1.0,
+        mode: str = "linear",
+        max_iter: int = 1,
+        chunk_iters: int = 1,
+    ):
         start, end = float(start), float(end)
         if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
             raise ValueError(
@@ -338,17 +350,27 @@ class RebalanceSchedule:
             raise ValueError(
                 f"RebalanceSchedule: unknown mode {mode!r}; expected one of {self.MODES}."
             )
+        if int(max_iter) < 1 or int(chunk_iters) < 1:
+            raise ValueError(
+                f"RebalanceSchedule: max_iter and chunk_iters must be >= 1; got {max_iter}, "
+                f"{chunk_iters}."
+            )
         self.start, self.end, self.mode = start, end, mode
+        self.max_iter, self.chunk_iters = int(max_iter), int(chunk_iters)
 
     @classmethod
     def from_config(cls, cfg) -> "RebalanceSchedule":
         """
-        The schedule of ``DATALOADER.DRCL2.{START, END, MODE}``; a bad value raises ValueError
-        naming the config key.
+        The schedule of ``DATALOADER.DRCL2.{START, END, MODE, CHUNK_ITERS}`` over
+        ``SOLVER.MAX_ITER``; a bad value raises ValueError naming the config key.
         """
         s = cfg.DATALOADER.DRCL2
+        if int(s.CHUNK_ITERS) < 1:
+            raise ValueError(
+                f"DATALOADER.DRCL2.CHUNK_ITERS = {s.CHUNK_ITERS}: must be an integer >= 1."
+            )
         try:
-            return cls(s.START, s.END, s.MODE)
+            return cls(s.START, s.END, s.MODE, max(cfg.SOLVER.MAX_ITER, 1), s.CHUNK_ITERS)
         except ValueError as e:
             keys = (
                 "DATALOADER.DRCL2.MODE"
@@ -372,8 +394,28 @@ class RebalanceSchedule:
 
     __call__ = lam
 
+    def at(self, iteration: int) -> float:
+        """The λ of ``iteration``: :meth:`lam` at the first iteration of its chunk
+        (:func:`chunked_lambda`)."""
+        return chunked_lambda(self.lam, iteration, self.max_iter, self.chunk_iters)
+
     def __repr__(self):
-        return f"RebalanceSchedule(start={self.start}, end={self.end}, mode={self.mode!r})"
+        return (
+            f"RebalanceSchedule(start={self.start}, end={self.end}, mode={self.mode!r}, "
+            f"max_iter={self.max_iter}, chunk_iters={self.chunk_iters})"
+        )
+
+
+def build_rebalance_schedule(cfg) -> Optional[RebalanceSchedule]:
+    """
+    The run's rebalancing schedule, built once (drcl2's Trainer) and handed to the sampler, the
+    model and the ``drb/lambda`` log: for ``DATALOADER.SAMPLER_TRAIN
+    "DynamicRepeatFactorTrainingSampler"`` or a DRCL2 model with ``MODEL.DRCL2.DRB.ENABLED``; None
+    otherwise.
+    """
+    dynamic = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
+    drcl2_drb = cfg.MODEL.META_ARCHITECTURE == "DRCL2" and cfg.MODEL.DRCL2.DRB.ENABLED
+    return RebalanceSchedule.from_config(cfg) if dynamic or drcl2_drb else None
 
 
 def chunked_lambda(lam_of_progress, iteration: int, max_iter: int, chunk_iters: int) -> float:

@@ -141,22 +141,28 @@ class DynamicRepeatFactorTrainingSampler(Sampler):
 
     @classmethod
     def from_config(
-        cls, cfg, dataset_dicts: List[dict], start_iter: int = 0, seed: Optional[int] = None
+        cls,
+        cfg,
+        dataset_dicts: List[dict],
+        start_iter: int = 0,
+        seed: Optional[int] = None,
+        schedule: Optional[RebalanceSchedule] = None,
     ):
         """
-        The sampler of ``cfg.DATALOADER.DRCL2`` (REPEAT_THRESHOLD, START, END, MODE, CHUNK_ITERS;
-        START and END are fractions of ``SOLVER.MAX_ITER``), with ``SOLVER.IMS_PER_BATCH`` and
-        ``SEED`` (passed as detectron2 passes it to its RepeatFactorTrainingSampler). ``start_iter``
-        is the iteration the stream starts at; ``seed`` (default ``SEED``) the run's seed.
+        The sampler of ``cfg.DATALOADER.DRCL2.REPEAT_THRESHOLD``, ``SOLVER.IMS_PER_BATCH`` and
+        ``SEED`` (passed as detectron2 passes it to its RepeatFactorTrainingSampler), with the run's
+        rebalancing ``schedule`` (default: ``RebalanceSchedule.from_config(cfg)``; drcl2's Trainer
+        passes the one it hands to the model too). ``start_iter`` is the iteration the stream
+        starts at; ``seed`` (default ``SEED``) the run's seed.
         """
-        drb = cfg.DATALOADER.DRCL2
+        schedule = RebalanceSchedule.from_config(cfg) if schedule is None else schedule
         return cls(
             dataset_dicts,
-            repeat_thresh=drb.REPEAT_THRESHOLD,
-            schedule=RebalanceSchedule.from_config(cfg),
-            max_iter=cfg.SOLVER.MAX_ITER,
+            repeat_thresh=cfg.DATALOADER.DRCL2.REPEAT_THRESHOLD,
+            schedule=schedule,
+            max_iter=schedule.max_iter,
             ims_per_batch=cfg.SOLVER.IMS_PER_BATCH,
-            chunk_iters=drb.CHUNK_ITERS,
+            chunk_iters=schedule.chunk_iters,
             start_iter=start_iter,
             shuffle=True,
             seed=cfg.SEED if seed is None else seed,

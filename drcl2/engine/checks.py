@@ -5,16 +5,18 @@ them again for users with their own launcher). They read configs and dataset met
 dataset is loaded or generated here.
 """
 
+import math
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data.rebalance import RebalanceSchedule
+from ..modeling.meta_arch import BOX_SOURCES, DRB_TERMS, ONLINE_VIEWS, RPN_TARGETS
 
 __all__ = [
     "NUM_CLASSES_KEYS",
     "check_config",
     "check_datasets_registered",
+    "check_drcl2_config",
     "check_num_classes",
-    "check_training_config",
     "datasets_read",
 ]
 
@@ -63,17 +65,6 @@ def check_datasets_registered(cfg, training: bool = True) -> None:
             )
 
 
-def check_training_config(cfg) -> None:
-    """
-    Raise ValueError naming the key for training settings that would otherwise fail late or not at
-    all: the rebalancing schedule (``DATALOADER.DRCL2.{START, END, MODE}``) when it is used.
-    """
-    if cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler" or (
-        cfg.MODEL.META_ARCHITECTURE == "DRCL2" and cfg.MODEL.DRCL2.DRB.ENABLED
-    ):
-        RebalanceSchedule.from_config(cfg)
-
-
 def check_num_classes(cfg, training: bool = True) -> None:
     """
     Refuse a detector whose number of classes is not that of a dataset the run reads (training,
@@ -109,17 +100,109 @@ def check_num_classes(cfg, training: bool = True) -> None:
 def check_config(cfg, training: bool = True) -> None:
     """
     Every start-up check of a run (``training`` False: an ``--eval-only`` run, which reads only
-    ``DATASETS.TEST``): datasets registered, class counts, the training schedule and the
-    meta-architecture's own keys (``DRCL2``: :func:`drcl2.modeling.check_drcl2_config`).
+    ``DATASETS.TEST``): datasets registered, class counts and the
+    meta-architecture's keys (``DRCL2``: :func:`check_drcl2_config`; each pretext head checks
+    its own keys when it is built).
 
     Raises:
         KeyError, ValueError: naming the config key and how to fix it.
     """
     check_datasets_registered(cfg, training)
     check_num_classes(cfg, training)
-    if training:
-        check_training_config(cfg)
-        if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
-            from ..modeling.meta_arch import check_drcl2_config
+    if training and cfg.MODEL.META_ARCHITECTURE == "DRCL2":
+        check_drcl2_config(cfg)
 
-            check_drcl2_config(cfg)
+
+def _fail(key, value, why):
+    raise ValueError(f"{key} = {value!r}: {why}")
+
+
+def check_drcl2_config(cfg) -> None:
+    """
+    The keys of 2DRCL pre-training that are the model's, the data path's or shared by several
+    parts (each pretext head checks its own ``MODEL.DRCL2.<PART>.*`` when it is built), and how they
+    must agree with detectron2's keys; raise ValueError naming the key.
+    """
+    d = cfg.MODEL.DRCL2
+    parts = {k: d[k].ENABLED for k in ("HCL", "LCL", "AR", "SR", "RPN", "DET", "DECOR")}
+    if not any(parts.values()) and not d.EXTRA_HEADS:
+        _fail(
+            "MODEL.DRCL2.{HCL,LCL,AR,SR,RPN,DET,DECOR}.ENABLED", parts,
+            "every part is off and MODEL.DRCL2.EXTRA_HEADS is empty; enable at least one.",
+        )  # fmt: skip
+    for key in ("RPN.WEIGHT", "DET.WEIGHT"):
+        value = d[key.split(".")[0]][key.split(".")[1]]
+        if not (value >= 0 and math.isfinite(value)):
+            _fail(f"MODEL.DRCL2.{key}", value, "must be a finite number >= 0.")
+    if not 0.0 <= d.BASE_MOMENTUM <= 1.0:
+        _fail("MODEL.DRCL2.BASE_MOMENTUM", d.BASE_MOMENTUM, "must lie in [0, 1].")
+    for key, value, choices in (
+        ("MODEL.DRCL2.MASK.ONLINE_VIEW", d.MASK.ONLINE_VIEW, ONLINE_VIEWS),
+        ("MODEL.DRCL2.RPN.TARGETS", d.RPN.TARGETS, RPN_TARGETS),
+        ("MODEL.DRCL2.LCL.BOX_SOURCE", d.LCL.BOX_SOURCE, BOX_SOURCES),
+    ):
+        if value not in choices:
+            _fail(key, value, f"must be one of {choices}.")
+    if d.DET.ENABLED and not d.RPN.ENABLED:
+        _fail(
+            "MODEL.DRCL2.DET.ENABLED", True,
+            "the detection losses train on the RPN's proposals: set MODEL.DRCL2.RPN.ENABLED True.",
+        )  # fmt: skip
+    for key, value, minimum in (
+        ("LCL.NUM_INSTANCES", d.LCL.NUM_INSTANCES, 1),
+        ("LCL.PROPOSAL_TOPK", d.LCL.PROPOSAL_TOPK, 1),
+        ("MASK.PATCH_SIZE", d.MASK.PATCH_SIZE, 1),
+        ("MLP_HIDDEN_DIM", d.MLP_HIDDEN_DIM, 1),
+        ("MLP_OUT_DIM", d.MLP_OUT_DIM, 1),
+    ):
+        if int(value) != value or value < minimum:
+            _fail(f"MODEL.DRCL2.{key}", value, f"must be an integer >= {minimum}.")
+    if not 0.0 < d.LCL.PROPOSAL_MATCH_IOU <= 1.0:
+        _fail("MODEL.DRCL2.LCL.PROPOSAL_MATCH_IOU", d.LCL.PROPOSAL_MATCH_IOU, "must lie in (0, 1].")
+    if not 0.0 <= d.MASK.RATIO < 1.0:
+        _fail("MODEL.DRCL2.MASK.RATIO", d.MASK.RATIO, "the masked fraction must lie in [0, 1).")
+    if not 0.0 <= d.MASK.BOX_GUIDED <= 1.0:
+        _fail("MODEL.DRCL2.MASK.BOX_GUIDED", d.MASK.BOX_GUIDED, "must lie in [0, 1].")
+    norms = ("", "BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN", "LN")
+    if d.HEAD_NORM not in norms:
+        _fail("MODEL.DRCL2.HEAD_NORM", d.HEAD_NORM, f"must be one of {norms} (get_norm names).")
+    if not set(d.DRB.APPLY_TO) <= set(DRB_TERMS) or len(set(d.DRB.APPLY_TO)) != len(d.DRB.APPLY_TO):
+        _fail(
+            "MODEL.DRCL2.DRB.APPLY_TO", d.DRB.APPLY_TO, f"must list distinct terms of {DRB_TERMS}."
+        )
+    if cfg.SOLVER.MAX_ITER < 1:
+        _fail("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, "the momentum and DRB schedules need >= 1.")
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
+        _fail("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "must be >= 1.")
+    # how the parts agree with the data path and detectron2's keys
+    dynamic_sampler = cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler"
+    if bool(d.DRB.ENABLED) != dynamic_sampler:
+        # DRB has two halves, the class weights in the model and the image repeats in the sampler;
+        # one without the other is not the method, and its logged lambda would mislead.
+        raise ValueError(
+            f"MODEL.DRCL2.DRB.ENABLED = {d.DRB.ENABLED} but DATALOADER.SAMPLER_TRAIN = "
+            f"{cfg.DATALOADER.SAMPLER_TRAIN!r}: dynamic rebalancing is switched by both together. "
+            "Set DRB.ENABLED True with SAMPLER_TRAIN 'DynamicRepeatFactorTrainingSampler', or "
+            "DRB.ENABLED False with another sampler (e.g. 'RepeatFactorTrainingSampler')."
+        )
+    if d.LCL.BOX_SOURCE == "proposals":
+        if not cfg.MODEL.LOAD_PROPOSALS:
+            _fail(
+                "MODEL.LOAD_PROPOSALS", cfg.MODEL.LOAD_PROPOSALS,
+                "MODEL.DRCL2.LCL.BOX_SOURCE 'proposals' reads precomputed proposals: set it True "
+                "and DATASETS.PROPOSAL_FILES_TRAIN to one file per training set "
+                "(python -m drcl2.tools.dump_proposals writes them).",
+            )  # fmt: skip
+        if len(cfg.DATASETS.PROPOSAL_FILES_TRAIN) != len(cfg.DATASETS.TRAIN):
+            _fail(
+                "DATASETS.PROPOSAL_FILES_TRAIN", tuple(cfg.DATASETS.PROPOSAL_FILES_TRAIN),
+                "MODEL.DRCL2.LCL.BOX_SOURCE 'proposals' needs one proposal file per dataset of "
+                f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}.",
+            )  # fmt: skip
+    if len(cfg.DATASETS.TEST):
+        _fail(
+            "DATASETS.TEST", tuple(cfg.DATASETS.TEST),
+            "DRCL2 pre-training has no inference, so nothing to evaluate (the run would train, "
+            "then fail in evaluation and skip the export). Set DATASETS.TEST to (); fine-tune "
+            "the exported weights and evaluate the fine-tuned detector.",
+        )  # fmt: skip

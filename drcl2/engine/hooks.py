@@ -9,7 +9,7 @@ from detectron2.engine import HookBase
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.utils import comm
 
-from ..data.rebalance import RebalanceSchedule, chunked_lambda
+from ..data.rebalance import RebalanceSchedule
 from ..data.resumable_loader import STEP_STREAM, derived_seed, seed_global_random_state
 
 __all__ = [
@@ -25,37 +25,22 @@ logger = logging.getLogger(__name__)
 
 class RebalanceLambdaHook(HookBase):
     """
-    Puts the λ that the dynamic rebalancing sampler used for the current iteration's images into
-    the :class:`EventStorage` each step (scalar ``drb/lambda``), so it shows in ``metrics.json`` and
-    TensorBoard next to the losses.
-
-    The sampler runs inside the DataLoader workers; its λ is a pure function of the iteration
-    (:func:`drcl2.data.rebalance.chunked_lambda`: the schedule's value at the start of the
-    iteration's chunk), computed here from the same config, so the logged value is the sampled one.
+    Puts the run's λ of dynamic rebalancing for the current iteration into the
+    :class:`EventStorage` each step (scalar ``drb/lambda``), so it shows in ``metrics.json`` and
+    TensorBoard next to the losses. It reads the run's one :class:`RebalanceSchedule`, the one the
+    sampler (images) and the model (class weights) use: the logged λ is theirs.
     """
 
-    def __init__(
-        self, schedule: RebalanceSchedule, max_iter: int, chunk_iters: int, name: str = "drb/lambda"
-    ):
+    def __init__(self, schedule: RebalanceSchedule, name: str = "drb/lambda"):
         """
         Args:
-            schedule: anything with ``lam(progress)``, e.g. :class:`RebalanceSchedule`.
-            max_iter (int): length of the schedule (``SOLVER.MAX_ITER``).
-            chunk_iters (int): the sampler's ``DATALOADER.DRCL2.CHUNK_ITERS``.
+            schedule: the run's schedule (:meth:`RebalanceSchedule.at` gives an iteration's λ).
             name (str): name of the scalar.
         """
-        self._schedule = schedule
-        self._max_iter = max(int(max_iter), 1)
-        self._chunk_iters = int(chunk_iters)
-        self._name = name
-
-    @classmethod
-    def from_config(cls, cfg):
-        drb = cfg.DATALOADER.DRCL2
-        return cls(RebalanceSchedule.from_config(cfg), cfg.SOLVER.MAX_ITER, drb.CHUNK_ITERS)
+        self._schedule, self._name = schedule, name
 
     def lam_at(self, iteration: int) -> float:
-        return chunked_lambda(self._schedule.lam, iteration, self._max_iter, self._chunk_iters)
+        return self._schedule.at(iteration)
 
     def before_step(self):
         # before_step: the storage's iteration is already the current one, and every writer hook

@@ -26,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import AtomicDetectionCheckpointer, DRCL2Checkpointer
 from ..data.datasets import check_dataset_files, check_datasets_before_training, check_test_dataset
 from ..data.proposals import check_proposal_files
+from ..data.rebalance import build_rebalance_schedule
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.samplers import DynamicRepeatFactorTrainingSampler
 from ..evaluation import COCOLTEvaluator, LVISEvaluator
@@ -110,21 +111,25 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         # before anything is built, generated or written (train_net.py has run them already)
         check_config(cfg)
+        # The run's one rebalancing schedule: the sampler, the model and the drb/lambda log all
+        # take an iteration's lambda from it (None without dynamic rebalancing).
+        self.rebalance_schedule = build_rebalance_schedule(cfg)
         # The seed of the data stream and of each step's random numbers; a checkpoint records it,
         # so a resumed run goes on with the same one even when SEED is -1 (drawn here).
         self.seed = resolve_seed(cfg.SEED)
         model = self.build_model(cfg)
         if hasattr(model, "seed"):
-            model.seed = (
-                self.seed
-            )  # DRCL2's per-image draws (instances, masks) follow the run's seed
+            model.seed = self.seed  # DRCL2's per-image draws (instances, masks)
         optimizer = self.build_optimizer(cfg, model)
         train_dataset = self.build_train_dataset(cfg)
-        data_loader = self.build_train_loader(cfg, dataset=train_dataset, seed=self.seed)
+        data_loader = self.build_train_loader(
+            cfg, dataset=train_dataset, seed=self.seed, schedule=self.rebalance_schedule
+        )
         if cfg.MODEL.META_ARCHITECTURE == "DRCL2":
-            # DRB's class weights need the training set's class statistics; build_model does not
-            # read the dataset, so they are handed over here, from the dicts already loaded (a
-            # resumed run then loads the same statistics from its checkpoint).
+            # DRB's class weights need the schedule and the training set's class statistics;
+            # build_model reads neither, so they are handed over here (a resumed run then loads
+            # the same statistics from its checkpoint).
+            model.rebalance_schedule = self.rebalance_schedule
             model.set_class_statistics(train_dataset)
         del train_dataset  # the data loader holds its own serialized copy
         model = self.build_ddp_model(cfg, model)
@@ -217,7 +222,11 @@ class Trainer(DefaultTrainer):
             # the sampler and the images' seeds follow the run's seed: a new loader
             self._trainer.reset_data_loader(
                 lambda: self.build_train_loader(
-                    self.cfg, start_iter=self.start_iter, seed=self.seed, state=state
+                    self.cfg,
+                    start_iter=self.start_iter,
+                    seed=self.seed,
+                    state=state,
+                    schedule=self.rebalance_schedule,
                 )
             )
             return
@@ -243,8 +252,8 @@ class Trainer(DefaultTrainer):
             len(ret),
         )
         ret.insert(at, self._loader_state_hook)
-        if self.cfg.DATALOADER.SAMPLER_TRAIN == "DynamicRepeatFactorTrainingSampler":
-            ret.insert(0, RebalanceLambdaHook.from_config(self.cfg))  # logs drb/lambda each step
+        if self.rebalance_schedule is not None:  # logs drb/lambda each step
+            ret.insert(0, RebalanceLambdaHook(self.rebalance_schedule))
         if self.cfg.TEST.HEALTH.PERIOD > 0 and comm.is_main_process():
             # before the writers, so that its figures are written at the step they are measured
             writer = next(
@@ -300,7 +309,9 @@ class Trainer(DefaultTrainer):
         return dicts
 
     @classmethod
-    def build_train_loader(cls, cfg, start_iter=0, dataset=None, *, seed=None, state=None):
+    def build_train_loader(
+        cls, cfg, start_iter=0, dataset=None, *, seed=None, state=None, schedule=None
+    ):
         """
         A :class:`ResumableTrainLoader` (detectron2's batches and aspect-ratio grouping, with
         augmentations seeded per image and a state that checkpoints resume exactly).
@@ -311,6 +322,8 @@ class Trainer(DefaultTrainer):
                 (default: :meth:`build_train_dataset`).
             seed (int or None): the run's seed (default ``SEED``, or a shared random one if < 0).
             state (dict or None): a :meth:`ResumableTrainLoader.state_dict` to resume from.
+            schedule (RebalanceSchedule or None): the run's rebalancing schedule, for the dynamic
+                sampler (default: built from ``cfg``).
         """
         if dataset is None:
             dataset = cls.build_train_dataset(cfg)
@@ -324,7 +337,7 @@ class Trainer(DefaultTrainer):
             )
         args = (
             dataset,
-            cls.build_train_sampler(cfg, dataset, seed=seed),
+            cls.build_train_sampler(cfg, dataset, seed=seed, schedule=schedule),
             cls.build_train_mapper(cfg),
         )
         kwargs = dict(
@@ -356,16 +369,19 @@ class Trainer(DefaultTrainer):
         return DatasetMapper(cfg, is_train=True)
 
     @classmethod
-    def build_train_sampler(cls, cfg, dataset_dicts, seed=None):
+    def build_train_sampler(cls, cfg, dataset_dicts, seed=None, schedule=None):
         """
         The training sampler of ``DATALOADER.SAMPLER_TRAIN``, seeded with ``seed`` (default
-        ``SEED``): drcl2's ``DynamicRepeatFactorTrainingSampler`` or detectron2's own ones. The
-        stream starts at its beginning; the data loader skips to where a resumed run goes on.
+        ``SEED``): drcl2's ``DynamicRepeatFactorTrainingSampler`` (with the run's rebalancing
+        ``schedule``; default: built from ``cfg``) or detectron2's own ones. The stream starts at
+        its beginning; the data loader skips to where a resumed run goes on.
         """
         seed = cfg.SEED if seed is None else int(seed)
         name = cfg.DATALOADER.SAMPLER_TRAIN
         if name == "DynamicRepeatFactorTrainingSampler":
-            return DynamicRepeatFactorTrainingSampler.from_config(cfg, dataset_dicts, seed=seed)
+            return DynamicRepeatFactorTrainingSampler.from_config(
+                cfg, dataset_dicts, seed=seed, schedule=schedule
+            )
         if name == "TrainingSampler":
             return TrainingSampler(len(dataset_dicts), seed=seed)
         if name == "RepeatFactorTrainingSampler":

@@ -15,7 +15,13 @@ from detectron2.config import configurable
 
 from .losses import decorrelation_loss
 from .masking import mask_at_stride
-from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext
+from .pretext_head import (
+    DRCL2_HEAD_REGISTRY,
+    PretextHead,
+    StepContext,
+    check_levels,
+    check_weights,
+)
 
 __all__ = ["FeatureDecorrelationHead"]
 
@@ -47,6 +53,8 @@ class FeatureDecorrelationHead(PretextHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         d = cfg.MODEL.DRCL2.DECOR
+        check_weights(d, "MODEL.DRCL2.DECOR", "WEIGHT")
+        check_levels("MODEL.DRCL2.DECOR.IN_FEATURES", d.IN_FEATURES, input_shape)
         return {
             "strides": {k: v.stride for k, v in input_shape.items()},
             "in_features": d.IN_FEATURES,

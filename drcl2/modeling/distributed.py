@@ -21,7 +21,13 @@ from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.utils import comm
 from torch import nn
 
-__all__ = ["all_gather_counts", "all_gather_rows", "ddp_normalizer", "batch_norm_trains"]
+__all__ = [
+    "exchange_step_counts",
+    "all_gather_counts",
+    "all_gather_rows",
+    "ddp_normalizer",
+    "batch_norm_trains",
+]
 
 
 def all_gather_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -113,3 +119,32 @@ def batch_norm_trains(sizes: Sequence[int], *modules: nn.Module) -> bool:
         else:
             ok = ok and min(sizes) >= 2
     return ok
+
+
+def exchange_step_counts(num_images: int, num_instances: int, head_sums, device):
+    """
+    This rank's images, drawn instances and the pretext heads' sums, exchanged with every rank in
+    one collective (:func:`all_gather_counts`).
+
+    Args:
+        num_images, num_instances: this rank's.
+        head_sums: per head, a list of 0-dim Tensors (its :meth:`PretextHead.counts`).
+
+    Returns:
+        list[int] images of every rank, list[int] drawn instances of every rank (rank order), and
+        per head, Tensor[P_h]: the DDP normalisers of its sums (global sums / world size).
+    """
+    sums = [x for head in head_sums for x in head]
+    local = torch.tensor([num_images, num_instances], dtype=torch.float64, device=device)
+    if sums:
+        local = torch.cat([local, torch.stack(sums).double()])
+    gathered = all_gather_counts(local)  # [W, 2 + P]
+    if comm.get_world_size() == 1:
+        image_counts, instance_counts = [num_images], [num_instances]
+    else:
+        image_counts, instance_counts = gathered[:, :2].round().long().t().tolist()
+    normalizers, start, out = ddp_normalizer(gathered[:, 2:].sum(dim=0)), 0, []
+    for head in head_sums:
+        out.append(normalizers[start : start + len(head)])
+        start += len(head)
+    return image_counts, instance_counts, out

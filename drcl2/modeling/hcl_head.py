@@ -8,10 +8,17 @@ from detectron2.config import configurable
 from detectron2.utils import comm
 from torch import nn
 
+from .blocks import MLPHead
 from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
-from .heads import MLPHead
 from .losses import at_least_float32, byol_loss, info_nce_loss
-from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext, feature_channels
+from .pretext_head import (
+    DRCL2_HEAD_REGISTRY,
+    PretextHead,
+    StepContext,
+    check_levels,
+    check_weights,
+    feature_channels,
+)
 
 __all__ = ["HolisticContrastiveHead", "HCL_LOSSES", "check_images_per_batch"]
 
@@ -24,7 +31,7 @@ class HolisticContrastiveHead(PretextHead):
     L_HCL between the online image vector of the (masked) view 1, through projector and predictor,
     and the target image vector of view 2 through the target projector (symmetrised when the model
     is). The image vector is the mean over ``in_features`` of padding-aware global average pooling.
-    Modules: ``hcl_projector``, ``hcl_predictor``; target copy: ``hcl_projector``.
+    Layers: ``projector``, ``predictor``; target copy: ``projector``.
     """
 
     @configurable
@@ -51,7 +58,9 @@ class HolisticContrastiveHead(PretextHead):
             symmetric: also train the swapped pair (online v2 vs target v1).
         """
         if loss not in HCL_LOSSES:
-            raise ValueError(f"DRCL2: hcl_loss must be one of {HCL_LOSSES}; got {loss!r}.")
+            raise ValueError(f"MODEL.DRCL2.HCL.LOSS = {loss!r}: must be one of {HCL_LOSSES}.")
+        if not temperature > 0:
+            raise ValueError(f"MODEL.DRCL2.HCL.TEMPERATURE = {temperature}: must be > 0.")
         super().__init__(in_features=in_features, target_views=(1, 2) if symmetric else (2,))
         self.projector, self.predictor = projector, predictor
         self.strides = dict(strides)
@@ -65,6 +74,8 @@ class HolisticContrastiveHead(PretextHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         d = cfg.MODEL.DRCL2
+        check_weights(d.HCL, "MODEL.DRCL2.HCL", "WEIGHT")
+        check_levels("MODEL.DRCL2.HCL.IN_FEATURES", d.HCL.IN_FEATURES, input_shape)
         channels = feature_channels(input_shape)
         projector = MLPHead(channels, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM)
         predictor = MLPHead(d.MLP_OUT_DIM, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM)
@@ -80,11 +91,8 @@ class HolisticContrastiveHead(PretextHead):
             "symmetric": d.SYMMETRIC,
         }
 
-    def online_modules(self):
-        return {"hcl_projector": self.projector, "hcl_predictor": self.predictor}
-
     def target_modules(self):
-        return {"hcl_projector": "hcl_projector"}
+        return ("projector",)
 
     def image_vector(self, features: Dict[str, torch.Tensor], image_sizes) -> torch.Tensor:
         """
@@ -110,8 +118,8 @@ class HolisticContrastiveHead(PretextHead):
         return torch.stack(pooled).mean(dim=0)
 
     def losses(self, ctx: StepContext, normalizers):
-        projector, predictor = ctx.module("hcl_projector"), ctx.module("hcl_predictor")
-        target_projector = ctx.target_module("hcl_projector")
+        projector, predictor = self.projector, self.predictor
+        target_projector = ctx.target(self, "projector")
         image_counts = ctx.image_counts
         if not batch_norm_trains(image_counts, projector, predictor, target_projector):
             raise ValueError(

@@ -11,8 +11,8 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
+from .blocks import ClassMemory, MLPHead, box_features
 from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
-from .heads import BoxFeatureHead, ClassMemory, MLPHead, box_features
 from .losses import (
     at_least_float32,
     balanced_supervised_contrastive_loss,
@@ -20,7 +20,7 @@ from .losses import (
     info_nce_loss,
     scale_gradient,
 )
-from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext
+from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext, check_weights
 
 __all__ = ["LocalContrastiveHead", "LCL_LOSSES"]
 
@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 @DRCL2_HEAD_REGISTRY.register()
 class LocalContrastiveHead(PretextHead):
     """
-    L_LCL on the K drawn instances of every image: RoIAlign + box head + projector (+ predictor
-    online) on view 1 online and view 2 target. Two terms:
+    L_LCL on the K drawn instances of every image: RoIAlign + box head (the model's ``roi_heads``)
+    + projector (+ predictor online) on view 1 online and view 2 target. Two terms:
 
     * L_inst over all drawn instances: BYOL (``loss="byol"``: 2 - 2 cos to the target embedding of
       the same instance) or InfoNCE (``"infonce"``: the same instance's target embedding against
@@ -46,16 +46,14 @@ class LocalContrastiveHead(PretextHead):
     ``backbone_grad`` scales the gradient LCL sends into the backbone and FPN (0: LCL trains only
     the box head and its MLPs on the features the other terms shape; AlignDet's frozen backbone).
 
-    Modules: ``roi_heads`` (box pooler + box head, exported; when ``roi_heads`` is None the model's
-    ``roi_heads`` of :class:`SupervisedDetectionHead` is used), ``lcl_projector``,
-    ``lcl_predictor``, ``lcl_memory``; target copies: ``box_head``, ``lcl_projector``.
+    Layers: ``projector``, ``predictor``, ``memory``; target copies: the box head (the model's)
+    and ``projector``.
     """
 
     @configurable
     def __init__(
         self,
         *,
-        roi_heads,
         box_in_features,
         projector: nn.Module,
         predictor: nn.Module,
@@ -71,9 +69,7 @@ class LocalContrastiveHead(PretextHead):
     ):
         """
         Args:
-            roi_heads: RoIAlign + box head (:class:`BoxFeatureHead`), or None to use the model's
-                ``roi_heads`` (another head owns it).
-            box_in_features: the levels the box pooler reads.
+            box_in_features: the levels the model's box pooler reads.
             projector, predictor: the LCL MLPs.
             temperature: tau_l of L_sup.
             supervised: compute L_sup.
@@ -86,24 +82,24 @@ class LocalContrastiveHead(PretextHead):
             backbone_grad: factor on the gradient into the backbone, in [0, 1].
         """
         if loss not in LCL_LOSSES:
+            raise ValueError(f"MODEL.DRCL2.LCL.LOSS = {loss!r}: must be one of {LCL_LOSSES}.")
+        if not 0.0 <= backbone_grad <= 1.0:
             raise ValueError(
-                f"LocalContrastiveHead: loss must be one of {LCL_LOSSES}; got {loss!r}."
+                f"MODEL.DRCL2.LCL.BACKBONE_GRAD = {backbone_grad}: must lie in [0, 1]."
             )
+        for key, value in (("TEMPERATURE", temperature), ("INST_TEMPERATURE", inst_temperature)):
+            if not value > 0:
+                raise ValueError(f"MODEL.DRCL2.LCL.{key} = {value}: must be > 0.")
         # With no gradient into the backbone LCL reads no level as far as DDP is concerned: the
-        # model
-        # joins the levels no other head reads with a zero weight.
+        # model joins the levels no other head reads with a zero weight.
         super().__init__(
             in_features=box_in_features if backbone_grad > 0 else (),
             target_views=(1, 2) if symmetric else (2,),
             needs_instances=True,
+            needs_box_features=True,
         )
         self.box_in_features = list(box_in_features)
-        self.roi_heads, self.projector, self.predictor, self.memory = (
-            roi_heads,
-            projector,
-            predictor,
-            memory,
-        )
+        self.projector, self.predictor, self.memory = projector, predictor, memory
         self.temperature, self.supervised, self.sup_weight = temperature, supervised, sup_weight
         self.weight, self.symmetric = weight, symmetric
         self.loss, self.inst_temperature, self.backbone_grad = loss, inst_temperature, backbone_grad
@@ -111,21 +107,21 @@ class LocalContrastiveHead(PretextHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         d = cfg.MODEL.DRCL2
-        box = StandardROIHeads._init_box_head(cfg, input_shape)
-        roi_heads = None
-        if not d.DET.ENABLED:  # else the supervised detection head owns the box pooler and head
-            roi_heads = BoxFeatureHead(
-                box_in_features=box["box_in_features"],
-                box_pooler=box["box_pooler"],
-                box_head=box["box_head"],
+        check_weights(d.LCL, "MODEL.DRCL2.LCL", "WEIGHT", "SUP_WEIGHT")
+        if int(d.LCL.MEMORY_PER_CLASS) != d.LCL.MEMORY_PER_CLASS or d.LCL.MEMORY_PER_CLASS < 0:
+            raise ValueError(
+                f"MODEL.DRCL2.LCL.MEMORY_PER_CLASS = {d.LCL.MEMORY_PER_CLASS}: must be an integer "
+                ">= 0 (0: no memory)."
             )
+        # a box head as the model's gives the projector its input size (the box head itself is the
+        # model's)
+        box = StandardROIHeads._init_box_head(cfg, input_shape)
         memory = None
         if d.LCL.SUPERVISED and d.LCL.MEMORY_PER_CLASS > 0:
             memory = ClassMemory(
                 cfg.MODEL.ROI_HEADS.NUM_CLASSES, d.LCL.MEMORY_PER_CLASS, d.MLP_OUT_DIM
             )
         return {
-            "roi_heads": roi_heads,
             "box_in_features": box["box_in_features"],
             "projector": MLPHead(
                 box["box_head"].output_shape.channels, d.MLP_HIDDEN_DIM, d.MLP_OUT_DIM, d.HEAD_NORM
@@ -142,31 +138,19 @@ class LocalContrastiveHead(PretextHead):
             "backbone_grad": d.LCL.BACKBONE_GRAD,
         }
 
-    def online_modules(self):
-        modules = {"lcl_projector": self.projector, "lcl_predictor": self.predictor}
-        if self.roi_heads is not None:
-            modules["roi_heads"] = self.roi_heads
-        if self.memory is not None:
-            modules["lcl_memory"] = self.memory
-        return modules
-
     def target_modules(self):
-        return {"box_head": "roi_heads.box_head", "lcl_projector": "lcl_projector"}
+        return ("projector",)
 
     def losses(self, ctx: StepContext, normalizers):
-        roi_heads, projector, predictor = (
-            ctx.module("roi_heads"),
-            ctx.module("lcl_projector"),
-            ctx.module("lcl_predictor"),
-        )
-        target_projector = ctx.target_module("lcl_projector")
+        roi_heads, projector, predictor = ctx.model.roi_heads, self.projector, self.predictor
+        target_projector = ctx.target(self, "projector")
         if batch_norm_trains(ctx.instance_counts, projector, predictor, target_projector):
             inst, sup = self._terms(ctx, roi_heads, projector, predictor, target_projector)
             skipped = 0.0
         else:
             # Too few instances for the MLPs' batch norm (the same answer on every rank): a zero
             # loss that still reaches every LCL parameter and level (DDP needs a gradient for each).
-            params = [p for m in (roi_heads, projector, predictor) for p in m.parameters()]
+            params = [p for m in (roi_heads.box_head, projector, predictor) for p in m.parameters()]
             inst = sum(p.sum() for p in params if p.requires_grad) * 0.0
             sup = inst if self.supervised else None
             ctx.skip(self)
@@ -206,7 +190,7 @@ class LocalContrastiveHead(PretextHead):
             features = {k: scale_gradient(features[k], self.backbone_grad) for k in levels}
             return predictor(projector(box_features(roi_heads, features, boxes)))
 
-        target_head = ctx.target_module("box_head")
+        target_head = ctx.target_box_head
         with torch.no_grad():
             if self.symmetric:  # one batched call over both views
                 both = {k: torch.cat([ctx.target1[k], ctx.target2[k]]) for k in levels}

@@ -9,14 +9,21 @@ from typing import Dict, Sequence
 import torch
 from detectron2.config import configurable
 
-from .heads import AppearanceDecoder, SemanticPredictors
+from .blocks import AppearanceDecoder, SemanticPredictors
 from .losses import (
     appearance_reconstruction_loss,
     semantic_reconstruction_loss,
     semantic_reconstruction_weights,
 )
 from .masking import mask_at_stride
-from .pretext_head import DRCL2_HEAD_REGISTRY, PretextHead, StepContext, feature_channels
+from .pretext_head import (
+    DRCL2_HEAD_REGISTRY,
+    PretextHead,
+    StepContext,
+    check_levels,
+    check_weights,
+    feature_channels,
+)
 
 __all__ = ["AppearanceReconstructionHead", "SemanticReconstructionHead", "check_ar_level"]
 
@@ -26,7 +33,7 @@ class AppearanceReconstructionHead(PretextHead):
     """
     L_AR: a light decoder on ``in_feature`` predicts view 1's pixels, ``(image - pixel_mean) /
     ar_pixel_std``; L1 over masked pixels plus ``visible_weight`` x over visible ones (padding
-    excluded). Module: ``ar_decoder``.
+    excluded). Layer: ``decoder``.
     """
 
     @configurable
@@ -56,6 +63,7 @@ class AppearanceReconstructionHead(PretextHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         d = cfg.MODEL.DRCL2
+        check_weights(d.AR, "MODEL.DRCL2.AR", "WEIGHT", "VISIBLE_WEIGHT")
         if d.AR.IN_FEATURE not in input_shape:
             raise ValueError(
                 f"MODEL.DRCL2.AR.IN_FEATURE = {d.AR.IN_FEATURE!r}: must name a backbone output "
@@ -71,9 +79,6 @@ class AppearanceReconstructionHead(PretextHead):
             "pixel_std": d.AR.PIXEL_STD,
         }
 
-    def online_modules(self):
-        return {"ar_decoder": self.decoder}
-
     def check(self, strides, size_divisibility):
         check_ar_level(self.in_feature, strides, size_divisibility)
 
@@ -82,7 +87,7 @@ class AppearanceReconstructionHead(PretextHead):
 
     def losses(self, ctx: StepContext, normalizers):
         x1 = ctx.x1
-        prediction = ctx.module("ar_decoder")(ctx.online_masked[self.in_feature])
+        prediction = self.decoder(ctx.online_masked[self.in_feature])
         if prediction.shape[-2:] != x1.shape[-2:]:
             raise ValueError(
                 f"DRCL2: the AR decoder predicts {tuple(prediction.shape[-2:])} pixels for a "
@@ -108,8 +113,7 @@ class SemanticReconstructionHead(PretextHead):
     """
     L_SR: per level of ``predictors.in_features``, a predictor maps the online features of the
     masked view 1 to the target features of the unmasked view 1; 1 - cos per location, masked
-    locations weighted 1, visible ``visible_weight``; the mean over levels. Module:
-    ``sr_predictors``.
+    locations weighted 1, visible ``visible_weight``; the mean over levels. Layer: ``predictors``.
     """
 
     @configurable
@@ -135,6 +139,8 @@ class SemanticReconstructionHead(PretextHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         d = cfg.MODEL.DRCL2
+        check_weights(d.SR, "MODEL.DRCL2.SR", "WEIGHT", "VISIBLE_WEIGHT")
+        check_levels("MODEL.DRCL2.SR.IN_FEATURES", d.SR.IN_FEATURES, input_shape)
         return {
             "predictors": SemanticPredictors(
                 d.SR.IN_FEATURES, feature_channels(input_shape), d.SR.HIDDEN_DIM, d.HEAD_NORM
@@ -143,9 +149,6 @@ class SemanticReconstructionHead(PretextHead):
             "visible_weight": d.SR.VISIBLE_WEIGHT,
             "weight": d.SR.WEIGHT,
         }
-
-    def online_modules(self):
-        return {"sr_predictors": self.predictors}
 
     def counts(self, ctx: StepContext):
         """The weight sum of every level; its (masked, valid) location masks kept for
@@ -160,12 +163,12 @@ class SemanticReconstructionHead(PretextHead):
                 mask_at_stride(ctx.valid, stride, size),
             )
             sums.append(semantic_reconstruction_weights(*masks[name], self.visible_weight).sum())
-        ctx.state[self.name] = masks
+        ctx.scratch[self.key] = masks
         return sums
 
     def losses(self, ctx: StepContext, normalizers):
-        masks = ctx.state[self.name]
-        predictions = ctx.module("sr_predictors")(ctx.online_masked)
+        masks = ctx.scratch[self.key]
+        predictions = self.predictors(ctx.online_masked)
         level_losses = []
         for (name, prediction), normalizer in zip(predictions.items(), normalizers):
             level_masked, level_valid = masks[name]

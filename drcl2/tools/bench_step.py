@@ -180,6 +180,7 @@ def _prepare(kind, args, ddp: bool = False):
     from detectron2.utils.events import EventStorage
 
     import drcl2  # noqa: F401  registers datasets and DRCL2
+    from drcl2.data.rebalance import build_rebalance_schedule
     from drcl2.engine import Trainer
 
     if args.threads:
@@ -195,6 +196,7 @@ def _prepare(kind, args, ddp: bool = False):
     model.train()
     is_drcl2 = kind == "DRCL2"
     if is_drcl2:
+        model.rebalance_schedule = build_rebalance_schedule(cfg)
         model.set_class_statistics(_dataset_dicts(cfg, args)[0])
     data = _batch(cfg, args, two_views=is_drcl2, rank=comm.get_rank())
     params = [p for p in model.parameters() if p.requires_grad]

@@ -48,6 +48,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 from ..config import add_drcl2_config
+from ..data.rebalance import build_rebalance_schedule
 from ..engine import Trainer, resolve_seed
 from ..engine.checks import check_config
 from ..utils.visualize import draw_predictions, views_pictures
@@ -108,8 +109,12 @@ def write_views(cfg, num_images: int, output_dir: str, start_iter: int = 0) -> L
     dataset = Trainer.build_train_dataset(cfg)
     model = Trainer.build_model(cfg)
     model.seed = seed  # as the Trainer: the draws follow the run's seed
+    schedule = build_rebalance_schedule(cfg)  # one schedule for the model and the sampler
+    model.rebalance_schedule = schedule
     model.set_class_statistics(dataset)
-    loader = Trainer.build_train_loader(cfg, start_iter=start_iter, dataset=dataset, seed=seed)
+    loader = Trainer.build_train_loader(
+        cfg, start_iter=start_iter, dataset=dataset, seed=seed, schedule=schedule
+    )
     metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
     logger.info(f"views of {cfg.DATASETS.TRAIN} with seed {seed}, from iteration {start_iter}")
     os.makedirs(output_dir, exist_ok=True)

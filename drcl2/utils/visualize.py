@@ -23,6 +23,8 @@ from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
 
+from ..modeling.draws import model_draws
+
 __all__ = [
     "MIN_SIDE",
     "PANEL_GAP",
@@ -160,8 +162,8 @@ def views_pictures(
     the model draws for them at ``iteration`` (:meth:`DRCL2.draws` on the whole batch: the
     draws of the training step).
     """
-    sampled, masks = model.draws(batch, iteration)
-    if model.lcl_box_source != "gt":
+    sampled, masks = model_draws(model, batch, iteration)
+    if model.box_source != "gt":
         sampled = [None] * len(batch)  # the draws are rows of the proposals, not of the pairs
     count = len(batch) if num_images is None else min(num_images, len(batch))
     return [

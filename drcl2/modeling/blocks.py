@@ -1,8 +1,8 @@
 """
-The small heads of 2DRCL (docs/method.md): projector / predictor MLPs, the appearance-reconstruction
-decoder and the semantic-reconstruction predictors. Each is @configurable-free plain nn.Module with
-typed arguments; the pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them
-from the config.
+The building blocks of 2DRCL's heads (docs/method.md): projector / predictor MLPs, the box-feature
+head (RoIAlign + box head) LCL pools with, the class memory of L_sup, the appearance-reconstruction
+decoder and the semantic-reconstruction predictors. Plain ``nn.Module``s with typed arguments; the
+pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them from the config.
 """
 
 from typing import Dict, List
