@@ -113,9 +113,10 @@ class LocalContrastiveHead(PretextHead):
                 f"MODEL.DRCL2.LCL.MEMORY_PER_CLASS = {d.LCL.MEMORY_PER_CLASS}: must be an integer "
                 ">= 0 (0: no memory)."
             )
-        # a box head as the model's gives the projector its input size (the box head itself is the
-        # model's)
-        box = StandardROIHeads._init_box_head(cfg, input_shape)
+        # the projector's input size is the model's box head's output size: read it off a box head
+        # built aside (fork_rng: without drawing from the random numbers that initialise layers)
+        with torch.random.fork_rng(devices=[]):
+            box = StandardROIHeads._init_box_head(cfg, input_shape)
         memory = None
         if d.LCL.SUPERVISED and d.LCL.MEMORY_PER_CLASS > 0:
             memory = ClassMemory(
