@@ -59,6 +59,8 @@ def tiny_cfg(*opts):
             16,
             "SOLVER.MAX_ITER",
             10,
+            "DATALOADER.DRCL2.CHUNK_ITERS",  # lambda taken at every iteration of the short schedule
+            1,
             *opts,
         ]
     )

@@ -125,6 +125,7 @@ def test_detectron2_default_trainer_runs_a_correct_pretraining(
     from drcl2.modeling import draws
 
     cfg = toy_cfg(tmp_path, 4)
+    cfg.DATALOADER.DRCL2.CHUNK_ITERS = 1  # lambda moves at every one of the 4 iterations
     schedule = build_rebalance_schedule(cfg)  # one schedule, for the sampler and the model
 
     class PlainTrainer(DefaultTrainer):
@@ -165,3 +166,36 @@ def test_detectron2_default_trainer_runs_a_correct_pretraining(
     assert len(weights) == 4 * cfg.SOLVER.IMS_PER_BATCH  # one draw per image
     for i, w in enumerate(weights):
         assert torch.allclose(w, r ** lambdas[i // cfg.SOLVER.IMS_PER_BATCH])
+
+
+def test_the_sampler_the_model_and_the_log_use_one_lambda_per_iteration(
+    tmp_path, toy_lvis_root, monkeypatch
+):
+    """
+    DRB's two halves and its log agree at every iteration: the lambda of the model's class weights
+    (instance draws, L_sup, masking) is the sampler's (chunks of CHUNK_ITERS) and the logged
+    ``drb/lambda``. Catches: a model that takes lambda from the schedule without the sampler's
+    chunks, or from a schedule of its own (two lambdas side by side).
+    """
+    cfg = toy_cfg(tmp_path, 6)
+    cfg.DATALOADER.DRCL2.CHUNK_ITERS = 2
+    trainer = Trainer(cfg)
+    model = trainer.model
+    used = {}
+    term_weights_at = model.term_weights_at
+
+    def recording(iteration):
+        lam, weights = term_weights_at(iteration)
+        used.setdefault(iteration, set()).add(lam)
+        return lam, weights
+
+    monkeypatch.setattr(model, "term_weights_at", recording)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    sampler = trainer._trainer.data_loader.sampler
+    logged = {it: v for v, it in trainer.storage.history("drb/lambda").values()}
+    assert model.rebalance_schedule is trainer.rebalance_schedule is sampler.schedule
+    assert sorted(used) == sorted(logged) == list(range(6))
+    for it in range(6):
+        assert used[it] == {sampler.lam_at(it)} == {logged[it]}, it
+    assert [logged[it] for it in range(6)] == [0.0, 0.0, 2 / 6, 2 / 6, 4 / 6, 4 / 6]

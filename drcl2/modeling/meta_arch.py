@@ -237,7 +237,7 @@ class DRCL2(TargetNetworkMixin, nn.Module):
     def term_weights_at(self, iteration: int) -> Tuple[float, Dict[str, torch.Tensor]]:
         """lambda at ``iteration`` and the class weights of each of :data:`DRB_TERMS`: w_c(lambda)
         for the terms of ``drb_apply_to``, 1 for the others (and for all without DRB)."""
-        lam = self.rebalance_schedule.lam(iteration / max(self.max_iter, 1)) if self.drb else 0.0
+        lam = self.rebalance_schedule.at(iteration) if self.drb else 0.0  # the sampler's lambda
         weights = self.class_weights_at(lam)
         ones = torch.ones_like(weights)
         return lam, {t: weights if t in self.drb_apply_to else ones for t in DRB_TERMS}
