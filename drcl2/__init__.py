@@ -18,7 +18,8 @@ Where things live:
     drcl2.checkpoint   export_finetune_weights(src, dst): DRCL2 checkpoint -> fine-tuning weights
     drcl2.study        seeded, equal-compute studies: the study file, the runner, the report
                        (python -m drcl2.tools.study)
-    drcl2.utils        pictures of the pre-training views and of a detector's predictions
+    drcl2.utils        seeding (one way to derive seeds), pictures of the pre-training views and of
+                       a detector's predictions
                        (python -m drcl2.tools.visualize, VIS_PERIOD)
     drcl2.tools        command lines: python -m drcl2.tools.<name> (export_weights, dump_proposals,
                        visualize, ...)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT, cfg_from
 
-from drcl2.data.resumable_loader import ResumableTrainLoader, derived_seed, seeded_random_state
+from drcl2.data.resumable_loader import ResumableTrainLoader
 from drcl2.engine import Trainer
 from drcl2.tools.check_resume import losses_of_run
+from drcl2.utils.seeding import derived_seed, seeded_random_state
 
 pytestmark = pytest.mark.usefixtures("one_thread", "toy_lvis_root")
 
@@ -255,18 +256,6 @@ def test_padding_benchmark_groups_by_the_views():
         ]
         none, original, views = (float(x.rstrip("%")) for x in row[1:])
         assert views < original - margin and views < none - margin, (opts, row)
-
-
-@pytest.mark.parametrize(
-    "old_buckets", [[[[3, 3]], [[5, 5]]], [[[3, 3]], [[5, 5]], []]], ids=["2-buckets", "3-buckets"]
-)
-def test_an_older_bucket_state_is_regrouped(old_buckets):
-    """A state written by an older grouping rule (2 buckets: by the original; 3: one bucket for all
-    mixed views) is taken: its waiting images are mapped again and grouped by the current rule."""
-    records = [{"image_id": i, "width": 10, "height": 8} for i in range(40)]
-    it = iter(_loader(records, _two_views, state={"next_position": 7, "buckets": old_buckets}))
-    ids = [d["image_id"] for b in (next(it) for _ in range(6)) for d in b]
-    assert {3, 5} <= set(ids) and len(ids) == len(set(ids))
 
 
 def test_mapping_keeps_the_callers_random_state():

@@ -21,62 +21,19 @@ The training step's own randomness (RPN / ROI sampling, 2DRCL's masking) is seed
 by :class:`drcl2.engine.hooks.StepSeedHook`.
 """
 
-import contextlib
 import itertools
 import logging
-import random
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.utils.data as torchdata
 from detectron2.data.common import DatasetFromList
 
-__all__ = ["ResumableTrainLoader", "derived_seed", "orientation_bucket", "seeded_random_state"]
+__all__ = ["ResumableTrainLoader", "orientation_bucket"]
+
+from ..utils.seeding import IMAGE_STREAM, derived_seed, seeded_random_state
 
 logger = logging.getLogger(__name__)
-
-# Tags that keep the per-image and per-iteration seed streams apart.
-IMAGE_STREAM, STEP_STREAM = 0, 1
-
-
-def derived_seed(seed: int, *keys: int) -> int:
-    """A 32-bit seed derived from ``seed`` and integer ``keys`` (numpy's SeedSequence hashing)."""
-    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF] + [int(k) for k in keys]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def seed_global_random_state(seed: int) -> None:
-    """Seed python's ``random``, numpy's global generator and torch's default generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def seeded_random_state(seed: int):
-    """
-    Run the block with python's, numpy's and torch's global random state seeded from ``seed``, and
-    give the caller's random state back afterwards (so mapping in the main process,
-    ``NUM_WORKERS == 0``, or the images re-mapped at a resume, do not disturb the training step's
-    random numbers).
-
-    ``torch.manual_seed`` also reseeds every CUDA generator, so their states are saved and given
-    back too where CUDA is initialised (the main process of a GPU run). Elsewhere (a CPU run, a
-    DataLoader worker, which must not initialise CUDA) torch only queues that seed for a later CUDA
-    start, and the step's own seeding queues its seed after it.
-    """
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    seed_global_random_state(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 def _identity(x):
@@ -239,13 +196,10 @@ class ResumableTrainLoader:
         return ORIENTATION_BUCKETS if self.aspect_ratio_grouping else 1
 
     def _checked_state(self, state: Dict) -> Dict:
-        # Grouping on: 4 buckets, or 2 / 3 from checkpoints written before mixed views had their own
-        # (their waiting images are grouped again when mapped; see __iter__).
-        counts = (2, 3, ORIENTATION_BUCKETS) if self.aspect_ratio_grouping else (1,)
         if (
             not isinstance(state, dict)
             or not isinstance(state.get("next_position"), int)
-            or len(state.get("buckets", ())) not in counts
+            or len(state.get("buckets", ())) != self._num_buckets
         ):
             raise ValueError(
                 f"Not a data loader state of this configuration (aspect-ratio grouping "
@@ -253,10 +207,7 @@ class ResumableTrainLoader:
                 "Was DATALOADER.ASPECT_RATIO_GROUPING changed since the checkpoint was written?"
             )
         buckets = [[(int(p), int(i)) for p, i in bucket] for bucket in state["buckets"]]
-        return {
-            "next_position": state["next_position"],
-            "buckets": buckets + [[] for _ in range(self._num_buckets - len(buckets))],
-        }
+        return {"next_position": state["next_position"], "buckets": buckets}
 
     @classmethod
     def at_iteration(cls, *args, start_iter: int = 0, **kwargs) -> "ResumableTrainLoader":

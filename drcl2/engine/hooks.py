@@ -10,7 +10,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.utils import comm
 
 from ..data.rebalance import RebalanceSchedule
-from ..data.resumable_loader import STEP_STREAM, derived_seed, seed_global_random_state
+from ..utils.seeding import STEP_STREAM, derived_seed, seed_global_random_state
 
 __all__ = [
     "RebalanceLambdaHook",

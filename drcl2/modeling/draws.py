@@ -1,7 +1,8 @@
 """
 The random draws of one 2DRCL pre-training step (docs/method.md, "Masking" and "DRB"): which K
 instances of each image LCL and box-guided masking take, and which patches of view 1 are masked.
-Each image draws from its own generator, seeded by ``(seed, iteration, image key)``, so the draws
+Each image draws from its own generator, seeded by ``(seed, iteration, image key)``
+(:func:`drcl2.utils.seeding.derived_seed`), so the draws
 do not depend on how a batch is split over processes, and a resumed run repeats them.
 """
 
@@ -13,9 +14,10 @@ from detectron2.structures import Instances
 from detectron2.utils import comm
 
 from ..data.rebalance import instance_class_weights, sample_instances
+from ..utils.seeding import DRAW_STREAM, derived_seed
 from .masking import box_guided_patch_mask, patch_mask_to_pixels
 
-__all__ = ["draw_step", "image_key", "lcl_boxes", "mix_seed", "model_draws"]
+__all__ = ["draw_step", "image_key", "lcl_boxes", "model_draws"]
 
 
 def image_key(x: Dict, index: int, num_images: int) -> int:
@@ -30,19 +32,6 @@ def image_key(x: Dict, index: int, num_images: int) -> int:
     if image_id is not None:
         return zlib.crc32(str(image_id).encode())
     return comm.get_rank() * num_images + index
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 finaliser over them): neighbouring keys give
-    unrelated streams."""
-    mask = (1 << 64) - 1
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (int(v) & mask)) + 0x9E3779B97F4A7C15) & mask
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
-        h ^= h >> 31
-    return h >> 1
 
 
 def draw_step(
@@ -91,7 +80,8 @@ def draw_step(
     for i, (x, inst, size) in enumerate(zip(batched_inputs, boxes, image_sizes)):
         key = image_key(x, i, len(batched_inputs))
         occurrences[key] = occurrences.get(key, -1) + 1  # an image repeated in the batch
-        generator = torch.Generator().manual_seed(mix_seed(seed, iteration, key, occurrences[key]))
+        seed_i = derived_seed(seed, DRAW_STREAM, iteration, key, occurrences[key])
+        generator = torch.Generator().manual_seed(seed_i)
         classes = inst.gt_classes.cpu()
         idx = None
         if need_sampled:
