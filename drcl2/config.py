@@ -203,11 +203,6 @@ def add_drcl2_config(cfg):
     cfg.INPUT.DRCL2.MIN_VISIBLE = 0.3
     # ... and each side of its box is at least this many pixels in both views.
     cfg.INPUT.DRCL2.MIN_SIDE = 4.0
-    # How the views are rendered; both draw the same augmentations from the same random streams.
-    # "opencv": OpenCV / NumPy on the uint8 image (drcl2/data/view_ops.py: each op within 1 grey
-    # level of torchvision's), ~10x faster; "torchvision": detectron2's transforms + torchvision v2
-    # photometric transforms (the reference).
-    cfg.INPUT.DRCL2.AUG_BACKEND = "opencv"
 
     # ---------------------------------------------------------------------------------------------
     # One-stage fine-tuning detectors. RetinaNet is detectron2's, with its own MODEL.RETINANET keys.

@@ -154,8 +154,10 @@ def test_photometric_views_differ_and_keep_format(tmp_path):
     out = mapper(record(path))
     for v in ("view1", "view2"):
         assert out[v]["image"].dtype == torch.uint8 and out[v]["image"].shape[0] == 3
-    with pytest.raises(ValueError, match="MIN_VISIBLE"):
+    with pytest.raises(ValueError, match="min_visible"):  # __init__ names its argument
         TwoViewDatasetMapper(geometric1=[], geometric2=[], min_visible=1.5)
+    with pytest.raises(ValueError, match=r"INPUT\.DRCL2\.MIN_VISIBLE"):  # from_config, the key
+        toy_mapper(**{"INPUT.DRCL2.MIN_VISIBLE": 1.5})
 
 
 @pytest.mark.parametrize(

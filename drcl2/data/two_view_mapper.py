@@ -1,22 +1,18 @@
 """
-The two-view mapper of 2DRCL pre-training (docs/method.md, "One pre-training step, as implemented").
+The two-view mapper of 2DRCL pre-training (docs/method.md, "One pre-training step, as implemented"):
+one detectron2 dataset dict -> two augmented views of its image, with the boxes that survive both.
 
-Two backends (``INPUT.DRCL2.AUG_BACKEND``) draw the same augmentations from the same random streams:
-
-* ``"opencv"`` (default): crop + resize + flip rendered with OpenCV on the decoded uint8 image
-  (bilinear upscaling equals PIL's to 1 grey level; a resize that shrinks an axis still goes
-  through detectron2's PIL resize), photometric ops of :mod:`drcl2.data.view_ops` on uint8 in the
-  image's own channel order.
-* ``"torchvision"``: the reference: each detectron2 transform's ``apply_image`` and torchvision v2's
-  photometric transforms on a uint8 RGB tensor (:func:`build_view_photometric`); about 10x slower.
+The augmentations are drawn by detectron2's augmentations and rendered on the decoded uint8 image
+by the OpenCV / NumPy ops of :mod:`drcl2.data.view_ops`. Each part of a call runs under a
+``torch.profiler.record_function`` label (``mapper/decode``, ``mapper/geometric``,
+``mapper/photometric``, ``mapper/to_tensor``; the photometric ops ``view_ops/<op>``), so that
+``torch.profiler`` splits the mapper's time (``python -m drcl2.tools.benchmark mapper``).
 """
 
 import copy
 import logging
-import math
 import os
-import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -25,159 +21,22 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
-from torchvision.transforms import v2 as TV
+from torch.profiler import record_function
 
 from .proposals import label_proposals, top_proposals
-from .view_ops import FastViewPhotometric
+from .view_ops import (
+    RandomResizedCropAugmentation,
+    ViewPhotometric,
+    draw_geometric,
+    render_geometric,
+)
 
-__all__ = [
-    "AUG_BACKENDS",
-    "RandomResizedCropAugmentation",
-    "TwoViewDatasetMapper",
-    "build_view_photometric",
-    "render_geometric",
-]
-
-AUG_BACKENDS = ("opencv", "torchvision")
+__all__ = ["TwoViewDatasetMapper"]
 
 logger = logging.getLogger(__name__)
 
-
-class RandomResizedCropAugmentation(T.Augmentation):
-    """
-    The crop of torchvision's ``RandomResizedCrop`` as a detectron2 augmentation: a window covering
-    a random fraction ``scale`` of the image area with aspect ratio (w / h) log-uniform in
-    ``ratio``; the resize is left to a following :class:`ResizeShortestEdge`. After 10 failed draws
-    it falls back to the largest centred window with an aspect ratio inside ``ratio``.
-    """
-
-    def __init__(
-        self, scale: Tuple[float, float] = (0.3, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    ):
-        super().__init__()
-        if not (0 < scale[0] <= scale[1] <= 1):
-            raise ValueError(
-                f"RandomResizedCropAugmentation: scale must satisfy 0 < lo <= hi <= 1, got {scale}"
-            )
-        if not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(
-                f"RandomResizedCropAugmentation: ratio must satisfy 0 < lo <= hi, got {ratio}"
-            )
-        self._init(locals())
-
-    def get_transform(self, image):
-        h, w = image.shape[:2]
-        area = h * w
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target_area = area * np.random.uniform(*self.scale)
-            aspect = math.exp(np.random.uniform(*log_ratio))
-            cw = int(round(math.sqrt(target_area * aspect)))
-            ch = int(round(math.sqrt(target_area / aspect)))
-            if 0 < cw <= w and 0 < ch <= h:
-                x0 = np.random.randint(0, w - cw + 1)
-                y0 = np.random.randint(0, h - ch + 1)
-                return T.CropTransform(x0, y0, cw, ch, orig_w=w, orig_h=h)
-        in_ratio = w / h
-        if in_ratio < self.ratio[0]:
-            cw, ch = w, int(round(w / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            ch, cw = h, int(round(h * self.ratio[1]))
-        else:
-            cw, ch = w, h
-        return T.CropTransform((w - cw) // 2, (h - ch) // 2, cw, ch, orig_w=w, orig_h=h)
-
-
-def build_view_photometric(
-    *,
-    color_jitter_prob: float,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-    hue: float,
-    grayscale_prob: float,
-    blur_prob: float,
-    blur_kernel_size: int,
-    blur_sigma: Tuple[float, float],
-    solarize_prob: float,
-    solarize_threshold: int = 128,
-):
-    """
-    MoCo/BYOL photometric augmentation of one view, from torchvision's v2 transforms, applied to a
-    uint8 RGB ``Tensor[3, H, W]``: colour jitter (prob), grey (prob), Gaussian blur (prob),
-    solarization (prob).
-    """
-    ops = []
-    if color_jitter_prob > 0:
-        ops.append(
-            TV.RandomApply(
-                [TV.ColorJitter(brightness, contrast, saturation, hue)], p=color_jitter_prob
-            )
-        )
-    if grayscale_prob > 0:
-        ops.append(TV.RandomGrayscale(p=grayscale_prob))
-    if blur_prob > 0:
-        ops.append(
-            TV.RandomApply([TV.GaussianBlur(blur_kernel_size, sigma=blur_sigma)], p=blur_prob)
-        )
-    if solarize_prob > 0:
-        ops.append(TV.RandomSolarize(threshold=solarize_threshold, p=solarize_prob))
-    return TV.Compose(ops) if ops else None
-
-
-class _ShapeInput:
-    """
-    Stands in for detectron2's ``AugInput`` when only the transforms are wanted: it carries the
-    image *shape* through the augmentations' ``get_transform`` (as a zero-stride array, so nothing
-    is allocated or resampled) and leaves the pixels to :func:`render_geometric`.
-    """
-
-    def __init__(self, shape):
-        self.image = _shape_only(shape)
-
-    def transform(self, tfm):
-        h, w = self.image.shape[:2]
-        if isinstance(tfm, T.CropTransform):
-            h, w = tfm.h, tfm.w
-        elif isinstance(tfm, T.ResizeTransform):
-            h, w = tfm.new_h, tfm.new_w
-        elif not isinstance(tfm, (T.HFlipTransform, T.VFlipTransform, T.NoOpTransform)):
-            h, w = tfm.apply_image(np.zeros(self.image.shape, np.uint8)).shape[:2]
-        self.image = _shape_only((h, w) + self.image.shape[2:])
-
-
-def _shape_only(shape):
-    return np.broadcast_to(np.zeros((1,) * len(shape), np.uint8), shape)
-
-
-def render_geometric(image: np.ndarray, transforms) -> np.ndarray:
-    """
-    ``transforms.apply_image(image)`` for a crop / resize / flip chain, with OpenCV: the crop is a
-    view, a bilinear resize that enlarges both axes is ``cv2.resize`` (PIL's bilinear upscaling to
-    1 grey level), a flip is ``cv2.flip``. Any other transform, and a resize that shrinks an axis
-    (where PIL's bilinear filter antialiases and OpenCV's does not), uses the transform's own
-    ``apply_image``.
-    """
-    out = image
-    for t in transforms.transforms:
-        if isinstance(t, T.CropTransform):
-            out = out[t.y0 : t.y0 + t.h, t.x0 : t.x0 + t.w]
-        elif isinstance(t, T.NoOpTransform):
-            continue
-        elif (
-            isinstance(t, T.ResizeTransform)
-            and out.dtype == np.uint8
-            and out.ndim == 3
-            and t.interp == T.Resize((1, 1)).interp  # bilinear
-            and t.new_h >= t.h
-            and t.new_w >= t.w
-        ):
-            out = cv2.resize(out, (t.new_w, t.new_h), interpolation=cv2.INTER_LINEAR)
-        elif isinstance(t, (T.HFlipTransform, T.VFlipTransform)) and out.ndim == 3:
-            out = cv2.flip(np.ascontiguousarray(out), 1 if isinstance(t, T.HFlipTransform) else 0)
-        else:
-            out = t.apply_image(np.ascontiguousarray(out))
-    return np.ascontiguousarray(out)
+# A photometric augmentation: ndarray[H, W, 3] uint8 -> ndarray[H, W, 3] uint8, same channel order.
+Photometric = Callable[[np.ndarray], np.ndarray]
 
 
 class TwoViewDatasetMapper:
@@ -190,7 +49,7 @@ class TwoViewDatasetMapper:
     instance is kept when at least ``min_visible`` of its area survives the crop of *both* views and
     each side of its box is at least ``min_side`` pixels in both views. Kept instances keep their
     order, so row i of both views' ``instances`` is the same object (``gt_ids`` = its index in the
-    dict's ``annotations``). An image with no kept instance yields empty ``instances``.
+    dict's non-crowd ``annotations``). An image with no kept instance yields empty ``instances``.
 
     View 1 also carries the detection targets of its own: ``"targets"`` = ``Instances(gt_boxes,
     gt_classes[, gt_masks])`` of every non-crowd annotation that survives view 1 alone, by
@@ -221,14 +80,13 @@ class TwoViewDatasetMapper:
         *,
         geometric1: List[T.Augmentation],
         geometric2: List[T.Augmentation],
-        photometric1=None,
-        photometric2=None,
+        photometric1: Optional[Photometric] = None,
+        photometric2: Optional[Photometric] = None,
         image_format: str = "BGR",
         min_visible: float = 0.3,
         min_side: float = 4.0,
         proposal_topk: Optional[int] = None,
         proposal_match_iou: float = 0.5,
-        backend: str = "opencv",
         shared_geometry: bool = False,
         mask_on: bool = False,
         mask_format: str = "polygon",
@@ -236,20 +94,19 @@ class TwoViewDatasetMapper:
         """
         Args:
             is_train: must be True (two views are a training-time construct).
-            geometric1, geometric2: detectron2 augmentations of each view; at most one
+            geometric1, geometric2: detectron2 augmentations of each view: crops, resizes, flips
+                (:func:`~drcl2.data.view_ops.render_geometric` renders them); at most one
                 :class:`CropTransform` per view is expected to drop pixels (used for
                 ``min_visible``).
-            photometric1, photometric2: a :class:`~drcl2.data.view_ops.FastViewPhotometric` (on
-                the uint8 HWC image in ``image_format``), callables on a uint8 RGB
-                Tensor[3, H, W] (e.g. from :func:`build_view_photometric`), or None.
+            photometric1, photometric2: the photometric augmentation of each view, on the uint8
+                ``ndarray[H, W, 3]`` in ``image_format`` (a
+                :class:`~drcl2.data.view_ops.ViewPhotometric`), or None.
             image_format: detectron2 image format of the output images (``INPUT.FORMAT``).
             min_visible: the fraction of a box's area that must survive each view's crop.
             min_side: the smallest side (pixels, in the view) of a kept box.
             proposal_topk: carry this many precomputed proposals per image (by objectness) into
                 the views as ``"proposals"``; None: proposals are not used.
             proposal_match_iou: the IoU with an annotated box from which a proposal takes its class.
-            backend: "opencv" renders the geometric transforms with :func:`render_geometric`;
-                "torchvision" with each transform's ``apply_image`` (the reference).
             shared_geometry: view 2 takes view 1's geometric transforms (``geometric2`` unused).
             mask_on: view 1's ``targets`` carry ``gt_masks`` (``mask_format``, as detectron2's
                 ``INPUT.MASK_FORMAT``; polygons cut by a crop become bitmasks).
@@ -257,41 +114,33 @@ class TwoViewDatasetMapper:
         if not is_train:
             raise ValueError("TwoViewDatasetMapper is for training only (is_train=True).")
         if not 0.0 <= min_visible <= 1.0:
-            raise ValueError(f"INPUT.DRCL2.MIN_VISIBLE must lie in [0, 1]; got {min_visible}.")
-        if backend not in AUG_BACKENDS:
-            raise ValueError(
-                f"INPUT.DRCL2.AUG_BACKEND must be one of {AUG_BACKENDS}; got {backend!r}."
-            )
+            raise ValueError(f"TwoViewDatasetMapper: min_visible = {min_visible}, not in [0, 1].")
+        if proposal_topk is not None and proposal_topk < 1:
+            raise ValueError(f"TwoViewDatasetMapper: proposal_topk = {proposal_topk}, not >= 1.")
         for op in (photometric1, photometric2):
-            if isinstance(op, FastViewPhotometric) and op.channel_order != image_format:
+            if isinstance(op, ViewPhotometric) and op.channel_order != image_format:
                 raise ValueError(
-                    f"TwoViewDatasetMapper: a FastViewPhotometric for {op.channel_order!r} images "
-                    f"cannot augment INPUT.FORMAT {image_format!r} images."
+                    f"TwoViewDatasetMapper: a ViewPhotometric for {op.channel_order!r} images "
+                    f"cannot augment {image_format!r} images."
                 )
-        self.backend = backend
-        self._threads_pid = None
-        self.timings: Optional[Dict[str, List[float]]] = None
         self.geometric = (T.AugmentationList(geometric1), T.AugmentationList(geometric2))
         self.photometric = (photometric1, photometric2)
         self.image_format = image_format
         self.min_visible = min_visible
         self.min_side = min_side
-        if proposal_topk is not None and proposal_topk < 1:
-            raise ValueError(f"MODEL.DRCL2.LCL.PROPOSAL_TOPK must be >= 1; got {proposal_topk}.")
         self.proposal_topk = proposal_topk
         self.proposal_match_iou = proposal_match_iou
         self.shared_geometry = shared_geometry
         self.mask_on = mask_on
         self.mask_format = mask_format
-        logger.info(
-            f"[TwoViewDatasetMapper] backend {backend}; view 1: {geometric1} {photometric1}"
-        )
+        self._threads_pid = None
+        logger.info(f"[TwoViewDatasetMapper] view 1: {geometric1} {photometric1}")
         logger.info(f"[TwoViewDatasetMapper] view 2: {geometric2} {photometric2}")
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
+        _check_config(cfg)
         d = cfg.INPUT.DRCL2
-        _check_view_config(d)
         lcl = cfg.MODEL.DRCL2.LCL
 
         def crop(view):
@@ -302,66 +151,88 @@ class TwoViewDatasetMapper:
             aug = RandomResizedCropAugmentation(tuple(d.CROP_SCALE), tuple(d.CROP_RATIO))
             return [aug] if prob >= 1 else [T.RandomApply(aug, prob)]
 
-        if d.AUG_BACKEND == "opencv":
-            if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
-                raise ValueError(
-                    "INPUT.DRCL2.AUG_BACKEND 'opencv' augments INPUT.FORMAT 'BGR' or 'RGB' "
-                    f"images; got {cfg.INPUT.FORMAT!r}."
-                )
-            photometric = lambda **kw: FastViewPhotometric(channel_order=cfg.INPUT.FORMAT, **kw)  # noqa
-        else:
-            photometric = build_view_photometric
-        common = dict(
-            color_jitter_prob=d.COLOR_JITTER_PROB,
-            brightness=d.BRIGHTNESS,
-            contrast=d.CONTRAST,
-            saturation=d.SATURATION,
-            hue=d.HUE,
-            grayscale_prob=d.GRAYSCALE_PROB,
-            blur_kernel_size=d.BLUR_KERNEL_SIZE,
-            blur_sigma=tuple(d.BLUR_SIGMA),
-        )
+        def photometric(view):
+            return ViewPhotometric(
+                color_jitter_prob=d.COLOR_JITTER_PROB,
+                brightness=d.BRIGHTNESS,
+                contrast=d.CONTRAST,
+                saturation=d.SATURATION,
+                hue=d.HUE,
+                grayscale_prob=d.GRAYSCALE_PROB,
+                blur_prob=d.BLUR_PROB[view],
+                blur_kernel_size=d.BLUR_KERNEL_SIZE,
+                blur_sigma=tuple(d.BLUR_SIGMA),
+                solarize_prob=d.SOLARIZE_PROB[view],
+                channel_order=cfg.INPUT.FORMAT,
+            )
+
         return {
             "is_train": is_train,
             "geometric1": crop(0) + utils.build_augmentation(cfg, True),
             "geometric2": crop(1) + utils.build_augmentation(cfg, True),
-            "photometric1": photometric(
-                blur_prob=d.BLUR_PROB[0], solarize_prob=d.SOLARIZE_PROB[0], **common
-            )
-            if d.VIEW1_PHOTOMETRIC
-            else None,
-            "photometric2": photometric(
-                blur_prob=d.BLUR_PROB[1], solarize_prob=d.SOLARIZE_PROB[1], **common
-            ),
+            "photometric1": photometric(0) if d.VIEW1_PHOTOMETRIC else None,
+            "photometric2": photometric(1),
             "image_format": cfg.INPUT.FORMAT,
             "min_visible": d.MIN_VISIBLE,
             "min_side": d.MIN_SIDE,
             "proposal_topk": lcl.PROPOSAL_TOPK if lcl.BOX_SOURCE == "proposals" else None,
             "proposal_match_iou": lcl.PROPOSAL_MATCH_IOU,
-            "backend": d.AUG_BACKEND,
             "shared_geometry": d.SHARED_GEOMETRY,
             "mask_on": cfg.MODEL.MASK_ON,
             "mask_format": cfg.INPUT.MASK_FORMAT,
         }
 
-    def enable_timings(self) -> Dict[str, List[float]]:
+    def __call__(self, dataset_dict: dict) -> dict:
         """
-        Collect the seconds of each part of every call from now on (decode, geometric, each
-        photometric op, to tensor; for ``python -m drcl2.tools.benchmark mapper``) and return the
-        dict they go to: ``{part: [seconds, ...]}``. Photometric ops are split only for
-        :class:`FastViewPhotometric`; torchvision's pipeline is one "photometric" part.
-        """
-        self.timings = {}
-        for op in self.photometric:
-            if isinstance(op, FastViewPhotometric):
-                op.timings = self.timings
-        return self.timings
+        Args:
+            dataset_dict: one detectron2 dataset dict (``file_name``, ``annotations``, ...; with
+                ``proposal_boxes`` when proposals are used). Not modified.
 
-    def _tick(self, name: str, start: float) -> float:
-        now = time.perf_counter()
-        if self.timings is not None:
-            self.timings.setdefault(name, []).append(now - start)
-        return now
+        Returns:
+            the two views (see the class docstring).
+        """
+        self._one_opencv_thread_per_worker()
+        with record_function("mapper/decode"):
+            dataset_dict = copy.deepcopy(dataset_dict)
+            image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+            utils.check_image_size(dataset_dict, image)
+
+        with record_function("mapper/geometric"):
+            annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
+            boxes, classes = _boxes_and_classes(annos)
+            proposals, proposal_classes = self._proposals(dataset_dict, boxes, classes)
+            # Proposals (if used) ride along with the annotations: rows [len(boxes):] of each view.
+            all_boxes = np.concatenate([boxes, proposals])
+            views = [self.make_view(image, all_boxes, 0)]
+            shared = views[0][3] if self.shared_geometry else None
+            views.append(self.make_view(image, all_boxes, 1, shared))
+            keep = self._survivors(views)
+            keep, keep_proposals = keep[: len(boxes)], keep[len(boxes) :]
+
+        keys = ("file_name", "image_id", "height", "width")
+        out = {k: dataset_dict[k] for k in keys if k in dataset_dict}
+        for v, (view_image, view_boxes, _, transforms) in enumerate(views):
+            view_image = self._photometric(view_image, v)
+            with record_function("mapper/to_tensor"):
+                size = view_image.shape[:2]
+                view = {
+                    "image": torch.as_tensor(np.ascontiguousarray(view_image.transpose(2, 0, 1))),
+                    "instances": _instances(
+                        size, view_boxes[: len(boxes)][keep], classes[keep], np.flatnonzero(keep)
+                    ),
+                }
+                if v == 0:
+                    view["targets"] = self._view_targets(annos, transforms, image.shape[:2], size)
+                if self.proposal_topk is not None:
+                    view["proposals"] = Instances(
+                        size,
+                        proposal_boxes=_boxes(view_boxes[len(boxes) :][keep_proposals]),
+                        gt_classes=torch.as_tensor(
+                            proposal_classes[keep_proposals], dtype=torch.int64
+                        ),
+                    )
+                out[f"view{v + 1}"] = view
+        return out
 
     def make_view(self, image: np.ndarray, boxes: np.ndarray, view: int, transforms=None):
         """
@@ -378,134 +249,27 @@ class TwoViewDatasetMapper:
             visible (ndarray[R], fraction of each box's area inside the crop),
             transforms (TransformList: original image -> view; ``.inverse()`` undoes it).
         """
-        if transforms is not None:
-            view_image = (
-                render_geometric(image, transforms)
-                if self.backend == "opencv"
-                else transforms.apply_image(image)
-            )
-        elif self.backend == "opencv":
-            transforms = self.geometric[view](_ShapeInput(image.shape))
-            view_image = render_geometric(image, transforms)
-        else:
-            aug_input = T.AugInput(image)
-            transforms = self.geometric[view](aug_input)
-            view_image = aug_input.image
-        visible = np.ones(len(boxes), dtype=np.float64)
-        clipped = boxes.astype(np.float64).copy()
-        for t in transforms.transforms:
-            if isinstance(t, T.CropTransform):
-                window = np.array([t.x0, t.y0, t.x0 + t.w, t.y0 + t.h], dtype=np.float64)
-                before = _area(clipped)
-                clipped[:, :2] = np.maximum(clipped[:, :2], window[:2])
-                clipped[:, 2:] = np.minimum(clipped[:, 2:], window[2:])
-                clipped[:, 2:] = np.maximum(clipped[:, 2:], clipped[:, :2])
-                visible = visible * np.where(
-                    before > 0, _area(clipped) / np.maximum(before, 1e-12), 0.0
-                )
-            clipped = t.apply_box(clipped) if len(clipped) else clipped
-        view_boxes = clipped.reshape(-1, 4)
-        h, w = view_image.shape[:2]
-        view_boxes[:, [0, 2]] = view_boxes[:, [0, 2]].clip(0, w)
-        view_boxes[:, [1, 3]] = view_boxes[:, [1, 3]].clip(0, h)
+        if transforms is None:
+            transforms = draw_geometric(self.geometric[view], image.shape)
+        view_image = render_geometric(image, transforms)
+        view_boxes, visible = _transform_boxes(boxes, transforms, view_image.shape[:2])
         return view_image, view_boxes, visible, transforms
+
+    def _survivors(self, views) -> np.ndarray:
+        """ndarray[R] bool: the boxes of :meth:`make_view`'s ``views`` with ``min_visible`` of
+        their area and sides of ``min_side`` pixels in every view."""
+        keep = np.ones(len(views[0][1]), dtype=bool)
+        for _, boxes, visible, _ in views:
+            sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+            keep &= (visible >= self.min_visible) & (sides >= self.min_side)
+        return keep
 
     def _photometric(self, image: np.ndarray, view: int) -> np.ndarray:
         op = self.photometric[view]
         if op is None:
             return image
-        if isinstance(op, FastViewPhotometric):
+        with record_function("mapper/photometric"):
             return op(image)
-        rgb = (
-            utils.convert_image_to_rgb(image, self.image_format)
-            if self.image_format != "RGB"
-            else image
-        )
-        rgb = torch.from_numpy(
-            np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
-        )
-        rgb = op(rgb).permute(1, 2, 0).numpy()
-        if self.image_format == "BGR":
-            return rgb[:, :, ::-1]
-        if self.image_format != "RGB":
-            raise ValueError(
-                f"TwoViewDatasetMapper: photometric augmentation supports INPUT.FORMAT 'BGR' or "
-                f"'RGB'; got {self.image_format!r}."
-            )
-        return rgb
-
-    def __call__(self, dataset_dict):
-        if self._threads_pid != os.getpid():
-            # In a DataLoader worker torch runs one thread; so should OpenCV (its own pool would put
-            # cores x workers threads on the machine). Checked once per process.
-            if torch.utils.data.get_worker_info() is not None:
-                cv2.setNumThreads(1)
-            self._threads_pid = os.getpid()
-        start = time.perf_counter()
-        dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
-        start = self._tick("decode", start)
-
-        annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
-        ids = np.array([i for i, _ in enumerate(annos)], dtype=np.int64)
-        boxes = np.array(
-            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
-            dtype=np.float64,
-        ).reshape(-1, 4)
-        classes = np.array([a["category_id"] for a in annos], dtype=np.int64)
-        # Proposals (if used) ride along with the annotations: rows [len(boxes):] of every view.
-        proposals, proposal_classes = self._proposals(dataset_dict, boxes, classes)
-        num_gt = len(boxes)
-
-        all_boxes = np.concatenate([boxes, proposals])
-        views = [self.make_view(image, all_boxes, 0)]
-        views.append(
-            self.make_view(image, all_boxes, 1, views[0][3] if self.shared_geometry else None)
-        )
-        start = self._tick("geometric (2 views)", start)
-        keep = np.ones(num_gt + len(proposals), dtype=bool)
-        for _, view_boxes, visible, _ in views:
-            sides = np.minimum(
-                view_boxes[:, 2] - view_boxes[:, 0], view_boxes[:, 3] - view_boxes[:, 1]
-            )
-            keep &= (visible >= self.min_visible) & (sides >= self.min_side)
-        keep_proposals, keep = keep[num_gt:], keep[:num_gt]
-
-        out = {
-            k: dataset_dict[k]
-            for k in ("file_name", "image_id", "height", "width")
-            if k in dataset_dict
-        }
-        for v, (view_image, view_boxes, _, _) in enumerate(views):
-            start = time.perf_counter()
-            view_image = self._photometric(view_image, v)
-            if not isinstance(self.photometric[v], FastViewPhotometric):
-                self._tick("photometric", start)
-            start = time.perf_counter()
-            view_boxes, view_proposals = view_boxes[:num_gt], view_boxes[num_gt:]
-            instances = Instances(view_image.shape[:2])
-            instances.gt_boxes = Boxes(torch.as_tensor(view_boxes[keep], dtype=torch.float32))
-            instances.gt_classes = torch.as_tensor(classes[keep], dtype=torch.int64)
-            instances.gt_ids = torch.as_tensor(ids[keep], dtype=torch.int64)
-            out[f"view{v + 1}"] = {
-                "image": torch.as_tensor(np.ascontiguousarray(view_image.transpose(2, 0, 1))),
-                "instances": instances,
-            }
-            if v == 0:
-                out["view1"]["targets"] = self._view_targets(
-                    annos, views[0][3], image.shape[:2], view_image.shape[:2]
-                )
-            if self.proposal_topk is not None:
-                out[f"view{v + 1}"]["proposals"] = Instances(
-                    view_image.shape[:2],
-                    proposal_boxes=Boxes(
-                        torch.as_tensor(view_proposals[keep_proposals], dtype=torch.float32)
-                    ),
-                    gt_classes=torch.as_tensor(proposal_classes[keep_proposals], dtype=torch.int64),
-                )
-            self._tick("to tensor + instances", start)
-        return out
 
     def _view_targets(self, annos: List[dict], transforms, original_size, image_size) -> Instances:
         """
@@ -522,9 +286,7 @@ class TwoViewDatasetMapper:
         """
         mask_format = self.mask_format
         if self.mask_on and any(isinstance(t, T.CropTransform) for t in transforms.transforms):
-            mask_format = (
-                "bitmask"  # detectron2 crops polygons with shapely; a bitmask needs nothing more
-            )
+            mask_format = "bitmask"  # detectron2 crops polygons with shapely; bitmasks need nothing
         carried = []
         for anno in annos:
             anno = {k: v for k, v in anno.items() if k != "keypoints"}
@@ -558,19 +320,30 @@ class TwoViewDatasetMapper:
         proposals = top_proposals(dataset_dict, self.proposal_topk)
         return proposals, label_proposals(proposals, gt_boxes, gt_classes, self.proposal_match_iou)
 
+    def _one_opencv_thread_per_worker(self) -> None:
+        """In a DataLoader worker torch runs one thread; so should OpenCV (its own pool would put
+        cores x workers threads on the machine). Checked once per process."""
+        if self._threads_pid != os.getpid():
+            if torch.utils.data.get_worker_info() is not None:
+                cv2.setNumThreads(1)
+            self._threads_pid = os.getpid()
 
-def _check_view_config(d) -> None:
-    """Raise ValueError naming the INPUT.DRCL2 key that holds an invalid value."""
+
+def _check_config(cfg) -> None:
+    """Raise ValueError naming the key (INPUT.FORMAT, INPUT.DRCL2.*) that holds an invalid value."""
+    if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
+        raise ValueError(
+            f"INPUT.FORMAT = {cfg.INPUT.FORMAT!r}: 2DRCL's views augment 'BGR' or 'RGB' images."
+        )
+    d = cfg.INPUT.DRCL2
 
     def fail(key, why):
         raise ValueError(f"INPUT.DRCL2.{key} = {d[key]!r}: {why}")
 
-    if d.AUG_BACKEND not in AUG_BACKENDS:
-        fail("AUG_BACKEND", f"must be one of {AUG_BACKENDS}.")
     for key in ("COLOR_JITTER_PROB", "GRAYSCALE_PROB"):
         if not 0.0 <= d[key] <= 1.0:
             fail(key, "a probability must lie in [0, 1].")
-    for key in ("BLUR_PROB", "SOLARIZE_PROB"):
+    for key in ("BLUR_PROB", "SOLARIZE_PROB", "CROP_PROB"):
         if len(d[key]) != 2 or not all(0.0 <= p <= 1.0 for p in d[key]):
             fail(key, "expected two probabilities in [0, 1], for (view 1, view 2).")
     for key in ("BRIGHTNESS", "CONTRAST", "SATURATION"):
@@ -586,12 +359,64 @@ def _check_view_config(d) -> None:
         fail("CROP_SCALE", "expected (min, max) area fractions with 0 < min <= max <= 1.")
     if len(d.CROP_RATIO) != 2 or not 0 < d.CROP_RATIO[0] <= d.CROP_RATIO[1]:
         fail("CROP_RATIO", "expected (min, max) aspect ratios with 0 < min <= max.")
-    if len(d.CROP_PROB) != 2 or not all(0.0 <= p <= 1.0 for p in d.CROP_PROB):
-        fail("CROP_PROB", "expected two probabilities in [0, 1], for (view 1, view 2).")
     if not 0.0 <= d.MIN_VISIBLE <= 1.0:
         fail("MIN_VISIBLE", "must lie in [0, 1].")
     if d.MIN_SIDE < 0:
         fail("MIN_SIDE", "must be >= 0 pixels.")
+
+
+def _boxes_and_classes(annos: List[dict]) -> Tuple[np.ndarray, np.ndarray]:
+    """ndarray[R, 4] float64 XYXY_ABS boxes, ndarray[R] int64 classes of detectron2 annotations."""
+    boxes = np.array(
+        [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+        dtype=np.float64,
+    ).reshape(-1, 4)
+    return boxes, np.array([a["category_id"] for a in annos], dtype=np.int64)
+
+
+def _transform_boxes(boxes: np.ndarray, transforms, image_size) -> Tuple[np.ndarray, np.ndarray]:
+    """
+    Args:
+        boxes: ndarray[R, 4] XYXY_ABS in the original image.
+        transforms: TransformList, original image -> view.
+        image_size: (h, w) of the view.
+
+    Returns:
+        ndarray[R, 4] float64: the boxes in the view, each clipped to every crop and to the view;
+        ndarray[R] float64: the fraction of each box's area inside the crops (0 for an empty box).
+    """
+    visible = np.ones(len(boxes), dtype=np.float64)
+    clipped = boxes.astype(np.float64).copy()
+    for t in transforms.transforms:
+        if isinstance(t, T.CropTransform):
+            window = np.array([t.x0, t.y0, t.x0 + t.w, t.y0 + t.h], dtype=np.float64)
+            before = _area(clipped)
+            clipped[:, :2] = np.maximum(clipped[:, :2], window[:2])
+            clipped[:, 2:] = np.minimum(clipped[:, 2:], window[2:])
+            clipped[:, 2:] = np.maximum(clipped[:, 2:], clipped[:, :2])
+            visible = visible * np.where(
+                before > 0, _area(clipped) / np.maximum(before, 1e-12), 0.0
+            )
+        clipped = t.apply_box(clipped) if len(clipped) else clipped
+    view_boxes = clipped.reshape(-1, 4)
+    h, w = image_size
+    view_boxes[:, [0, 2]] = view_boxes[:, [0, 2]].clip(0, w)
+    view_boxes[:, [1, 3]] = view_boxes[:, [1, 3]].clip(0, h)
+    return view_boxes, visible
+
+
+def _boxes(boxes: np.ndarray) -> Boxes:
+    return Boxes(torch.as_tensor(boxes, dtype=torch.float32))
+
+
+def _instances(image_size, boxes: np.ndarray, classes: np.ndarray, ids: np.ndarray) -> Instances:
+    """Instances(gt_boxes Boxes[R], gt_classes Tensor[R] int64, gt_ids Tensor[R] int64)."""
+    return Instances(
+        image_size,
+        gt_boxes=_boxes(boxes),
+        gt_classes=torch.as_tensor(classes, dtype=torch.int64),
+        gt_ids=torch.as_tensor(ids, dtype=torch.int64),
+    )
 
 
 def _polygons_to_rle(polygons, size) -> dict:

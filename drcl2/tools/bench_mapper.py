@@ -11,15 +11,16 @@ polygon annotations (LVIS v1 train averages ~12), and maps them with
                   (the LVIS fine-tuning recipe: shortest side 640-800, flip, polygon masks on)
     two-view    : ``TwoViewDatasetMapper`` of configs/pretrain_2drcl.yaml (2DRCL v2: view 1 the
                   whole image with the same resize and flip; view 2 a random resized crop, then
-                  colour jitter / grey / blur / solarization), ``INPUT.DRCL2.AUG_BACKEND "opencv"``
-    before      : the same with ``AUG_BACKEND "torchvision"`` (the reference pipeline)
+                  colour jitter / grey / blur / solarization)
 
 on one thread (torch and OpenCV), the calls of the two mappers alternating image by image so that
 a busy machine slows both alike. Reported per size: the per-image median of each, the ratio
 (target: two-view <= 2.5x detectron2's time, two views for one), the split of the two-view time
-per op (median per call, and mean per image: an op that runs on some views only counts by how
-often it runs), and, with ``--loader-batches`` > 0, images/s through detectron2's
-``build_detection_train_loader`` with ``DATALOADER.NUM_WORKERS`` = ``--workers`` (default 2).
+per part and per photometric op (median per call, and mean per image: an op that runs on some
+views only counts by how often it runs; read by ``torch.profiler`` from the mapper's
+``record_function`` labels, in passes of their own after the timed ones), and, with
+``--loader-batches`` > 0, images/s through detectron2's ``build_detection_train_loader`` with
+``DATALOADER.NUM_WORKERS`` = ``--workers`` (default 2).
 """
 
 import contextlib
@@ -37,6 +38,8 @@ __all__ = ["add_arguments", "run"]
 TARGET_RATIO = 2.5
 D2_CONFIG = "configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml"
 TWO_VIEW_CONFIG = "configs/pretrain_2drcl.yaml"
+# The profiler labels of TwoViewDatasetMapper's parts and of its photometric ops (view_ops).
+SPLIT_PREFIXES = ("mapper/", "view_ops/")
 
 
 def add_arguments(parser):
@@ -47,12 +50,6 @@ def add_arguments(parser):
     parser.add_argument("--instances", type=int, default=12, help="polygon annotations per image")
     parser.add_argument(
         "--rounds", type=int, default=6, help="timed passes over the images (per mapper)"
-    )
-    parser.add_argument(
-        "--before-rounds",
-        type=int,
-        default=1,
-        help="timed passes of the torchvision (reference) backend; 0: skip it",
     )
     parser.add_argument(
         "--loader-batches",
@@ -97,11 +94,8 @@ def _mappers():
 
     d2 = DatasetMapper(_cfg(D2_CONFIG), True)
     assert d2.use_instance_mask, "the LVIS fine-tuning config must load masks"
-    ours = TwoViewDatasetMapper(_cfg(TWO_VIEW_CONFIG, "INPUT.DRCL2.AUG_BACKEND", "opencv"), True)
-    before = TwoViewDatasetMapper(
-        _cfg(TWO_VIEW_CONFIG, "INPUT.DRCL2.AUG_BACKEND", "torchvision"), True
-    )
-    return d2, ours, before
+    ours = TwoViewDatasetMapper(_cfg(TWO_VIEW_CONFIG), True)
+    return d2, ours
 
 
 def _per_image(mappers, records, rounds, seed):
@@ -119,6 +113,27 @@ def _per_image(mappers, records, rounds, seed):
                 mappers[name](record)
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def _split(mapper, records, rounds, seed):
+    """{label: [seconds per call]} of the mapper's ``record_function`` labels, from
+    ``torch.profiler`` over ``rounds`` passes over ``records``; and the number of mapper calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" on a CPU
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            for record in records:
+                mapper(record)
+    parts = {}
+    for event in prof.events():
+        if event.name.startswith(SPLIT_PREFIXES):
+            parts.setdefault(event.name, []).append(event.cpu_time_total * 1e-6)
+    # the mapper's parts first, then the ops nested in its photometric part
+    order = sorted(parts, key=lambda name: not name.startswith(SPLIT_PREFIXES[0]))
+    return {name: parts[name] for name in order}, rounds * len(records)
 
 
 def _loader_rate(mapper, records, args):
@@ -177,7 +192,7 @@ def run(args):
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     logging.getLogger("drcl2").setLevel(logging.WARNING)
 
-    d2, ours, before = _mappers()
+    d2, ours = _mappers()
     print(
         f"mapper benchmark — {_device()}; one thread (torch and OpenCV); torch "
         f"{torch.__version__}, OpenCV {cv2.__version__}"
@@ -197,29 +212,15 @@ def run(args):
             )
             for mapper in (d2, ours):  # warm-up: first-call costs (imports, caches)
                 mapper(records[0])
-            timings = ours.enable_timings()
             times = _per_image(
                 {"detectron2": d2, "two-view": ours}, records, args.rounds, args.seed
             )
-            ours.timings = None
-            for op in ours.photometric:
-                if op is not None and hasattr(op, "timings"):
-                    op.timings = None
             med = {k: statistics.median(v) for k, v in times.items()}
             ratio = med["two-view"] / med["detectron2"]
-            before_ms = ""
-            if args.before_rounds > 0:
-                before(records[0])
-                old = _per_image({"before": before}, records, args.before_rounds, args.seed)[
-                    "before"
-                ]
-                med["before"] = statistics.median(old)
-                before_ms = f"{med['before'] * 1e3:.1f}"
             row = [
                 f"{width}x{height}",
                 f"{med['detectron2'] * 1e3:.1f}",
                 f"{med['two-view'] * 1e3:.1f}",
-                before_ms,
                 f"{ratio:.2f}x",
                 f"<= {TARGET_RATIO:.1f}x",
                 _verdict(ratio),
@@ -229,12 +230,12 @@ def run(args):
                     name: _loader_rate(m, records, args)
                     for name, m in (("detectron2", d2), ("two-view", ours))
                 }
-                row[4:4] = [f"{rates['detectron2']:.1f}", f"{rates['two-view']:.1f}"]
+                row[3:3] = [f"{rates['detectron2']:.1f}", f"{rates['two-view']:.1f}"]
                 med.update({f"{k} images/s": v for k, v in rates.items()})
             summary.append(row)
             results[size] = dict(med, ratio=ratio)
 
-            n_images = len(times["two-view"])
+            timings, n_images = _split(ours, records, args.rounds, args.seed)
             split = []
             for part, v in timings.items():
                 split.append(
@@ -245,11 +246,13 @@ def run(args):
                         f"{sum(v) / n_images * 1e3:.2f}",
                     ]
                 )
-            total = sum(sum(v) for v in timings.values()) / n_images
-            split.append(["sum of the parts", "", "", f"{total * 1e3:.2f}"])
+            mapper_parts = [v for k, v in timings.items() if k.startswith(SPLIT_PREFIXES[0])]
+            total = sum(sum(v) for v in mapper_parts) / n_images
+            split.append([f"sum of the {SPLIT_PREFIXES[0]} parts", "", "", f"{total * 1e3:.2f}"])
             print(
-                f"\ntwo-view split at {width}x{height} (ms; 'calls' per image: an op that runs on "
-                "some views only counts by how often it ran)"
+                f"\ntwo-view split at {width}x{height} (ms, torch.profiler; 'calls' per image: an "
+                "op that runs on some views only counts by how often it ran; view_ops/ ops are "
+                "inside mapper/photometric)"
             )
             print(
                 tabulate(
@@ -259,7 +262,7 @@ def run(args):
                 )
             )
 
-    headers = ["size", "detectron2 ms", "two-view ms", "before ms (torchvision)"]
+    headers = ["size", "detectron2 ms", "two-view ms"]
     if args.loader_batches > 0:
         headers += [
             f"detectron2 images/s ({args.workers} workers)",

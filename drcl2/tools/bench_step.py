@@ -444,7 +444,7 @@ def _workers_needed(args, step_s, rounds=3):
     print()
     print(
         f"data for DRCL2 at this step time: {need:.2f} images/s per device; TwoViewDatasetMapper "
-        f"(INPUT.DRCL2.AUG_BACKEND {cfg.INPUT.DRCL2.AUG_BACKEND!r}, {source}) maps one image in "
+        f"({source}) maps one image in "
         f"{per_image * 1000:.0f} ms on one thread = {1 / per_image:.1f} images/s per worker -> "
         f">= {max(1, math.ceil(need * per_image))} DATALOADER.NUM_WORKERS per device "
         f"({need * per_image:.2f} workers fully busy)"
