@@ -139,6 +139,16 @@ def own_lvis_json(toy_lvis_root, tmp_path_factory):
 
 
 @pytest.fixture
+def benchmarks(monkeypatch):
+    """Import a benchmark script of the repository (``benchmarks/<name>.py``, not part of the
+    package) as a module: ``benchmarks("bench_padding")``."""
+    import importlib
+
+    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, "benchmarks"))
+    return importlib.import_module
+
+
+@pytest.fixture
 def one_thread():
     """
     torch on one thread for the test: the tiny models gain nothing from a second one, and on a

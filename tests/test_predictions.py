@@ -155,9 +155,9 @@ def generated_lvis(tmp_path):
     json_file.write_text(json.dumps(gt))
     name = f"drcl2_test_predictions_{os.getpid()}_{tmp_path.name}"
     MetadataCatalog.get(name).set(json_file=str(json_file), evaluator_type="lvis")
-    from drcl2.tools.bench_lvis_eval import _model_outputs
+    from drcl2.data.generated.synthetic_lvis import synthetic_model_outputs
 
-    yield name, gt, list(_model_outputs(gt, dets, with_masks=True))
+    yield name, gt, list(synthetic_model_outputs(gt, dets, with_masks=True))
     MetadataCatalog.remove(name)
 
 
@@ -338,14 +338,14 @@ def test_masks_for_some_images_only_are_refused_at_the_first_such_image(generate
     assert not os.path.exists(tmp_path / "b" / "lvis_instances_results.json")
 
 
-def test_lvis_benchmark_end_to_end_verdict(capsys):
+@pytest.mark.slow
+def test_lvis_benchmark_end_to_end_verdict(capsys, benchmarks):
     """`benchmark lvis_eval` at a tiny size (not a timed test): both figures are printed and the
     end-to-end verdict says ok exactly when the measured speed-up in CPU seconds reaches the
     target."""
     import re
 
-    from drcl2.tools import benchmark
-
+    benchmark = benchmarks("benchmark")
     benchmark.main(["lvis_eval", "--num-images", "6", "--dets-per-image", "20"])
     out = capsys.readouterr().out
     assert "evaluate only" in out and "end to end" in out

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, cfg_from
+from detectron2.config import get_cfg
 
 from drcl2.data.resumable_loader import ResumableTrainLoader
 from drcl2.engine import Trainer
@@ -238,24 +239,20 @@ def test_two_views_are_grouped_by_their_own_orientation():
     ]
 
 
-def test_padding_benchmark_groups_by_the_views():
-    """`benchmark padding` (not a timed test): grouping by the views pads less than by the original,
-    with view 1 the whole image (the default) and with both views cropped (2DRCL v1's views)."""
-    import contextlib
-    import io
+def test_grouping_by_the_views_pads_less_than_by_the_original(benchmarks):
+    """The padding benchmark's figures (no timing): grouping by the views pads less than by the
+    original, with view 1 the whole image (the default) and with both views cropped (2DRCL v1's
+    views)."""
+    from drcl2.config import add_drcl2_config
 
-    from drcl2.tools import benchmark
-
-    for opts, margin in (([], 2), (["--opts", "INPUT.DRCL2.CROP_PROB", "(1.0, 1.0)"], 2)):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            benchmark.main(["padding", "--images", "1000", "--batch-sizes", "4"] + opts)
-        assert " ".join(opts[1:]) in out.getvalue()
-        row = [line.split() for line in out.getvalue().splitlines() if line.split()[:1] == ["4"]][
-            -1
-        ]
-        none, original, views = (float(x.rstrip("%")) for x in row[1:])
-        assert views < original - margin and views < none - margin, (opts, row)
+    bench = benchmarks("bench_padding")
+    for opts in ([], ["INPUT.DRCL2.CROP_PROB", "(1.0, 1.0)"]):
+        cfg = get_cfg()
+        add_drcl2_config(cfg)
+        cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/pretrain_2drcl.yaml"))
+        cfg.merge_from_list(opts)
+        row = bench.padding_table(cfg, num_images=1000, batch_sizes=[4])[4]
+        assert row["views"] < row["original"] - 2 and row["views"] < row["none"] - 2, (opts, row)
 
 
 def test_mapping_keeps_the_callers_random_state():

@@ -439,11 +439,11 @@ def test_trainer_without_dynamic_sampler_has_no_lambda_hook(dicts, tmp_path):
     assert not any(isinstance(h, RebalanceLambdaHook) for h in trainer._hooks)
 
 
-def test_sampler_benchmark_verdicts(capsys):
-    """`python -m drcl2.tools.benchmark sampler` end to end at a small size (not a timed test): each
+@pytest.mark.slow
+def test_sampler_benchmark_verdicts(capsys, benchmarks):
+    """`python benchmarks/benchmark.py sampler` end to end at a small size (not a timed test): each
     row's verdict says ok exactly when its measured value is within its target."""
-    from drcl2.tools import benchmark
-    from drcl2.tools.bench_sampler import _row
+    benchmark, _row = benchmarks("benchmark"), benchmarks("bench_sampler")._row
 
     assert _row("r", "", "", 1.49, 1.5, "x")[-1] == "ok"
     assert _row("r", "", "", 1.51, 1.5, "x")[-1] == "MISSED"

@@ -206,11 +206,11 @@ def test_mapper_refuses_image_formats_other_than_bgr_and_rgb():
         TwoViewDatasetMapper(cfg, is_train=True)
 
 
-def test_mapper_benchmark_verdict(capsys):
-    """`python -m drcl2.tools.benchmark mapper` end to end at a tiny size (not a timed test): the
+@pytest.mark.slow
+def test_mapper_benchmark_verdict(capsys, benchmarks):
+    """`python benchmarks/benchmark.py mapper` end to end at a tiny size (not a timed test): the
     verdict says ok exactly when the measured ratio is within the target."""
-    from drcl2.tools import benchmark
-
+    benchmark = benchmarks("benchmark")
     benchmark.main(
         [
             "mapper",

@@ -52,7 +52,7 @@ def orientation_bucket(mapped: dict) -> int:
     Those images are its two views' (``"view1"`` / ``"view2"``, :class:`TwoViewDatasetMapper`: each
     view is cropped on its own, so the original's orientation says nothing of theirs), else its
     ``"image"``, else the original's ``width`` / ``height`` (detectron2's rule). Mixed pairs are
-    split by which view is landscape: measured by ``python -m drcl2.tools.benchmark padding``, one
+    split by which view is landscape: measured by ``python benchmarks/benchmark.py padding``, one
     bucket for all mixed pairs padded more than detectron2's rule when view 1 is the whole image
     (2DRCL v2), two buckets pad less than either, with or without view 1 cropped (README, "Long
     runs").

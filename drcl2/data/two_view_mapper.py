@@ -6,7 +6,7 @@ The augmentations are drawn by detectron2's augmentations and rendered on the de
 by the OpenCV / NumPy ops of :mod:`drcl2.data.view_ops`. Each part of a call runs under a
 ``torch.profiler.record_function`` label (``mapper/decode``, ``mapper/geometric``,
 ``mapper/photometric``, ``mapper/to_tensor``; the photometric ops ``view_ops/<op>``), so that
-``torch.profiler`` splits the mapper's time (``python -m drcl2.tools.benchmark mapper``).
+``torch.profiler`` splits the mapper's time (``python benchmarks/benchmark.py mapper``).
 """
 
 import copy

@@ -37,7 +37,7 @@ compounded along the chain (a whole view: at most 4 levels, on ~7% of the pixels
 means and stds of the views within 1 level; ``tests/test_view_ops.py``).
 
 Each photometric op runs under a ``torch.profiler.record_function`` label (``view_ops/<op>``), so
-a profiler splits a view's time per op (``python -m drcl2.tools.benchmark mapper``).
+a profiler splits a view's time per op (``python benchmarks/benchmark.py mapper``).
 """
 
 import math

@@ -312,8 +312,7 @@ def step_tests(plan: Plan, step: Step) -> None:
 def step_bench(plan: Plan, step: Step) -> None:
     if plan.dry_run:
         args = [
-            "-m",
-            "drcl2.tools.benchmark",
+            "benchmarks/benchmark.py",
             "step",
             "--config-file",
             "configs/toy/pretrain_2drcl.yaml",
@@ -332,8 +331,7 @@ def step_bench(plan: Plan, step: Step) -> None:
         ]
     else:
         args = [
-            "-m",
-            "drcl2.tools.benchmark",
+            "benchmarks/benchmark.py",
             "step",
             "--config-file",
             "configs/pretrain_2drcl.yaml",

@@ -22,6 +22,7 @@ __all__ = [
     "synthetic_lvis_gt",
     "synthetic_lvis_detections",
     "synthetic_lvis_jpegs",
+    "synthetic_model_outputs",
 ]
 
 
@@ -286,3 +287,41 @@ def synthetic_lvis_jpegs(
             }
         )
     return records
+
+
+def synthetic_model_outputs(gt, dets, with_masks: bool):
+    """
+    Yield ``(inputs, outputs)`` per image of ``gt``: a detectron2 detector's outputs rebuilt from
+    the LVIS-format detections ``dets`` (``Instances`` with ``pred_boxes``, ``scores``,
+    ``pred_classes`` and, ``with_masks``, ``pred_masks`` of the image's size, empty for an image
+    without detections, as detectron2 gives them), for the evaluators' tests and benchmarks.
+    """
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    by_image = {}
+    for d in dets:
+        by_image.setdefault(d["image_id"], []).append(d)
+    for img in gt["images"]:
+        h, w = img["height"], img["width"]
+        ds = by_image.get(img["id"], [])
+        inst = Instances((h, w))
+        xywh = torch.tensor([d["bbox"] for d in ds], dtype=torch.float32).reshape(-1, 4)
+        inst.pred_boxes = Boxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1))
+        inst.scores = torch.tensor([d["score"] for d in ds], dtype=torch.float32)
+        inst.pred_classes = torch.tensor([d["category_id"] - 1 for d in ds], dtype=torch.int64)
+        if with_masks:
+            if ds:
+                rles = [
+                    {
+                        "size": d["segmentation"]["size"],
+                        "counts": d["segmentation"]["counts"].encode(),
+                    }
+                    for d in ds
+                ]
+                m = mask_util.decode(rles)  # H, W, N (Fortran order)
+                masks = torch.from_numpy(np.ascontiguousarray(m.transpose(2, 0, 1))).bool()
+                inst.pred_masks = masks
+            else:
+                inst.pred_masks = torch.zeros((0, h, w), dtype=torch.bool)
+        yield [{"image_id": img["id"], "height": h, "width": w}], [{"instances": inst}]

@@ -1,33 +1,34 @@
 """
 drcl2's benchmarks, each printing a table (device, sizes, repeats and the figures):
 
-    python -m drcl2.tools.benchmark sampler      # dynamic rebalancing sampler vs detectron2's RFS
-    python -m drcl2.tools.benchmark step ...     # DRCL2 training step vs supervised Mask R-CNN
-    python -m drcl2.tools.benchmark lvis_eval    # LVIS evaluation: faster-coco-eval vs lvis API
-    python -m drcl2.tools.benchmark mapper       # two-view data pipeline vs detectron2's
+    python benchmarks/benchmark.py sampler      # dynamic rebalancing sampler vs detectron2's RFS
+    python benchmarks/benchmark.py step ...     # DRCL2 training step vs supervised Mask R-CNN
+    python benchmarks/benchmark.py lvis_eval    # LVIS evaluation: faster-coco-eval vs lvis API
+    python benchmarks/benchmark.py mapper       # two-view data pipeline vs detectron2's
                                                  DatasetMapper
-    python -m drcl2.tools.benchmark padding      # padding of the views' batches per aspect-ratio
+    python benchmarks/benchmark.py padding      # padding of the views' batches per aspect-ratio
                                                  grouping rule
 
-Each benchmark lives in its own module ``drcl2.tools.bench_<name>`` with two functions,
-``add_arguments(parser)`` and ``run(args)``.
+Each benchmark lives in its own script beside this one, ``bench_<name>.py``, with two functions,
+``add_arguments(parser)`` and ``run(args)``. The benchmarks are scripts of the repository, not part
+of the installed package: run them from the repository root.
 """
 
 import argparse
 import importlib
 
 BENCHMARKS = {
-    "sampler": "drcl2.tools.bench_sampler",
-    "step": "drcl2.tools.bench_step",
-    "lvis_eval": "drcl2.tools.bench_lvis_eval",
-    "mapper": "drcl2.tools.bench_mapper",
-    "padding": "drcl2.tools.bench_padding",
+    "sampler": "bench_sampler",
+    "step": "bench_step",
+    "lvis_eval": "bench_lvis_eval",
+    "mapper": "bench_mapper",
+    "padding": "bench_padding",
 }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m drcl2.tools.benchmark",
+        prog="python benchmarks/benchmark.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

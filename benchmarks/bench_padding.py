@@ -1,6 +1,6 @@
 """Padding of the two views' batches under each aspect-ratio grouping rule (no pixels are decoded).
 
-    python -m drcl2.tools.benchmark padding [--config-file configs/pretrain_2drcl.yaml] [--images
+    python benchmarks/benchmark.py padding [--config-file configs/pretrain_2drcl.yaml] [--images
     20000] [--opts KEY VALUE ...]
 
 Draws each view's size as TwoViewDatasetMapper does (its geometric augmentations of the config,
@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "padding_table"]
 
 
 def add_arguments(parser):
@@ -35,15 +35,15 @@ def add_arguments(parser):
 
 
 def _view_shapes(mapper, h, w):
-    """(h, w) of the two views of an h x w image: the mapper's geometric transforms on the shape
-    only."""
+    """(h, w) of the two views of an h x w image: the mapper's geometric draws (shapes only)."""
     from detectron2.data import transforms as T
+
+    from drcl2.data.view_ops import draw_geometric
 
     shapes = []
     for augs in mapper.geometric:
         vh, vw = h, w
-        for aug in augs.augs:
-            t = aug.get_transform(np.broadcast_to(np.zeros(1, np.uint8), (vh, vw, 3)))
+        for t in draw_geometric(augs, (h, w, 3)).transforms:
             if isinstance(t, T.CropTransform):
                 vh, vw = t.h, t.w
             elif isinstance(t, T.ResizeTransform):
@@ -52,22 +52,22 @@ def _view_shapes(mapper, h, w):
     return shapes
 
 
-def run(args):
-    from detectron2.config import get_cfg
+RULES = ("none", "original", "views")
 
-    from drcl2.config import add_drcl2_config
+
+def padding_table(cfg, num_images: int, batch_sizes, seed: int = 0):
+    """
+    ``{batch size: {rule: padded pixels beyond the views' own, in % of them}}`` for
+    ``num_images`` generated originals and the views ``cfg``'s mapper draws for them.
+    """
     from drcl2.data.resumable_loader import orientation_bucket
     from drcl2.data.two_view_mapper import TwoViewDatasetMapper
 
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     mapper = TwoViewDatasetMapper(cfg, is_train=True)
-    rng = np.random.default_rng(args.seed)
-    np.random.seed(args.seed)  # the augmentations draw from numpy's global generator
+    rng = np.random.default_rng(seed)
+    np.random.seed(seed)  # the augmentations draw from numpy's global generator
     images = []
-    for _ in range(args.images):
+    for _ in range(num_images):
         short = int(rng.choice([480, 427, 426, 424, 512, 360]))
         h, w = (short, 640) if rng.random() < 2 / 3 else (640, short)
         images.append(((h, w), _view_shapes(mapper, h, w)))
@@ -82,15 +82,9 @@ def run(args):
             {f"view{k + 1}": {"image": shape_only(*s)} for k, s in enumerate(im[1])}
         ),
     }
-    overrides = f" with {' '.join(args.opts)}" if args.opts else ""
-    print(
-        f"{args.images} generated images, views of {args.config_file}{overrides}; padding of a "
-        "batch's ImageList over its views' own pixels:"
-    )
-    print(f"{'images/GPU':>10} " + " ".join(f"{name:>10}" for name in rules))
-    for batch_size in args.batch_sizes:
-        cells = []
-        for key in rules.values():
+    table = {}
+    for batch_size in batch_sizes:
+        for name, key in rules.items():
             buckets, padded, real = {}, 0, 0
             for im in images:
                 bucket = buckets.setdefault(key(im), [])
@@ -102,5 +96,25 @@ def run(args):
                     padded += height * width * len(views)
                     real += sum(h * w for h, w in views)
                     bucket.clear()
-            cells.append(f"{100 * (padded / real - 1):9.1f}%")
-        print(f"{batch_size:>10} " + " ".join(cells))
+            table.setdefault(batch_size, {})[name] = 100 * (padded / real - 1)
+    return table
+
+
+def run(args):
+    from detectron2.config import get_cfg
+
+    from drcl2.config import add_drcl2_config
+
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    table = padding_table(cfg, args.images, args.batch_sizes, args.seed)
+    overrides = f" with {' '.join(args.opts)}" if args.opts else ""
+    print(
+        f"{args.images} generated images, views of {args.config_file}{overrides}; padding of a "
+        "batch's ImageList over its views' own pixels:"
+    )
+    print(f"{'images/GPU':>10} " + " ".join(f"{name:>10}" for name in RULES))
+    for batch_size, row in table.items():
+        print(f"{batch_size:>10} " + " ".join(f"{row[name]:9.1f}%" for name in RULES))

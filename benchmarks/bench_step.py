@@ -2,8 +2,8 @@
 DRCL2 training step vs a supervised Mask R-CNN (GeneralizedRCNN) step, same device, batch and
 backbone.
 
-    python -m drcl2.tools.benchmark step --config-file configs/toy/pretrain_2drcl.yaml
-    python -m drcl2.tools.benchmark step --config-file configs/pretrain_2drcl.yaml \\
+    python benchmarks/benchmark.py step --config-file configs/toy/pretrain_2drcl.yaml
+    python benchmarks/benchmark.py step --config-file configs/pretrain_2drcl.yaml \\
         --baseline-config configs/LVISv1/mask_rcnn_R_50_FPN_1x.yaml --device cuda --amp \\
         --batch-size 2 --dataset lvis_v1_toy_train
 

@@ -1,7 +1,7 @@
 """Data pipeline: TwoViewDatasetMapper (two views) vs detectron2's DatasetMapper (one view, masks).
 
-    python -m drcl2.tools.benchmark mapper
-    python -m drcl2.tools.benchmark mapper --sizes 640x480 --rounds 20 --loader-batches 0
+    python benchmarks/benchmark.py mapper
+    python benchmarks/benchmark.py mapper --sizes 640x480 --rounds 20 --loader-batches 0
 
 Generates LVIS-like JPEGs (smooth colour fields, textured shapes, JPEG quality 90) at each
 ``--sizes`` (default 640x480 and 1024x768, LVIS's typical sources), each with ``--instances``

@@ -1,7 +1,7 @@
 """
 Dynamic rebalancing sampler vs detectron2's RepeatFactorTrainingSampler, at LVIS v1 scale.
 
-    python -m drcl2.tools.benchmark sampler [--repeats 5] [--dataset NAME]
+    python benchmarks/benchmark.py sampler [--repeats 5] [--dataset NAME]
 
 By default builds LVIS-v1-scale metadata: 100,170 images, the 1,203 LVIS v1 classes each in as many
 images as in the real training set (detectron2's ``lvis_v1_category_image_count.py``) and 1,270,141

@@ -208,41 +208,6 @@ def run(args):
     return out
 
 
-def _model_outputs(gt, dets, with_masks):
-    """Yield (inputs, outputs) per image: detectron2 model outputs rebuilt from the detections."""
-    import numpy as np
-    import pycocotools.mask as mask_util
-    from detectron2.structures import Boxes, Instances
-
-    by_image = {}
-    for d in dets:
-        by_image.setdefault(d["image_id"], []).append(d)
-    for img in gt["images"]:
-        h, w = img["height"], img["width"]
-        ds = by_image.get(img["id"], [])
-        inst = Instances((h, w))
-        xywh = torch.tensor([d["bbox"] for d in ds], dtype=torch.float32).reshape(-1, 4)
-        inst.pred_boxes = Boxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1))
-        inst.scores = torch.tensor([d["score"] for d in ds], dtype=torch.float32)
-        inst.pred_classes = torch.tensor([d["category_id"] - 1 for d in ds], dtype=torch.int64)
-        if with_masks:
-            if ds:
-                rles = [
-                    {
-                        "size": d["segmentation"]["size"],
-                        "counts": d["segmentation"]["counts"].encode(),
-                    }
-                    for d in ds
-                ]
-                m = mask_util.decode(rles)  # H, W, N (Fortran)
-                inst.pred_masks = torch.from_numpy(
-                    np.ascontiguousarray(m.transpose(2, 0, 1))
-                ).bool()
-            else:
-                inst.pred_masks = torch.zeros((0, h, w), dtype=torch.bool)
-        yield [{"image_id": img["id"], "height": h, "width": w}], [{"instances": inst}]
-
-
 def _end_to_end(args, gt, dets, json_file_content):
     """process + evaluate of detectron2's and drcl2's LVISEvaluator, each with an output folder."""
     import gc
@@ -251,6 +216,7 @@ def _end_to_end(args, gt, dets, json_file_content):
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import LVISEvaluator as D2LVISEvaluator
 
+    from drcl2.data.generated.synthetic_lvis import synthetic_model_outputs
     from drcl2.evaluation import LVISEvaluator
     from drcl2.evaluation.lvis_evaluation import LVIS_METRICS
 
@@ -283,7 +249,7 @@ def _end_to_end(args, gt, dets, json_file_content):
         for e in evaluators.values():
             e.reset()
         names = list(evaluators)
-        for k, (inputs, outputs) in enumerate(_model_outputs(gt, dets, with_masks)):
+        for k, (inputs, outputs) in enumerate(synthetic_model_outputs(gt, dets, with_masks)):
             for n in names if k % 2 == 0 else names[::-1]:
                 t, c = time.perf_counter(), time.process_time()
                 evaluators[n].process(inputs, outputs)
