@@ -15,7 +15,8 @@ Where things live:
     drcl2.modeling     the DRCL2 pre-training meta-architecture (EMA target) and its pretext heads
                        (HCL, LCL, AR, SR, RPN term; DRCL2_HEAD_REGISTRY for your own); the one-stage
                        fine-tuning detectors ATSS and FCOS (yacs-configurable)
-    drcl2.checkpoint   export_finetune_weights(src, dst): DRCL2 checkpoint -> fine-tuning weights
+    drcl2.export       export_finetune_weights(src, dst): pre-training checkpoint -> fine-tuning
+    drcl2.checkpoint   atomic_write and the crash-safe checkpointers
     drcl2.study        seeded, equal-compute studies: the study file, the runner, the report
                        (python -m drcl2.tools.study)
     drcl2.utils        seeding (one way to derive seeds), pictures of the pre-training views and of
@@ -29,11 +30,11 @@ from . import (
     data,  # noqa: F401  (registers the generated LVIS-format sets and COCO-LT)
     modeling,  # noqa: F401  (registers the DRCL2, ATSS and FCOS meta-architectures)
 )
-from .checkpoint import export_finetune_weights
 from .config import add_drcl2_config
 from .data import register_lvis_format
 from .engine import Trainer, setup_drcl2_logger
 from .evaluation import COCOLTEvaluator, LVISEvaluator
+from .export import export_finetune_weights
 from .modeling import DRCL2
 
 __all__ = [

@@ -1,13 +1,15 @@
 """
 Checkpoints of drcl2's Trainer:
 
-* :class:`AtomicDetectionCheckpointer`: detectron2's checkpointer, writing every file to a
-  temporary name in the same folder and renaming it into place, so a run killed while saving
-  leaves the previous checkpoint and ``last_checkpoint`` intact; resuming falls back to the
-  newest complete checkpoint when ``last_checkpoint`` is missing, empty or names a damaged file.
-* the transfer of 2DRCL pre-training to fine-tuning: keep the online backbone, RPN and box head
-  of a DRCL2 checkpoint as a detectron2 checkpoint that a stock ``GeneralizedRCNN`` loads with no
-  renaming.
+* :func:`atomic_write`: drcl2's one way to write a file so that it holds the old content or the
+  complete new one, never a part (checkpoints, exports, configs, reports);
+* :class:`AtomicDetectionCheckpointer`: detectron2's checkpointer, writing every file that way, so
+  a run killed while saving leaves the previous checkpoint and ``last_checkpoint`` intact; resuming
+  falls back to the newest complete checkpoint when ``last_checkpoint`` is missing, empty or names
+  a damaged file;
+* :class:`DRCL2Checkpointer`: the same for DRCL2 models (ImageNet weights into the online network).
+
+The transfer of pre-training to fine-tuning is :mod:`drcl2.export`.
 """
 
 import glob
@@ -18,8 +20,7 @@ import socket
 import time
 import uuid
 import zipfile
-from collections import OrderedDict
-from typing import IO, Callable, Dict, List, Mapping, Optional
+from typing import IO, Callable, List, Mapping, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -27,101 +28,15 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
-    "FINETUNE_PREFIXES",
     "AtomicDetectionCheckpointer",
     "DRCL2Checkpointer",
     "atomic_write",
     "checkpoint_iteration",
     "is_complete_checkpoint",
     "stale_tmp_reason",
-    "finetune_state_dict",
-    "export_finetune_weights",
 ]
 
 logger = logging.getLogger(__name__)
-
-FINETUNE_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.box_head.")
-"""The online modules kept for fine-tuning; the target network, projectors, predictors and
-decoders are dropped (docs/method.md, "Transfer")."""
-
-
-def finetune_state_dict(
-    model_state: Mapping[str, torch.Tensor], source: str = "state dict"
-) -> Dict:
-    """
-    Args:
-        model_state: the state dict of a pre-trained model: a :class:`drcl2.modeling.DRCL2`, or a
-            detectron2 detector (``GeneralizedRCNN``) trained as a supervised pre-training
-            baseline — both hold the fine-tuning modules under the same names.
-        source: name of where it came from, for error messages.
-
-    Returns:
-        OrderedDict: the ``backbone.*``, ``proposal_generator.*`` and ``roi_heads.box_head.*``
-        entries, names unchanged, tensors on the CPU.
-    """
-    keys = list(model_state.keys())
-    if not any(k.startswith("backbone.") for k in keys):
-        sample = ", ".join(keys[:5]) or "(no keys)"
-        raise ValueError(
-            f"{source} is not a pre-training checkpoint: it has no 'backbone.*' entries (first "
-            f"keys: {sample}). Export the model_*.pth written by a MODEL.META_ARCHITECTURE 'DRCL2' "
-            "run (e.g. configs/pretrain_2drcl.yaml) or by a detectron2 detector."
-        )
-    return OrderedDict(
-        (k, v.detach().cpu() if torch.is_tensor(v) else v)
-        for k, v in model_state.items()
-        if k.startswith(FINETUNE_PREFIXES)
-    )
-
-
-def export_finetune_weights(src: str, dst: str) -> Dict:
-    """
-    Read a pre-training checkpoint written by detectron2's checkpointer (``{"model": state_dict,
-    ...}``; a DRCL2 model or a detector, see :func:`finetune_state_dict`) and write the fine-tuning
-    weights to ``dst`` as ``{"model": state_dict}`` (``.pth``), loadable
-    with ``MODEL.WEIGHTS dst`` by any fine-tuning config of the same backbone.
-
-    Args:
-        src: path of the pre-training checkpoint (``OUTPUT_DIR/model_final.pth``).
-        dst: path of the file to write (its folder is created).
-
-    Returns:
-        the exported state dict.
-    """
-    with PathManager.open(src, "rb") as f:
-        try:
-            checkpoint = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as e:  # pickle / zip errors: not a torch checkpoint at all
-            raise ValueError(
-                f"{src} is not a pre-training checkpoint (torch.load failed: {e})."
-            ) from e
-    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
-        raise ValueError(
-            f"{src} is not a pre-training checkpoint: expected a detectron2 checkpoint dict "
-            f"with a 'model' state dict, got {type(checkpoint).__name__}"
-            + (f" with keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, Mapping) else "")
-            + "."
-        )
-    state = finetune_state_dict(checkpoint["model"], source=src)
-    save_finetune_weights(state, dst, source=src, iteration=checkpoint.get("iteration"))
-    return state
-
-
-def save_finetune_weights(state: Mapping, dst: str, source: str = "", iteration=None) -> None:
-    """Write ``state`` (from :func:`finetune_state_dict`) to ``dst`` as a detectron2 checkpoint."""
-    dirname = os.path.dirname(dst)
-    if dirname:
-        PathManager.mkdirs(dirname)
-    payload = {
-        "model": state,
-        "__author__": "drcl2",
-        "drcl2_source": source,
-        "drcl2_iteration": iteration,
-    }
-    atomic_write(dst, lambda f: torch.save(payload, f))
-    groups = {p: sum(k.startswith(p) for k in state) for p in FINETUNE_PREFIXES}
-    logger.info(f"Wrote fine-tuning weights to {dst} ({groups}) from {source or 'memory'}.")
-
 
 _TMP_SUFFIX = ".tmp"
 # .<name>.<host>-<pid>-<12 hex>.tmp: who is writing it, so another process can tell a live write

@@ -200,7 +200,7 @@ def test_every_pretraining_export_loads_into_its_fine_tuning_detector(pretrain, 
     of its fine-tuning detector's: every key found, every shape equal."""
     from detectron2.modeling import build_model
 
-    from drcl2.checkpoint import finetune_state_dict
+    from drcl2.export import finetune_state_dict
 
     def build(path):
         cfg = _merged(path)

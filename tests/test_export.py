@@ -8,7 +8,7 @@ from conftest import cfg_from
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from drcl2.checkpoint import FINETUNE_PREFIXES, export_finetune_weights
+from drcl2.export import FINETUNE_PREFIXES, export_finetune_weights
 from drcl2.modeling import DRCL2
 from drcl2.tools import export_weights
 

@@ -17,7 +17,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import giou_loss
 
 import train_net
-from drcl2.checkpoint import FINETUNE_PREFIXES, export_finetune_weights
+from drcl2.export import FINETUNE_PREFIXES, export_finetune_weights
 from drcl2.modeling import ATSS, FCOS
 from drcl2.modeling.atss import atss_match, centerness_targets
 from drcl2.tools.summarize import read_eval_metrics

@@ -10,7 +10,7 @@ from detectron2.utils.events import EventStorage
 from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build
 from torch import nn
 
-from drcl2.checkpoint import export_finetune_weights
+from drcl2.export import export_finetune_weights
 from drcl2.modeling import DRCL2_HEAD_REGISTRY, PretextHead
 from drcl2.modeling.losses import byol_loss
 

@@ -8,7 +8,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import finetune_state_dict, save_finetune_weights
+from ..export import finetune_state_dict, save_finetune_weights
 
 __all__ = ["ExportFinetuneWeightsHook", "unwrap_model"]
 
@@ -22,7 +22,7 @@ class ExportFinetuneWeightsHook(HookBase):
     """
     When training reaches its last iteration, write the fine-tuning weights (online
     ``backbone.*``, ``proposal_generator.*``, ``roi_heads.box_head.*``) of the model to
-    ``output_path`` on the main process (see :func:`drcl2.checkpoint.export_finetune_weights`).
+    ``output_path`` on the main process (see :func:`drcl2.export.export_finetune_weights`).
     """
 
     def __init__(self, output_path: str, max_iter: int):

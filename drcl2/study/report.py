@@ -20,6 +20,8 @@ import os
 import statistics
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from ..checkpoint import atomic_write
+
 __all__ = [
     "METRICS", "RESULT_COLUMNS", "PER_CLASS_COLUMNS", "collect_rows", "write_csv", "read_csv",
     "mean_std", "paired_differences", "summary_markdown", "plot_groups", "plot_per_class_delta",
@@ -94,8 +96,7 @@ def collect_rows(study):
 
 
 def write_csv(path: str, rows: Iterable[dict], columns: Sequence[str]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -105,7 +106,8 @@ def write_csv(path: str, rows: Iterable[dict], columns: Sequence[str]) -> None:
                     for k, v in row.items()
                 }
             )
-    os.replace(tmp, path)
+
+    atomic_write(path, write, mode="w")
 
 
 def read_csv(path: str) -> List[dict]:

@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from ..checkpoint import atomic_write
+from ..export import export_finetune_weights, export_parts
 from .spec import Arm, Stage, Study
 
 __all__ = [
@@ -29,7 +31,6 @@ __all__ = [
     "finetune_results",
     "inference_dir",
     "train_net_path",
-    "write_backbone_weights",
     "read_source_record",
 ]
 
@@ -77,10 +78,7 @@ def stage_done(stage_dir: str) -> bool:
 
 
 def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # never a half-written record
+    atomic_write(path, lambda f: json.dump(data, f, indent=1, sort_keys=True), mode="w")
 
 
 def inference_dir(stage_dir: str, dataset: str, num_datasets: int) -> str:
@@ -121,7 +119,7 @@ def finetune_results(
     return out
 
 
-SOURCE_PREFIX = "backbone.bottom_up."  # what the source initialisation keeps: the ResNet
+SOURCE_PART = "backbone.bottom_up"  # what the source initialisation keeps: the ResNet
 
 
 def source_record_path(weights: str) -> str:
@@ -143,33 +141,6 @@ def _config_test_sets(config: str) -> Tuple[str, ...]:
     add_drcl2_config(cfg)
     cfg.merge_from_file(config)
     return tuple(cfg.DATASETS.TEST)
-
-
-def write_backbone_weights(checkpoint: str, dst: str) -> int:
-    """
-    Keep only the ResNet (``backbone.bottom_up.*``) of a detector's ``checkpoint`` in ``dst``
-    (atomically): an initialisation like ImageNet weights, which load into any of drcl2's or
-    detectron2's R-CNN models of the same depth, FPN, RPN and heads starting fresh. Returns the
-    number of tensors kept.
-    """
-    import torch
-
-    from ..checkpoint import atomic_write
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = {k: v for k, v in state["model"].items() if k.startswith(SOURCE_PREFIX)}
-    if not model:
-        raise ValueError(
-            f"{checkpoint}: no '{SOURCE_PREFIX}*' weights in it: is it a detectron2 R-CNN "
-            "checkpoint?"
-        )
-    payload = {
-        "model": model,
-        "__author__": "drcl2 source initialisation",
-        "source": os.path.abspath(checkpoint),
-    }
-    atomic_write(dst, lambda f: torch.save(payload, f))
-    return len(model)
 
 
 class StudyRunner:
@@ -409,7 +380,7 @@ class StudyRunner:
         _write_json(attempts_path, attempts)
         test_sets = _config_test_sets(source.config)
         results = finetune_results(out, {"val": test_sets[0]}, ("val",))["val"] if test_sets else {}
-        write_backbone_weights(os.path.join(out, "model_final.pth"), source.output)
+        export_parts(os.path.join(out, "model_final.pth"), source.output, [SOURCE_PART])
         record = {
             "config": source.config,
             "iters": source.iters,
@@ -475,8 +446,6 @@ class StudyRunner:
             if not os.path.isfile(
                 export
             ):  # a detector pre-training: export the same parts as 2DRCL's
-                from ..checkpoint import export_finetune_weights
-
                 export_finetune_weights(os.path.join(out, "model_final.pth"), export)
         else:
             record["results"] = finetune_results(out, self.study.datasets, self.study.splits)
@@ -488,15 +457,10 @@ class StudyRunner:
 
     def _write_parts(self, arm: Arm, seed: int, stage: Stage) -> None:
         """The fine-tuning weights of ``stage``: the listed parts of the pre-training export."""
-        import torch
-
         export = os.path.join(self.stage_dir(arm, seed, arm.pretrain), EXPORT_NAME)
-        state = torch.load(export, map_location="cpu", weights_only=False)
-        prefixes = tuple(p + "." for p in stage.parts)
-        model = {k: v for k, v in state["model"].items() if k.startswith(prefixes)}
-        path = os.path.join(self.stage_dir(arm, seed, stage), PARTS_NAME)
-        torch.save(dict(state, model=model, drcl2_parts=list(stage.parts)), f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
+        export_parts(
+            export, os.path.join(self.stage_dir(arm, seed, stage), PARTS_NAME), stage.parts
+        )
 
     def run(self, runs) -> None:
         """Run every pending stage of ``runs`` ((arm, seed) pairs), ``jobs`` runs at a time."""

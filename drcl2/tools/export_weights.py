@@ -14,7 +14,7 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import export_finetune_weights
+from ..export import export_finetune_weights
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ Each WEIGHTS is a file (``NAME=PATH`` names its row) or ``random``: the config's
 (with its ``SEED``). The config is the fine-tuning config the weights are meant for: its model
 (``backbone`` + ``roi_heads.box_pooler`` / ``box_head``) is built, the weights' fine-tuning parts
 (``backbone.*``, ``proposal_generator.*``, ``roi_heads.box_head.*``, see
-:func:`drcl2.checkpoint.finetune_state_dict`) are loaded, and the ground-truth boxes of the
+:func:`drcl2.export.finetune_state_dict`) are loaded, and the ground-truth boxes of the
 training split (``--train-dataset``, default the config's first ``DATASETS.TRAIN``) and of
 ``--dataset`` are pooled at test size. Printed and written (``--output-dir``: probe.csv, probe.md)
 for every row (:mod:`drcl2.evaluation.health`):
@@ -45,9 +45,9 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from ..checkpoint import finetune_state_dict
 from ..config import add_drcl2_config
 from ..evaluation.health import class_groups, extract_box_features, feature_health, stage_changes
+from ..export import finetune_state_dict
 
 __all__ = ["probe_weights", "probe_study_exports", "write_probe_report", "main", "probe_modules"]
 

@@ -17,6 +17,8 @@ import os
 import numpy as np
 import pycocotools.mask as mask_util
 
+from ...checkpoint import atomic_write
+
 __all__ = [
     "lvis_v1_categories",
     "synthetic_lvis_gt",
@@ -272,11 +274,9 @@ def synthetic_lvis_jpegs(
                 }
             )
         path = os.path.join(folder, f"{width}x{height}_{i:04d}.jpg")
-        tmp = os.path.join(folder, f".{os.getpid()}_{width}x{height}_{i:04d}.jpg")
-        cv2.imwrite(tmp, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        os.replace(
-            tmp, path
-        )  # atomic: processes generating the same set at once never see half a file
+        # atomic: processes generating the same set at once never see half a file
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        atomic_write(path, lambda f: f.write(jpeg.tobytes()))
         records.append(
             {
                 "file_name": path,
