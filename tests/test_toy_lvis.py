@@ -396,3 +396,27 @@ def test_source_set_has_none_of_the_toy_classes_and_is_registered_without_genera
     ]:
         with pytest.raises(ValueError, match=f"ToyLVISSpec.{field}"):
             ToyLVISSpec(**kwargs)
+
+
+def test_import_drcl2_loads_no_generator():
+    """The generated sets are registered by name: `import drcl2` imports none of the generators
+    (drcl2.data.generated), and asking for a set's metadata imports them (and renders nothing)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, drcl2\n"
+        "from detectron2.data import MetadataCatalog\n"
+        "before = sorted(m for m in sys.modules if m.startswith('drcl2.data.generated'))\n"
+        "n = len(MetadataCatalog.get('lvis_v1_gen_large_val').thing_classes)\n"
+        "after = sorted(m for m in sys.modules if m.startswith('drcl2.data.generated'))\n"
+        "print(before, n, 'drcl2.data.generated.toy_lvis' in after)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        check=True,
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[] 300 True"

@@ -11,23 +11,19 @@ reported results only):
   source initialisation of the paper's setting (``configs/toy/mask_rcnn_source.yaml``);
 * ``lvis_v1_gen_large_{train,val,test}``: the GPU set (300 classes in LVIS v1's rare / common /
   frequent shares, 320-480 px, 10,000 / 1,000 / 1,000 images).
+
+Registering them reads, imports and generates nothing: the generator
+(:mod:`drcl2.data.generated`) is imported the first time a run asks for a set's metadata or dicts,
+and a set is rendered the first time its dicts are asked for (the log says where).
 """
 
 import os
 from typing import Iterable
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 
 from .dataset_check import check_datasets
-from .generated.toy_lvis import (
-    GENERATED_SETS,
-    SPLITS,
-    ToyLVISSpec,
-    ensure_toy_lvis,
-    toy_lvis_categories,
-    toy_lvis_paths,
-)
 from .lvis_format import load_lvis_format_json, lvis_format_metadata
 
 __all__ = [
@@ -40,39 +36,81 @@ __all__ = [
 ]
 
 
-def _dataset_names(spec: ToyLVISSpec):
-    return {f"{spec.name}_{split}": split for split in SPLITS}
-
-
-TOY_LVIS_DATASETS = _dataset_names(GENERATED_SETS["toy"])
+SPLITS = ("train", "val", "test")
+# The generated sets drcl2 registers: the key of their spec in
+# drcl2.data.generated.toy_lvis.GENERATED_SETS -> their name (the prefix of the dataset names).
+GENERATED_SET_NAMES = {
+    "toy": "lvis_v1_toy",
+    "large": "lvis_v1_gen_large",
+    "source": "lvis_v1_toy_source",
+}
+TOY_LVIS_DATASETS = {f"lvis_v1_toy_{split}": split for split in SPLITS}
 # every generated split drcl2 registers: dataset name -> split
 GENERATED_DATASETS = {
-    name: split for spec in GENERATED_SETS.values() for name, split in _dataset_names(spec).items()
+    f"{name}_{split}": split for name in GENERATED_SET_NAMES.values() for split in SPLITS
 }
 
 
-def register_toy_lvis(root: str, spec: ToyLVISSpec = ToyLVISSpec()) -> None:
+class _LazyMetadata(Metadata):
+    """Metadata whose fields come from ``load()`` the first time one is missing (and asked for)."""
+
+    def __init__(self, name: str, load):
+        super().__init__(name=name)
+        self.__dict__["_load"] = load  # (not through Metadata's write-once __setattr__)
+
+    def __getattr__(self, key):
+        load = self.__dict__.pop("_load", None)
+        if load is not None and not key.startswith("__"):
+            self.set(**load())
+            return getattr(self, key)
+        return super().__getattr__(key)
+
+
+def register_toy_lvis(root: str, spec=None) -> None:
     """
-    Register ``<spec.name>_train`` / ``_val`` / ``_test`` (``lvis_v1_toy_*`` by default) under
-    ``root``. Nothing is read or written now: the metadata comes from the generator's layout, and
-    the set is generated under ``root`` the first time its dicts are asked for
-    (``DatasetCatalog.get``; one rendering process per CPU core for large sets).
+    Register ``<spec.name>_train`` / ``_val`` / ``_test`` (``lvis_v1_toy_*`` by default; ``spec`` a
+    :class:`~drcl2.data.generated.toy_lvis.ToyLVISSpec`, or the key of one of
+    ``GENERATED_SETS``) under ``root``. Nothing is imported, read or written now: the metadata
+    comes from the generator's layout the first time it is asked for, and the set is generated
+    under ``root`` the first time its dicts are (``DatasetCatalog.get``; one rendering process per
+    CPU core for large sets).
     """
-    paths = toy_lvis_paths(root, spec)
-    metadata = lvis_format_metadata({"categories": toy_lvis_categories(spec)})
+    name = GENERATED_SET_NAMES["toy"] if spec is None else GENERATED_SET_NAMES.get(spec, None)
+    name = name or spec.name
+
+    def the_spec():
+        from .generated.toy_lvis import GENERATED_SETS
+
+        key = spec or "toy"
+        return GENERATED_SETS[key] if isinstance(key, str) else key
+
+    def paths():
+        from .generated.toy_lvis import toy_lvis_paths
+
+        return toy_lvis_paths(root, the_spec())
+
+    def metadata(split):
+        from .generated.toy_lvis import toy_lvis_categories
+
+        p = paths()
+        return dict(
+            json_file=p[f"{split}_json"],
+            image_root=p["image_root"],
+            evaluator_type="lvis",
+            **lvis_format_metadata({"categories": toy_lvis_categories(the_spec())}),
+        )
 
     def load(split):
-        ensure_toy_lvis(root, spec)
-        return load_lvis_format_json(paths[f"{split}_json"], paths["image_root"])
+        from .generated.toy_lvis import ensure_toy_lvis
 
-    for name, split in _dataset_names(spec).items():
-        DatasetCatalog.register(name, lambda split=split: load(split))
-        MetadataCatalog.get(name).set(
-            json_file=paths[f"{split}_json"],
-            image_root=paths["image_root"],
-            evaluator_type="lvis",
-            **metadata,
-        )
+        ensure_toy_lvis(root, the_spec())
+        p = paths()
+        return load_lvis_format_json(p[f"{split}_json"], p["image_root"])
+
+    for split in SPLITS:
+        dataset = f"{name}_{split}"
+        DatasetCatalog.register(dataset, lambda split=split: load(split))
+        MetadataCatalog[dataset] = _LazyMetadata(dataset, lambda split=split: metadata(split))
 
 
 def _readme_section(name: str) -> str:
@@ -160,6 +198,6 @@ def check_test_dataset(cfg, dataset_name: str) -> None:
 
 
 # Like detectron2's builtin datasets: under $DETECTRON2_DATASETS, default ./datasets
-for _spec in GENERATED_SETS.values():
-    if f"{_spec.name}_train" not in DatasetCatalog.list():
-        register_toy_lvis(os.getenv("DETECTRON2_DATASETS", "datasets"), _spec)
+for _key, _name in GENERATED_SET_NAMES.items():
+    if f"{_name}_train" not in DatasetCatalog.list():
+        register_toy_lvis(os.getenv("DETECTRON2_DATASETS", "datasets"), _key)
