@@ -17,7 +17,7 @@ drcl2's data path: how a training batch is fed.
     generated/         generators of the demo, study and test sets (not part of the data path)
 """
 
-# registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_cocolt.py)
+# registers coco_lt_train / coco_lt_val (COCO-LT, datasets/prepare_coco_lt.py)
 # registers lvis_v1_toy_*, lvis_v1_toy_source_*, lvis_v1_gen_large_* (generated on first use)
 from . import (
     coco_lt,  # noqa: F401

@@ -2,7 +2,7 @@
 COCO-LT: a long-tailed subset of COCO train2017, and its registration (``coco_lt_train``, evaluated
 on COCO val2017 as ``coco_lt_val``).
 
-The split rule (:func:`make_coco_lt`, written to disk by ``datasets/prepare_cocolt.py``; see
+The split rule (:func:`make_coco_lt`, written to disk by ``datasets/prepare_coco_lt.py``; see
 datasets/README.md) gives the 80 COCO classes LVIS v1's long tail of *training image counts*:
 
 1. Rank the classes by their number of train2017 images, descending (ties: smaller category id
@@ -167,7 +167,7 @@ def make_coco_lt(coco_dict, *, seed=0, scale=1.0):
 
 def register_coco_lt(root):
     """
-    Register ``coco_lt_train`` (the COCO-LT json written by ``datasets/prepare_cocolt.py``, images
+    Register ``coco_lt_train`` (the COCO-LT json written by ``datasets/prepare_coco_lt.py``, images
     of train2017) and ``coco_lt_val`` (COCO val2017, i.e. the files of detectron2's
     ``coco_2017_val``) under ``root``, like detectron2's ``register_coco_instances`` but with
     ``evaluator_type="coco_lt"`` (drcl2's Trainer then evaluates with COCOLTEvaluator: COCO metrics

@@ -7,7 +7,7 @@ drcl2's evaluators:
     COCOLTEvaluator    COCO metrics plus AP1-AP4 (classes grouped by training instance count)
 """
 
-from .cocolt import COCOLTEvaluator
+from .coco_lt_evaluation import COCOLTEvaluator
 from .lvis_compat import patch_lvis_numpy
 from .lvis_evaluation import LVIS_BACKENDS, LVISEvaluator, evaluate_lvis
 from .per_class import write_per_class_report

@@ -20,9 +20,9 @@ from drcl2.evaluation import COCOLTEvaluator
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _prepare_cocolt_module():
+def _prepare_coco_lt_module():
     spec = importlib.util.spec_from_file_location(
-        "prepare_cocolt", os.path.join(REPO, "datasets", "prepare_cocolt.py")
+        "prepare_coco_lt", os.path.join(REPO, "datasets", "prepare_coco_lt.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -91,13 +91,13 @@ def test_targets_follow_lvis_curve():
         coco_lt_targets(available, scale=0)
 
 
-def test_prepare_cocolt_script_on_generated_coco(tmp_path):
+def test_prepare_coco_lt_script_on_generated_coco(tmp_path):
     images_per_class = [300, 120, 60, 25, 10, 4]
     instances_per_image = [3, 2, 1, 2, 1, 5]
     coco = _coco_file(images_per_class, instances_per_image)
     src, dst = tmp_path / "train.json", tmp_path / "lt.json"
     src.write_text(json.dumps(coco))
-    _prepare_cocolt_module().main(
+    _prepare_coco_lt_module().main(
         ["--input", str(src), "--output", str(dst), "--seed", "3", "--scale", "0.1"]
     )
     subset = json.loads(dst.read_text())
@@ -133,7 +133,7 @@ def test_no_class_exceeds_its_target_with_multi_label_images():
 
 def test_script_fails_clearly_without_input(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
-        _prepare_cocolt_module().main(["--coco-root", str(tmp_path)])
+        _prepare_coco_lt_module().main(["--coco-root", str(tmp_path)])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 """
 Write COCO-LT: the long-tailed subset of COCO train2017 that drcl2 registers as ``coco_lt_train``.
 
-    python datasets/prepare_cocolt.py                      # $DETECTRON2_DATASETS/coco (default ./datasets/coco)
-    python datasets/prepare_cocolt.py --coco-root /data/coco --seed 0
+    python datasets/prepare_coco_lt.py                      # $DETECTRON2_DATASETS/coco (default ./datasets/coco)
+    python datasets/prepare_coco_lt.py --coco-root /data/coco --seed 0
 
 Reads  <coco-root>/annotations/instances_train2017.json
 Writes <coco-root>/annotations/instances_train2017_lt.json

@@ -104,7 +104,7 @@ class COCOLTEvaluator(COCOEvaluator):
             if not PathManager.exists(json_file):
                 raise FileNotFoundError(
                     f"{json_file} (training set '{self._train_dataset_name}') does not exist; "
-                    "create it with `python datasets/prepare_cocolt.py` (see datasets/README.md, "
+                    "create it with `python datasets/prepare_coco_lt.py` (see datasets/README.md, "
                     "COCO-LT)."
                 )
             with PathManager.open(json_file) as f:
