@@ -7,49 +7,20 @@ set; it must be set before drcl2 is imported, since drcl2 registers its datasets
 import json
 import logging
 import os
-import sys
 
 import pytest
+from helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO_ROOT, "datasets"))
-if REPO_ROOT not in sys.path:  # train_net.py lives at the top of the repository
-    sys.path.insert(0, REPO_ROOT)
-
-
-# The model tests' device: the CPU, or "cuda" where python -m drcl2.tools.device_check runs them
-# on a GPU (DRCL2_TEST_DEVICE=cuda), or "emulated": the CPU playing an accelerator, so that a test
-# mixing the model's tensors with host tensors fails here as it would on a GPU (the device check's
-# dry run; tests/emulated_device.py).
-TEST_DEVICE = os.environ.get("DRCL2_TEST_DEVICE", "cpu")
-EMULATED_DEVICE = TEST_DEVICE == "emulated"
-if EMULATED_DEVICE:
-    from emulated_device import DEVICE
-
-    TEST_DEVICE = str(DEVICE)
-
-
-def cfg_from(path, *opts):
-    """A drcl2 config from a file of the repository, on TEST_DEVICE (the CPU), with no initial
-    weights."""
-    from detectron2.config import get_cfg
-
-    from drcl2.config import add_drcl2_config
-
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO_ROOT, path))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", TEST_DEVICE, *opts])
-    return cfg
+EMULATED_DEVICE = os.environ.get("DRCL2_TEST_DEVICE", "cpu") == "emulated"
 
 
 def pytest_configure(config):
-    # detectron2 0.6 still calls torch.jit.script at import; torch warns on every import.
+    # detectron2 0.7.2 still calls torch.jit.script at import; torch warns on every import.
     config.addinivalue_line(
         "filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning"
     )
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated")
-    config.addinivalue_line("markers", "slow: end-to-end runs (training, studies, subprocesses)")
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +29,7 @@ def emulated_device():
     if not EMULATED_DEVICE:
         yield None
         return
-    from emulated_device import EmulatedDevice
+    from helpers.emulated_device import EmulatedDevice
 
     with EmulatedDevice() as mode:
         yield mode

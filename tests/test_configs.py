@@ -1,26 +1,14 @@
 """Every config file under configs/ loads through train_net.setup() (Base-*.yaml files excluded);
 the study files directly under configs/study/ load through drcl2.study.load_study instead
-(tests/test_study.py)."""
+(tests/study/test_study.py)."""
 
-import glob
 import os
 
 import pytest
-from conftest import REPO_ROOT
 from detectron2.engine import default_argument_parser
+from helpers import CONFIGS, REPO_ROOT, STUDIES
 
 import train_net
-
-STUDIES = sorted(
-    os.path.relpath(path, REPO_ROOT)
-    for path in glob.glob(os.path.join(REPO_ROOT, "configs", "study", "*.yaml"))
-)
-CONFIGS = sorted(
-    os.path.relpath(path, REPO_ROOT)
-    for path in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True)
-    if not os.path.basename(path).startswith("Base-")
-    and os.path.relpath(path, REPO_ROOT) not in STUDIES
-)
 
 
 def _setup(config_file, output_dir, *opts):
@@ -114,23 +102,13 @@ def test_atss_paper_defaults():
     assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[8 * s] for s in (8, 16, 32, 64, 128)]
     assert cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == [[1.0]]
     a = cfg.MODEL.ATSS
-    assert (a.TOPK, a.FOCAL_LOSS_ALPHA, a.FOCAL_LOSS_GAMMA, a.REG_LOSS_WEIGHT) == (
-        9,
-        0.25,
-        2.0,
-        2.0,
-    )
-    assert (a.NUM_CONVS, a.NORM, a.PRIOR_PROB, a.NMS_THRESH_TEST, a.TOPK_CANDIDATES_TEST) == (
-        4,
-        "GN",
-        0.01,
-        0.6,
-        1000,
-    )
+    loss = (a.TOPK, a.FOCAL_LOSS_ALPHA, a.FOCAL_LOSS_GAMMA, a.REG_LOSS_WEIGHT)
+    assert loss == (9, 0.25, 2.0, 2.0)
+    head = (a.NUM_CONVS, a.NORM, a.PRIOR_PROB, a.NMS_THRESH_TEST, a.TOPK_CANDIDATES_TEST)
+    assert head == (4, "GN", 0.01, 0.6, 1000)
     assert tuple(a.BBOX_REG_WEIGHTS) == (10.0, 10.0, 5.0, 5.0)
-    assert (
-        _merged("configs/Base-ATSS.yaml").MODEL.ATSS.SCORE_THRESH_TEST == 0.05
-    )  # COCO: the paper's
+    coco = _merged("configs/Base-ATSS.yaml")
+    assert coco.MODEL.ATSS.SCORE_THRESH_TEST == 0.05  # COCO: the paper's
 
 
 @pytest.mark.parametrize("arch", ["atss", "retinanet", "fcos"])

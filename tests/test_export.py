@@ -4,9 +4,9 @@ import logging
 
 import pytest
 import torch
-from conftest import cfg_from
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from helpers import cfg_from
 
 from drcl2.export import FINETUNE_PREFIXES, export_finetune_weights
 from drcl2.modeling import DRCL2

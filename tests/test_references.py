@@ -21,16 +21,16 @@ import ast
 import fnmatch
 import os
 import re
-import sys
 from typing import Dict, List, Set, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_imports import _defined_names, package_modules  # noqa: E402
+from helpers import REPO_ROOT
+from helpers.package import _defined_names, package_modules
+
+REPO = REPO_ROOT
 
 SCANNED = [  # code, configs and docs (this file is the checker: its patterns are not references)
     "drcl2/**/*.py",
-    "tests/*.py",
+    "tests/**/*.py",
     "datasets/*.py",
     "train_net.py",
     "setup.py",
@@ -63,7 +63,8 @@ PATH_RE = re.compile(
 )
 LINK_RE = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 SECTION_RE = re.compile(
-    r"(?<![\w/.-])((?:datasets/|docs/)?(?:README(?:\.md)?|method\.md))`?,? (?:sections?\(?s?\)? )?"
+    r"(?<![\w/.-])((?:datasets/|docs/)?(?:README(?:\.md)?|method\.md|[A-Z][A-Z_]+\.md))`?,? "
+    r"(?:sections?\(?s?\)? )?"
     r"[\"'“]([^\"'”{]+)[\"'”]"
 )
 DOTTED_RE = re.compile(r"(?<![\w./-])drcl2(?:\.\w+)+[<*{]?")
@@ -230,6 +231,9 @@ def test_named_sections_exist():
         "docs/README.md": None,
         "datasets/README": "datasets/README.md",
     }
+    for doc in os.listdir(os.path.join(REPO, "docs")):  # docs/GETTING_STARTED.md, ...
+        if re.fullmatch(r"[A-Z][A-Z_]+\.md", doc):
+            pages[doc] = pages[f"docs/{doc}"] = f"docs/{doc}"
     labels = {page: section_labels(page) for page in set(pages.values()) if page}
     missing, seen = [], 0
     for source in scanned_files():

@@ -9,8 +9,8 @@ transforms render, ~10x faster. Every op works on an ``ndarray[H, W, 3]`` uint8 
 or ``"BGR"`` channel order (so the mapper never converts the decoded BGR image), returns uint8, and
 does no float round trip of the whole image except the hue rotation (OpenCV's float32 HSV: the
 uint8 HSV of OpenCV quantises hue to 1.4 degrees and saturation to 1/255, several grey levels off).
-Against the reference op on the same image and parameter (``tests/test_view_ops.py``; the reference,
-torchvision and detectron2, in ``tests/torchvision_reference.py``):
+Against the reference op on the same image and parameter (``tests/data/test_view_ops.py``; the
+reference, torchvision and detectron2, in ``tests/helpers/torchvision_reference.py``):
 
 =============== ======================================== =======================================
 op              how                                       largest difference to the reference
@@ -34,7 +34,7 @@ order torchvision's ``Compose`` of ``RandomApply(ColorJitter)``, ``RandomGraysca
 ``RandomApply(GaussianBlur)`` and ``RandomSolarize`` takes them, so for the same torch seed both
 pipelines pick the same ops and parameters, and their outputs differ only by the table above,
 compounded along the chain (a whole view: at most 4 levels, on ~7% of the pixels; per-channel
-means and stds of the views within 1 level; ``tests/test_view_ops.py``).
+means and stds of the views within 1 level; ``tests/data/test_view_ops.py``).
 
 Each photometric op runs under a ``torch.profiler.record_function`` label (``view_ops/<op>``), so
 a profiler splits a view's time per op (``python benchmarks/benchmark.py mapper``).

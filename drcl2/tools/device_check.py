@@ -31,7 +31,7 @@ else 1 with the failed steps named on the last line.
 
 ``--dry-run`` runs the same steps on the CPU with tiny sizes (a 36-image toy set, one benchmark
 step of the toy model, 4 resume iterations, 2-iteration study stages), so the command is known to
-work before a GPU is lent (``tests/test_device_check.py`` runs it).
+work before a GPU is lent (``tests/tools/test_device_check.py`` runs it).
 """
 
 import argparse
@@ -83,18 +83,20 @@ LIMITS = {
 }
 # The model tests run on the GPU as they are, with DRCL2_TEST_DEVICE=cuda (tests/conftest.py), and
 # the tests that skip without CUDA.
-# (DRCL2 models built by test_modeling's tiny_cfg take their CPU inputs through preprocess; tests
+# (DRCL2 models built by helpers.model's tiny_cfg take their CPU inputs through preprocess; tests
 # that feed a model's parts CPU tensors directly, as test_onestage's, are CPU tests.)
 GPU_TESTS = [
-    "tests/test_modeling.py",
-    "tests/test_pretext_heads.py",
-    "tests/test_rebalance.py",
-    "tests/test_resume.py::test_mapping_keeps_the_callers_cuda_random_state_on_gpu",
+    "tests/modeling/test_meta_arch.py",
+    "tests/modeling/test_pretext_heads.py",
+    "tests/data/test_rebalance.py",
+    "tests/engine/test_resume.py::test_mapping_keeps_the_callers_cuda_random_state_on_gpu",
 ]
 # --dry-run: the same tests with DRCL2_TEST_DEVICE=emulated, the CPU playing the GPU
-# (tests/emulated_device.py): a test that mixes the model's tensors with tensors made on the host
-# fails there as on CUDA. The CUDA-only ones skip; the CPU half of the CUDA random-state test runs.
-DRY_TESTS = GPU_TESTS + ["tests/test_resume.py::test_mapping_keeps_the_callers_cuda_random_state"]
+# (tests/helpers/emulated_device.py): a test that mixes the model's tensors with tensors made on the
+# host fails there as on CUDA. The CUDA-only ones skip; the CPU half of the CUDA random-state test runs.
+DRY_TESTS = GPU_TESTS + [
+    "tests/engine/test_resume.py::test_mapping_keeps_the_callers_cuda_random_state"
+]
 STUDY_COMMAND = [
     "-m",
     "drcl2.tools.study",
@@ -105,7 +107,7 @@ STUDY_COMMAND = [
     "--seeds",
     "1",
 ]
-# --dry-run: every study stage this small (as tests/test_study.py's tiny runs)
+# --dry-run: every study stage this small (as tests/study/test_study.py's tiny runs)
 TINY = [
     "MODEL.DEVICE",
     "cpu",

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from helpers import REPO_ROOT
 from lvis import LVIS
 
 from drcl2.data.generated import ToyLVISSpec, generate_toy_lvis
@@ -28,6 +29,7 @@ def demo_set(tmp_path_factory):
     return generate_toy_lvis(str(tmp_path_factory.mktemp("toy_a")))
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes(demo_set, tmp_path):
     again = generate_toy_lvis(str(tmp_path))
     files = _all_files(demo_set["image_root"])
@@ -107,6 +109,7 @@ def test_test_split_is_held_out_from_val(demo_set):
     assert {a["category_id"] for a in test["annotations"]} == set(range(1, 31))
 
 
+@pytest.mark.slow
 def test_a_set_without_test_split_gets_it_added(demo_set, tmp_path):
     import shutil
 
@@ -200,6 +203,7 @@ def small_lvis_set(tmp_path_factory):
     return generate_toy_lvis(str(tmp_path_factory.mktemp("gen_small")), SMALL_LVIS)
 
 
+@pytest.mark.slow
 def test_lvis_distribution_is_deterministic_with_any_number_of_workers(
     small_lvis_set, tmp_path, monkeypatch
 ):
@@ -398,6 +402,7 @@ def test_source_set_has_none_of_the_toy_classes_and_is_registered_without_genera
             ToyLVISSpec(**kwargs)
 
 
+@pytest.mark.slow
 def test_import_drcl2_loads_no_generator():
     """The generated sets are registered by name: `import drcl2` imports none of the generators
     (drcl2.data.generated), and asking for a set's metadata imports them (and renders nothing)."""
@@ -416,7 +421,7 @@ def test_import_drcl2_loads_no_generator():
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=REPO_ROOT,
         check=True,
     ).stdout
     assert out.strip().splitlines()[-1] == "[] 300 True"

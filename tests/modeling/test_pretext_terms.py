@@ -11,7 +11,7 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build, step_data, tiny_cfg
+from helpers.model import NO_AR, NO_RPN, NO_SR, batch, build, step_data, tiny_cfg
 
 from drcl2.engine.checks import check_drcl2_config
 from drcl2.modeling.blocks import ClassMemory

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from fvcore.common.checkpoint import PeriodicCheckpointer
+from helpers import REPO_ROOT
 
 from drcl2.checkpoint import AtomicDetectionCheckpointer, atomic_write, is_complete_checkpoint
 
@@ -54,6 +54,7 @@ def _model():
     return torch.nn.Linear(256, 256)
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_resumable(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(tmp_path)],

@@ -11,13 +11,14 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
+from helpers import REPO_ROOT
 
 from drcl2 import add_drcl2_config
 from drcl2.data.coco_lt import class_counts, coco_lt_group, coco_lt_targets, make_coco_lt
 from drcl2.engine import Trainer
 from drcl2.evaluation import COCOLTEvaluator
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 def _prepare_coco_lt_module():

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import REPO_ROOT, cfg_from
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 from detectron2.layers import ShapeSpec
@@ -15,6 +14,7 @@ from detectron2.modeling import build_anchor_generator, build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 from fvcore.nn import giou_loss
+from helpers import REPO_ROOT, cfg_from
 
 import train_net
 from drcl2.export import FINETUNE_PREFIXES, export_finetune_weights
@@ -393,6 +393,7 @@ def _mean_over_two_workers(rank, init_file, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="this torch build has no gloo backend, so CPU processes cannot form a process group",

@@ -10,8 +10,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
-from test_modeling import tiny_cfg, view
-from test_two_view_mapper import FixedCrop, record, write_image
+from helpers.mapper import FixedCrop, record, write_image
+from helpers.model import tiny_cfg, view
 
 from drcl2.data.proposals import (
     check_proposal_files,
@@ -303,7 +303,7 @@ def test_unlabelled_proposals_weigh_one_in_box_guided_masking(monkeypatch, one_t
     """With DRB weights far from 1 (iteration 8 of 10, a rare class), the masking weight of an
     unlabelled proposal is 1 and that of a labelled one w_c(lambda). Catches: class -1 indexing the
     last class's weight."""
-    from test_modeling import hand_over_drb
+    from helpers.model import hand_over_drb
 
     from drcl2.modeling import draws
 

@@ -9,10 +9,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, cfg_from
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
+from helpers import REPO_ROOT, cfg_from
 
 from drcl2.engine import Trainer
 from drcl2.tools import dump_proposals
@@ -56,6 +56,7 @@ def toy_train_mini(toy_lvis_root, tmp_path_factory):
     return "lvis_v1_toy_train_mini", ids
 
 
+@pytest.mark.slow
 def test_rpn_dump_pretrain_export_finetune(tmp_path, toy_train_mini):
     name, ids = toy_train_mini
     # 1. a toy class-agnostic RPN, a few iterations

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from drcl2.tools import submit
 

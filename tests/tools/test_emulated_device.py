@@ -1,6 +1,6 @@
 """
-The emulated accelerator (tests/emulated_device.py, DRCL2_TEST_DEVICE=emulated): on the CPU, a
-test mixing tensors of the model's device with host tensors fails as it would on a GPU, and what
+The emulated accelerator (tests/helpers/emulated_device.py, DRCL2_TEST_DEVICE=emulated): on the CPU,
+a test mixing tensors of the model's device with host tensors fails as it would on a GPU, and what
 CUDA allows passes; the device check's test selection passes under it.
 """
 
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, cfg_from
 from detectron2.modeling import build_model
-from emulated_device import DEVICE, EmulatedDevice, EmulatedDeviceError
+from helpers import REPO_ROOT, cfg_from
+from helpers.emulated_device import DEVICE, EmulatedDevice, EmulatedDeviceError
 from torch.nn import functional as F
 
 from drcl2.tools import device_check
@@ -43,7 +43,7 @@ def tiny_module():
     "known",
     [
         "allclose(model buffer, torch.ones(5))",  # test_class_statistics_are_buffers_...
-        "cross_entropy(logits, torch.arange(n))",  # test_modeling._info_nce
+        "cross_entropy(logits, torch.arange(n))",  # test_meta_arch._info_nce
         "allclose(host copy the model handed out, model tensor)",  # test_late_iteration_...
     ],
 )
@@ -111,7 +111,7 @@ def test_the_model_runs_on_the_emulated_device_and_its_own_mixes_raise(mode, mon
     """The mode reaches the model's code too: a DRCL2 step on cpu:0 trains on the emulated
     device (losses and gradients there), and the model making a tensor without a device where
     it meets its own fails."""
-    from test_modeling import NO_AR, NO_RPN, build, step
+    from helpers.model import NO_AR, NO_RPN, build, step
 
     model = build("MODEL.DEVICE", str(DEVICE), *NO_AR, *NO_RPN)
     assert model.device == DEVICE and model.pixel_mean.device == DEVICE

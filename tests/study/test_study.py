@@ -5,7 +5,7 @@ import os
 import textwrap
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT, STUDIES
 
 from drcl2.study import StudyFileError, load_study
 from drcl2.study.report import mean_std, paired_differences, read_csv, write_report
@@ -46,7 +46,7 @@ BASIC = f"""
 """
 
 
-@pytest.mark.parametrize("path", __import__("test_configs").STUDIES)
+@pytest.mark.parametrize("path", STUDIES)
 def test_shipped_study_files_parse(path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     from detectron2.config import get_cfg
@@ -324,6 +324,7 @@ def tiny_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
     monkeypatch.setenv("DETECTRON2_DATASETS", tiny_root)  # the runs' subprocesses read it
     monkeypatch.chdir(REPO_ROOT)
@@ -471,6 +472,7 @@ def test_summarize_prints_a_committed_study_beside_a_run(tmp_path, capsys):
     assert "run `make study`" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_source_weights_train_once_and_keep_only_the_resnet(
     tmp_path, tiny_root, monkeypatch, capsys
 ):

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from conftest import REPO_ROOT, cfg_from
 from detectron2.engine import default_argument_parser
+from helpers import REPO_ROOT, cfg_from
 
 import train_net
 from drcl2.engine import Trainer
@@ -82,6 +82,7 @@ def test_drcl2_log_lines_reach_log_txt(tmp_path):
     assert "a line from drcl2's sampler" in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_pretraining_and_the_last_checkpoint_resumes(tmp_path):
     cfg = cfg_from(
         "configs/toy/pretrain_2drcl.yaml",
@@ -172,12 +173,12 @@ def test_class_counts_of_test_and_health_sets_are_refused_before_anything_is_gen
 ):
     """The toy pre-training config on a user's 5-class set: its health probe reads the toy val
     set (30 classes). Refused by name at start; no toy set generated, nothing written."""
-    import drcl2.data.datasets
+    import drcl2.data.generated.toy_lvis
 
     def no_generation(*a, **k):
         raise AssertionError("a generated set was made")
 
-    monkeypatch.setattr(drcl2.data.datasets, "ensure_toy_lvis", no_generation)
+    monkeypatch.setattr(drcl2.data.generated.toy_lvis, "ensure_toy_lvis", no_generation)
     name, (json_file, image_root) = own_data
     out = tmp_path / "run"
     argv = [

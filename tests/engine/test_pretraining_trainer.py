@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from helpers import REPO_ROOT
 
 from drcl2.checkpoint import DRCL2Checkpointer
 from drcl2.config import add_drcl2_config
@@ -47,6 +47,7 @@ def toy_cfg(output_dir, max_iter):
     return cfg
 
 
+@pytest.mark.slow
 def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     assert isinstance(Trainer.build_train_mapper(toy_cfg(tmp_path, 2)), TwoViewDatasetMapper)
     trainer = Trainer(toy_cfg(tmp_path, 2))
@@ -107,6 +108,7 @@ def test_pretrain_export_and_resume(tmp_path, toy_lvis_root):
     assert final["iteration"] == 2
 
 
+@pytest.mark.slow
 def test_detectron2_default_trainer_runs_a_correct_pretraining(
     tmp_path, toy_lvis_root, monkeypatch
 ):
@@ -168,6 +170,7 @@ def test_detectron2_default_trainer_runs_a_correct_pretraining(
         assert torch.allclose(w, r ** lambdas[i // cfg.SOLVER.IMS_PER_BATCH])
 
 
+@pytest.mark.slow
 def test_the_sampler_the_model_and_the_log_use_one_lambda_per_iteration(
     tmp_path, toy_lvis_root, monkeypatch
 ):

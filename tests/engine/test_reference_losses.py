@@ -3,7 +3,8 @@ The default toy pre-training and fine-tuning, a few iterations on the CPU, again
 every loss of every iteration equal to the last bit. It pins the method's behaviour across
 refactoring (a change that moves a loss is a behaviour change, and says so here first).
 
-    DRCL2_WRITE_REFERENCE=1 pytest tests/test_reference_losses.py   # rewrite the reference, on
+    DRCL2_WRITE_REFERENCE=1 pytest tests/engine/test_reference_losses.py   # rewrite the reference,
+                                                                           on
                                                                     purpose
 """
 
@@ -11,7 +12,7 @@ import json
 import os
 
 import pytest
-from conftest import REPO_ROOT, cfg_from
+from helpers import REPO_ROOT, cfg_from
 
 REFERENCE = os.path.join(REPO_ROOT, "tests", "reference", "toy_losses.json")
 ITERS = 3

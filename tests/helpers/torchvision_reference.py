@@ -2,7 +2,7 @@
 The test oracle of drcl2's view rendering (drcl2/data/view_ops.py): the same augmentations, drawn
 from the same random streams, rendered by detectron2's transforms (``apply_image``, PIL) and
 torchvision v2's photometric transforms on a uint8 RGB tensor, about 10x slower.
-tests/test_view_ops.py checks each OpenCV op, and whole views of the mapper, against these.
+tests/data/test_view_ops.py checks each OpenCV op, and whole views of the mapper, against these.
 """
 
 from typing import Tuple

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from detectron2.engine import default_argument_parser, launch
+from helpers import REPO_ROOT
 
 import train_net
 from drcl2 import Trainer
@@ -34,6 +34,7 @@ def _args(output_dir, *extra, flags=()):
     )
 
 
+@pytest.mark.slow
 def test_finetune_evaluate_then_resume(toy_val_mini, tmp_path, capsys):
     train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", f"('{toy_val_mini}',)"))
     results = read_eval_metrics(str(tmp_path))  # what the EvalHook logged at the end of training
@@ -64,6 +65,7 @@ def test_finetune_evaluate_then_resume(toy_val_mini, tmp_path, capsys):
     assert (tmp_path / "model_0000000.pth").is_file()  # what was written before is kept
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="this torch build has no gloo backend, so CPU processes cannot form a process group",

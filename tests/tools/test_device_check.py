@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from drcl2.tools import device_check
 
@@ -87,7 +87,7 @@ def test_the_dry_runs_tests_step_fails_on_a_test_that_would_fail_on_a_gpu(
 ):
     """A test comparing a tensor of the model's device with one made on the host passes on the
     CPU; the dry run's tests step (the emulated device) fails on it, as the GPU run would."""
-    example = "tests/device_mix_example.py"
+    example = "tests/tools/device_mix_example.py"
     on_cpu = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", example],
         cwd=REPO_ROOT,

@@ -1,22 +1,22 @@
 """
 The views' OpenCV / NumPy ops (drcl2/data/view_ops.py) against their reference, torchvision v2's
 functional ops and transforms and detectron2's transforms on the same parameters and draws
-(tests/torchvision_reference.py). Tolerances (uint8 grey levels) are the ones view_ops' docstring
-states.
+(tests/helpers/torchvision_reference.py). Tolerances (uint8 grey levels) are the ones view_ops'
+docstring states.
 """
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import cfg_from
-from torchvision.transforms.v2 import functional as F
-from torchvision_reference import (
+from helpers import cfg_from
+from helpers.torchvision_reference import (
     TorchvisionReferenceMapper,
     build_view_photometric,
     render_reference,
 )
-from torchvision_reference import torchvision_op as _tv
+from helpers.torchvision_reference import torchvision_op as _tv
+from torchvision.transforms.v2 import functional as F
 
 from drcl2.data import view_ops as V
 from drcl2.data.two_view_mapper import TwoViewDatasetMapper

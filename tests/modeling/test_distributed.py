@@ -12,11 +12,11 @@ import os
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
-from test_modeling import build, view
+from helpers import REPO_ROOT
+from helpers.model import build, view
 from torch.nn.parallel import DistributedDataParallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,6 +122,7 @@ def _equivalence_steps(rank):
     return results
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_concatenated_batch(two_processes):
     """
     Catches: per-rank means (a rank with fewer images / instances / pixels weighing as much as a

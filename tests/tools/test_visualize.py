@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, cfg_from
+from helpers import REPO_ROOT, cfg_from
 from PIL import Image
 
 from drcl2.data.rebalance import build_rebalance_schedule

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, cfg_from
 from detectron2.config import get_cfg
+from helpers import REPO_ROOT, cfg_from
 
 from drcl2.data.resumable_loader import ResumableTrainLoader
 from drcl2.engine import Trainer
@@ -92,6 +92,7 @@ def _train(cfg, resume, stop_after=None):
     return trainer, losses, _RecordingTrainer.seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,workers", [("pretrain", 0), ("pretrain", 2), ("finetune", 0), ("finetune", 2)]
 )
@@ -322,6 +323,7 @@ def test_state_of_another_grouping_is_refused():
         )
 
 
+@pytest.mark.slow
 def test_check_resume_command_reports_zero_differences(tmp_path, capsys):
     from drcl2.tools.check_resume import main
 
@@ -353,6 +355,7 @@ def test_check_resume_command_reports_zero_differences(tmp_path, capsys):
     assert "loss_mask" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_drawn_seed_is_kept_by_the_checkpoint(tmp_path):
     """SEED -1: the seed drawn at start is saved, and the resumed run takes it (and rebuilds its
     loader with it)."""

@@ -7,9 +7,9 @@ import csv
 import math
 import os
 
-from conftest import REPO_ROOT, cfg_from
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
+from helpers import REPO_ROOT, cfg_from
 
 import train_net
 

@@ -7,7 +7,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.utils.events import EventStorage
-from test_modeling import NO_AR, NO_RPN, NO_SR, batch, build
+from helpers.model import NO_AR, NO_RPN, NO_SR, batch, build
 from torch import nn
 
 from drcl2.export import export_finetune_weights

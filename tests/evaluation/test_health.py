@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from conftest import cfg_from
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from helpers import cfg_from
 
 from drcl2.evaluation.health import (
     accuracies,
@@ -178,6 +178,7 @@ def test_probe_tool_names_a_missing_file(toy_val_mini, tmp_path, capsys):
     assert code == 1 and "nope.pth" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_health_hook_logs_without_changing_the_run(toy_val_mini, tmp_path):
     """The hook's figures reach metrics.json at its period, and the losses are those of the same run
     without the hook (it draws no global random numbers)."""
