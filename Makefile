@@ -90,7 +90,7 @@ study: install
 	@$(PY) datasets/prepare_toy_lvis.py
 	@$(PY) -m drcl2.tools.study --config-file $(STUDY) --report-dir $(STUDY_REPORT)
 
-# ---- the GPU day (README, "Device check") -------------------------------------------------------
+# ---- the GPU day (docs/BENCHMARKS.md, "The device check")
 # make device-check: install, then python -m drcl2.tools.device_check (report in docs/device/).
 # On a GPU machine that reaches no package index, bring the wheels: `make device-wheels` here fills
 # .whl/ (Python $(DEVICE_PYTHON), manylinux x86_64, about 9 MB), and there `make device-check WHEELS=.whl`

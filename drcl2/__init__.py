@@ -12,9 +12,9 @@ Where things live:
     drcl2.engine       Trainer: DefaultTrainer for 2DRCL pre-training and long-tail fine-tuning
     drcl2.evaluation   LVISEvaluator (faster-coco-eval, per-class AP report, columnar predictions:
                        load_predictions), COCOLTEvaluator (AP1-AP4)
-    drcl2.modeling     the DRCL2 pre-training meta-architecture (EMA target) and its pretext heads
-                       (HCL, LCL, AR, SR, RPN term; DRCL2_HEAD_REGISTRY for your own); the one-stage
-                       fine-tuning detectors ATSS and FCOS (yacs-configurable)
+    drcl2.modeling     the DRCL2 pre-training meta-architecture (a detector, an EMA target, the
+                       pretext heads HCL, LCL, AR, SR, DECOR; DRCL2_HEAD_REGISTRY for your own);
+                       the one-stage fine-tuning detectors ATSS and FCOS (yacs-configurable)
     drcl2.export       export_finetune_weights(src, dst): pre-training checkpoint -> fine-tuning
     drcl2.checkpoint   atomic_write and the crash-safe checkpointers
     drcl2.study        seeded, equal-compute studies: the study file, the runner, the report

@@ -143,7 +143,7 @@ def add_drcl2_config(cfg):
     # Weight w_decor of L_decor (in [0, 1]: mean squared channel correlation) in the total loss.
     cfg.MODEL.DRCL2.DECOR.WEIGHT = 1.0
     # Names of further pretext heads (registered in drcl2.modeling.DRCL2_HEAD_REGISTRY) to train
-    # besides the built-in ones switched on below (HCL, LCL, AR, SR, RPN).
+    # besides the built-in ones switched on above (HCL, LCL, AR, SR, DECOR).
     cfg.MODEL.DRCL2.EXTRA_HEADS = []
     cfg.MODEL.DRCL2.RPN = CN()
     # Class-agnostic RPN loss on the boxes of v1 (pre-trains the RPN) on/off.

@@ -38,8 +38,7 @@ class DRCL2(TargetNetworkMixin, nn.Module):
     """
     2DRCL pre-training. The model owns a detector, as detectron2's ``GeneralizedRCNN`` does
     (``backbone``, ``proposal_generator``, ``roi_heads``), trained with detectron2's losses on view
-    1
-    (``loss_rpn_*``; ``loss_cls``, ``loss_box_reg``, ``loss_mask``), and the pretext heads of
+    1 (``loss_rpn_*``; ``loss_cls``, ``loss_box_reg``, ``loss_mask``), and the pretext heads of
     ``heads`` (:mod:`drcl2.modeling.pretext_head`: HCL, LCL, AR, SR, ...) against an EMA target
     network (``target_network``, :class:`TargetNetworkMixin`). The module names are detectron2's,
     so the export loads into a stock ``GeneralizedRCNN`` (:mod:`drcl2.export`).
@@ -47,7 +46,11 @@ class DRCL2(TargetNetworkMixin, nn.Module):
     Input: N dicts from :class:`drcl2.data.TwoViewDatasetMapper`: ``"view1"`` and ``"view2"``
     (``"image"``: Tensor[3, H, W], ``"instances"``: Instances(gt_boxes, gt_classes, ...) with rows
     aligned across the views; view 1 also its detection ``"targets"``; with ``box_source
-    "proposals"`` both their ``"proposals"``) and ``"image_id"``. Output (training only): losses.
+    "proposals"`` both their ``"proposals"``) and ``"image_id"``. Output (training only): the
+    losses, each weighted by its term's ``WEIGHT``: the detector's ``loss_rpn_cls``,
+    ``loss_rpn_loc`` and (with DET) ``loss_cls``, ``loss_box_reg``, ``loss_mask``; the enabled
+    heads' ``loss_hcl``, ``loss_lcl_inst``, ``loss_lcl_sup``, ``loss_ar``, ``loss_sr``,
+    ``loss_decor`` (and those of ``EXTRA_HEADS``).
 
     Any trainer can drive it: the model moves its target network itself once per new iteration
     (the :class:`EventStorage`'s, else an internal counter; a resumed run is exact), and draws
