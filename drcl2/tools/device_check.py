@@ -93,7 +93,8 @@ GPU_TESTS = [
 ]
 # --dry-run: the same tests with DRCL2_TEST_DEVICE=emulated, the CPU playing the GPU
 # (tests/helpers/emulated_device.py): a test that mixes the model's tensors with tensors made on the
-# host fails there as on CUDA. The CUDA-only ones skip; the CPU half of the CUDA random-state test runs.
+# host fails there as on CUDA. The CUDA-only ones skip; the CPU half of the CUDA random-state test
+# runs.
 DRY_TESTS = GPU_TESTS + [
     "tests/engine/test_resume.py::test_mapping_keeps_the_callers_cuda_random_state"
 ]
@@ -131,9 +132,8 @@ TINY = [
     "10",
 ]
 RESUME_ITERS, RESUME_AT = (20, 10), (4, 2)  # (GPU, dry run)
-FIRST_RESUMED_TOLERANCE = (
-    1e-6  # relative: the first resumed iteration must repeat the uninterrupted one
-)
+# relative: the first resumed iteration must repeat the uninterrupted one
+FIRST_RESUMED_TOLERANCE = 1e-6
 
 
 @dataclass
