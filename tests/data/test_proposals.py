@@ -193,6 +193,14 @@ def proposal_batch(extra_classes=(-1, -1)):
     return data
 
 
+# LCL's boxes from proposals: the keys the start-up checks ask for (the file is never read here).
+PROPOSAL_OPTS = (
+    "MODEL.LOAD_PROPOSALS", True,
+    "MODEL.DRCL2.LCL.BOX_SOURCE", "proposals",
+    "DATASETS.PROPOSAL_FILES_TRAIN", ("unused.pkl",),
+)  # fmt: skip
+
+
 def lcl_model(*opts):
     """LCL and RPN only, no batch statistics in the MLPs (an instance's embedding does not depend
     on which other instances are in the batch), K = 8 (every box is drawn)."""
@@ -219,14 +227,7 @@ def lcl_model(*opts):
 
 def test_unlabelled_proposals_join_the_instance_term_but_not_the_supervised_one(one_thread):
     gt_model = lcl_model()
-    proposal_model = lcl_model(
-        "MODEL.LOAD_PROPOSALS",
-        True,
-        "MODEL.DRCL2.LCL.BOX_SOURCE",
-        "proposals",
-        "DATASETS.PROPOSAL_FILES_TRAIN",
-        ("unused.pkl",),
-    )
+    proposal_model = lcl_model(*PROPOSAL_OPTS)
     assert proposal_model.box_source == "proposals"
     with EventStorage(0):
         torch.manual_seed(1)  # the RPN samples its anchors from the global generator
@@ -242,26 +243,12 @@ def test_unlabelled_proposals_join_the_instance_term_but_not_the_supervised_one(
         assert prop[k].item() == pytest.approx(gt[k].item(), rel=1e-5)
     # Labelled extra boxes do enter L_sup.
     with EventStorage(0):
-        labelled = lcl_model(
-            "MODEL.LOAD_PROPOSALS",
-            True,
-            "MODEL.DRCL2.LCL.BOX_SOURCE",
-            "proposals",
-            "DATASETS.PROPOSAL_FILES_TRAIN",
-            ("unused.pkl",),
-        )(proposal_batch((0, 1)))
+        labelled = lcl_model(*PROPOSAL_OPTS)(proposal_batch((0, 1)))
     assert abs(labelled["loss_lcl_sup"].item() - gt["loss_lcl_sup"].item()) > 1e-4
 
 
 def test_all_unlabelled_proposals_give_a_zero_supervised_term_with_gradients(one_thread):
-    model = lcl_model(
-        "MODEL.LOAD_PROPOSALS",
-        True,
-        "MODEL.DRCL2.LCL.BOX_SOURCE",
-        "proposals",
-        "DATASETS.PROPOSAL_FILES_TRAIN",
-        ("unused.pkl",),
-    )
+    model = lcl_model(*PROPOSAL_OPTS)
     data = proposal_batch()
     for item in data:
         for v in ("view1", "view2"):
@@ -284,14 +271,7 @@ def test_proposal_box_source_needs_the_proposal_keys():
         check_drcl2_config(cfg)
     with pytest.raises(ValueError, match="BOX_SOURCE"):
         check_drcl2_config(tiny_cfg("MODEL.DRCL2.LCL.BOX_SOURCE", "selective_search"))
-    model = lcl_model(
-        "MODEL.LOAD_PROPOSALS",
-        True,
-        "MODEL.DRCL2.LCL.BOX_SOURCE",
-        "proposals",
-        "DATASETS.PROPOSAL_FILES_TRAIN",
-        ("unused.pkl",),
-    )
+    model = lcl_model(*PROPOSAL_OPTS)
     data = proposal_batch()
     del data[1]["view2"]["proposals"]
     with pytest.raises(ValueError, match="no view2 'proposals'"):
@@ -316,12 +296,7 @@ def test_unlabelled_proposals_weigh_one_in_box_guided_masking(monkeypatch, one_t
     cfg = tiny_cfg(
         "DATALOADER.DRCL2.REPEAT_THRESHOLD",
         0.5,
-        "MODEL.LOAD_PROPOSALS",
-        True,
-        "MODEL.DRCL2.LCL.BOX_SOURCE",
-        "proposals",
-        "DATASETS.PROPOSAL_FILES_TRAIN",
-        ("unused.pkl",),
+        *PROPOSAL_OPTS,
         "MODEL.DRCL2.HCL.ENABLED",
         False,
         "MODEL.DRCL2.SR.ENABLED",
