@@ -47,6 +47,10 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.HCL.LOSS = "byol"
     # Temperature of the InfoNCE option.
     cfg.MODEL.DRCL2.HCL.TEMPERATURE = 0.2
+    # "infonce" only: also contrast against the target image vectors of the last QUEUE_SIZE images
+    # (a MoCo queue, first in, first out), so that the negatives do not depend on the batch size
+    # (0: the global batch's alone).
+    cfg.MODEL.DRCL2.HCL.QUEUE_SIZE = 0
     # FPN levels averaged (after padding-aware global average pooling) into the image vector h.
     cfg.MODEL.DRCL2.HCL.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     # Weight w_hcl of L_HCL in the total loss.
@@ -69,6 +73,9 @@ def add_drcl2_config(cfg):
     cfg.MODEL.DRCL2.LCL.LOSS = "byol"
     # Temperature of the "infonce" instance term (AlignDet: 0.5).
     cfg.MODEL.DRCL2.LCL.INST_TEMPERATURE = 0.5
+    # "infonce" only: the instance term also contrasts against the target embeddings of the last
+    # QUEUE_SIZE drawn instances (a MoCo queue; 0: the global batch's alone).
+    cfg.MODEL.DRCL2.LCL.QUEUE_SIZE = 0
     # Factor on the gradient LCL sends into the backbone and FPN, in [0, 1] (0: LCL trains only the
     # box head and its MLPs, as AlignDet's box-domain pre-training on a frozen backbone).
     cfg.MODEL.DRCL2.LCL.BACKBONE_GRAD = 1.0

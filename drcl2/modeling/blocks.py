@@ -1,6 +1,7 @@
 """
 The building blocks of 2DRCL's heads (docs/method.md): projector / predictor MLPs, the box-feature
-head (RoIAlign + box head) LCL pools with, the class memory of L_sup, the appearance-reconstruction
+head (RoIAlign + box head) LCL pools with, the class memory of L_sup, the key queues of the InfoNCE
+terms, the appearance-reconstruction
 decoder and the semantic-reconstruction predictors. Plain ``nn.Module``s with typed arguments; the
 pretext heads (hcl_head.py, lcl_head.py, reconstruction_heads.py) build them from the config.
 """
@@ -21,6 +22,8 @@ __all__ = [
     "BoxFeatureHead",
     "box_features",
     "ClassMemory",
+    "KeyQueue",
+    "build_key_queue",
 ]
 
 
@@ -151,6 +154,38 @@ class ClassMemory(nn.Module):
             self.embeddings[c, slots] = rows
             self.next[c] = (self.next[c] + n) % self.size
             self.filled[c] = torch.clamp(self.filled[c] + n, max=self.size)
+
+
+class KeyQueue(ClassMemory):
+    """
+    A MoCo queue: the last ``size`` target keys (l2-normalised), first in, first out — the negatives
+    an InfoNCE term contrasts against besides the batch's, so that their number does not depend on
+    the batch size. A :class:`ClassMemory` of one class (buffers: saved in checkpoints); push the
+    same keys on every process (all-gathered ones) to keep one queue.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__(num_classes=1, size=size, dim=dim)
+
+    def entries(self) -> torch.Tensor:
+        """Tensor[E, D], every valid key (E <= size), in no particular order."""
+        return super().entries()[0]
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        """Add ``keys`` (Tensor[R, D]) in row order, replacing the oldest once full."""
+        super().push(keys, torch.zeros(len(keys), dtype=torch.int64, device=keys.device))
+
+
+def build_key_queue(key: str, size, dim: int):
+    """
+    The :class:`KeyQueue` of config key ``key`` (``MODEL.DRCL2.<HEAD>.QUEUE_SIZE``) for keys of
+    ``dim`` values, or None for 0. Raises ValueError naming the key unless ``size`` is an integer
+    >= 0.
+    """
+    if isinstance(size, bool) or int(size) != size or size < 0:
+        raise ValueError(f"{key} = {size!r}: must be an integer >= 0 (0: no queue).")
+    return KeyQueue(int(size), dim) if size > 0 else None
 
 
 class AppearanceDecoder(nn.Module):

@@ -1,14 +1,14 @@
 """HCL, holistic (image-level) contrastive learning (docs/method.md): ``loss_hcl``."""
 
 import math
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
 from detectron2.utils import comm
 from torch import nn
 
-from .blocks import MLPHead
+from .blocks import KeyQueue, MLPHead, build_key_queue
 from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
 from .losses import at_least_float32, byol_loss, info_nce_loss
 from .pretext_head import (
@@ -31,7 +31,9 @@ class HolisticContrastiveHead(PretextHead):
     L_HCL between the online image vector of the (masked) view 1, through projector and predictor,
     and the target image vector of view 2 through the target projector (symmetrised when the model
     is). The image vector is the mean over ``in_features`` of padding-aware global average pooling.
-    Layers: ``projector``, ``predictor``; target copy: ``projector``.
+    With ``loss="infonce"`` the negatives are the other images of the global batch and, with
+    ``queue``, the target vectors of the last images before it (MoCo).
+    Layers: ``projector``, ``predictor``, ``queue``; target copy: ``projector``.
     """
 
     @configurable
@@ -46,6 +48,7 @@ class HolisticContrastiveHead(PretextHead):
         temperature: float = 0.2,
         weight: float = 1.0,
         symmetric: bool = False,
+        queue: Optional[KeyQueue] = None,
     ):
         """
         Args:
@@ -56,13 +59,20 @@ class HolisticContrastiveHead(PretextHead):
             temperature: InfoNCE temperature.
             weight: w_hcl.
             symmetric: also train the swapped pair (online v2 vs target v1).
+            queue: the InfoNCE negatives of earlier steps (``loss="infonce"`` only), or None.
         """
         if loss not in HCL_LOSSES:
             raise ValueError(f"MODEL.DRCL2.HCL.LOSS = {loss!r}: must be one of {HCL_LOSSES}.")
         if not temperature > 0:
             raise ValueError(f"MODEL.DRCL2.HCL.TEMPERATURE = {temperature}: must be > 0.")
+        if queue is not None and loss != "infonce":
+            raise ValueError(
+                f"MODEL.DRCL2.HCL.QUEUE_SIZE > 0: a queue holds negatives, which only the InfoNCE "
+                f"loss has; set MODEL.DRCL2.HCL.LOSS to 'infonce' (it is {loss!r}) or "
+                f"QUEUE_SIZE to 0."
+            )
         super().__init__(in_features=in_features, target_views=(1, 2) if symmetric else (2,))
-        self.projector, self.predictor = projector, predictor
+        self.projector, self.predictor, self.queue = projector, predictor, queue
         self.strides = dict(strides)
         self.loss, self.temperature, self.weight, self.symmetric = (
             loss,
@@ -89,6 +99,7 @@ class HolisticContrastiveHead(PretextHead):
             "temperature": d.HCL.TEMPERATURE,
             "weight": d.HCL.WEIGHT,
             "symmetric": d.SYMMETRIC,
+            "queue": build_key_queue("MODEL.DRCL2.HCL.QUEUE_SIZE", d.HCL.QUEUE_SIZE, d.MLP_OUT_DIM),
         }
 
     def target_modules(self):
@@ -151,15 +162,20 @@ class HolisticContrastiveHead(PretextHead):
             if self.symmetric:
                 loss = 0.5 * (loss + byol_loss(z2, t1, normalizer))
             return {"loss_hcl": self.weight * loss}
-        # InfoNCE against the keys of the global batch: one gather (both views' keys if symmetric).
+        # InfoNCE against the keys of the global batch: one gather (both views' keys if symmetric),
+        # then the queue's (earlier steps', after the batch's: the positives' indices stand).
         keys = all_gather_rows(torch.cat([t2, t1], dim=1) if self.symmetric else t2, image_counts)
         dim = t2.shape[1]
+        keys2, keys1 = keys[:, :dim], keys[:, dim:]
+        if self.queue is not None:
+            negatives = self.queue.entries().to(keys2)
+            keys2 = torch.cat([keys2, negatives])
+            keys1 = torch.cat([keys1, negatives]) if self.symmetric else keys1
+            self.queue.push(keys[:, :dim])  # view 2's keys, the same on every rank
         positives = torch.arange(len(z1), device=z1.device) + sum(image_counts[: comm.get_rank()])
-        loss = info_nce_loss(z1, keys[:, :dim], positives, self.temperature, normalizer)
+        loss = info_nce_loss(z1, keys2, positives, self.temperature, normalizer)
         if self.symmetric:
-            loss = 0.5 * (
-                loss + info_nce_loss(z2, keys[:, dim:], positives, self.temperature, normalizer)
-            )
+            loss = 0.5 * (loss + info_nce_loss(z2, keys1, positives, self.temperature, normalizer))
         return {"loss_hcl": self.weight * loss}
 
 

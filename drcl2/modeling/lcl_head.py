@@ -11,7 +11,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
-from .blocks import ClassMemory, MLPHead, box_features
+from .blocks import ClassMemory, KeyQueue, MLPHead, box_features, build_key_queue
 from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
 from .losses import (
     at_least_float32,
@@ -37,7 +37,8 @@ class LocalContrastiveHead(PretextHead):
 
     * L_inst over all drawn instances: BYOL (``loss="byol"``: 2 - 2 cos to the target embedding of
       the same instance) or InfoNCE (``"infonce"``: the same instance's target embedding against
-      those of every instance of the global batch, temperature ``inst_temperature``; AlignDet's);
+      those of every instance of the global batch and, with ``queue``, of the last instances
+      before it (MoCo), temperature ``inst_temperature``; AlignDet's without the queue);
     * L_sup over the labelled ones (balanced supervised contrastive, class weights
       ``ctx.class_weights["sup"]``) against the target embeddings of the global batch and, with
       ``memory`` (a :class:`ClassMemory`), the last target embeddings of every class, so that an
@@ -46,8 +47,8 @@ class LocalContrastiveHead(PretextHead):
     ``backbone_grad`` scales the gradient LCL sends into the backbone and FPN (0: LCL trains only
     the box head and its MLPs on the features the other terms shape; AlignDet's frozen backbone).
 
-    Layers: ``projector``, ``predictor``, ``memory``; target copies: the box head (the model's)
-    and ``projector``.
+    Layers: ``projector``, ``predictor``, ``memory``, ``queue``; target copies: the box head (the
+    model's) and ``projector``.
     """
 
     @configurable
@@ -66,6 +67,7 @@ class LocalContrastiveHead(PretextHead):
         inst_temperature: float = 0.5,
         memory: ClassMemory = None,
         backbone_grad: float = 1.0,
+        queue: KeyQueue = None,
     ):
         """
         Args:
@@ -80,12 +82,20 @@ class LocalContrastiveHead(PretextHead):
             inst_temperature: the InfoNCE temperature of the instance term.
             memory: the per-class memory of target embeddings for L_sup, or None.
             backbone_grad: factor on the gradient into the backbone, in [0, 1].
+            queue: the instance term's InfoNCE negatives of earlier steps (``loss="infonce"``
+                only), or None.
         """
         if loss not in LCL_LOSSES:
             raise ValueError(f"MODEL.DRCL2.LCL.LOSS = {loss!r}: must be one of {LCL_LOSSES}.")
         if not 0.0 <= backbone_grad <= 1.0:
             raise ValueError(
                 f"MODEL.DRCL2.LCL.BACKBONE_GRAD = {backbone_grad}: must lie in [0, 1]."
+            )
+        if queue is not None and loss != "infonce":
+            raise ValueError(
+                f"MODEL.DRCL2.LCL.QUEUE_SIZE > 0: a queue holds negatives, which only the InfoNCE "
+                f"loss has; set MODEL.DRCL2.LCL.LOSS to 'infonce' (it is {loss!r}) or "
+                f"QUEUE_SIZE to 0."
             )
         for key, value in (("TEMPERATURE", temperature), ("INST_TEMPERATURE", inst_temperature)):
             if not value > 0:
@@ -100,6 +110,7 @@ class LocalContrastiveHead(PretextHead):
         )
         self.box_in_features = list(box_in_features)
         self.projector, self.predictor, self.memory = projector, predictor, memory
+        self.queue = queue
         self.temperature, self.supervised, self.sup_weight = temperature, supervised, sup_weight
         self.weight, self.symmetric = weight, symmetric
         self.loss, self.inst_temperature, self.backbone_grad = loss, inst_temperature, backbone_grad
@@ -137,6 +148,7 @@ class LocalContrastiveHead(PretextHead):
             "inst_temperature": d.LCL.INST_TEMPERATURE,
             "memory": memory,
             "backbone_grad": d.LCL.BACKBONE_GRAD,
+            "queue": build_key_queue("MODEL.DRCL2.LCL.QUEUE_SIZE", d.LCL.QUEUE_SIZE, d.MLP_OUT_DIM),
         }
 
     def target_modules(self):
@@ -224,17 +236,19 @@ class LocalContrastiveHead(PretextHead):
             if self.symmetric:
                 inst = 0.5 * (inst + byol_loss(e2, t1, normalizer))
         else:
+            # the keys of the global batch, then the queue's (earlier steps'): positives stand
+            keys2, keys1 = gathered[:, 1 : 1 + dim], gathered[:, 1 + dim :]
+            if self.queue is not None:
+                negatives = self.queue.entries().to(keys2)
+                keys2 = torch.cat([keys2, negatives])
+                keys1 = torch.cat([keys1, negatives]) if self.symmetric else keys1
+                self.queue.push(gathered[:, 1 : 1 + dim])  # view 2's keys, the same on every rank
             offset = sum(ctx.instance_counts[: comm.get_rank()])
             positives = torch.arange(len(e1), device=e1.device) + offset
-            inst = info_nce_loss(
-                e1, gathered[:, 1 : 1 + dim], positives, self.inst_temperature, normalizer
-            )
+            inst = info_nce_loss(e1, keys2, positives, self.inst_temperature, normalizer)
             if self.symmetric:
                 inst = 0.5 * (
-                    inst
-                    + info_nce_loss(
-                        e2, gathered[:, 1 + dim :], positives, self.inst_temperature, normalizer
-                    )
+                    inst + info_nce_loss(e2, keys1, positives, self.inst_temperature, normalizer)
                 )
         if not self.supervised:
             return inst, None

@@ -391,6 +391,73 @@ def test_symmetric_and_infonce_follow_their_formulas(loss, symmetric):
     assert losses["loss_lcl_inst"].item() == pytest.approx(inst.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_infonce_queues_hold_the_earlier_steps_keys_as_negatives(symmetric):
+    """
+    HCL.QUEUE_SIZE / LCL.QUEUE_SIZE (MoCo): each InfoNCE term contrasts against the global batch's
+    keys and then the queue's, which holds the l2-normalised view-2 keys of earlier steps, first in,
+    first out. Recomputed from the embeddings the model produced over three steps. Catches: a queue
+    never read or never filled, the step's own keys queued before the loss (its positives again as
+    negatives), the positives' indices shifted by the queue, view 1's keys queued.
+    """
+    queue_size = {"hcl": 3, "lcl": 7}  # batch(): 2 images, 5 drawn instances a step
+    model = build(
+        "MODEL.DRCL2.SYMMETRIC", symmetric, *NO_AR, *NO_SR, *NO_RPN,
+        "MODEL.DRCL2.HCL.LOSS", "infonce", "MODEL.DRCL2.HCL.QUEUE_SIZE", queue_size["hcl"],
+        "MODEL.DRCL2.LCL.LOSS", "infonce", "MODEL.DRCL2.LCL.QUEUE_SIZE", queue_size["lcl"],
+        "MODEL.DRCL2.LCL.SUPERVISED", False,
+    )  # fmt: skip
+    heads = {"hcl": model.heads["hcl"], "lcl": model.heads["lcl"]}
+    tau = {"hcl": 0.2, "lcl": 0.5}
+    loss_keys = {"hcl": "loss_hcl", "lcl": "loss_lcl_inst"}
+    queued = {"hcl": [], "lcl": []}  # every view-2 key pushed so far, oldest first
+    for iteration in range(3):
+        online = {"hcl": [], "lcl": []}
+        target = {"hcl": [], "lcl": []}
+        hooks = [record_outputs(heads[h].predictor, online[h]) for h in heads] + [
+            record_outputs(model.target_network[f"{h}_projector"], target[h]) for h in heads
+        ]
+        losses, _ = step(model, iteration)
+        for hook in hooks:
+            hook.remove()
+        for h in heads:
+            t1, t2 = target[h][0].chunk(2) if symmetric else (None, target[h][0])
+            negatives = queued[h][-queue_size[h] :]
+            expected = _info_nce_with(online[h][0], t2, negatives, tau[h])
+            if symmetric:
+                expected = 0.5 * (expected + _info_nce_with(online[h][1], t1, negatives, tau[h]))
+            assert losses[loss_keys[h]].item() == pytest.approx(expected.item(), rel=1e-5), (
+                h,
+                iteration,
+            )
+            queued[h] += list(torch.nn.functional.normalize(t2.float(), dim=1))
+            held = heads[h].queue.entries()
+            assert len(held) == min(len(queued[h]), queue_size[h])
+            expected_held = torch.stack(queued[h][-queue_size[h] :])
+            assert torch.allclose(
+                held[held[:, 0].argsort()], expected_held[expected_held[:, 0].argsort()], atol=1e-6
+            )  # the same keys (the queue's slots are in no particular order)
+    assert "heads.hcl.queue.embeddings" in model.state_dict()  # resumed with the checkpoint
+
+
+def test_a_queue_without_infonce_or_of_a_bad_size_is_refused():
+    with pytest.raises(ValueError, match="MODEL.DRCL2.HCL.QUEUE_SIZE > 0.*MODEL.DRCL2.HCL.LOSS"):
+        build("MODEL.DRCL2.HCL.QUEUE_SIZE", 8)  # HCL.LOSS byol
+    with pytest.raises(ValueError, match="MODEL.DRCL2.LCL.QUEUE_SIZE > 0.*MODEL.DRCL2.LCL.LOSS"):
+        build("MODEL.DRCL2.LCL.QUEUE_SIZE", 8)
+    with pytest.raises(ValueError, match="MODEL.DRCL2.LCL.QUEUE_SIZE = -1"):
+        build("MODEL.DRCL2.LCL.LOSS", "infonce", "MODEL.DRCL2.LCL.QUEUE_SIZE", -1)
+
+
+def _info_nce_with(z, t, negatives, tau):
+    """InfoNCE of queries z against their own keys t, then ``negatives`` (normalised rows)."""
+    keys = torch.nn.functional.normalize(t.float(), dim=1)
+    if negatives:
+        keys = torch.cat([keys, torch.stack(negatives).to(keys)])
+    logits = torch.nn.functional.normalize(z.float(), dim=1) @ keys.t() / tau
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(z), device=z.device))
+
+
 def test_images_without_instances_still_train_hcl_and_drc():
     model = build()
     data = batch()
