@@ -24,6 +24,7 @@ __all__ = [
     "ClassMemory",
     "KeyQueue",
     "build_key_queue",
+    "check_key_queue",
 ]
 
 
@@ -175,6 +176,23 @@ class KeyQueue(ClassMemory):
     def push(self, keys: torch.Tensor) -> None:
         """Add ``keys`` (Tensor[R, D]) in row order, replacing the oldest once full."""
         super().push(keys, torch.zeros(len(keys), dtype=torch.int64, device=keys.device))
+
+    def exchange(self, keys: torch.Tensor) -> torch.Tensor:
+        """This step's negatives, Tensor[E, D] like ``keys``: the keys held before ``keys``
+        (Tensor[R, D], this step's), which are then pushed — so a step never meets its own keys."""
+        negatives = self.entries().to(keys)
+        self.push(keys)
+        return negatives
+
+
+def check_key_queue(prefix: str, queue, loss: str) -> None:
+    """Raise ValueError naming ``<prefix>.QUEUE_SIZE`` when a head with loss ``loss`` is given a
+    queue: only the InfoNCE loss has negatives."""
+    if queue is not None and loss != "infonce":
+        raise ValueError(
+            f"{prefix}.QUEUE_SIZE > 0: a queue holds negatives, which only the InfoNCE loss has; "
+            f"set {prefix}.LOSS to 'infonce' (it is {loss!r}) or QUEUE_SIZE to 0."
+        )
 
 
 def build_key_queue(key: str, size, dim: int):

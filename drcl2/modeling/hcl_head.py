@@ -8,7 +8,7 @@ from detectron2.config import configurable
 from detectron2.utils import comm
 from torch import nn
 
-from .blocks import KeyQueue, MLPHead, build_key_queue
+from .blocks import KeyQueue, MLPHead, build_key_queue, check_key_queue
 from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
 from .losses import at_least_float32, byol_loss, info_nce_loss
 from .pretext_head import (
@@ -65,12 +65,7 @@ class HolisticContrastiveHead(PretextHead):
             raise ValueError(f"MODEL.DRCL2.HCL.LOSS = {loss!r}: must be one of {HCL_LOSSES}.")
         if not temperature > 0:
             raise ValueError(f"MODEL.DRCL2.HCL.TEMPERATURE = {temperature}: must be > 0.")
-        if queue is not None and loss != "infonce":
-            raise ValueError(
-                f"MODEL.DRCL2.HCL.QUEUE_SIZE > 0: a queue holds negatives, which only the InfoNCE "
-                f"loss has; set MODEL.DRCL2.HCL.LOSS to 'infonce' (it is {loss!r}) or "
-                f"QUEUE_SIZE to 0."
-            )
+        check_key_queue("MODEL.DRCL2.HCL", queue, loss)
         super().__init__(in_features=in_features, target_views=(1, 2) if symmetric else (2,))
         self.projector, self.predictor, self.queue = projector, predictor, queue
         self.strides = dict(strides)
@@ -168,10 +163,9 @@ class HolisticContrastiveHead(PretextHead):
         dim = t2.shape[1]
         keys2, keys1 = keys[:, :dim], keys[:, dim:]
         if self.queue is not None:
-            negatives = self.queue.entries().to(keys2)
+            negatives = self.queue.exchange(keys2)  # queues view 2's keys, the same on every rank
             keys2 = torch.cat([keys2, negatives])
             keys1 = torch.cat([keys1, negatives]) if self.symmetric else keys1
-            self.queue.push(keys[:, :dim])  # view 2's keys, the same on every rank
         positives = torch.arange(len(z1), device=z1.device) + sum(image_counts[: comm.get_rank()])
         loss = info_nce_loss(z1, keys2, positives, self.temperature, normalizer)
         if self.symmetric:

@@ -11,7 +11,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
-from .blocks import ClassMemory, KeyQueue, MLPHead, box_features, build_key_queue
+from .blocks import ClassMemory, KeyQueue, MLPHead, box_features, build_key_queue, check_key_queue
 from .distributed import all_gather_rows, batch_norm_trains, ddp_normalizer
 from .losses import (
     at_least_float32,
@@ -91,12 +91,7 @@ class LocalContrastiveHead(PretextHead):
             raise ValueError(
                 f"MODEL.DRCL2.LCL.BACKBONE_GRAD = {backbone_grad}: must lie in [0, 1]."
             )
-        if queue is not None and loss != "infonce":
-            raise ValueError(
-                f"MODEL.DRCL2.LCL.QUEUE_SIZE > 0: a queue holds negatives, which only the InfoNCE "
-                f"loss has; set MODEL.DRCL2.LCL.LOSS to 'infonce' (it is {loss!r}) or "
-                f"QUEUE_SIZE to 0."
-            )
+        check_key_queue("MODEL.DRCL2.LCL", queue, loss)
         for key, value in (("TEMPERATURE", temperature), ("INST_TEMPERATURE", inst_temperature)):
             if not value > 0:
                 raise ValueError(f"MODEL.DRCL2.LCL.{key} = {value}: must be > 0.")
@@ -239,10 +234,9 @@ class LocalContrastiveHead(PretextHead):
             # the keys of the global batch, then the queue's (earlier steps'): positives stand
             keys2, keys1 = gathered[:, 1 : 1 + dim], gathered[:, 1 + dim :]
             if self.queue is not None:
-                negatives = self.queue.entries().to(keys2)
+                negatives = self.queue.exchange(keys2)  # queues view 2's keys, on every rank
                 keys2 = torch.cat([keys2, negatives])
                 keys1 = torch.cat([keys1, negatives]) if self.symmetric else keys1
-                self.queue.push(gathered[:, 1 : 1 + dim])  # view 2's keys, the same on every rank
             offset = sum(ctx.instance_counts[: comm.get_rank()])
             positives = torch.arange(len(e1), device=e1.device) + offset
             inst = info_nce_loss(e1, keys2, positives, self.inst_temperature, normalizer)
