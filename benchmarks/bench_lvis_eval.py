@@ -43,6 +43,7 @@ import tempfile
 import time
 
 import torch
+from verdict import shown, verdict
 
 __all__ = ["add_arguments", "run"]
 
@@ -202,7 +203,7 @@ def run(args):
                 f"{out['lvis_cpu_seconds'] / out['faster_cpu_seconds']:.2f}x CPU"
             )
             print(
-                f"  end to end    : {e2e['wall_speedup']:.2f}x wall, {e2e['speedup']:.2f}x CPU  "
+                f"  end to end    : {e2e['wall_speedup']:.2f}x wall, {shown(e2e['speedup'])}x CPU  "
                 f"(target >= {E2E_TARGET:.1f}x in CPU seconds: {e2e['verdict']})"
             )
     return out
@@ -309,12 +310,13 @@ def _end_to_end(args, gt, dets, json_file_content):
         )
     speedup = cpu_totals["detectron2"] / cpu_totals["drcl2"]
     wall_speedup = totals["detectron2"] / totals["drcl2"]
-    verdict = "ok" if speedup >= E2E_TARGET else "MISSED"
+    judged = verdict(speedup, E2E_TARGET, at_least=True)
     print(
-        f"speed-up end to end (detectron2 / drcl2): {speedup:.2f}x CPU, {wall_speedup:.2f}x wall; "
+        f"speed-up end to end (detectron2 / drcl2): {shown(speedup)}x CPU, "
+        f"{wall_speedup:.2f}x wall; "
         f"process {cpu['detectron2']['process'] / cpu['drcl2']['process']:.2f}x CPU, evaluate "
         f"{cpu['detectron2']['evaluate'] / cpu['drcl2']['evaluate']:.2f}x CPU; target >= "
-        f"{E2E_TARGET:.1f}x in CPU seconds: {verdict}"
+        f"{E2E_TARGET:.1f}x in CPU seconds: {judged}"
     )
     print(
         f"load average during the run (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
@@ -324,6 +326,6 @@ def _end_to_end(args, gt, dets, json_file_content):
         "cpu": cpu,
         "speedup": speedup,
         "wall_speedup": wall_speedup,
-        "verdict": verdict,
+        "verdict": judged,
         "max_diff": diff,
     }

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 import torch
+from verdict import shown, verdict
 
 __all__ = ["add_arguments", "run"]
 
@@ -172,10 +173,6 @@ def _device():
     return f"CPU: {cpu}, os.cpu_count()={os.cpu_count()}"
 
 
-def _verdict(ratio):
-    return "ok" if ratio <= TARGET_RATIO else "MISSED"
-
-
 def run(args):
     import cv2
     from tabulate import tabulate
@@ -221,9 +218,9 @@ def run(args):
                 f"{width}x{height}",
                 f"{med['detectron2'] * 1e3:.1f}",
                 f"{med['two-view'] * 1e3:.1f}",
-                f"{ratio:.2f}x",
+                f"{shown(ratio)}x",
                 f"<= {TARGET_RATIO:.1f}x",
-                _verdict(ratio),
+                verdict(ratio, TARGET_RATIO),
             ]
             if args.loader_batches > 0:
                 rates = {

@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 from tabulate import tabulate
+from verdict import shown, verdict
 
 LVIS_V1_TRAIN_IMAGES = 100_170
 LVIS_V1_TRAIN_INSTANCES = 1_270_141
@@ -133,8 +134,14 @@ def _time(fn, repeats, min_total_s=0.5, max_repeats=200):
 
 def _row(name, theirs, ours, measured, target, unit):
     """A table row whose verdict is ``ok`` when ``measured <= target`` (both in ``unit``)."""
-    verdict = "ok" if measured <= target else "MISSED"
-    return [name, theirs, ours, f"{measured:.2f}{unit}", f"<= {target:.1f}{unit}", verdict]
+    return [
+        name,
+        theirs,
+        ours,
+        f"{shown(measured)}{unit}",
+        f"<= {target:.1f}{unit}",
+        verdict(measured, target),
+    ]
 
 
 def _device():

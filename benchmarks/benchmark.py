@@ -10,7 +10,8 @@ drcl2's benchmarks, each printing a table (device, sizes, repeats and the figure
                                                  grouping rule
 
 Each benchmark lives in its own script beside this one, ``bench_<name>.py``, with two functions,
-``add_arguments(parser)`` and ``run(args)``. The benchmarks are scripts of the repository, not part
+``add_arguments(parser)`` and ``run(args)``; ``verdict.py`` judges a figure against its target on
+the figure as the table prints it. The benchmarks are scripts of the repository, not part
 of the installed package: run them from the repository root.
 """
 
