@@ -21,16 +21,12 @@ def toy_mapper(**opts):
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
     cfg.merge_from_list(
         [
-            "INPUT.DRCL2.COLOR_JITTER_PROB",
-            0.0,
-            "INPUT.DRCL2.GRAYSCALE_PROB",
-            0.0,
-            "INPUT.DRCL2.BLUR_PROB",
-            (0.0, 0.0),
-            "INPUT.DRCL2.SOLARIZE_PROB",
-            (0.0, 0.0),
+            "INPUT.DRCL2.COLOR_JITTER_PROB", 0.0,
+            "INPUT.DRCL2.GRAYSCALE_PROB", 0.0,
+            "INPUT.DRCL2.BLUR_PROB", (0.0, 0.0),
+            "INPUT.DRCL2.SOLARIZE_PROB", (0.0, 0.0),
         ]
-    )
+    )  # fmt: skip
     for k, v in opts.items():
         cfg.merge_from_list([k, v])
     return TwoViewDatasetMapper(cfg, is_train=True)

@@ -214,20 +214,14 @@ def test_mapper_benchmark_verdict(capsys, benchmarks):
     benchmark.main(
         [
             "mapper",
-            "--sizes",
-            "96x72",
-            "--images",
-            "2",
-            "--instances",
-            "3",
-            "--rounds",
-            "1",
-            "--loader-batches",
-            "2",
-            "--workers",
-            "0",
+            "--sizes", "96x72",
+            "--images", "2",
+            "--instances", "3",
+            "--rounds", "1",
+            "--loader-batches", "2",
+            "--workers", "0",
         ]
-    )
+    )  # fmt: skip
     out = capsys.readouterr().out
     rows = [
         [c.strip() for c in line.strip("|").split("|")]

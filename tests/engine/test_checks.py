@@ -15,23 +15,15 @@ from drcl2.engine import Trainer
 pytestmark = pytest.mark.usefixtures("one_thread", "toy_lvis_root")
 
 TINY = [
-    "SOLVER.IMS_PER_BATCH",
-    2,
-    "DATALOADER.NUM_WORKERS",
-    0,
-    "INPUT.MIN_SIZE_TRAIN",
-    (64,),
-    "INPUT.MAX_SIZE_TRAIN",
-    96,
-    "MODEL.ROI_BOX_HEAD.FC_DIM",
-    64,
-    "TEST.EVAL_PERIOD",
-    0,
-    "DATASETS.TEST",
-    (),
-    "SEED",
-    3,
-]
+    "SOLVER.IMS_PER_BATCH", 2,
+    "DATALOADER.NUM_WORKERS", 0,
+    "INPUT.MIN_SIZE_TRAIN", (64,),
+    "INPUT.MAX_SIZE_TRAIN", 96,
+    "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+    "TEST.EVAL_PERIOD", 0,
+    "DATASETS.TEST", (),
+    "SEED", 3,
+]  # fmt: skip
 
 
 def test_num_classes_other_than_the_datasets_is_refused(tmp_path):

@@ -24,26 +24,17 @@ def toy_cfg(output_dir, max_iter):
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/toy/pretrain_2drcl.yaml"))
     cfg.merge_from_list(
         [
-            "MODEL.DEVICE",
-            "cpu",
-            "OUTPUT_DIR",
-            str(output_dir),
-            "SOLVER.MAX_ITER",
-            max_iter,
-            "SOLVER.IMS_PER_BATCH",
-            2,
-            "SOLVER.CHECKPOINT_PERIOD",
-            2,
-            "DATALOADER.NUM_WORKERS",
-            0,
-            "MODEL.ROI_BOX_HEAD.FC_DIM",
-            128,
-            "INPUT.MIN_SIZE_TRAIN",
-            (64,),
-            "INPUT.MAX_SIZE_TRAIN",
-            96,
+            "MODEL.DEVICE", "cpu",
+            "OUTPUT_DIR", str(output_dir),
+            "SOLVER.MAX_ITER", max_iter,
+            "SOLVER.IMS_PER_BATCH", 2,
+            "SOLVER.CHECKPOINT_PERIOD", 2,
+            "DATALOADER.NUM_WORKERS", 0,
+            "MODEL.ROI_BOX_HEAD.FC_DIM", 128,
+            "INPUT.MIN_SIZE_TRAIN", (64,),
+            "INPUT.MAX_SIZE_TRAIN", 96,
         ]
-    )
+    )  # fmt: skip
     return cfg
 
 

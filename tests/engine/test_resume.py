@@ -50,35 +50,21 @@ class _RecordingLoader:
 
 def _cfg(kind, output_dir, workers):
     common = [
-        "OUTPUT_DIR",
-        str(output_dir),
-        "SOLVER.MAX_ITER",
-        MAX_ITER,
-        "SOLVER.CHECKPOINT_PERIOD",
-        CHECKPOINT_AT,
-        "SOLVER.IMS_PER_BATCH",
-        2,
-        "DATALOADER.NUM_WORKERS",
-        workers,
-        "DATALOADER.ASPECT_RATIO_GROUPING",
-        True,
-        "INPUT.MIN_SIZE_TRAIN",
-        (64,),
-        "INPUT.MAX_SIZE_TRAIN",
-        96,
-        "MODEL.ROI_BOX_HEAD.FC_DIM",
-        64,
-        "SOLVER.WARMUP_ITERS",
-        2,
-        "SOLVER.STEPS",
-        (6,),
-        "TEST.EVAL_PERIOD",
-        0,
-        "DATASETS.TEST",
-        (),
-        "SEED",
-        7,
-    ]
+        "OUTPUT_DIR", str(output_dir),
+        "SOLVER.MAX_ITER", MAX_ITER,
+        "SOLVER.CHECKPOINT_PERIOD", CHECKPOINT_AT,
+        "SOLVER.IMS_PER_BATCH", 2,
+        "DATALOADER.NUM_WORKERS", workers,
+        "DATALOADER.ASPECT_RATIO_GROUPING", True,
+        "INPUT.MIN_SIZE_TRAIN", (64,),
+        "INPUT.MAX_SIZE_TRAIN", 96,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+        "SOLVER.WARMUP_ITERS", 2,
+        "SOLVER.STEPS", (6,),
+        "TEST.EVAL_PERIOD", 0,
+        "DATASETS.TEST", (),
+        "SEED", 7,
+    ]  # fmt: skip
     if kind == "pretrain":
         return cfg_from("configs/toy/pretrain_2drcl.yaml", *common)
     return cfg_from(
@@ -329,28 +315,18 @@ def test_check_resume_command_reports_zero_differences(tmp_path, capsys):
 
     worst = main(
         [
-            "--config-file",
-            os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml"),
-            "--iters",
-            "3",
-            "--checkpoint-at",
-            "2",
-            "--output",
-            str(tmp_path),
-            "MODEL.DEVICE",
-            "cpu",
-            "MODEL.WEIGHTS",
-            "",
-            "SOLVER.IMS_PER_BATCH",
-            "2",
-            "INPUT.MIN_SIZE_TRAIN",
-            "(64,)",
-            "INPUT.MAX_SIZE_TRAIN",
-            "96",
-            "DATALOADER.NUM_WORKERS",
-            "0",
+            "--config-file", os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml"),
+            "--iters", "3",
+            "--checkpoint-at", "2",
+            "--output", str(tmp_path),
+            "MODEL.DEVICE", "cpu",
+            "MODEL.WEIGHTS", "",
+            "SOLVER.IMS_PER_BATCH", "2",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "INPUT.MAX_SIZE_TRAIN", "96",
+            "DATALOADER.NUM_WORKERS", "0",
         ]
-    )
+    )  # fmt: skip
     assert set(worst) >= {"loss_cls", "loss_box_reg", "loss_mask"} and max(worst.values()) < 1e-5
     assert "loss_mask" in capsys.readouterr().out
 

@@ -18,22 +18,15 @@ CONFIG = os.path.join("configs", "toy", "mask_rcnn_finetune.yaml")
 
 def _eval_only_opts(name, output_dir):
     return [
-        "DATASETS.TEST",
-        f"('{name}',)",
-        "MODEL.WEIGHTS",
-        "",
-        "MODEL.DEVICE",
-        "cpu",
-        "DATALOADER.NUM_WORKERS",
-        "0",
+        "DATASETS.TEST", f"('{name}',)",
+        "MODEL.WEIGHTS", "",
+        "MODEL.DEVICE", "cpu",
+        "DATALOADER.NUM_WORKERS", "0",
         # An untrained head scores every class about equally: keep inference cheap on 2 cores.
-        "MODEL.RPN.POST_NMS_TOPK_TEST",
-        "50",
-        "TEST.DETECTIONS_PER_IMAGE",
-        "20",
-        "OUTPUT_DIR",
-        str(output_dir),
-    ]
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+        "TEST.DETECTIONS_PER_IMAGE", "20",
+        "OUTPUT_DIR", str(output_dir),
+    ]  # fmt: skip
 
 
 def _eval_only(name, output_dir):

@@ -162,15 +162,11 @@ ROWS = [
     "pretrain_2drcl",
 ]
 LCL_ONLY = [
-    "MODEL.DRCL2.HCL.ENABLED",
-    False,
-    "MODEL.DRCL2.AR.ENABLED",
-    False,
-    "MODEL.DRCL2.SR.ENABLED",
-    False,
-    "MODEL.DRCL2.RPN.ENABLED",
-    False,
-]
+    "MODEL.DRCL2.HCL.ENABLED", False,
+    "MODEL.DRCL2.AR.ENABLED", False,
+    "MODEL.DRCL2.SR.ENABLED", False,
+    "MODEL.DRCL2.RPN.ENABLED", False,
+]  # fmt: skip
 
 
 def row_options(name):

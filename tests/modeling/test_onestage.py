@@ -343,32 +343,20 @@ def test_export_loads_into_one_stage_detector(exports, setting, config, caplog):
 def test_toy_atss_finetune_and_evaluate(exports, toy_val_mini, tmp_path, one_thread):
     args = default_argument_parser().parse_args(
         [
-            "--config-file",
-            f"{REPO_ROOT}/{TOY_ATSS}",
-            "MODEL.DEVICE",
-            "cpu",
-            "DATALOADER.NUM_WORKERS",
-            "0",
-            "MODEL.WEIGHTS",
-            exports["toy/path"],
-            "SOLVER.IMS_PER_BATCH",
-            "2",
-            "SOLVER.MAX_ITER",
-            "3",
-            "INPUT.MIN_SIZE_TRAIN",
-            "(64,)",
-            "INPUT.MAX_SIZE_TRAIN",
-            "96",
-            "INPUT.MIN_SIZE_TEST",
-            "64",
-            "INPUT.MAX_SIZE_TEST",
-            "96",
-            "DATASETS.TEST",
-            f"('{toy_val_mini}',)",
-            "OUTPUT_DIR",
-            str(tmp_path),
+            "--config-file", f"{REPO_ROOT}/{TOY_ATSS}",
+            "MODEL.DEVICE", "cpu",
+            "DATALOADER.NUM_WORKERS", "0",
+            "MODEL.WEIGHTS", exports["toy/path"],
+            "SOLVER.IMS_PER_BATCH", "2",
+            "SOLVER.MAX_ITER", "3",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "INPUT.MAX_SIZE_TRAIN", "96",
+            "INPUT.MIN_SIZE_TEST", "64",
+            "INPUT.MAX_SIZE_TEST", "96",
+            "DATASETS.TEST", f"('{toy_val_mini}',)",
+            "OUTPUT_DIR", str(tmp_path),
         ]
-    )
+    )  # fmt: skip
     train_net.main(args)
     results = read_eval_metrics(str(tmp_path))
     assert set(results) == {"bbox"}  # a box-only detector: no mask evaluation

@@ -20,23 +20,15 @@ from drcl2.tools import dump_proposals
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = [
-    "SOLVER.IMS_PER_BATCH",
-    2,
-    "DATALOADER.NUM_WORKERS",
-    0,
-    "INPUT.MIN_SIZE_TRAIN",
-    (64,),
-    "INPUT.MAX_SIZE_TRAIN",
-    96,
-    "INPUT.MIN_SIZE_TEST",
-    64,
-    "INPUT.MAX_SIZE_TEST",
-    96,
-    "SOLVER.CHECKPOINT_PERIOD",
-    100,
-    "MODEL.ROI_BOX_HEAD.FC_DIM",
-    128,
-]
+    "SOLVER.IMS_PER_BATCH", 2,
+    "DATALOADER.NUM_WORKERS", 0,
+    "INPUT.MIN_SIZE_TRAIN", (64,),
+    "INPUT.MAX_SIZE_TRAIN", 96,
+    "INPUT.MIN_SIZE_TEST", 64,
+    "INPUT.MAX_SIZE_TEST", 96,
+    "SOLVER.CHECKPOINT_PERIOD", 100,
+    "MODEL.ROI_BOX_HEAD.FC_DIM", 128,
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +71,14 @@ def test_rpn_dump_pretrain_export_finetune(tmp_path, toy_train_mini):
     # 2. its proposals on the training set, in detectron2's proposal-file format
     proposals = tmp_path / "proposals" / "train.pkl"
     argv = [
-        "--config-file",
-        os.path.join(REPO_ROOT, "configs/toy/rpn_R18_FPN.yaml"),
-        "MODEL.WEIGHTS",
-        str(weights),
-        "MODEL.DEVICE",
-        "cpu",
-        "DATALOADER.NUM_WORKERS",
-        0,
-        "INPUT.MIN_SIZE_TEST",
-        64,
-        "--dataset",
-        name,
-        "--output",
-        str(proposals),
-    ]
+        "--config-file", os.path.join(REPO_ROOT, "configs/toy/rpn_R18_FPN.yaml"),
+        "MODEL.WEIGHTS", str(weights),
+        "MODEL.DEVICE", "cpu",
+        "DATALOADER.NUM_WORKERS", 0,
+        "INPUT.MIN_SIZE_TEST", 64,
+        "--dataset", name,
+        "--output", str(proposals),
+    ]  # fmt: skip
     assert dump_proposals.main([str(a) for a in argv]) == 0
     with open(proposals, "rb") as f:
         dumped = pickle.load(f)
