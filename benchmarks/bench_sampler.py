@@ -133,7 +133,8 @@ def _time(fn, repeats, min_total_s=0.5, max_repeats=200):
 
 
 def _row(name, theirs, ours, measured, target, unit):
-    """A table row whose verdict is ``ok`` when ``measured <= target`` (both in ``unit``)."""
+    """A table row whose verdict is ``ok`` when ``measured``, as printed, is ``<= target`` (both in
+    ``unit``)."""
     return [
         name,
         theirs,
