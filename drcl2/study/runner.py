@@ -153,13 +153,21 @@ class StudyRunner:
             1.2 s to 8.5 s on 2 shared cores.
         keep_checkpoints: keep the periodic ``model_XXXXXXX.pth`` of finished stages (by default
             only ``model_final.pth`` and the export stay).
+        records_dir: where each run's records go as soon as it finishes
+            (:func:`drcl2.study.records.sync_records`), e.g. a folder under git.
         log: where progress lines go.
     """
 
     def __init__(
-        self, study: Study, jobs: Optional[int] = None, keep_checkpoints: bool = False, log=print
+        self,
+        study: Study,
+        jobs: Optional[int] = None,
+        keep_checkpoints: bool = False,
+        records_dir: Optional[str] = None,
+        log=print,
     ):
         self.study = study
+        self.records_dir = records_dir
         self.jobs = max(1, int(jobs if jobs is not None else study.jobs))
         self.keep_checkpoints = keep_checkpoints
         self.log = log
@@ -265,14 +273,30 @@ class StudyRunner:
         rate = rates.get((stage.kind, stage.config)) or rates.get((stage.kind, "*"))
         return stage.iters * (rate or self.study.estimate_s_per_iter[stage.kind])
 
+    def to_run(self, runs, arm: Arm, seed: int, stage: Stage) -> bool:
+        """Whether a stage of ``runs`` must run: it has not finished, or it is a pre-training
+        restored from records (:mod:`drcl2.study.records`, which keep no checkpoint) without its
+        export while an unfinished fine-tuning of ``runs`` starts from that export."""
+        folder = self.stage_dir(arm, seed, stage)
+        if not stage_done(folder):
+            return True
+        if stage.kind != "pretrain" or os.path.isfile(os.path.join(folder, EXPORT_NAME)):
+            return False
+        return any(
+            a.pretrain is not None
+            and self.stage_dir(a, s, a.pretrain) == folder
+            and not stage_done(self.stage_dir(a, s, a.finetune))
+            for a, s in runs
+        )
+
     def pending(self, runs) -> List[Tuple[Arm, int, Stage]]:
-        """Unfinished stages of ``runs``, each stage folder once (a reused pre-training runs
+        """Stages of ``runs`` to run, each stage folder once (a reused pre-training runs
         once)."""
         seen, out = set(), []
         for arm, seed in runs:
             for stage in arm.stages:
                 folder = self.stage_dir(arm, seed, stage)
-                if folder not in seen and not stage_done(folder):
+                if folder not in seen and self.to_run(runs, arm, seed, stage):
                     seen.add(folder)
                     out.append((arm, seed, stage))
         return out
@@ -296,7 +320,7 @@ class StudyRunner:
                     continue
                 state = (
                     "done"
-                    if stage_done(self.stage_dir(arm, seed, stage))
+                    if not self.to_run(runs, arm, seed, stage)
                     else (f"~{_minutes(self.estimate_s(stage, rates))} min")
                 )
                 parts.append(f"{LABELS[stage.kind]} {stage.iters} it ({stage.config}; {state})")
@@ -479,6 +503,13 @@ class StudyRunner:
                     stage_lock = locks.setdefault(out, threading.Lock())
                 with stage_lock:  # a reused pre-training runs once, whichever arm gets there first
                     self._one_stage(i, total, runs, arm, seed, stage)
+            if self.records_dir:
+                from .records import sync_records
+
+                with self._lock:
+                    saved, _ = sync_records(self.study, self.records_dir)
+                    if saved:
+                        self.log(f"records of {', '.join(saved)} kept in {self.records_dir}")
 
         self._dispatch(one, todo)
         self.log(
@@ -487,8 +518,16 @@ class StudyRunner:
         )
 
     def _one_stage(self, i, total, runs, arm, seed, stage):
-        if stage_done(self.stage_dir(arm, seed, stage)):
+        folder = self.stage_dir(arm, seed, stage)
+        if not self.to_run(runs, arm, seed, stage):
             return
+        if stage_done(folder):  # restored from records without the export a fine-tuning needs
+            self.log(
+                f"[{i}/{total}] {arm.name} seed {seed}: the {LABELS[stage.kind]} record in "
+                f"{folder} came without its export (records keep no checkpoint): running it again"
+            )
+            for name in (STAGE_FILE, "study_attempts.json"):
+                os.remove(os.path.join(folder, name))  # the records keep the first ones
         with self._lock:
             eta = self.remaining_s(runs)
             self.log(

@@ -6,6 +6,7 @@ val and test) and write its report:
         [--arms scratch,2drcl] [--seeds 1,2] [--jobs 2] [--report-dir docs/study/toy]
     python -m drcl2.tools.study --summarize output/study/toy [--name toy] [--report-dir DIR]
     [--probe 1]
+    ... --records docs/study/toy/runs   (either form)
 
 Runs land in OUTPUT_DIR/<arm>/seed<k>/{pretrain,finetune} (OUTPUT_DIR from the study file or
 --output-dir). Finished runs are skipped, interrupted ones resume from their last checkpoint, so the
@@ -16,6 +17,11 @@ its finished runs, e.g. an exploration beside the main study: --name picks one).
 drcl2/study/spec.py for the study file. --probe SEED also probes every arm's exported weights of
 that seed before fine-tuning (python -m drcl2.tools.probe; probe.csv / probe.md in the report, whose
 summary.md then shows the table).
+
+--records DIR keeps the small files of every finished run (records, per-class AP, health
+figures; no checkpoint) in DIR as soon as it finishes, and first restores the finished runs that
+DIR holds and OUTPUT_DIR lacks: with DIR under git, a study goes on after its output folder is
+lost, and the report is rebuilt from DIR alone (drcl2/study/records.py).
 """
 
 import argparse
@@ -56,17 +62,21 @@ def _commit() -> str:
         return ""
 
 
-def _study_copy(output_dir: str, name=None) -> str:
-    """The study file that a run left in ``output_dir`` (``<name>.study.yaml``)."""
+def _study_copy(output_dir: str, name=None, records=None) -> str:
+    """The study file that a run left in ``output_dir`` (``<name>.study.yaml``), or else in the
+    ``records`` folder."""
     from ..study import StudyFileError
 
-    found = (
-        sorted(
-            f[: -len(".study.yaml")] for f in os.listdir(output_dir) if f.endswith(".study.yaml")
+    for folder in (output_dir, records):
+        found = (
+            sorted(
+                f[: -len(".study.yaml")] for f in os.listdir(folder) if f.endswith(".study.yaml")
+            )
+            if folder and os.path.isdir(folder)
+            else []
         )
-        if os.path.isdir(output_dir)
-        else []
-    )
+        if found:
+            break
     if name is None and len(found) == 1:
         name = found[0]
     if name is None or name not in found:
@@ -76,10 +86,12 @@ def _study_copy(output_dir: str, name=None) -> str:
             + (
                 f"it holds the studies {found}: choose one with --name."
                 if found
-                else "no <name>.study.yaml here: is it the output_dir of a study run?"
+                else "no <name>.study.yaml here"
+                + (f" nor in {records}" if records else "")
+                + ": is it the output_dir of a study run?"
             )
         )
-    return os.path.join(output_dir, f"{name}.study.yaml")
+    return os.path.join(folder, f"{name}.study.yaml")
 
 
 def _probe(study, report_dir: str, seed: int, max_images: int) -> None:
@@ -129,6 +141,11 @@ def main(argv=None) -> int:
         help="runs at a time (default: the study file's jobs; CPU: cores are shared out)",
     )
     parser.add_argument(
+        "--records",
+        metavar="DIR",
+        help="keep each finished run's records in DIR and restore from it (see above)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="list the runs and the estimated time; train nothing"
     )
     parser.add_argument(
@@ -156,7 +173,9 @@ def main(argv=None) -> int:
 
     try:
         if args.summarize:
-            study = load_study(_study_copy(args.summarize, args.name), output_dir=args.summarize)
+            study = load_study(
+                _study_copy(args.summarize, args.name, args.records), output_dir=args.summarize
+            )
         else:
             study = load_study(args.config_file, output_dir=args.output_dir)
         arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
@@ -171,6 +190,13 @@ def main(argv=None) -> int:
     report_dir = args.report_dir or os.path.join(study.output_dir, f"report_{study.name}")
     meta_path = os.path.join(study.output_dir, f"{study.name}.study_meta.json")
 
+    if args.records:
+        from ..study.records import sync_records
+
+        saved, restored = sync_records(study, args.records)
+        for what, runs in (("restored from", restored), ("kept in", saved)):
+            if runs:
+                print(f"records of {', '.join(runs)} {what} {args.records}")
     if args.summarize:
         meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
         if args.probe is not None:
@@ -180,7 +206,9 @@ def main(argv=None) -> int:
         print(f"report: {report_dir}")
         return 0
 
-    runner = StudyRunner(study, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints)
+    runner = StudyRunner(
+        study, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints, records_dir=args.records
+    )
     runs = study.runs(arms, args.seeds)
     if not runs:
         print("error: no (arm, seed) runs selected.", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import textwrap
 
 import pytest
@@ -452,6 +453,23 @@ def test_run_skip_resume_and_report(tmp_path, tiny_root, monkeypatch, capsys):
         == float(probe["random"]["res2_weight_change"])
     )
     assert "## Probe of the exported weights" in (report / "summary.md").read_text()
+
+    # --records: the output folder is lost; the finished runs come back from the records, and
+    # the one pre-training that an unfinished fine-tuning needs runs again (records keep no
+    # checkpoint)
+    records = tmp_path / "records"
+    assert study_tool.main(["--summarize", str(out), "--name", "tiny", "--records", str(records),
+                            "--report-dir", str(report)]) == 0  # fmt: skip
+    shutil.rmtree(out)
+    shutil.rmtree(records / "sup_backbone")
+    assert study_tool.main(args + ["--records", str(records)]) == 0
+    printed = capsys.readouterr().out
+    assert "records of scratch seed 1, sup seed 1 restored from" not in printed  # seed 5
+    assert f"records of scratch seed 5, sup seed 5 restored from {records}" in printed
+    assert "sup seed 5: the pre-train record" in printed and "running it again" in printed
+    assert "scratch seed 5: fine-tune 3 it ..." not in printed
+    assert f"records of sup_backbone seed 5 kept in {records}" in printed
+    assert (records / "sup_backbone" / "seed5" / "finetune" / "study_stage.json").is_file()
 
 
 def test_summarize_prints_a_committed_study_beside_a_run(tmp_path, capsys):
