@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--records",
         metavar="DIR",
-        help="keep each finished run's records in DIR and restore from it (see above)",
+        help="keep each finished run's records in DIR and restore from it, before anything else "
+        "(a --dry-run too; see above)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="list the runs and the estimated time; train nothing"

@@ -3,11 +3,12 @@ Print the LVIS results of a finished run as a table (AP, APr, APc, APf; boxes an
 its outputs are:
 
     python -m drcl2.tools.summarize OUTPUT_DIR [--study docs/study/toy/results.csv --arms
-    scratch,2drcl]
+    scratch,2drcl] [--study docs/study/toy_init/results.csv --arms init,init_2drcl ...]
 
 The figures are the last evaluation that detectron2's EvalHook logged to
 ``OUTPUT_DIR/metrics.json``. With ``--study``, the means over seeds of a committed study's arms
-follow (box AP, the same split first), so one run can be read against the seeded comparison.
+follow (box AP, val then test), so one run can be read against the seeded comparison; each
+``--study`` takes the ``--arms`` given after it.
 """
 
 import argparse
@@ -99,14 +100,22 @@ def main(argv=None):
     )
     parser.add_argument("output_dir", help="OUTPUT_DIR of a training run")
     parser.add_argument(
-        "--study", help="results.csv of a study report (python -m drcl2.tools.study)"
+        "--study",
+        action="append",
+        default=[],
+        help="results.csv of a study report (python -m drcl2.tools.study); may be repeated",
     )
     parser.add_argument(
         "--arms",
-        default="scratch,scratch_long,supervised_pretrain,2drcl",
-        help="the study's arms to print (comma-separated)",
+        action="append",
+        default=[],
+        help="the arms to print of the --study before it (comma-separated)",
     )
     args = parser.parse_args(argv)
+    if len(args.arms) != len(args.study):
+        parser.error(
+            f"give each --study its --arms ({len(args.study)} --study, {len(args.arms)} --arms)"
+        )
     results = read_eval_metrics(args.output_dir)
     tasks = [t for t in ("bbox", "segm") if t in results]
     rows = [[t] + [results[t].get(k, float("nan")) for k in KEYS] for t in tasks]
@@ -121,8 +130,8 @@ def main(argv=None):
         ("per-class AP", os.path.join("inference", "per_class_ap.csv")),
         ("per-class AP plot", os.path.join("inference", "per_class_ap.png")),
     ]
-    if args.study:
-        print_study_means(args.study, [a for a in args.arms.split(",") if a])
+    for study, arms in zip(args.study, args.arms):
+        print_study_means(study, [a for a in arms.split(",") if a])
     print("\nOutputs:")
     for what, rel in outputs:
         path = os.path.join(args.output_dir, rel)

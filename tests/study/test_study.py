@@ -489,6 +489,25 @@ def test_summarize_prints_a_committed_study_beside_a_run(tmp_path, capsys):
     print_study_means(str(tmp_path / "none.csv"), ["scratch"])
     assert "run `make study`" in capsys.readouterr().out
 
+    # `make demo`: the run's table, then each --study with the --arms after it
+    from drcl2.tools.summarize import main as summarize
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"iteration": 9, "bbox/AP": 5.0}) + "\n")
+    main_csv = tmp_path / "main" / "results.csv"
+    main_csv.parent.mkdir()
+    write_csv(str(main_csv), [_row("init", 1, 70.0, 60.0)], RESULT_COLUMNS)
+    summarize([str(run), "--study", str(tmp_path / "results.csv"), "--arms", "2drcl",
+               "--study", str(main_csv), "--arms", "init,scratch"])  # fmt: skip
+    out = capsys.readouterr().out
+    first, second = out.split(str(main_csv))
+    assert "| 2drcl " in first and "| init " not in first
+    assert "| init " in second and "70.00" in second and "2drcl" not in second
+    with pytest.raises(SystemExit):
+        summarize([str(run), "--study", str(main_csv)])
+    assert "give each --study its --arms (1 --study, 0 --arms)" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_source_weights_train_once_and_keep_only_the_resnet(
