@@ -15,21 +15,72 @@ missing from RECORDS is saved there; a run finished in RECORDS but not in the ou
 restored to it, so the runner skips it and the report counts it. A restored pre-training that an
 unfinished run still needs (another arm reusing it) runs again, as its export is not in the
 records (:meth:`drcl2.study.runner.StudyRunner.to_run`).
+
+The readers of those files live here too (:func:`read_stage`, :func:`read_source_record`,
+:func:`invocations`), for the runner and the report.
 """
 
 import glob
 import json
 import os
 import shutil
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
-from .runner import STAGE_FILE, source_record_path
 from .spec import Arm, Study
 
-__all__ = ["sync_records", "last_health", "HEALTH_FILE"]
+__all__ = [
+    "sync_records",
+    "last_health",
+    "read_stage",
+    "stage_done",
+    "read_source_record",
+    "source_record_path",
+    "invocations",
+    "STAGE_FILE",
+    "HEALTH_FILE",
+]
 
+STAGE_FILE = "study_stage.json"  # what the runner writes in a stage folder once it has finished
 HEALTH_FILE = "health.json"
 _STAGE_FILES = (STAGE_FILE, "study_attempts.json", HEALTH_FILE)
+
+
+def read_stage(stage_dir: str) -> Optional[dict]:
+    """The ``study_stage.json`` record of a finished stage, or None."""
+    path = os.path.join(stage_dir, STAGE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_done(stage_dir: str) -> bool:
+    return read_stage(stage_dir) is not None
+
+
+def source_record_path(weights: str) -> str:
+    """The ``source.json`` record beside the source weights."""
+    return os.path.join(os.path.dirname(weights) or ".", "source.json")
+
+
+def read_source_record(weights: str) -> Optional[dict]:
+    path = source_record_path(weights)
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def invocations(meta: Optional[dict]) -> List[dict]:
+    """The study commands recorded in ``<name>.study_meta.json``, oldest first (``{"invocations":
+    [{"command", "commit", "device"}, ...]}``; a file of one bare invocation is read as a list of
+    one)."""
+    if not meta:
+        return []
+    return (
+        list(meta["invocations"])
+        if "invocations" in meta
+        else [meta]
+        if meta.get("command")
+        else []
+    )
 
 
 def _stage_files(stage_dir: str) -> List[str]:
@@ -135,8 +186,6 @@ def sync_records(study: Study, records_dir: str) -> Tuple[List[str], List[str]]:
 
 def _merge_meta(*paths: str) -> None:
     """Both files get every study command that either lists, the records' first."""
-    from .report import invocations
-
     merged = []
     for path in reversed(paths):  # the records' list, then the output's newer commands
         if os.path.isfile(path):

@@ -21,6 +21,7 @@ import statistics
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from ..checkpoint import atomic_write
+from .records import invocations, read_source_record, read_stage
 
 __all__ = [
     "METRICS", "RESULT_COLUMNS", "PER_CLASS_COLUMNS", "collect_rows", "write_csv", "read_csv",
@@ -52,7 +53,7 @@ def collect_rows(study):
     (results rows, per-class rows) of every finished (arm, seed) of ``study`` (a
     :class:`drcl2.study.spec.Study`); unfinished runs are left out.
     """
-    from .runner import inference_dir, read_stage
+    from .runner import inference_dir
 
     rows, per_class = [], []
     for arm in study.arms.values():
@@ -214,25 +215,9 @@ def _paired_table(rows, arms, split, task):
     return lines
 
 
-def invocations(meta: Optional[dict]) -> List[dict]:
-    """The study commands recorded in ``<name>.study_meta.json``, oldest first (``{"invocations":
-    [{"command", "commit", "device"}, ...]}``; a file of one bare invocation is read as a list of
-    one)."""
-    if not meta:
-        return []
-    return (
-        list(meta["invocations"])
-        if "invocations" in meta
-        else [meta]
-        if meta.get("command")
-        else []
-    )
-
-
 def _source_lines(study) -> List[str]:
     """The source initialisation's own accuracy and cost (``source.json``), when the study has
     one."""
-    from .runner import read_source_record
 
     source = study.source_weights
     record = read_source_record(source.output) if source is not None else None

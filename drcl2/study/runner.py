@@ -22,19 +22,16 @@ from typing import Dict, List, Optional, Tuple
 
 from ..checkpoint import atomic_write
 from ..export import export_finetune_weights, export_parts
+from .records import STAGE_FILE, read_stage, source_record_path, stage_done, sync_records
 from .spec import Arm, Stage, Study
 
 __all__ = [
     "StudyRunner",
-    "stage_done",
-    "read_stage",
     "finetune_results",
     "inference_dir",
     "train_net_path",
-    "read_source_record",
 ]
 
-STAGE_FILE = "study_stage.json"
 EXPORT_NAME = "model_final_finetune.pth"
 PARTS_NAME = "init_parts.pth"  # a fine-tuning stage that starts from some parts of the export
 LABELS = {"pretrain": "pre-train", "finetune": "fine-tune"}
@@ -62,19 +59,6 @@ def train_net_path() -> str:
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f}" if seconds < 600 else f"{seconds / 60:.0f}"
-
-
-def read_stage(stage_dir: str) -> Optional[dict]:
-    """The ``study_stage.json`` record of a finished stage, or None."""
-    path = os.path.join(stage_dir, STAGE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def stage_done(stage_dir: str) -> bool:
-    return read_stage(stage_dir) is not None
 
 
 def _write_json(path: str, data) -> None:
@@ -120,16 +104,6 @@ def finetune_results(
 
 
 SOURCE_PART = "backbone.bottom_up"  # what the source initialisation keeps: the ResNet
-
-
-def source_record_path(weights: str) -> str:
-    """The ``source.json`` record beside the source weights."""
-    return os.path.join(os.path.dirname(weights) or ".", "source.json")
-
-
-def read_source_record(weights: str) -> Optional[dict]:
-    path = source_record_path(weights)
-    return json.load(open(path)) if os.path.isfile(path) else None
 
 
 def _config_test_sets(config: str) -> Tuple[str, ...]:
@@ -504,8 +478,6 @@ class StudyRunner:
                 with stage_lock:  # a reused pre-training runs once, whichever arm gets there first
                     self._one_stage(i, total, runs, arm, seed, stage)
             if self.records_dir:
-                from .records import sync_records
-
                 with self._lock:
                     saved, _ = sync_records(self.study, self.records_dir)
                     if saved:

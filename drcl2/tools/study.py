@@ -6,7 +6,7 @@ val and test) and write its report:
         [--arms scratch,2drcl] [--seeds 1,2] [--jobs 2] [--report-dir docs/study/toy]
     python -m drcl2.tools.study --summarize output/study/toy [--name toy] [--report-dir DIR]
     [--probe 1]
-    ... --records docs/study/toy/runs   (either form)
+    ... --records docs/study/toy_init/runs   (either form)
 
 Runs land in OUTPUT_DIR/<arm>/seed<k>/{pretrain,finetune} (OUTPUT_DIR from the study file or
 --output-dir). Finished runs are skipped, interrupted ones resume from their last checkpoint, so the
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from ..study import StudyFileError, StudyRunner, load_study, write_report
-    from ..study.report import invocations
+    from ..study.records import invocations
 
     try:
         if args.summarize:
