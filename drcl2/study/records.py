@@ -148,7 +148,8 @@ def sync_records(study: Study, records_dir: str) -> Tuple[List[str], List[str]]:
             src = study.stage_dir(arm, seed, stage)
             dst = _rebase(study, records_dir, arm, seed, stage)
             health_path = os.path.join(src, HEALTH_FILE)
-            if not os.path.isfile(health_path):
+            kept = os.path.isfile(os.path.join(dst, STAGE_FILE))  # then metrics.json is not read
+            if not kept and not os.path.isfile(health_path):
                 health = last_health(os.path.join(src, "metrics.json"))
                 if health:
                     with open(health_path, "w") as f:

@@ -218,7 +218,6 @@ def _paired_table(rows, arms, split, task):
 def _source_lines(study) -> List[str]:
     """The source initialisation's own accuracy and cost (``source.json``), when the study has
     one."""
-
     source = study.source_weights
     record = read_source_record(source.output) if source is not None else None
     if record is None:
