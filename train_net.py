@@ -18,12 +18,12 @@ run has been accepted.
 """
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, launch
 
 import drcl2  # noqa: F401  (registers drcl2's datasets and models)
-from drcl2 import Trainer, add_drcl2_config
+from drcl2 import Trainer
+from drcl2.config import load_config
 from drcl2.data import register_lvis_format
 from drcl2.engine import check_config, default_setup, save_config, setup_drcl2_logger
 
@@ -63,10 +63,7 @@ def setup(args):
     """
     for name, json_file, image_root in getattr(args, "dataset", None) or ():
         register_dataset(name, json_file, image_root)
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     check_config(cfg, training=not args.eval_only)
     default_setup(cfg, args)

@@ -77,15 +77,9 @@ def _config_path(path):
 
 
 def _cfg(path, *opts):
-    from detectron2.config import get_cfg
+    from drcl2.config import load_config
 
-    from drcl2.config import add_drcl2_config
-
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(_config_path(path))
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return load_config(_config_path(path), opts)
 
 
 def _mappers():

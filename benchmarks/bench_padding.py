@@ -101,14 +101,9 @@ def padding_table(cfg, num_images: int, batch_sizes, seed: int = 0):
 
 
 def run(args):
-    from detectron2.config import get_cfg
+    from drcl2.config import load_config
 
-    from drcl2.config import add_drcl2_config
-
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     table = padding_table(cfg, args.images, args.batch_sizes, args.seed)
     overrides = f" with {' '.join(args.opts)}" if args.opts else ""
     print(

@@ -103,15 +103,9 @@ def add_arguments(parser):
 
 
 def _cfg(path, args):
-    from detectron2.config import get_cfg
+    from drcl2.config import load_config
 
-    from drcl2.config import add_drcl2_config
-
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *args.opts])
-    return cfg
+    return load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *args.opts])
 
 
 GENERATED = "generated"

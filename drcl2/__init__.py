@@ -1,7 +1,8 @@
 """drcl2 — 2DRCL pre-training for long-tailed object detection, as a detectron2 plugin.
 
 Where things live:
-    drcl2.config       add_drcl2_config(cfg): every drcl2 config key, with its default
+    drcl2.config       add_drcl2_config(cfg): every drcl2 config key, with its default;
+                       load_config(file, opts): detectron2's defaults, drcl2's keys, file, opts
     drcl2.data         the data path: LVIS-format datasets (register_lvis_format), the registered
                        datasets and their checks, COCO-LT, the dynamic rebalancing sampler and
                        maths, TwoViewDatasetMapper (its OpenCV / NumPy augmentation ops:

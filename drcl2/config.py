@@ -1,7 +1,24 @@
 """drcl2's config keys. Call :func:`add_drcl2_config` on a detectron2 config before merging a
-file."""
+file, or :func:`load_config` for both."""
+
+from typing import Sequence
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_drcl2_config", "load_config"]
+
+
+def load_config(config_file: str, opts: Sequence = ()) -> CN:
+    """
+    detectron2's defaults with drcl2's keys, then ``config_file`` (its ``_BASE_`` chain), then the
+    ``KEY VALUE`` overrides ``opts``. Not frozen: callers that keep it freeze it.
+    """
+    cfg = get_cfg()
+    add_drcl2_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def add_drcl2_config(cfg):

@@ -133,15 +133,20 @@ def test_unknown_key_fails_with_detectron2_error(tmp_path):
         _setup("configs/toy/mask_rcnn_finetune.yaml", tmp_path, "MODEL.NO_SUCH_KEY", "1")
 
 
+def test_load_config_merges_the_file_then_the_overrides():
+    from drcl2.config import load_config
+
+    path = os.path.join(REPO_ROOT, "configs/toy/mask_rcnn_finetune.yaml")
+    cfg = load_config(path)
+    assert cfg.SOLVER.MAX_ITER == 500 and "DRCL2" in cfg.MODEL  # the file's, on drcl2's keys
+    cfg = load_config(path, ["SOLVER.MAX_ITER", "7"])
+    assert cfg.SOLVER.MAX_ITER == 7 and not cfg.is_frozen()
+
+
 def _merged(config_file):
-    from detectron2.config import get_cfg
+    from drcl2.config import load_config
 
-    from drcl2 import add_drcl2_config
-
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO_ROOT, config_file))
-    return cfg
+    return load_config(os.path.join(REPO_ROOT, config_file))
 
 
 def test_large_study():

@@ -101,14 +101,9 @@ SOURCE_PART = "backbone.bottom_up"  # what the source initialisation keeps: the 
 
 
 def _config_test_sets(config: str) -> Tuple[str, ...]:
-    from detectron2.config import get_cfg
+    from ..config import load_config
 
-    from ..config import add_drcl2_config
-
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(config)
-    return tuple(cfg.DATASETS.TEST)
+    return tuple(load_config(config).DATASETS.TEST)
 
 
 class StudyRunner:
@@ -172,13 +167,9 @@ class StudyRunner:
         """``SOLVER.MAX_ITER`` ``iters``, with the config's learning-rate steps and warm-up
         stretched
         (or shrunk) from its ``SOLVER.MAX_ITER`` to that length."""
-        from detectron2.config import get_cfg
+        from ..config import load_config
 
-        from ..config import add_drcl2_config
-
-        cfg = get_cfg()
-        add_drcl2_config(cfg)
-        cfg.merge_from_file(config)
+        cfg = load_config(config)
         scale = iters / cfg.SOLVER.MAX_ITER
         # (a one-iteration stage has no room for a step: detectron2 refuses a schedule with more
         # values than iterations)

@@ -28,13 +28,12 @@ import signal
 import subprocess
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.engine import HookBase, launch
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_drcl2_config
+from ..config import load_config
 from ..engine import Trainer
 
 __all__ = ["losses_of_run", "main"]
@@ -144,10 +143,7 @@ def main(argv=None):
     logging.getLogger("detectron2").setLevel(logging.WARNING)
 
     def cfg_for(folder):
-        cfg = get_cfg()
-        add_drcl2_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        cfg = load_config(args.config_file, args.opts)
         cfg.merge_from_list(
             [
                 "OUTPUT_DIR",

@@ -24,7 +24,6 @@ from typing import Dict, List
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.engine import launch
 from detectron2.evaluation import inference_context
@@ -35,7 +34,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
-from ..config import add_drcl2_config
+from ..config import load_config
 from ..data.datasets import check_dataset_files
 
 logger = logging.getLogger("drcl2.tools.dump_proposals")
@@ -81,10 +80,7 @@ def dump_proposals(model: torch.nn.Module, data_loader, progress: bool = True) -
 
 
 def _run(args, opts: List[str]) -> None:
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(opts)
+    cfg = load_config(args.config_file, opts)
     cfg.freeze()
     if comm.is_main_process():
         setup_logger(name="drcl2")

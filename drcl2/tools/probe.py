@@ -38,14 +38,13 @@ from typing import Dict, List, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from ..config import add_drcl2_config
+from .. import config
 from ..evaluation.health import class_groups, extract_box_features, feature_health, stage_changes
 from ..export import finetune_state_dict
 
@@ -211,12 +210,8 @@ def tables(rows: List[Dict]) -> Tuple[str, str]:
 def load_config(config_file: str, opts=()):
     """The probe's config: drcl2's keys, the file, the overrides, on CUDA when there is one, no
     MODEL.WEIGHTS."""
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(config_file)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", *opts])
-    return cfg
+    return config.load_config(config_file, ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", *opts])
 
 
 def probe_markdown(rows: List[Dict], header: str) -> str:

@@ -224,16 +224,11 @@ def _plot(seen, columns, image_count, groups, path, title):
 
 
 def setup_cfg(config_file: str, opts: Sequence[str]):
-    from detectron2.config import get_cfg
-
-    from drcl2.config import add_drcl2_config
+    from drcl2.config import load_config
 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file '{config_file}' does not exist.")
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     cfg.freeze()
     return cfg
 

@@ -298,14 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config(config_file: str, opts):
-    from detectron2.config import get_cfg
+    from ..config import load_config
 
-    from ..config import add_drcl2_config
-
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     cfg.freeze()
     return cfg
 

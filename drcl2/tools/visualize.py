@@ -41,33 +41,23 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
-from ..config import add_drcl2_config
+from ..config import load_config
 from ..data.rebalance import build_rebalance_schedule
 from ..engine import Trainer, resolve_seed
 from ..engine.checks import check_config
 from ..utils.visualize import draw_predictions, views_pictures
 
-__all__ = ["load_config", "main", "write_predictions", "write_views"]
+__all__ = ["main", "write_predictions", "write_views"]
 
 logger = logging.getLogger("drcl2.visualize")
 
 # A config key of the KEY VALUE overrides (MODEL.WEIGHTS, SOLVER.IMS_PER_BATCH, SEED, ...).
 _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
-
-
-def load_config(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None):
-    """drcl2's keys, the file, ``MODEL.DEVICE`` ``device`` (default: the file's), the overrides."""
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list((["MODEL.DEVICE", device] if device else []) + list(opts))
-    return cfg
 
 
 def _check_registered(names: Sequence[str], key: str) -> None:
@@ -244,12 +234,12 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "views":
-            cfg = load_config(args.config_file, args.opts, device="cpu")
+            cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu", *args.opts])
             written = write_views(cfg, args.num_images, args.output_dir, args.start_iter)
         else:
             images, opts = _split_opts(args.images or [], args.opts)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            cfg = load_config(args.config_file, opts, device=device)
+            cfg = load_config(args.config_file, ["MODEL.DEVICE", device, *opts])
             written = write_predictions(
                 cfg,
                 args.output_dir,

@@ -35,12 +35,7 @@ CONFIGS = sorted(
 def cfg_from(path, *opts):
     """A drcl2 config from a file of the repository, on TEST_DEVICE (the CPU), with no initial
     weights."""
-    from detectron2.config import get_cfg
+    from drcl2.config import load_config
 
-    from drcl2.config import add_drcl2_config
-
-    cfg = get_cfg()
-    add_drcl2_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO_ROOT, path))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", TEST_DEVICE, *opts])
-    return cfg
+    path = os.path.join(REPO_ROOT, path)
+    return load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", TEST_DEVICE, *opts])
