@@ -22,7 +22,6 @@ from typing import Dict, List, Optional, Tuple
 
 from ..checkpoint import atomic_write
 from ..export import export_finetune_weights, export_parts
-from ..tools.summarize import last_evaluation
 from .records import STAGE_FILE, read_stage, source_record_path, stage_done, sync_records
 from .spec import Arm, Stage, Study
 
@@ -80,7 +79,17 @@ def finetune_results(
     The final evaluation of a fine-tuning stage, from detectron2's ``metrics.json``:
     ``{split: {task: {metric: value}}}`` for ``splits`` (names in ``datasets``).
     """
-    last = last_evaluation(stage_dir)
+    path = os.path.join(stage_dir, "metrics.json")
+    last = None
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if any(k.endswith("/AP") for k in record):
+                last = record
+    if last is None:
+        raise RuntimeError(
+            f"{path} holds no evaluation results: the fine-tuning run did not evaluate."
+        )
     out = {}
     for split in splits:
         # detectron2 prefixes the keys with the dataset name only when a run evaluates several
@@ -90,10 +99,7 @@ def finetune_results(
                 task, metric = key[len(prefix) :].split("/")
                 out.setdefault(split, {}).setdefault(task, {})[metric] = value
         if split not in out:
-            raise RuntimeError(
-                f"{os.path.join(stage_dir, 'metrics.json')}: no results for {datasets[split]} "
-                "in the last evaluation."
-            )
+            raise RuntimeError(f"{path}: no results for {datasets[split]} in the last evaluation.")
     return out
 
 

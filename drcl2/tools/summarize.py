@@ -19,16 +19,16 @@ from typing import Dict
 
 from tabulate import tabulate
 
-__all__ = ["last_evaluation", "read_eval_metrics", "main"]
+__all__ = ["read_eval_metrics", "main"]
 
 KEYS = ("AP", "AP50", "AP75", "APr", "APc", "APf")
 
 
-def last_evaluation(output_dir: str) -> Dict[str, float]:
+def read_eval_metrics(output_dir: str) -> Dict[str, Dict[str, float]]:
     """
-    The last record of ``output_dir/metrics.json`` that holds evaluation results, as detectron2
-    logged it (flat keys: ``task/metric``, prefixed by the dataset name when a run evaluates
-    several). Raises ``FileNotFoundError`` / ``ValueError`` if the run logged none.
+    The last evaluation results in ``output_dir/metrics.json``, as ``{task: {metric: value}}``
+    (tasks such as "bbox" and "segm"). Raises ``FileNotFoundError`` / ``ValueError`` if the run
+    logged none.
     """
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
@@ -46,17 +46,8 @@ def last_evaluation(output_dir: str) -> Dict[str, float]:
             f"'{path}' holds no evaluation results: the run had no DATASETS.TEST, or did not "
             "finish."
         )
-    return last
-
-
-def read_eval_metrics(output_dir: str) -> Dict[str, Dict[str, float]]:
-    """
-    The last evaluation results in ``output_dir/metrics.json``, as ``{task: {metric: value}}``
-    (tasks such as "bbox" and "segm"). Raises ``FileNotFoundError`` / ``ValueError`` if the run
-    logged none.
-    """
     results: Dict[str, Dict[str, float]] = {}
-    for key, value in last_evaluation(output_dir).items():
+    for key, value in last.items():
         if "/" in key:
             task, metric = key.split("/", 1)
             results.setdefault(task, {})[metric] = value
